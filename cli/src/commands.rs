@@ -1,0 +1,301 @@
+//! Running the commands: each one becomes a [`Request`] to the node (see
+//! `client`), and its reply is printed as JSON or rendered for people.
+//! `init`, `daemon`, `watch`, `demo` and `completions` have their own
+//! paths.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow, bail};
+use clap::CommandFactory;
+use serde_json::Value;
+use weft_node::api::{ConversationView, Request};
+use weft_node::home::Home;
+
+use crate::cli::{Cli, Command, ContactCommand, GroupCommand, InitArgs, SendArgs};
+use crate::error::usage;
+use crate::{client, daemon, demo, output};
+
+/// How a reply is shown to people.
+type Render = Box<dyn FnOnce(&Value) -> String>;
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.global.json;
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            let mut buffer = Vec::new();
+            clap_complete::generate(shell, &mut command, "weft", &mut buffer);
+            output::out(&String::from_utf8_lossy(&buffer))
+        }
+        Command::Demo => demo::run(json).await,
+        Command::Init(args) => init(&home(cli.global.home)?, args, json),
+        Command::Id => id(&home(cli.global.home)?, json).await,
+        Command::Daemon(args) => daemon::run(&home(cli.global.home)?, args, json).await,
+        Command::Watch => watch(&home(cli.global.home)?, json).await,
+        other => {
+            let home = home(cli.global.home)?;
+            let (request, render) = request_for(other)?;
+            let reply = client::call(&home, request).await?;
+            if json {
+                output::out_json(&reply)
+            } else {
+                output::out(&render(&reply))
+            }
+        }
+    }
+}
+
+/// The home directory: `--home`/`WEFT_HOME`, or the platform data dir.
+fn home(flag: Option<PathBuf>) -> anyhow::Result<Home> {
+    let dir = match flag {
+        Some(dir) => dir,
+        None => directories::ProjectDirs::from("org", "weft", "weft")
+            .map(|dirs| dirs.data_dir().to_path_buf())
+            .ok_or_else(|| {
+                anyhow!("cannot find a data directory for this user: pass --home DIR")
+            })?,
+    };
+    Ok(Home::new(dir))
+}
+
+/// The request of a plain command and how to show its reply.
+fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
+    Ok(match command {
+        Command::Status => (Request::Status, Box::new(output::status)),
+        Command::Contact(ContactCommand::Add { invite, name }) => (
+            Request::ContactAdd {
+                invite: invite.trim().to_string(),
+                name,
+            },
+            Box::new(output::contact_added),
+        ),
+        Command::Contact(ContactCommand::List) => {
+            (Request::ContactList, Box::new(output::contacts))
+        }
+        Command::Contact(ContactCommand::Remove { alias }) => (
+            Request::ContactRemove {
+                alias: alias.clone(),
+            },
+            done(format!("Removed contact {alias}.")),
+        ),
+        Command::Contact(ContactCommand::Block { alias }) => (
+            Request::ContactBlock {
+                alias: alias.clone(),
+            },
+            done(format!(
+                "Blocked {alias}: their messages are dropped from now on."
+            )),
+        ),
+        Command::Contact(ContactCommand::Unblock { alias }) => (
+            Request::ContactUnblock {
+                alias: alias.clone(),
+            },
+            done(format!("Unblocked {alias}.")),
+        ),
+        Command::Send(SendArgs {
+            target,
+            text,
+            reply_to,
+        }) => {
+            let text = if text == "-" { read_stdin()? } else { text };
+            (
+                Request::Send {
+                    target: target.clone(),
+                    text,
+                    reply_to,
+                },
+                Box::new(move |reply: &Value| output::sent(reply, &target)),
+            )
+        }
+        Command::Group(GroupCommand::Create { name, members }) => (
+            Request::GroupCreate { name, members },
+            Box::new(output::group_created),
+        ),
+        Command::Group(GroupCommand::Add { group, alias }) => (
+            Request::GroupAdd {
+                group: group.clone(),
+                member: alias.clone(),
+            },
+            done(format!("Added {alias} to {group}.")),
+        ),
+        Command::Group(GroupCommand::Remove { group, alias }) => (
+            Request::GroupRemove {
+                group: group.clone(),
+                member: alias.clone(),
+            },
+            done(format!("Removed {alias} from {group}.")),
+        ),
+        Command::Group(GroupCommand::Admin { group, alias }) => (
+            Request::GroupAdmin {
+                group: group.clone(),
+                member: alias.clone(),
+            },
+            done(format!("{alias} is now an admin of {group}.")),
+        ),
+        Command::Group(GroupCommand::Leave { group }) => (
+            Request::GroupLeave {
+                group: group.clone(),
+            },
+            done(format!("You left {group}.")),
+        ),
+        Command::Group(GroupCommand::List) => (Request::GroupList, Box::new(output::groups)),
+        Command::Group(GroupCommand::Members { group }) => {
+            (Request::GroupMembers { group }, Box::new(output::members))
+        }
+        Command::Conversations => (Request::Conversations, Box::new(output::conversations)),
+        Command::Messages(args) => {
+            let ids = args.ids;
+            (
+                Request::Messages {
+                    target: args.target,
+                    limit: args.limit,
+                    before: args.before,
+                },
+                Box::new(move |reply: &Value| output::messages(reply, ids)),
+            )
+        }
+        Command::Read { target } => (
+            Request::Read {
+                target: target.clone(),
+            },
+            done(format!("Marked {target} read.")),
+        ),
+        Command::Init(_)
+        | Command::Id
+        | Command::Daemon(_)
+        | Command::Watch
+        | Command::Demo
+        | Command::Completions { .. } => bail!("internal: not a plain request"),
+    })
+}
+
+/// A fixed confirmation, whatever the reply holds.
+fn done(message: String) -> Render {
+    Box::new(move |_| message)
+}
+
+/// The message text from standard input, without its final newline.
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the message from standard input")?;
+    let trimmed = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if trimmed.is_empty() {
+        return Err(usage("the message read from standard input is empty"));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `weft init`.
+fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
+    if args.link.is_some() {
+        bail!("linking a device (`weft init --link`) is not supported yet");
+    }
+    let name = args.name.ok_or_else(|| usage("--name NAME is required"))?;
+    let view = home.init(&name).map_err(client::node_error)?;
+    if json {
+        return output::out_json(&view);
+    }
+    let value = serde_json::to_value(&view)?;
+    output::out(&format!(
+        "Created the identity of {} in {}.\n\n{}\nNext: run `weft daemon` to go online, and give \
+         your invite (`weft id`) to the people you want to talk to.",
+        view.name,
+        home.dir().display(),
+        output::id(&value)
+    ))
+}
+
+/// `weft id`: the ids, the invite and, on a terminal, its QR code.
+async fn id(home: &Home, json: bool) -> anyhow::Result<()> {
+    let reply = client::call(home, Request::Id).await?;
+    if json {
+        return output::out_json(&reply);
+    }
+    let mut text = output::id(&reply);
+    if output::stdout_is_terminal()
+        && let Some(invite) = reply.get("invite").and_then(Value::as_str)
+    {
+        match output::qr(invite) {
+            Some(code) => {
+                text.push('\n');
+                text.push_str(&code);
+            }
+            None => text.push_str("\n(the invite is too long for a QR code)\n"),
+        }
+    }
+    output::out(&text)
+}
+
+/// `weft watch`: streams the daemon's events until interrupted.
+async fn watch(home: &Home, json: bool) -> anyhow::Result<()> {
+    client::require_initialized(home)?;
+    let Some(mut client) = client::connect_daemon(home).await else {
+        bail!(
+            "no daemon is running for {}: `weft watch` needs one (start it with `weft daemon`)",
+            home.dir().display()
+        );
+    };
+    let mut names = ConversationNames::default();
+    client.watch().await.map_err(client::node_error)?;
+    let interrupted = tokio::signal::ctrl_c();
+    let mut interrupted = std::pin::pin!(interrupted);
+    loop {
+        tokio::select! {
+            next = client.next_event() => match next {
+                Ok(Some(event)) => {
+                    if json {
+                        output::out_json(&event)?;
+                    } else {
+                        let value = serde_json::to_value(&event)?;
+                        if let Some(id) = value.get("conversation").and_then(Value::as_str) {
+                            names.learn(home, id).await;
+                        }
+                        output::out(&output::event_line(&value, &|id| names.get(id)))?;
+                    }
+                }
+                Err(err) => return Err(client::node_error(err))
+                    .context("lost the connection to the daemon"),
+                Ok(None) => {
+                    eprintln!("weft: the daemon stopped");
+                    return Ok(());
+                }
+            },
+            _ = &mut interrupted => return Ok(()),
+        }
+    }
+}
+
+/// Conversation names for `watch`'s human output, fetched from the daemon
+/// when an unknown conversation shows up.
+#[derive(Debug, Default)]
+struct ConversationNames {
+    names: HashMap<String, String>,
+}
+
+impl ConversationNames {
+    fn get(&self, id: &str) -> Option<String> {
+        self.names.get(id).cloned()
+    }
+
+    async fn learn(&mut self, home: &Home, id: &str) {
+        if self.names.contains_key(id) {
+            return;
+        }
+        let Some(mut client) = client::connect_daemon(home).await else {
+            return;
+        };
+        if let Ok(reply) = client.call(&Request::Conversations).await
+            && let Ok(list) = serde_json::from_value::<Vec<ConversationView>>(reply)
+        {
+            self.names.extend(list.into_iter().map(|c| (c.id, c.name)));
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! Output: writing results to stdout (one compact JSON value per line with
+//! `--json`) and rendering the node's views for people: aligned tables,
+//! chat-style message lines with local times, short ids, QR codes.
+//!
+//! Renderers take the reply's JSON and return text; a reply whose shape is
+//! not the expected view (a newer node) falls back to pretty JSON rather
+//! than failing.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use time::{OffsetDateTime, UtcOffset};
+use weft_node::api::{
+    ContactView, ConversationView, GroupView, IdView, MemberView, MessageView, PeerView, SendView,
+    StatusView,
+};
+
+static LOCAL_OFFSET: OnceLock<UtcOffset> = OnceLock::new();
+
+/// Records the local UTC offset. Call it while the process is still single
+/// threaded (before the runtime starts): only then can it be read safely.
+pub fn init_local_offset() {
+    let offset = UtcOffset::current_local_offset().unwrap_or(UtcOffset::UTC);
+    let _ = LOCAL_OFFSET.set(offset);
+}
+
+fn local_offset() -> UtcOffset {
+    LOCAL_OFFSET.get().copied().unwrap_or(UtcOffset::UTC)
+}
+
+/// Writes text to stdout, adding a final newline if it has none.
+pub fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Writes one value to stdout as one line of compact JSON.
+pub fn out_json(value: &impl Serialize) -> anyhow::Result<()> {
+    out(&serde_json::to_string(value)?)
+}
+
+/// Whether stdout is a terminal (for QR codes and other niceties).
+pub fn stdout_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}
+
+/// Decodes a reply into the view it should be, or `None` (then the caller
+/// falls back to [`pretty`]).
+fn view<T: DeserializeOwned>(value: &Value) -> Option<T> {
+    serde_json::from_value(value.clone()).ok()
+}
+
+/// Pretty JSON, the fallback rendering of anything.
+pub fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// The first characters of a long id, enough to tell ids apart by eye.
+pub fn short(id: &str) -> String {
+    const KEEP: usize = 8;
+    if id.chars().count() <= KEEP + 1 {
+        id.to_string()
+    } else {
+        let head: String = id.chars().take(KEEP).collect();
+        format!("{head}…")
+    }
+}
+
+/// A libp2p peer id, shortened at the end (they all start alike).
+pub fn short_peer(id: &str) -> String {
+    const KEEP: usize = 8;
+    let n = id.chars().count();
+    if n <= KEEP + 1 {
+        id.to_string()
+    } else {
+        let tail: String = id.chars().skip(n - KEEP).collect();
+        format!("…{tail}")
+    }
+}
+
+/// A timestamp (milliseconds since the Unix epoch; seconds are accepted
+/// too) in local time: `12:01` today, `2026-11-28 12:01` otherwise.
+pub fn time_of(ts: i64) -> String {
+    let nanos = if ts.abs() < 100_000_000_000 {
+        i128::from(ts) * 1_000_000_000
+    } else {
+        i128::from(ts) * 1_000_000
+    };
+    let Ok(utc) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+        return ts.to_string();
+    };
+    let offset = local_offset();
+    let t = utc.to_offset(offset);
+    let today = OffsetDateTime::now_utc().to_offset(offset).date();
+    let format = if t.date() == today {
+        time::macros::format_description!("[hour]:[minute]")
+    } else {
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]")
+    };
+    t.format(&format).unwrap_or_else(|_| ts.to_string())
+}
+
+/// Aligned columns: a header row and rows, two spaces apart, the last
+/// column not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let cols = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(cols) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut push_row = |cells: Vec<&str>| {
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    };
+    push_row(headers.to_vec());
+    for row in rows {
+        push_row(row.iter().map(String::as_str).collect());
+    }
+    text
+}
+
+/// `key  value` lines with the keys aligned.
+fn fields(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut text = String::new();
+    for (key, value) in pairs {
+        text.push_str(&format!("{key:<width$}  {value}\n"));
+    }
+    text
+}
+
+/// A QR code of `data` in unicode half blocks, or `None` if it does not
+/// fit in a QR code.
+pub fn qr(data: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(data.as_bytes()).ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build(),
+    )
+}
+
+/// `weft id` and `weft init`.
+pub fn id(value: &Value) -> String {
+    let Some(v) = view::<IdView>(value) else {
+        return pretty(value);
+    };
+    fields(&[
+        ("name", v.name),
+        ("user id", v.user_id),
+        ("device id", v.device_id),
+        ("peer id", v.peer_id),
+        ("invite", v.invite),
+    ])
+}
+
+/// `weft status`.
+pub fn status(value: &Value) -> String {
+    let Some(v) = view::<StatusView>(value) else {
+        return pretty(value);
+    };
+    let state = if v.online {
+        "online (daemon running)".to_string()
+    } else {
+        "offline (no daemon running; start one with `weft daemon`)".to_string()
+    };
+    let listen = if v.listen.is_empty() {
+        "-".to_string()
+    } else {
+        v.listen.join("\n          ")
+    };
+    let relays = if v.relays.is_empty() {
+        "none".to_string()
+    } else {
+        v.relays.join(", ")
+    };
+    let outbox = match v.outbox {
+        0 => "empty".to_string(),
+        1 => "1 message waiting".to_string(),
+        n => format!("{n} messages waiting"),
+    };
+    let mut text = fields(&[
+        ("peer id", v.peer_id),
+        ("state", state),
+        ("listen", listen),
+        ("relays", relays),
+        ("outbox", outbox),
+        ("peers", format!("{} connected", v.peers.len())),
+    ]);
+    if !v.peers.is_empty() {
+        text.push('\n');
+        text.push_str(&peers(&v.peers));
+    }
+    text
+}
+
+fn peers(peers: &[PeerView]) -> String {
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| vec![p.peer_id.clone(), p.source.clone(), p.addrs.join(" ")])
+        .collect();
+    table(&["PEER", "FOUND VIA", "ADDRESSES"], &rows)
+}
+
+/// `weft contact list`.
+pub fn contacts(value: &Value) -> String {
+    let Some(list) = view::<Vec<ContactView>>(value) else {
+        return pretty(value);
+    };
+    if list.is_empty() {
+        return "No contacts yet. Add one with `weft contact add INVITE`.".to_string();
+    }
+    let rows: Vec<Vec<String>> = list
+        .into_iter()
+        .map(|c| {
+            vec![
+                c.alias,
+                c.name,
+                c.devices.to_string(),
+                if c.blocked { "blocked" } else { "" }.to_string(),
+                c.user_id,
+            ]
+        })
+        .collect();
+    table(&["ALIAS", "NAME", "DEVICES", "BLOCKED", "USER ID"], &rows)
+}
+
+/// `weft contact add`.
+pub fn contact_added(value: &Value) -> String {
+    match view::<ContactView>(value) {
+        Some(c) if c.alias == c.name => {
+            format!("Added contact {} ({}).", c.alias, short(&c.user_id))
+        }
+        Some(c) => format!(
+            "Added contact {} ({}, {}).",
+            c.alias,
+            c.name,
+            short(&c.user_id)
+        ),
+        None => "Contact added.".to_string(),
+    }
+}
+
+/// `weft send`.
+pub fn sent(value: &Value, target: &str) -> String {
+    let Some(v) = view::<SendView>(value) else {
+        return pretty(value);
+    };
+    let note = if v.status == "queued" {
+        " (it goes out once the daemon runs and the recipient is reachable)"
+    } else {
+        ""
+    };
+    format!("Message to {target}: {}{note}\nid {}", v.status, v.id)
+}
+
+/// `weft group create`.
+pub fn group_created(value: &Value) -> String {
+    match view::<GroupView>(value) {
+        Some(g) => format!(
+            "Created group {} with {} member{}.\nid {}",
+            g.name,
+            g.members,
+            plural(g.members),
+            g.id
+        ),
+        None => "Group created.".to_string(),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `weft group list`.
+pub fn groups(value: &Value) -> String {
+    let Some(list) = view::<Vec<GroupView>>(value) else {
+        return pretty(value);
+    };
+    if list.is_empty() {
+        return "No groups yet. Create one with `weft group create NAME`.".to_string();
+    }
+    let rows: Vec<Vec<String>> = list
+        .into_iter()
+        .map(|g| {
+            vec![
+                g.name,
+                g.members.to_string(),
+                g.role,
+                g.epoch.to_string(),
+                g.id,
+            ]
+        })
+        .collect();
+    table(&["NAME", "MEMBERS", "ROLE", "EPOCH", "ID"], &rows)
+}
+
+/// `weft group members`.
+pub fn members(value: &Value) -> String {
+    let Some(list) = view::<Vec<MemberView>>(value) else {
+        return pretty(value);
+    };
+    member_table(&list)
+}
+
+fn member_table(list: &[MemberView]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.role.clone(),
+                m.devices.to_string(),
+                m.user_id.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ROLE", "DEVICES", "USER ID"], &rows)
+}
+
+/// `weft conversations`.
+pub fn conversations(value: &Value) -> String {
+    let Some(list) = view::<Vec<ConversationView>>(value) else {
+        return pretty(value);
+    };
+    if list.is_empty() {
+        return "No conversations yet.".to_string();
+    }
+    let rows: Vec<Vec<String>> = list
+        .into_iter()
+        .map(|c| {
+            vec![
+                c.name,
+                c.kind,
+                if c.unread == 0 {
+                    String::new()
+                } else {
+                    c.unread.to_string()
+                },
+                c.last_message_at.map(time_of).unwrap_or_default(),
+                c.id,
+            ]
+        })
+        .collect();
+    table(&["NAME", "KIND", "UNREAD", "LAST", "ID"], &rows)
+}
+
+/// `weft messages`.
+pub fn messages(value: &Value, with_ids: bool) -> String {
+    let Some(list) = view::<Vec<MessageView>>(value) else {
+        return pretty(value);
+    };
+    if list.is_empty() {
+        return "No messages.".to_string();
+    }
+    let mut text = String::new();
+    for m in &list {
+        if with_ids {
+            text.push_str(&m.id);
+            text.push_str("  ");
+        }
+        text.push_str(&message_line(m));
+        text.push('\n');
+    }
+    text
+}
+
+/// One message as a chat line: `[12:01] Alice: hello (delivered)`. The
+/// status is shown for this user's own messages.
+pub fn message_line(m: &MessageView) -> String {
+    let mut line = format!("[{}] {}: ", time_of(m.sent_at), m.sender_name);
+    if let Some(reply) = &m.reply_to {
+        line.push_str(&format!("↪ {} ", short(reply)));
+    }
+    if m.deleted {
+        line.push_str("(message deleted)");
+    } else {
+        line.push_str(&m.text);
+    }
+    if m.edited && !m.deleted {
+        line.push_str(" (edited)");
+    }
+    if m.outgoing {
+        line.push_str(&format!(" ({})", outgoing_status(m)));
+    }
+    if !m.reactions.is_empty() {
+        let reactions: Vec<String> = m
+            .reactions
+            .iter()
+            .map(|(emoji, users)| format!("{emoji} {}", users.len()))
+            .collect();
+        line.push_str("  ");
+        line.push_str(&reactions.join("  "));
+    }
+    line
+}
+
+/// The status of an outgoing message; in groups, how many members got it.
+fn outgoing_status(m: &MessageView) -> String {
+    match &m.receipts {
+        Some(receipts) if !receipts.is_empty() => {
+            let total = receipts.len();
+            let read = receipts.iter().filter(|r| r.status == "read").count();
+            let delivered = receipts
+                .iter()
+                .filter(|r| r.status == "delivered" || r.status == "read")
+                .count();
+            if read == total {
+                "read".to_string()
+            } else if read > 0 {
+                format!("read by {read}/{total}")
+            } else if delivered > 0 {
+                format!("delivered to {delivered}/{total}")
+            } else {
+                m.status.clone()
+            }
+        }
+        _ => m.status.clone(),
+    }
+}
+
+/// One event of `weft watch` as a line for people. `conversation_name`
+/// turns a conversation id into its name where known.
+pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<String>) -> String {
+    let str_of = |key: &str| event.get(key).and_then(Value::as_str).unwrap_or_default();
+    let conv = |id: &str| conversation_name(id).unwrap_or_else(|| short(id));
+    match str_of("type") {
+        "message" => match view::<MessageView>(event) {
+            Some(m) => format!("{}  {}", conv(&m.conversation), message_line(&m)),
+            None => event.to_string(),
+        },
+        "status" => format!(
+            "{}  message {} is {}",
+            conv(str_of("conversation")),
+            short(str_of("id")),
+            str_of("status")
+        ),
+        "member" => {
+            let name = match str_of("name") {
+                "" => conv(str_of("conversation")),
+                name => name.to_string(),
+            };
+            let active = event.get("active").and_then(Value::as_bool).unwrap_or(true);
+            if active {
+                let names: Vec<String> = event
+                    .get("members")
+                    .and_then(view::<Vec<MemberView>>)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| m.name)
+                    .collect();
+                format!(
+                    "{name}  members now: {} (epoch {})",
+                    names.join(", "),
+                    event.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+                )
+            } else {
+                format!("{name}  you are no longer a member")
+            }
+        }
+        "peer" => {
+            let connected = event
+                .get("connected")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            format!(
+                "peer {} {}",
+                short_peer(str_of("peer_id")),
+                if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+            )
+        }
+        _ => event.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn short_ids() {
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("0123456789abcdef"), "01234567…");
+        assert_eq!(short_peer("12D3KooWABCDEFGHIJ"), "…CDEFGHIJ");
+    }
+
+    #[test]
+    fn table_aligns() {
+        let t = table(
+            &["A", "BB"],
+            &[
+                vec!["long cell".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
+        );
+        assert_eq!(t, "A          BB\nlong cell  x\ns          y\n");
+    }
+
+    #[test]
+    fn message_lines() {
+        let m = MessageView {
+            id: "ab".repeat(16),
+            conversation: "cd".repeat(16),
+            sender: "user".into(),
+            sender_name: "Alice".into(),
+            text: "hello".into(),
+            sent_at: 0,
+            status: "delivered".into(),
+            reply_to: None,
+            edited: false,
+            deleted: false,
+            reactions: Default::default(),
+            receipts: None,
+            outgoing: true,
+        };
+        let line = message_line(&m);
+        assert!(line.ends_with("Alice: hello (delivered)"), "{line}");
+        assert!(line.starts_with('['));
+        let incoming = MessageView {
+            outgoing: false,
+            ..m
+        };
+        assert!(message_line(&incoming).ends_with("Alice: hello"));
+    }
+
+    #[test]
+    fn unknown_shapes_fall_back_to_json() {
+        let v = json!({"surprise": 1});
+        assert!(contacts(&v).contains("surprise"));
+        assert!(messages(&v, false).contains("surprise"));
+        let e = json!({"type": "typing", "who": "bob"});
+        assert!(event_line(&e, &|_| None).contains("typing"));
+    }
+
+    #[test]
+    fn qr_renders() {
+        let code = qr("weft1example").unwrap_or_default();
+        assert!(code.contains('█') || code.contains('▀') || code.contains('▄'));
+    }
+
+    #[test]
+    fn times() {
+        let epoch = time_of(0);
+        assert_eq!(epoch.len(), "1970-01-01 00:00".len(), "{epoch}");
+        assert_eq!(time_of(i64::MAX), i64::MAX.to_string());
+    }
+}

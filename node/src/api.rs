@@ -1,0 +1,292 @@
+//! The local JSON API: requests a client (the `weft` CLI, scripts) sends
+//! to a node, the views it gets back, and the events `watch` streams. The
+//! field names are the contract of ../shared/spec/cli.md.
+//!
+//! On the control socket each request is one JSON line; each answer is one
+//! JSON line `{"ok":true,"data":...}` or `{"ok":false,"error":{...}}`; a
+//! `watch` request is answered by one `{"ok":true,"data":null}` line and
+//! then one event per line.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted on the control socket.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Id,
+    Status,
+    ContactAdd {
+        invite: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    ContactList,
+    ContactRemove {
+        alias: String,
+    },
+    ContactBlock {
+        alias: String,
+    },
+    ContactUnblock {
+        alias: String,
+    },
+    Send {
+        target: String,
+        text: String,
+        #[serde(default)]
+        reply_to: Option<String>,
+    },
+    GroupCreate {
+        name: String,
+        #[serde(default)]
+        members: Vec<String>,
+    },
+    GroupAdd {
+        group: String,
+        member: String,
+    },
+    GroupRemove {
+        group: String,
+        member: String,
+    },
+    GroupAdmin {
+        group: String,
+        member: String,
+    },
+    GroupLeave {
+        group: String,
+    },
+    GroupList,
+    GroupMembers {
+        group: String,
+    },
+    Conversations,
+    Messages {
+        target: String,
+        #[serde(default)]
+        limit: Option<usize>,
+        #[serde(default)]
+        before: Option<String>,
+    },
+    Read {
+        target: String,
+    },
+    Watch,
+}
+
+/// Whether a failure is the caller's (exit code 2) or the node's (1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad usage or bad input: malformed invite, unknown contact, too large.
+    Usage,
+    /// The command failed: storage, network, internal.
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Usage,
+            message: message.into(),
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+
+    /// The process exit code the contract gives this error.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Usage => 2,
+            ErrorKind::Failed => 1,
+        }
+    }
+}
+
+/// One answer line on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdView {
+    pub user_id: String,
+    pub device_id: String,
+    pub peer_id: String,
+    pub name: String,
+    pub invite: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub peer_id: String,
+    /// How it was found: `mdns`, `dht`, `relay`, `manual` or `inbound`.
+    pub source: String,
+    pub addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub peer_id: String,
+    pub listen: Vec<String>,
+    pub peers: Vec<PeerView>,
+    pub relays: Vec<String>,
+    /// Whether a daemon answered (false: local state only).
+    pub online: bool,
+    pub outbox: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactView {
+    pub alias: String,
+    pub user_id: String,
+    pub name: String,
+    pub blocked: bool,
+    pub devices: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendView {
+    pub id: String,
+    pub conversation: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationView {
+    pub id: String,
+    /// `direct` or `group`.
+    pub kind: String,
+    pub name: String,
+    pub unread: u32,
+    pub last_message_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptView {
+    pub user_id: String,
+    pub name: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub id: String,
+    pub conversation: String,
+    pub sender: String,
+    pub sender_name: String,
+    pub text: String,
+    pub sent_at: i64,
+    /// `queued`, `sent`, `relayed`, `delivered` or `read`.
+    pub status: String,
+    pub reply_to: Option<String>,
+    pub edited: bool,
+    pub deleted: bool,
+    /// Emoji to the user ids that reacted with it.
+    pub reactions: std::collections::BTreeMap<String, Vec<String>>,
+    /// Per member, for groups; absent for direct conversations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<Vec<ReceiptView>>,
+    /// Whether this device's user sent it.
+    pub outgoing: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub id: String,
+    pub name: String,
+    pub members: usize,
+    /// This user's role: `admin` or `member`.
+    pub role: String,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub user_id: String,
+    pub name: String,
+    /// `admin` or `member`.
+    pub role: String,
+    pub devices: usize,
+}
+
+/// What `watch` streams. `type` names the kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A message was stored (received, or sent from this device).
+    Message(MessageView),
+    /// A message's status changed.
+    Status {
+        id: String,
+        conversation: String,
+        status: String,
+    },
+    /// A group's membership changed.
+    Member {
+        conversation: String,
+        name: String,
+        epoch: u64,
+        members: Vec<MemberView>,
+        /// Whether this user is still a member.
+        active: bool,
+    },
+    /// A peer connected or disconnected.
+    Peer {
+        peer_id: String,
+        connected: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_json_shape() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"send","target":"bob","text":"hi"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Send {
+                target: "bob".into(),
+                text: "hi".into(),
+                reply_to: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"send","target":"bob"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"nope"}"#).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn request_decoder_never_panics(s in ".{0,200}") {
+            let _ = serde_json::from_str::<Request>(&s);
+        }
+
+        #[test]
+        fn request_decoder_survives_bytes(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = serde_json::from_slice::<Request>(&b);
+        }
+    }
+}

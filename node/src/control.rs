@@ -1,0 +1,190 @@
+//! The control socket: a Unix socket in the home (mode 0600) on which the
+//! daemon serves the JSON API of [`crate::api`], one JSON line per request
+//! and per answer. Other `weft` commands are its clients.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+
+use crate::api::{ApiError, Event, MAX_REQUEST_BYTES, Reply, Request};
+use crate::node::{NodeError, NodeHandle};
+
+/// Most clients served at once; more wait in the kernel's backlog.
+const MAX_CLIENTS: usize = 64;
+
+/// A running control socket server. Stops (and removes the socket) when
+/// dropped or stopped.
+#[derive(Debug)]
+pub struct ControlServer {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Stops serving and removes the socket.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves the API of `handle` on a Unix socket at `path`.
+pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, NodeError> {
+    // A socket left by a daemon that died: nobody answers on it.
+    if path.exists() && UnixStream::connect(path).await.is_err() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_client(handle, stream).await {
+                    tracing::debug!("control client: {e}");
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(ControlServer {
+        task,
+        path: path.to_path_buf(),
+    })
+}
+
+async fn write_line<T: serde::Serialize>(w: &mut (impl AsyncWriteExt + Unpin), v: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+/// Reads one line of at most `MAX_REQUEST_BYTES`.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    let mut limited = AsyncReadExt::take(r, MAX_REQUEST_BYTES as u64 + 1);
+    let n = limited.read_until(b'\n', &mut buf).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() > MAX_REQUEST_BYTES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "request too large"));
+    }
+    Ok(Some(buf))
+}
+
+async fn serve_client(handle: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    while let Some(line) = read_line(&mut r).await? {
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let reply = Reply {
+                    ok: false,
+                    data: None,
+                    error: Some(ApiError::usage(format!("bad request: {e}"))),
+                };
+                write_line(&mut w, &reply).await?;
+                continue;
+            }
+        };
+        if request == Request::Watch {
+            let events = handle.events();
+            write_line(&mut w, &Reply { ok: true, data: None, error: None }).await?;
+            return stream_events(events, &mut w).await;
+        }
+        let reply = match handle.call(request).await {
+            Ok(data) => Reply { ok: true, data: Some(data), error: None },
+            Err(e) => Reply { ok: false, data: None, error: Some(e) },
+        };
+        write_line(&mut w, &reply).await?;
+    }
+    Ok(())
+}
+
+async fn stream_events(
+    mut events: broadcast::Receiver<Event>,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> std::io::Result<()> {
+    loop {
+        match events.recv().await {
+            Ok(ev) => write_line(w, &ev).await?,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("watch client lagged; {n} events skipped");
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+/// A client of a daemon's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    /// Connects; fails if no daemon listens on `path`.
+    pub async fn connect(path: &Path) -> Result<Self, NodeError> {
+        let stream = UnixStream::connect(path).await?;
+        let (r, w) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(r),
+            writer: w,
+        })
+    }
+
+    async fn reply(&mut self) -> Result<Reply, NodeError> {
+        let line = read_line(&mut self.reader)
+            .await?
+            .ok_or_else(|| NodeError::Protocol("daemon closed the connection".into()))?;
+        serde_json::from_slice(&line).map_err(|e| NodeError::Protocol(e.to_string()))
+    }
+
+    pub async fn call(&mut self, request: &Request) -> Result<serde_json::Value, ApiError> {
+        write_line(&mut self.writer, request)
+            .await
+            .map_err(|e| ApiError::failed(format!("control socket: {e}")))?;
+        let reply = self.reply().await.map_err(ApiError::from)?;
+        match (reply.ok, reply.data, reply.error) {
+            (true, data, _) => Ok(data.unwrap_or(serde_json::Value::Null)),
+            (false, _, Some(e)) => Err(e),
+            (false, _, None) => Err(ApiError::failed("daemon reported an unspecified error")),
+        }
+    }
+
+    /// Starts a `watch` stream; then read events with [`Self::next_event`].
+    pub async fn watch(&mut self) -> Result<(), NodeError> {
+        write_line(&mut self.writer, &Request::Watch).await?;
+        let reply = self.reply().await?;
+        if reply.ok {
+            Ok(())
+        } else {
+            Err(NodeError::Protocol(reply.error.map(|e| e.message).unwrap_or_default()))
+        }
+    }
+
+    /// The next event of a `watch` stream; `None` when the daemon stops.
+    pub async fn next_event(&mut self) -> Result<Option<Event>, NodeError> {
+        match read_line(&mut self.reader).await? {
+            None => Ok(None),
+            Some(line) => serde_json::from_slice(&line)
+                .map(Some)
+                .map_err(|e| NodeError::Protocol(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! A node's home directory: where one device keeps everything. Owns the
+//! layout (key file, database, control socket, lock) and the key file.
+//!
+//! Secrets never leave the home: the key file and the database are
+//! created 0600 and the directory 0700.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{DeviceCertificate, Identity, SecretKeys, validate_name};
+use crate::node::NodeError;
+use crate::store::Store;
+
+const KEY_FILE: &str = "identity.key";
+const KEY_FILE_VERSION: u8 = 1;
+const DB_FILE: &str = "weft.db";
+const SOCKET_FILE: &str = "weft.sock";
+const LOCK_FILE: &str = "node.lock";
+/// Meta key under which the display name is stored.
+pub(crate) const META_NAME: &str = "display_name";
+
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    version: u8,
+    secrets: SecretKeys,
+    certificate: DeviceCertificate,
+}
+
+/// The layout of one device's home directory.
+#[derive(Clone, Debug)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+/// Held while a process owns the home (a daemon, or a one-off command).
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: File,
+}
+
+impl Home {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(KEY_FILE)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join(DB_FILE)
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.join(SOCKET_FILE)
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.key_path().exists()
+    }
+
+    /// Creates a new account and device here. Refuses if an identity
+    /// exists: keys are never overwritten.
+    pub fn init(&self, name: &str) -> Result<crate::api::IdView, NodeError> {
+        validate_name(name)?;
+        let identity = Identity::generate(crate::node::now_ms())?;
+        self.init_with(&identity, name)
+    }
+
+    /// Creates the home with a given identity (tests and simulations use
+    /// seeded ones).
+    pub fn init_with(&self, identity: &Identity, name: &str) -> Result<crate::api::IdView, NodeError> {
+        validate_name(name)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        let key_file = KeyFile {
+            version: KEY_FILE_VERSION,
+            secrets: identity.secrets(),
+            certificate: identity.certificate().clone(),
+        };
+        let bytes = postcard::to_stdvec(&key_file).map_err(|_| NodeError::Corrupt("key file".into()))?;
+        // create_new: an existing key file is never replaced.
+        let mut file = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(self.key_path())
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(NodeError::AlreadyInitialized(self.dir.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        let store = Store::open(&self.db_path())?;
+        store.db().set_meta(META_NAME, name.as_bytes())?;
+        let invite = identity.invite(name, vec![identity.certificate().clone()], Vec::new(), crate::node::now_ms())?;
+        Ok(crate::api::IdView {
+            user_id: identity.user_id().to_string(),
+            device_id: identity.device_id().to_string(),
+            peer_id: identity.peer_id().to_string(),
+            name: name.to_string(),
+            invite,
+        })
+    }
+
+    /// Loads this device's identity.
+    pub fn load_identity(&self) -> Result<Identity, NodeError> {
+        let bytes = match fs::read(self.key_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(NodeError::NotInitialized(self.dir.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key_file: KeyFile =
+            postcard::from_bytes(&bytes).map_err(|_| NodeError::Corrupt("key file".into()))?;
+        if key_file.version != KEY_FILE_VERSION {
+            return Err(NodeError::Corrupt(format!("key file version {}", key_file.version)));
+        }
+        Ok(Identity::from_secrets(&key_file.secrets, Some(key_file.certificate), 0)?)
+    }
+
+    /// Takes the home for this process: one process at a time writes it,
+    /// so two never advance the same key chain.
+    pub fn lock(&self) -> Result<HomeLock, NodeError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join(LOCK_FILE))?;
+        match file.try_lock() {
+            Ok(()) => Ok(HomeLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(NodeError::Locked(self.dir.clone())),
+            Err(fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_refuses_to_overwrite_and_keys_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("alice"));
+        assert!(!home.is_initialized());
+        let id = home.init("Alice").unwrap();
+        assert!(matches!(home.init("Alice"), Err(NodeError::AlreadyInitialized(_))));
+        let loaded = home.load_identity().unwrap();
+        assert_eq!(loaded.user_id().to_string(), id.user_id);
+        let mode = fs::metadata(home.key_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mode = fs::metadata(home.db_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().to_path_buf());
+        let first = home.lock().unwrap();
+        assert!(matches!(home.lock(), Err(NodeError::Locked(_))));
+        drop(first);
+        assert!(home.lock().is_ok());
+    }
+}

@@ -1,0 +1,494 @@
+//! Identity: account (user) keys, device keys, device certificates and
+//! invites. Pure: no I/O; the home module persists the secrets.
+//!
+//! An account is an ed25519 user key. Each device has its own ed25519
+//! device key (its libp2p peer id derives from it) and an X25519 key for
+//! receiving sealed keys; the user key certifies both in a
+//! [`DeviceCertificate`]. An [`Invite`] is the one string a person hands to
+//! another: the user key, the device certificates, the display name and
+//! address hints, signed by the user key and protected by a checksum.
+
+use data_encoding::BASE32_NOPAD;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::ids::{DeviceId, UserId};
+
+/// Longest display name, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Most devices one account may certify.
+pub const MAX_DEVICES: usize = 16;
+/// Most address hints an invite carries, and the longest one.
+pub const MAX_INVITE_ADDRS: usize = 16;
+pub const MAX_ADDR_LEN: usize = 256;
+/// Longest invite string accepted (before decoding).
+pub const MAX_INVITE_CHARS: usize = 16 * 1024;
+
+const CERT_CONTEXT: &[u8] = b"weft v1 device certificate";
+const INVITE_CONTEXT: &[u8] = b"weft v1 invite";
+const INVITE_PREFIX: &str = "weft1";
+const INVITE_VERSION: u8 = 1;
+
+/// What can go wrong with keys, certificates and invites.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("invite does not start with \"{INVITE_PREFIX}\": not a Weft invite")]
+    InviteNotWeft,
+    #[error("invite is not valid base32 (a character was mistyped or cut off)")]
+    InviteEncoding,
+    #[error("invite checksum does not match (a character was mistyped or cut off)")]
+    InviteChecksum,
+    #[error("invite version {0} is not supported by this version of Weft")]
+    InviteVersion(u8),
+    #[error("invite is too long ({0} characters, at most {MAX_INVITE_CHARS})")]
+    InviteTooLong(usize),
+    #[error("invite is malformed: {0}")]
+    InviteMalformed(&'static str),
+    #[error("signature does not verify: {0}")]
+    BadSignature(&'static str),
+    #[error("display name must be 1 to {MAX_NAME_BYTES} bytes and printable")]
+    BadName,
+    #[error("malformed key or certificate: {0}")]
+    Malformed(&'static str),
+    #[error("the operating system's random number generator failed")]
+    Random,
+}
+
+/// Fills a buffer from the OS CSPRNG.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).map_err(|_| IdentityError::Random)?;
+    Ok(out)
+}
+
+/// Checks a display name: non-empty, bounded, no control characters.
+pub fn validate_name(name: &str) -> Result<(), IdentityError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(IdentityError::BadName);
+    }
+    Ok(())
+}
+
+/// The secret keys of one device: its own signing and DH keys, and the
+/// account's user key where this device holds it.
+#[derive(Clone, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct SecretKeys {
+    pub user: Option<[u8; 32]>,
+    pub device: [u8; 32],
+    pub device_dh: [u8; 32],
+}
+
+impl std::fmt::Debug for SecretKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKeys(..)")
+    }
+}
+
+/// A device's loaded identity: keys, certificate and display name.
+#[derive(Clone)]
+pub struct Identity {
+    user_key: Option<SigningKey>,
+    user_id: UserId,
+    device_key: SigningKey,
+    device_dh: x25519_dalek::StaticSecret,
+    certificate: DeviceCertificate,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// A brand-new account with its first device.
+    pub fn generate(now_ms: i64) -> Result<Self, IdentityError> {
+        let secrets = SecretKeys {
+            user: Some(random_bytes()?),
+            device: random_bytes()?,
+            device_dh: random_bytes()?,
+        };
+        Self::from_secrets(&secrets, None, now_ms)
+    }
+
+    /// A deterministic identity from a seed: for tests and simulations only.
+    pub fn from_seed(seed: &[u8], now_ms: i64) -> Result<Self, IdentityError> {
+        let derive = |ctx: &str| blake3::derive_key(ctx, seed);
+        let secrets = SecretKeys {
+            user: Some(derive("weft test user key")),
+            device: derive("weft test device key"),
+            device_dh: derive("weft test device dh key"),
+        };
+        Self::from_secrets(&secrets, None, now_ms)
+    }
+
+    /// Rebuilds an identity from stored secrets. A device without the user
+    /// key must bring the certificate the user key issued for it.
+    pub fn from_secrets(
+        secrets: &SecretKeys,
+        certificate: Option<DeviceCertificate>,
+        now_ms: i64,
+    ) -> Result<Self, IdentityError> {
+        let device_key = SigningKey::from_bytes(&secrets.device);
+        let device_dh = x25519_dalek::StaticSecret::from(secrets.device_dh);
+        let user_key = secrets.user.map(|b| SigningKey::from_bytes(&b));
+        let certificate = match (certificate, &user_key) {
+            (Some(cert), _) => cert,
+            (None, Some(user_key)) => DeviceCertificate::issue(
+                user_key,
+                &DeviceId(device_key.verifying_key().to_bytes()),
+                x25519_dalek::PublicKey::from(&device_dh).to_bytes(),
+                now_ms,
+            ),
+            (None, None) => return Err(IdentityError::Malformed("device has no certificate")),
+        };
+        certificate.verify()?;
+        if certificate.device.0 != device_key.verifying_key().to_bytes()
+            || certificate.dh != x25519_dalek::PublicKey::from(&device_dh).to_bytes()
+        {
+            return Err(IdentityError::Malformed("certificate is for another device"));
+        }
+        Ok(Self {
+            user_id: certificate.user,
+            user_key,
+            device_key,
+            device_dh,
+            certificate,
+        })
+    }
+
+    pub fn secrets(&self) -> SecretKeys {
+        SecretKeys {
+            user: self.user_key.as_ref().map(SigningKey::to_bytes),
+            device: self.device_key.to_bytes(),
+            device_dh: self.device_dh.to_bytes(),
+        }
+    }
+
+    pub fn user_id(&self) -> UserId {
+        self.user_id
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId(self.device_key.verifying_key().to_bytes())
+    }
+
+    pub fn certificate(&self) -> &DeviceCertificate {
+        &self.certificate
+    }
+
+    pub fn device_signing_key(&self) -> &SigningKey {
+        &self.device_key
+    }
+
+    pub fn device_dh_secret(&self) -> &x25519_dalek::StaticSecret {
+        &self.device_dh
+    }
+
+    /// The libp2p identity of this device: the same ed25519 key.
+    pub fn libp2p_keypair(&self) -> Result<libp2p::identity::Keypair, IdentityError> {
+        let mut secret = self.device_key.to_bytes();
+        libp2p::identity::Keypair::ed25519_from_bytes(&mut secret)
+            .map_err(|_| IdentityError::Malformed("device key rejected by libp2p"))
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        peer_id_of(&self.device_id())
+    }
+
+    /// Signs an invite for this account with the given name, device
+    /// certificates and address hints, and encodes it. Needs the user key.
+    pub fn invite(
+        &self,
+        name: &str,
+        devices: Vec<DeviceCertificate>,
+        addrs: Vec<String>,
+        now_ms: i64,
+    ) -> Result<String, IdentityError> {
+        let user_key = self
+            .user_key
+            .as_ref()
+            .ok_or(IdentityError::Malformed("this device does not hold the user key"))?;
+        let invite = Invite::create(user_key, name, devices, addrs, now_ms)?;
+        Ok(invite.encode_with(user_key))
+    }
+}
+
+/// The libp2p peer id of a device: derived from its ed25519 public key.
+pub fn peer_id_of(device: &DeviceId) -> PeerId {
+    match libp2p::identity::ed25519::PublicKey::try_from_bytes(&device.0) {
+        Ok(pk) => PeerId::from_public_key(&libp2p::identity::PublicKey::from(pk)),
+        // Not a curve point: no real device has this id; hash it so the
+        // caller still gets a (never reachable) peer id instead of a panic.
+        Err(_) => PeerId::from_multihash(
+            libp2p::multihash::Multihash::wrap(0, &device.0).unwrap_or_default(),
+        )
+        .unwrap_or_else(|_| PeerId::random()),
+    }
+}
+
+/// The user key's statement that a device key (and its DH key) belong to
+/// the account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCertificate {
+    pub user: UserId,
+    pub device: DeviceId,
+    /// The device's X25519 public key: sealed keys are addressed to it.
+    pub dh: [u8; 32],
+    pub created_at_ms: i64,
+    #[serde(with = "sig_bytes")]
+    pub signature: [u8; 64],
+}
+
+impl DeviceCertificate {
+    pub fn issue(user_key: &SigningKey, device: &DeviceId, dh: [u8; 32], now_ms: i64) -> Self {
+        let user = UserId(user_key.verifying_key().to_bytes());
+        let msg = Self::signed_bytes(&user, device, &dh, now_ms);
+        let signature = user_key.sign(&msg).to_bytes();
+        Self {
+            user,
+            device: *device,
+            dh,
+            created_at_ms: now_ms,
+            signature,
+        }
+    }
+
+    fn signed_bytes(user: &UserId, device: &DeviceId, dh: &[u8; 32], at: i64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CERT_CONTEXT.len() + 104);
+        m.extend_from_slice(CERT_CONTEXT);
+        m.extend_from_slice(&user.0);
+        m.extend_from_slice(&device.0);
+        m.extend_from_slice(dh);
+        m.extend_from_slice(&at.to_be_bytes());
+        m
+    }
+
+    /// Checks that the user key signed this certificate.
+    pub fn verify(&self) -> Result<(), IdentityError> {
+        let msg = Self::signed_bytes(&self.user, &self.device, &self.dh, self.created_at_ms);
+        verify(&self.user.0, &msg, &self.signature)
+            .map_err(|_| IdentityError::BadSignature("device certificate"))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes and verifies a certificate.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let cert: Self = postcard::from_bytes(bytes)
+            .map_err(|_| IdentityError::Malformed("device certificate"))?;
+        cert.verify()?;
+        Ok(cert)
+    }
+}
+
+/// Verifies an ed25519 signature made by `public` over `msg` (strict:
+/// rejects malleable and small-order forms).
+pub fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> Result<(), IdentityError> {
+    let key = VerifyingKey::from_bytes(public).map_err(|_| IdentityError::Malformed("public key"))?;
+    key.verify_strict(msg, &Signature::from_bytes(signature))
+        .map_err(|_| IdentityError::BadSignature("ed25519"))
+}
+
+/// What an invite says, signed by the user key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    pub name: String,
+    pub user: UserId,
+    pub devices: Vec<DeviceCertificate>,
+    /// Multiaddrs (with /p2p/ suffix) where the user's devices were last
+    /// reachable: hints, not promises.
+    pub addrs: Vec<String>,
+    pub created_at_ms: i64,
+}
+
+impl Invite {
+    fn create(
+        user_key: &SigningKey,
+        name: &str,
+        devices: Vec<DeviceCertificate>,
+        mut addrs: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Self, IdentityError> {
+        validate_name(name)?;
+        addrs.retain(|a| a.len() <= MAX_ADDR_LEN);
+        addrs.truncate(MAX_INVITE_ADDRS);
+        let invite = Self {
+            name: name.to_owned(),
+            user: UserId(user_key.verifying_key().to_bytes()),
+            devices,
+            addrs,
+            created_at_ms: now_ms,
+        };
+        invite.check_contents()?;
+        Ok(invite)
+    }
+
+    fn check_contents(&self) -> Result<(), IdentityError> {
+        validate_name(&self.name)?;
+        if self.devices.is_empty() || self.devices.len() > MAX_DEVICES {
+            return Err(IdentityError::InviteMalformed("wrong number of devices"));
+        }
+        if self.addrs.len() > MAX_INVITE_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
+            return Err(IdentityError::InviteMalformed("too many or too long addresses"));
+        }
+        for cert in &self.devices {
+            if cert.user != self.user {
+                return Err(IdentityError::InviteMalformed("device of another user"));
+            }
+            cert.verify()?;
+        }
+        Ok(())
+    }
+
+    /// The invite as one copy-paste string: `weft1` + base32 of
+    /// version | len(u16 BE) | postcard(invite) | signature(64) | checksum(4).
+    fn encode_with(&self, user_key: &SigningKey) -> String {
+        let body = postcard::to_stdvec(self).unwrap_or_default();
+        let mut raw = Vec::with_capacity(body.len() + 71);
+        raw.push(INVITE_VERSION);
+        raw.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        raw.extend_from_slice(&body);
+        let mut signed = INVITE_CONTEXT.to_vec();
+        signed.extend_from_slice(&body);
+        raw.extend_from_slice(&user_key.sign(&signed).to_bytes());
+        let check = blake3::hash(&raw);
+        raw.extend_from_slice(&check.as_bytes()[..4]);
+        format!("{INVITE_PREFIX}{}", BASE32_NOPAD.encode(&raw).to_ascii_lowercase())
+    }
+
+    /// Parses and verifies an invite string. Whitespace is ignored, so an
+    /// invite wrapped by a terminal or mail client still works.
+    pub fn decode(text: &str) -> Result<Self, IdentityError> {
+        if text.len() > MAX_INVITE_CHARS {
+            return Err(IdentityError::InviteTooLong(text.len()));
+        }
+        let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        let lower = compact.to_ascii_lowercase();
+        let rest = lower.strip_prefix(INVITE_PREFIX).ok_or(IdentityError::InviteNotWeft)?;
+        let raw = BASE32_NOPAD
+            .decode(rest.to_ascii_uppercase().as_bytes())
+            .map_err(|_| IdentityError::InviteEncoding)?;
+        if raw.len() < 1 + 2 + 64 + 4 {
+            return Err(IdentityError::InviteMalformed("too short"));
+        }
+        let (content, check) = raw.split_at(raw.len() - 4);
+        if &blake3::hash(content).as_bytes()[..4] != check {
+            return Err(IdentityError::InviteChecksum);
+        }
+        if content[0] != INVITE_VERSION {
+            return Err(IdentityError::InviteVersion(content[0]));
+        }
+        let len = u16::from_be_bytes([content[1], content[2]]) as usize;
+        if content.len() != 3 + len + 64 {
+            return Err(IdentityError::InviteMalformed("length field does not match"));
+        }
+        let body = &content[3..3 + len];
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(&content[3 + len..]);
+        let invite: Invite =
+            postcard::from_bytes(body).map_err(|_| IdentityError::InviteMalformed("body"))?;
+        let mut signed = INVITE_CONTEXT.to_vec();
+        signed.extend_from_slice(body);
+        verify(&invite.user.0, &signed, &sig)
+            .map_err(|_| IdentityError::BadSignature("invite is not signed by its user key"))?;
+        invite.check_contents()?;
+        Ok(invite)
+    }
+}
+
+/// serde for `[u8; 64]` (serde derives arrays only up to 32).
+pub(crate) mod sig_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(sig: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(sig)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let bytes: &[u8] = <&[u8]>::deserialize(d)?;
+        <[u8; 64]>::try_from(bytes).map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn alice() -> Identity {
+        Identity::from_seed(b"alice", 1_700_000_000_000).unwrap()
+    }
+
+    #[test]
+    fn certificate_verifies_and_detects_forgery() {
+        let a = alice();
+        a.certificate().verify().unwrap();
+        let mut forged = a.certificate().clone();
+        forged.dh[0] ^= 1;
+        assert!(forged.verify().is_err());
+        let bytes = a.certificate().to_bytes();
+        assert_eq!(DeviceCertificate::from_bytes(&bytes).unwrap(), *a.certificate());
+    }
+
+    #[test]
+    fn secrets_round_trip() {
+        let a = alice();
+        let b = Identity::from_secrets(&a.secrets(), Some(a.certificate().clone()), 0).unwrap();
+        assert_eq!(a.device_id(), b.device_id());
+        assert_eq!(a.peer_id(), b.peer_id());
+        assert_eq!(a.peer_id(), a.libp2p_keypair().unwrap().public().to_peer_id());
+    }
+
+    #[test]
+    fn invite_round_trips_and_catches_typos() {
+        let a = alice();
+        let addrs = vec!["/ip4/127.0.0.1/tcp/1".to_string()];
+        let text = a.invite("Alice", vec![a.certificate().clone()], addrs.clone(), 5).unwrap();
+        assert!(text.starts_with("weft1"));
+        let inv = Invite::decode(&text).unwrap();
+        assert_eq!((inv.name.as_str(), inv.user, inv.addrs.clone()), ("Alice", a.user_id(), addrs));
+        // Upper case and line breaks are fine.
+        let wrapped = format!("{}\n{}", &text[..40].to_uppercase(), &text[40..]);
+        assert_eq!(Invite::decode(&wrapped).unwrap(), inv);
+        // One changed character is caught.
+        for i in [5usize, 20, text.len() - 3] {
+            let mut chars: Vec<char> = text.chars().collect();
+            chars[i] = if chars[i] == 'a' { 'b' } else { 'a' };
+            let typo: String = chars.into_iter().collect();
+            assert!(Invite::decode(&typo).is_err(), "typo at {i} accepted");
+        }
+        assert!(matches!(Invite::decode("hello"), Err(IdentityError::InviteNotWeft)));
+        assert!(matches!(Invite::decode(&text[..text.len() - 5]), Err(_)));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("Alice").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("  ").is_err());
+        assert!(validate_name("a\u{7}b").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn invite_decoder_never_panics(s in ".{0,300}") {
+            let _ = Invite::decode(&s);
+        }
+
+        #[test]
+        fn invite_decoder_survives_corrupt_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let text = format!("weft1{}", BASE32_NOPAD.encode(&bytes).to_ascii_lowercase());
+            let _ = Invite::decode(&text);
+        }
+    }
+}

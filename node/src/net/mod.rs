@@ -1,0 +1,763 @@
+//! The network task: owns the libp2p swarm (TCP/QUIC or an in-memory
+//! transport, noise, yamux, identify, ping, gossipsub, Kademlia and the
+//! direct request-response protocol) and LAN discovery through mdns-sd.
+//!
+//! It knows nothing of conversations or crypto: the node task tells it
+//! what to publish, send and dial through a [`NetHandle`], and it reports
+//! what arrives as [`NetEvent`]s on a bounded channel. Gossip validation
+//! is the node's: messages wait in gossipsub's cache until the node
+//! reports accept, ignore or reject.
+
+mod codec;
+mod mdns;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+pub use codec::{DIRECT_PROTOCOL, DirectCodec, MAX_DIRECT_REQUEST, MAX_DIRECT_RESPONSE};
+
+use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
+
+/// Kademlia's protocol name: Weft's own DHT, never the public IPFS one.
+pub const KAD_PROTOCOL: &str = "/weft/kad/1.0.0";
+pub const IDENTIFY_PROTOCOL: &str = "/weft/1.0.0";
+/// The DNS-SD service type Weft nodes advertise on the LAN.
+pub const MDNS_SERVICE: &str = "_weft._udp.local.";
+/// Most topics a peer may subscribe to: a person is in many conversations
+/// (gossipsub's default filter stops at 100).
+pub const MAX_TOPICS_PER_PEER: usize = 10_000;
+/// Bounds of the channels between the node and network tasks.
+pub const COMMAND_CAPACITY: usize = 8192;
+pub const EVENT_CAPACITY: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("bad listen address {0}: {1}")]
+    Listen(Multiaddr, String),
+    #[error("transport setup failed: {0}")]
+    Transport(String),
+    #[error("no peer is subscribed to the topic")]
+    NoPeers,
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("direct request failed: {0}")]
+    Direct(String),
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("mDNS failed: {0}")]
+    Mdns(String),
+}
+
+/// How the swarm reaches other nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP and QUIC over the OS network stack.
+    Network,
+    /// libp2p's in-process memory transport: many nodes in one process
+    /// (tests, simulations). Listen on `/memory/N`.
+    Memory,
+}
+
+/// Network settings of a node.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and keep dialing (multiaddrs with /p2p/).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Advertise and browse `_weft._udp.local.` with mdns-sd.
+    pub mdns: bool,
+    pub transport: TransportKind,
+    /// Kademlia in server mode (answers queries): for reachable nodes.
+    pub dht_server: bool,
+    pub idle_timeout: Duration,
+}
+
+impl NetConfig {
+    pub fn new(listen: Vec<Multiaddr>) -> Self {
+        Self {
+            listen,
+            bootstrap: Vec::new(),
+            mdns: false,
+            transport: TransportKind::Network,
+            dht_server: true,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    /// One TCP listener on 127.0.0.1 with an OS-chosen port.
+    pub fn loopback() -> Self {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/0"
+            .parse()
+            .unwrap_or_else(|_| Multiaddr::empty());
+        Self::new(vec![addr])
+    }
+
+    /// The in-memory transport on `/memory/{port}`.
+    pub fn memory(port: u64) -> Self {
+        let mut c = Self::new(vec![Multiaddr::empty().with(Protocol::Memory(port))]);
+        c.transport = TransportKind::Memory;
+        c
+    }
+}
+
+/// How a connected peer was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerSource {
+    Mdns,
+    Dht,
+    Relay,
+    Manual,
+    Inbound,
+}
+
+impl PeerSource {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Mdns => "mdns",
+            Self::Dht => "dht",
+            Self::Relay => "relay",
+            Self::Manual => "manual",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConnectedPeer {
+    pub peer_id: PeerId,
+    pub source: PeerSource,
+    pub addrs: Vec<Multiaddr>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NetStatus {
+    pub listen: Vec<Multiaddr>,
+    pub peers: Vec<ConnectedPeer>,
+}
+
+/// What the node asks of the network.
+#[derive(Debug)]
+pub enum NetCommand {
+    Subscribe(String),
+    Unsubscribe(String),
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+    },
+    Validation {
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    Direct {
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        source: PeerSource,
+    },
+    Status(oneshot::Sender<NetStatus>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What the network reports to the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    Gossip {
+        message_id: MessageId,
+        source: PeerId,
+        topic: String,
+        data: Vec<u8>,
+    },
+    Direct {
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    Connected {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
+    Subscribed {
+        peer: PeerId,
+        topic: String,
+    },
+    Unsubscribed {
+        peer: PeerId,
+        topic: String,
+    },
+    Listening {
+        addr: Multiaddr,
+    },
+}
+
+/// A cloneable handle to the network task.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    tx: mpsc::Sender<NetCommand>,
+    peer_id: PeerId,
+}
+
+impl NetHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Queues a command without waiting: the node task must never block on
+    /// the network task. `false` if the queue is full or the task gone.
+    pub fn try_send(&self, cmd: NetCommand) -> bool {
+        self.tx.try_send(cmd).is_ok()
+    }
+
+    pub async fn send(&self, cmd: NetCommand) -> Result<(), NetError> {
+        self.tx.send(cmd).await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn status(&self) -> Result<NetStatus, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NetCommand::Status(tx)).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(NetCommand::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+type TopicFilter = gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, TopicFilter>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    direct: request_response::Behaviour<DirectCodec>,
+}
+
+fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
+    gossipsub::ConfigBuilder::default()
+        // The envelope is signed by its sender device; gossipsub signing
+        // would sign again per hop and expose the author's peer id.
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        // Content-addressed ids: with anonymous messages anything else
+        // would make every message collide.
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
+        })
+        .validate_messages()
+        .max_transmit_size(MAX_ENVELOPE_BYTES + 16 * 1024)
+        .heartbeat_interval(Duration::from_millis(700))
+        .build()
+        .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))
+}
+
+fn build_behaviour(key: &libp2p::identity::Keypair, config: &NetConfig) -> Result<Behaviour, NetError> {
+    let peer_id = key.public().to_peer_id();
+    let filter = gossipsub::MaxCountSubscriptionFilter {
+        filter: gossipsub::AllowAllSubscriptionFilter {},
+        max_subscribed_topics: MAX_TOPICS_PER_PEER,
+        max_subscriptions_per_request: MAX_TOPICS_PER_PEER,
+    };
+    let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Anonymous,
+        gossipsub_config()?,
+        filter,
+    )
+    .map_err(|e| NetError::Transport(e.to_string()))?;
+    let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    kad.set_mode(Some(if config.dht_server {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("weft/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let direct = request_response::Behaviour::with_codec(
+        DirectCodec,
+        [(StreamProtocol::new(DIRECT_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(256),
+    );
+    Ok(Behaviour {
+        gossipsub,
+        kad,
+        identify,
+        ping: ping::Behaviour::default(),
+        direct,
+    })
+}
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+fn build_swarm(key: libp2p::identity::Keypair, config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let idle = config.idle_timeout;
+    let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    match config.transport {
+        TransportKind::Network => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| err(&e))?
+            .with_quic()
+            .with_behaviour(|key| build_behaviour(key, config).map_err(boxed))
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build()),
+        TransportKind::Memory => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                use libp2p::core::upgrade::Version;
+                use libp2p::core::transport::Transport as _;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libp2p::core::transport::MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key).map_err(boxed)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| err(&e))?
+            .with_behaviour(|key| build_behaviour(key, config).map_err(boxed))
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build()),
+    }
+}
+
+/// Starts the network task. Returns its handle and the receiving end of
+/// its events.
+pub fn spawn(
+    key: libp2p::identity::Keypair,
+    config: NetConfig,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, tokio::task::JoinHandle<()>), NetError> {
+    let peer_id = key.public().to_peer_id();
+    let mut swarm = build_swarm(key, &config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
+    let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+    let handle = NetHandle {
+        tx: cmd_tx.clone(),
+        peer_id,
+    };
+    let task = NetworkTask {
+        swarm,
+        commands: cmd_rx,
+        events: event_tx,
+        self_commands: cmd_tx,
+        config,
+        peers: HashMap::new(),
+        dial_sources: HashMap::new(),
+        known_addrs: HashMap::new(),
+        pending_direct: HashMap::new(),
+        pending_responses: FuturesUnordered::new(),
+        mdns: None,
+    };
+    let join = tokio::spawn(task.run());
+    Ok((handle, event_rx, join))
+}
+
+type PendingResponse = std::pin::Pin<
+    Box<dyn Future<Output = (Option<Vec<u8>>, request_response::ResponseChannel<Vec<u8>>)> + Send>,
+>;
+
+struct NetworkTask {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<NetCommand>,
+    events: mpsc::Sender<NetEvent>,
+    /// For the mDNS bridge, which feeds discoveries back as commands.
+    self_commands: mpsc::Sender<NetCommand>,
+    config: NetConfig,
+    peers: HashMap<PeerId, ConnectedPeer>,
+    dial_sources: HashMap<PeerId, PeerSource>,
+    /// Addresses to redial peers at (bootstrap, discovered), bounded.
+    known_addrs: HashMap<PeerId, (Vec<Multiaddr>, PeerSource)>,
+    pending_direct: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
+    pending_responses: FuturesUnordered<PendingResponse>,
+    mdns: Option<mdns::Mdns>,
+}
+
+const MAX_KNOWN_PEERS: usize = 4096;
+
+impl NetworkTask {
+    async fn run(mut self) {
+        for addr in self.config.bootstrap.clone() {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                self.remember(peer, vec![addr], PeerSource::Manual);
+                self.dial(peer, PeerSource::Manual);
+            }
+        }
+        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(NetCommand::Shutdown(done)) => {
+                        self.stop();
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    None => {
+                        self.stop();
+                        return;
+                    }
+                },
+                event = self.swarm.select_next_some() => {
+                    if self.on_swarm_event(event).await.is_err() {
+                        // The node is gone: nothing left to serve.
+                        self.stop();
+                        return;
+                    }
+                },
+                Some((response, channel)) = self.pending_responses.next(), if !self.pending_responses.is_empty() => {
+                    if let Some(response) = response {
+                        let _ = self.swarm.behaviour_mut().direct.send_response(channel, response);
+                    }
+                },
+                _ = redial.tick() => self.redial(),
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mdns) = self.mdns.take() {
+            mdns.stop();
+        }
+    }
+
+    fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: PeerSource) {
+        if self.known_addrs.len() >= MAX_KNOWN_PEERS && !self.known_addrs.contains_key(&peer) {
+            return;
+        }
+        let entry = self.known_addrs.entry(peer).or_insert_with(|| (Vec::new(), source));
+        for addr in addrs {
+            if !entry.0.contains(&addr) {
+                entry.0.push(addr);
+            }
+        }
+        entry.0.truncate(16);
+        for addr in entry.0.clone() {
+            self.swarm.add_peer_address(peer, addr);
+        }
+    }
+
+    fn dial(&mut self, peer: PeerId, source: PeerSource) {
+        if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let addrs = self
+            .known_addrs
+            .get(&peer)
+            .map(|(a, _)| a.clone())
+            .unwrap_or_default();
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        self.dial_sources.insert(peer, source);
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "dial failed: {e}");
+        }
+    }
+
+    fn redial(&mut self) {
+        let missing: Vec<(PeerId, PeerSource)> = self
+            .known_addrs
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p))
+            .map(|(p, (_, s))| (*p, *s))
+            .collect();
+        for (peer, source) in missing {
+            self.dial(peer, source);
+        }
+    }
+
+    fn on_command(&mut self, cmd: NetCommand) {
+        let behaviour = self.swarm.behaviour_mut();
+        match cmd {
+            NetCommand::Subscribe(topic) => {
+                if let Err(e) = behaviour.gossipsub.subscribe(&IdentTopic::new(topic)) {
+                    tracing::warn!("subscribe failed: {e}");
+                }
+            }
+            NetCommand::Unsubscribe(topic) => {
+                behaviour.gossipsub.unsubscribe(&IdentTopic::new(topic));
+            }
+            NetCommand::Publish { topic, data } => {
+                match behaviour.gossipsub.publish(IdentTopic::new(topic), data) {
+                    Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                    Err(gossipsub::PublishError::Duplicate) => {}
+                    Err(e) => tracing::debug!("publish failed: {e}"),
+                }
+            }
+            NetCommand::Validation {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                behaviour
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
+            NetCommand::Direct { peer, data, reply } => {
+                let id = behaviour.direct.send_request(&peer, data);
+                self.pending_direct.insert(id, reply);
+            }
+            NetCommand::Dial {
+                peer,
+                addrs,
+                source,
+            } => {
+                self.remember(peer, addrs, source);
+                self.dial(peer, source);
+            }
+            NetCommand::Status(reply) => {
+                let status = NetStatus {
+                    listen: self.swarm.listeners().cloned().collect(),
+                    peers: self.peers.values().cloned().collect(),
+                };
+                let _ = reply.send(status);
+            }
+            NetCommand::Shutdown(_) => {}
+        }
+    }
+
+    /// Handles one swarm event. `Err` when the node has gone away.
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<(), ()> {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}");
+                if self.config.mdns && self.mdns.is_none() {
+                    self.start_mdns(&address);
+                }
+                self.emit(NetEvent::Listening { addr: address }).await?;
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                let source = if endpoint.is_dialer() {
+                    self.dial_sources.remove(&peer_id).unwrap_or(PeerSource::Manual)
+                } else {
+                    PeerSource::Inbound
+                };
+                let entry = self.peers.entry(peer_id).or_insert(ConnectedPeer {
+                    peer_id,
+                    source,
+                    addrs: Vec::new(),
+                });
+                if !entry.addrs.contains(&addr) && entry.addrs.len() < 8 {
+                    entry.addrs.push(addr.clone());
+                }
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::Connected {
+                        peer: peer_id,
+                        addr,
+                    })
+                    .await?;
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, "outgoing connection failed: {error}");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn emit(&mut self, event: NetEvent) -> Result<(), ()> {
+        self.events.send(event).await.map_err(|_| ())
+    }
+
+    async fn on_behaviour_event(&mut self, event: BehaviourEvent) -> Result<(), ()> {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                self.emit(NetEvent::Gossip {
+                    message_id,
+                    source: propagation_source,
+                    topic: message.topic.into_string(),
+                    data: message.data,
+                })
+                .await?;
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
+                self.emit(NetEvent::Subscribed {
+                    peer: peer_id,
+                    topic: topic.into_string(),
+                })
+                .await?;
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }) => {
+                self.emit(NetEvent::Unsubscribed {
+                    peer: peer_id,
+                    topic: topic.into_string(),
+                })
+                .await?;
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+                    for addr in info.listen_addrs.iter().take(16) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    }
+                }
+            }
+            BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let (tx, rx) = oneshot::channel();
+                        self.pending_responses
+                            .push(Box::pin(async move { (rx.await.ok(), channel) }));
+                        self.emit(NetEvent::Direct {
+                            peer,
+                            data: request,
+                            reply: tx,
+                        })
+                        .await?;
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.pending_direct.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Direct(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_direct.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Direct(error.to_string())));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn start_mdns(&mut self, first_addr: &Multiaddr) {
+        let peer_id = *self.swarm.local_peer_id();
+        let port = first_addr.iter().find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        let Some(port) = port else { return };
+        match mdns::Mdns::start(peer_id, port, self.self_commands.clone()) {
+            Ok(m) => self.mdns = Some(m),
+            Err(e) => tracing::warn!("mDNS discovery is off: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_memory_nodes_exchange_gossip_and_direct() {
+        let a_key = libp2p::identity::Keypair::generate_ed25519();
+        let b_key = libp2p::identity::Keypair::generate_ed25519();
+        let a_peer = a_key.public().to_peer_id();
+        let port = 1_000_000 + u64::from(std::process::id() % 1000);
+        let (a, mut a_events, _) = spawn(a_key, NetConfig::memory(port)).unwrap();
+        let mut b_config = NetConfig::memory(port + 1);
+        b_config.bootstrap = vec![format!("/memory/{port}/p2p/{a_peer}").parse().unwrap()];
+        let (b, mut b_events, _) = spawn(b_key, b_config).unwrap();
+        a.send(NetCommand::Subscribe("t".into())).await.unwrap();
+        b.send(NetCommand::Subscribe("t".into())).await.unwrap();
+        // Wait until a knows b is subscribed, then publish.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, a_events.recv()).await.unwrap().unwrap();
+            if matches!(ev, NetEvent::Subscribed { .. }) {
+                break;
+            }
+        }
+        a.send(NetCommand::Publish {
+            topic: "t".into(),
+            data: b"hello".to_vec(),
+        })
+        .await
+        .unwrap();
+        loop {
+            let ev = tokio::time::timeout_at(deadline, b_events.recv()).await.unwrap().unwrap();
+            if let NetEvent::Gossip { data, .. } = ev {
+                assert_eq!(data, b"hello");
+                break;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        b.send(NetCommand::Direct {
+            peer: a_peer,
+            data: b"ping".to_vec(),
+            reply: tx,
+        })
+        .await
+        .unwrap();
+        loop {
+            let ev = tokio::time::timeout_at(deadline, a_events.recv()).await.unwrap().unwrap();
+            if let NetEvent::Direct { data, reply, .. } = ev {
+                assert_eq!(data, b"ping");
+                reply.send(b"pong".to_vec()).unwrap();
+                break;
+            }
+        }
+        assert_eq!(rx.await.unwrap().unwrap(), b"pong");
+    }
+}

@@ -1,0 +1,1806 @@
+//! The engine task: owns the store, the key chains and the in-memory view
+//! of conversations, and turns API requests and network events into
+//! stored state, envelopes to send, and events.
+//!
+//! Work arrives in batches: everything ready is handled inside one SQLite
+//! transaction (group commit), and only after the commit are replies
+//! sent, envelopes published and events emitted. So a reply never claims
+//! what the disk does not hold, and nothing leaves the device that a crash
+//! could make us reuse a key for.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use libp2p::gossipsub::{MessageAcceptance, MessageId as GossipId};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{Command, NodeError, now_ms};
+use crate::api::{
+    ApiError, ContactView, ConversationView, Event, GroupView, IdView, MemberView, MessageView,
+    ReceiptView, Request, SendView, StatusView,
+};
+use crate::crypto::chain::{ReceivingChain, SendingChain};
+use crate::crypto::envelope::{self, Envelope, Sealing};
+use crate::crypto::CryptoError;
+use crate::group::{GroupMember, GroupRole, GroupState};
+use crate::home::META_NAME;
+use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
+use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
+use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
+use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
+use crate::store::{
+    Contact, ConversationKind, ConversationRecord, Db, EnvelopeRecord, MessageRecord, MessageStatus,
+    OutboxEntry, Role, Store,
+};
+
+/// Most inputs handled in one transaction.
+const BATCH: usize = 256;
+/// Envelopes we could not open yet (waiting for a key), across all
+/// conversations: a hostile peer must not fill the disk.
+const PENDING_CAP: usize = 10_000;
+/// How far in the future a sender's clock may be before it is clamped.
+const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+/// How often unacknowledged envelopes are offered again to connected peers.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Most envelopes in one direct request.
+const DIRECT_BATCH: usize = 512;
+/// Bound of the receiving-chain cache.
+const CHAIN_CACHE: usize = 20_000;
+
+/// What travels on the direct protocol (docs/protocol.md).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum DirectRequest {
+    Envelopes(Vec<Vec<u8>>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum DirectResponse {
+    Ack { accepted: u32 },
+    Refused(String),
+}
+
+/// A conversation as the engine keeps it in memory.
+#[derive(Clone, Debug)]
+struct Conv {
+    id: ConversationId,
+    kind: ConversationKind,
+    topic: String,
+    epoch: u64,
+    members: Vec<UserId>,
+    group: Option<GroupState>,
+    /// Whether this user is (still) a member.
+    active: bool,
+}
+
+/// Follow-up work, run after the batch's transaction commits.
+enum Effect {
+    Net(NetCommand),
+    Event(Event),
+    Reply(oneshot::Sender<Result<serde_json::Value, ApiError>>, Result<serde_json::Value, ApiError>),
+    Direct { peer: PeerId, envelopes: Vec<(EnvelopeId, Vec<u8>)> },
+    DirectReply(oneshot::Sender<Vec<u8>>, Vec<u8>),
+}
+
+/// Results of direct sends, fed back into the engine.
+enum Internal {
+    DirectAck { peer: PeerId, ids: Vec<EnvelopeId>, ok: bool },
+}
+
+/// How an envelope arrived: decides replay handling and validation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Gossip,
+    Direct,
+    Pending,
+}
+
+enum Verdict {
+    Accept,
+    Ignore,
+    Reject(&'static str),
+}
+
+pub(super) struct Engine {
+    identity: Identity,
+    my_user: UserId,
+    my_device: DeviceId,
+    name: String,
+    store: Store,
+    net: Option<NetHandle>,
+    events: broadcast::Sender<Event>,
+    convs: HashMap<ConversationId, Conv>,
+    by_topic: HashMap<String, ConversationId>,
+    sending: HashMap<(ConversationId, u64), SendingChain>,
+    receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    connected: HashSet<PeerId>,
+    topic_peers: HashMap<String, HashSet<PeerId>>,
+    /// Envelopes in the outbox and the member peers not yet known to have
+    /// them.
+    unreached: HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
+    /// When each envelope was last offered to each peer directly.
+    offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: Option<mpsc::Receiver<Internal>>,
+}
+
+fn role_of(role: GroupRole) -> Role {
+    match role {
+        GroupRole::Admin => Role::Admin,
+        GroupRole::Member => Role::Member,
+    }
+}
+
+fn role_name(role: GroupRole) -> &'static str {
+    match role {
+        GroupRole::Admin => "admin",
+        GroupRole::Member => "member",
+    }
+}
+
+impl Engine {
+    pub(super) fn new(
+        identity: Identity,
+        store: Store,
+        net: Option<NetHandle>,
+        events: broadcast::Sender<Event>,
+    ) -> Result<Self, NodeError> {
+        let name = store
+            .db()
+            .get_meta(META_NAME)?
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_else(|| "me".to_string());
+        let (internal_tx, internal_rx) = mpsc::channel(1024);
+        let mut engine = Self {
+            my_user: identity.user_id(),
+            my_device: identity.device_id(),
+            identity,
+            name,
+            store,
+            net,
+            events,
+            convs: HashMap::new(),
+            by_topic: HashMap::new(),
+            sending: HashMap::new(),
+            receiving: HashMap::new(),
+            connected: HashSet::new(),
+            topic_peers: HashMap::new(),
+            unreached: HashMap::new(),
+            offered: HashMap::new(),
+            internal_tx,
+            internal_rx: Some(internal_rx),
+        };
+        engine.load()?;
+        Ok(engine)
+    }
+
+    /// Loads conversations and the outbox, subscribes to every active
+    /// conversation's topic and dials known peers.
+    fn load(&mut self) -> Result<(), NodeError> {
+        let db = self.store.db();
+        let records = db.conversations()?;
+        let mut convs = Vec::with_capacity(records.len());
+        for record in records {
+            let members = db.members(&record.id)?.into_iter().map(|(u, _)| u).collect::<Vec<_>>();
+            let group = record.state.as_deref().and_then(GroupState::decode);
+            let active = members.contains(&self.my_user);
+            convs.push(Conv {
+                id: record.id,
+                kind: record.kind,
+                topic: record.topic,
+                epoch: record.epoch,
+                members,
+                group,
+                active,
+            });
+        }
+        let outbox = db.outbox_due(i64::MAX, 100_000)?;
+        let mut pending_outbox = Vec::new();
+        let known = db.known_peers(4096)?;
+        for conv in convs {
+            if conv.active {
+                self.net_cmd(NetCommand::Subscribe(conv.topic.clone()));
+            }
+            self.by_topic.insert(conv.topic.clone(), conv.id);
+            self.convs.insert(conv.id, conv);
+        }
+        for entry in outbox {
+            pending_outbox.push(entry);
+        }
+        for entry in pending_outbox {
+            // Who still lacks it is unknown after a restart: offer it to
+            // every member device (receivers deduplicate).
+            let peers = self.outbox_targets(&entry.conversation)?;
+            self.unreached.insert(entry.envelope_id, (entry.conversation, peers));
+        }
+        let mut by_peer: HashMap<String, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in known {
+            if let Ok(addr) = addr.parse::<Multiaddr>() {
+                by_peer.entry(peer).or_default().push(addr);
+            }
+        }
+        for (peer, addrs) in by_peer {
+            if let Ok(peer) = peer.parse::<PeerId>() {
+                self.net_cmd(NetCommand::Dial {
+                    peer,
+                    addrs,
+                    source: PeerSource::Manual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Member peers of a conversation (other than this device), from what
+    /// is on disk.
+    fn outbox_targets(&self, conv: &ConversationId) -> Result<HashSet<PeerId>, NodeError> {
+        let db = self.store.db();
+        let mut peers = HashSet::new();
+        let Some(c) = self.convs.get(conv) else { return Ok(peers) };
+        if let Some(g) = &c.group {
+            for m in &g.members {
+                for d in &m.devices {
+                    peers.insert(peer_id_of(&d.device));
+                }
+            }
+        } else {
+            for user in &c.members {
+                for d in db.devices_of_user(user)? {
+                    peers.insert(peer_id_of(&d.device_id));
+                }
+            }
+        }
+        peers.remove(&peer_id_of(&self.my_device));
+        Ok(peers)
+    }
+
+    fn net_cmd(&self, cmd: NetCommand) {
+        if let Some(net) = &self.net
+            && !net.try_send(cmd)
+        {
+            // The outbox and retry tick cover anything dropped here.
+            tracing::warn!("network command queue full; command dropped");
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut net_events: Option<mpsc::Receiver<NetEvent>>,
+    ) {
+        let mut internal = match self.internal_rx.take() {
+            Some(rx) => rx,
+            None => return,
+        };
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            let mut batch: Vec<Input> = Vec::new();
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown(done)) => shutdown = Some(done),
+                    Some(cmd) => batch.push(Input::Command(cmd)),
+                    None => shutdown = None.or(Some(oneshot::channel().0)),
+                },
+                Some(ev) = recv_opt(&mut net_events) => batch.push(Input::Net(ev)),
+                Some(int) = internal.recv() => batch.push(Input::Internal(int)),
+                _ = retry.tick() => batch.push(Input::Retry),
+            }
+            // Drain whatever else is ready: one transaction for all of it.
+            while batch.len() < BATCH && shutdown.is_none() {
+                if let Ok(cmd) = commands.try_recv() {
+                    match cmd {
+                        Command::Shutdown(done) => shutdown = Some(done),
+                        cmd => batch.push(Input::Command(cmd)),
+                    }
+                    continue;
+                }
+                if let Some(rx) = net_events.as_mut()
+                    && let Ok(ev) = rx.try_recv()
+                {
+                    batch.push(Input::Net(ev));
+                    continue;
+                }
+                if let Ok(int) = internal.try_recv() {
+                    batch.push(Input::Internal(int));
+                    continue;
+                }
+                break;
+            }
+            self.handle_batch(batch);
+            if let Some(done) = shutdown {
+                if let Some(net) = &self.net {
+                    net.shutdown().await;
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn handle_batch(&mut self, batch: Vec<Input>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut fx = Vec::new();
+        let committed = {
+            let txn = match self.store.transaction() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("cannot begin transaction: {e}");
+                    fail_inputs(batch, &e.to_string());
+                    return;
+                }
+            };
+            let db = txn.db();
+            let mut state = State {
+                e: &mut EngineState {
+                    identity: &self.identity,
+                    my_user: self.my_user,
+                    my_device: self.my_device,
+                    name: &mut self.name,
+                    net_online: self.net.is_some(),
+                    convs: &mut self.convs,
+                    by_topic: &mut self.by_topic,
+                    sending: &mut self.sending,
+                    receiving: &mut self.receiving,
+                    connected: &mut self.connected,
+                    topic_peers: &mut self.topic_peers,
+                    unreached: &mut self.unreached,
+                    offered: &mut self.offered,
+                },
+                db: &db,
+                fx: &mut fx,
+            };
+            for input in batch {
+                state.handle(input);
+            }
+            txn.commit()
+        };
+        if let Err(e) = committed {
+            tracing::error!("commit failed: {e}");
+            // Nothing of this batch is on disk: fail its replies, send
+            // nothing, and reload key state from what the disk holds.
+            for effect in fx {
+                if let Effect::Reply(reply, _) = effect {
+                    let _ = reply.send(Err(ApiError::failed(format!("storage: {e}"))));
+                }
+            }
+            self.sending.clear();
+            self.receiving.clear();
+            return;
+        }
+        self.run_effects(fx);
+    }
+
+    fn run_effects(&mut self, fx: Vec<Effect>) {
+        for effect in fx {
+            match effect {
+                Effect::Net(cmd) => self.net_cmd(cmd),
+                Effect::Event(ev) => {
+                    let _ = self.events.send(ev);
+                }
+                Effect::Reply(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Effect::DirectReply(reply, bytes) => {
+                    let _ = reply.send(bytes);
+                }
+                Effect::Direct { peer, envelopes } => self.send_direct(peer, envelopes),
+            }
+        }
+    }
+
+    fn send_direct(&self, peer: PeerId, envelopes: Vec<(EnvelopeId, Vec<u8>)>) {
+        let Some(net) = &self.net else { return };
+        for chunk in envelopes.chunks(DIRECT_BATCH) {
+            let ids: Vec<EnvelopeId> = chunk.iter().map(|(id, _)| *id).collect();
+            let request = DirectRequest::Envelopes(chunk.iter().map(|(_, b)| b.clone()).collect());
+            let Ok(data) = postcard::to_stdvec(&request) else { continue };
+            let (tx, rx) = oneshot::channel();
+            if !net.try_send(NetCommand::Direct { peer, data, reply: tx }) {
+                continue;
+            }
+            let internal = self.internal_tx.clone();
+            tokio::spawn(async move {
+                let ok = matches!(
+                    rx.await.ok().and_then(|r| r.ok()).and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok()),
+                    Some(DirectResponse::Ack { .. })
+                );
+                let _ = internal.send(Internal::DirectAck { peer, ids, ok }).await;
+            });
+        }
+    }
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<NetEvent>>) -> Option<NetEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Input {
+    Command(Command),
+    Net(NetEvent),
+    Internal(Internal),
+    Retry,
+}
+
+fn fail_inputs(batch: Vec<Input>, why: &str) {
+    for input in batch {
+        if let Input::Command(Command::Api { reply, .. }) = input {
+            let _ = reply.send(Err(ApiError::failed(format!("storage: {why}"))));
+        }
+    }
+}
+
+/// The engine's mutable state, borrowed apart from the store so a
+/// transaction and the state can be used together.
+struct EngineState<'a> {
+    identity: &'a Identity,
+    my_user: UserId,
+    my_device: DeviceId,
+    name: &'a mut String,
+    net_online: bool,
+    convs: &'a mut HashMap<ConversationId, Conv>,
+    by_topic: &'a mut HashMap<String, ConversationId>,
+    sending: &'a mut HashMap<(ConversationId, u64), SendingChain>,
+    receiving: &'a mut HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    connected: &'a mut HashSet<PeerId>,
+    topic_peers: &'a mut HashMap<String, HashSet<PeerId>>,
+    unreached: &'a mut HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
+    offered: &'a mut HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
+}
+
+struct State<'s, 'a, 'd> {
+    e: &'s mut EngineState<'a>,
+    db: &'s Db<'d>,
+    fx: &'s mut Vec<Effect>,
+}
+
+type ApiResult = Result<serde_json::Value, ApiError>;
+
+fn to_value<T: Serialize>(v: &T) -> ApiResult {
+    serde_json::to_value(v).map_err(|e| ApiError::failed(e.to_string()))
+}
+
+fn store_err(e: crate::store::StoreError) -> ApiError {
+    ApiError::failed(format!("storage: {e}"))
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        store_err(e)
+    }
+}
+
+impl From<CryptoError> for ApiError {
+    fn from(e: CryptoError) -> Self {
+        ApiError::failed(format!("crypto: {e}"))
+    }
+}
+
+impl State<'_, '_, '_> {
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Command(Command::Api {
+                request,
+                listen,
+                reply,
+            }) => {
+                let result = self.api(request, listen);
+                self.fx.push(Effect::Reply(reply, result));
+            }
+            Input::Command(Command::Shutdown(_)) => {}
+            Input::Net(ev) => self.on_net(ev),
+            Input::Internal(Internal::DirectAck { peer, ids, ok }) => {
+                if ok {
+                    for id in ids {
+                        self.reached(&id, &peer);
+                    }
+                }
+            }
+            Input::Retry => self.retry(),
+        }
+    }
+
+    // ---- API -------------------------------------------------------------
+
+    fn api(&mut self, request: Request, listen: Vec<Multiaddr>) -> ApiResult {
+        match request {
+            Request::Id => self.id(listen),
+            Request::Status => {
+                let view = StatusView {
+                    peer_id: self.e.identity.peer_id().to_string(),
+                    listen: Vec::new(),
+                    peers: Vec::new(),
+                    relays: Vec::new(),
+                    online: self.e.net_online,
+                    outbox: self.db.outbox_len()?,
+                };
+                to_value(&view)
+            }
+            Request::ContactAdd { invite, name } => self.contact_add(&invite, name.as_deref()),
+            Request::ContactList => {
+                let mut out = Vec::new();
+                for c in self.db.contacts()? {
+                    out.push(self.contact_view(&c)?);
+                }
+                to_value(&out)
+            }
+            Request::ContactRemove { alias } => {
+                let c = self.contact(&alias)?;
+                self.db.remove_contact(&c.user_id)?;
+                to_value(&self.contact_view(&c)?)
+            }
+            Request::ContactBlock { alias } => self.set_blocked(&alias, true),
+            Request::ContactUnblock { alias } => self.set_blocked(&alias, false),
+            Request::Send {
+                target,
+                text,
+                reply_to,
+            } => self.send(&target, text, reply_to.as_deref()),
+            Request::GroupCreate { name, members } => self.group_create(&name, &members),
+            Request::GroupAdd { group, member } => self.group_change(&group, &member, GroupOp::Add),
+            Request::GroupRemove { group, member } => {
+                self.group_change(&group, &member, GroupOp::Remove)
+            }
+            Request::GroupAdmin { group, member } => {
+                self.group_change(&group, &member, GroupOp::Admin)
+            }
+            Request::GroupLeave { group } => self.group_leave(&group),
+            Request::GroupList => {
+                let mut out = Vec::new();
+                for conv in self.e.convs.values().filter(|c| c.kind == ConversationKind::Group) {
+                    let Some(g) = &conv.group else { continue };
+                    if !conv.active {
+                        continue;
+                    }
+                    out.push(GroupView {
+                        id: conv.id.to_string(),
+                        name: g.name.clone(),
+                        members: g.members.len(),
+                        role: g.member(&self.e.my_user).map_or("none", |m| role_name(m.role)).into(),
+                        epoch: g.epoch,
+                    });
+                }
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                to_value(&out)
+            }
+            Request::GroupMembers { group } => {
+                let conv = self.group(&group)?;
+                let g = conv.group.as_ref().ok_or_else(|| ApiError::failed("group has no state"))?;
+                to_value(&member_views(g))
+            }
+            Request::Conversations => {
+                let mut out = Vec::new();
+                for r in self.db.conversations()? {
+                    out.push(ConversationView {
+                        id: r.id.to_string(),
+                        kind: r.kind.as_str().to_string(),
+                        name: r.name,
+                        unread: r.unread,
+                        last_message_at: r.last_message_at_ms,
+                    });
+                }
+                to_value(&out)
+            }
+            Request::Messages {
+                target,
+                limit,
+                before,
+            } => {
+                let conv = self.resolve(&target)?;
+                let before = match before {
+                    Some(b) => Some(
+                        b.parse::<MessageId>()
+                            .map_err(|_| ApiError::usage(format!("not a message id: {b}")))?,
+                    ),
+                    None => None,
+                };
+                let limit = limit.unwrap_or(50).min(10_000);
+                let records = self.db.messages(&conv, limit, before.as_ref())?;
+                let mut out = Vec::with_capacity(records.len());
+                for r in &records {
+                    out.push(self.message_view(r)?);
+                }
+                to_value(&out)
+            }
+            Request::Read { target } => {
+                let conv = self.resolve(&target)?;
+                self.db.mark_conversation_read(&conv)?;
+                to_value(&serde_json::json!({ "conversation": conv.to_string(), "unread": 0 }))
+            }
+            Request::Watch => Err(ApiError::usage("watch is a stream: use the control socket")),
+        }
+    }
+
+    fn id(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+        let peer = self.e.identity.peer_id();
+        let addrs: Vec<String> = listen
+            .into_iter()
+            .filter(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())))
+            .map(|a| a.with(Protocol::P2p(peer)).to_string())
+            .collect();
+        let invite = self.e.identity.invite(
+            self.e.name.as_str(),
+            vec![self.e.identity.certificate().clone()],
+            addrs,
+            now_ms(),
+        )
+        .map_err(|e| ApiError::failed(e.to_string()))?;
+        to_value(&IdView {
+            user_id: self.e.my_user.to_string(),
+            device_id: self.e.my_device.to_string(),
+            peer_id: peer.to_string(),
+            name: self.e.name.clone(),
+            invite,
+        })
+    }
+
+    fn contact(&self, alias: &str) -> Result<Contact, ApiError> {
+        if let Some(c) = self.db.contact_by_alias(alias)? {
+            return Ok(c);
+        }
+        if let Ok(user) = alias.parse::<UserId>()
+            && let Some(c) = self.db.contact(&user)?
+        {
+            return Ok(c);
+        }
+        Err(ApiError::usage(format!("unknown contact: {alias}")))
+    }
+
+    fn contact_view(&self, c: &Contact) -> Result<ContactView, ApiError> {
+        Ok(ContactView {
+            alias: c.alias.clone(),
+            user_id: c.user_id.to_string(),
+            name: self.db.user_name(&c.user_id)?.unwrap_or_else(|| c.alias.clone()),
+            blocked: c.blocked,
+            devices: self.db.devices_of_user(&c.user_id)?.len(),
+        })
+    }
+
+    fn set_blocked(&mut self, alias: &str, blocked: bool) -> ApiResult {
+        let c = self.contact(alias)?;
+        self.db.set_blocked(&c.user_id, blocked)?;
+        let c = self.contact(alias)?;
+        to_value(&self.contact_view(&c)?)
+    }
+
+    fn contact_add(&mut self, text: &str, alias: Option<&str>) -> ApiResult {
+        let invite = Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
+        if invite.user == self.e.my_user {
+            return Err(ApiError::usage("that is your own invite"));
+        }
+        let alias = alias.unwrap_or(&invite.name).trim().to_string();
+        crate::identity::validate_name(&alias)
+            .map_err(|_| ApiError::usage("alias must be 1 to 64 printable bytes"))?;
+        if alias.parse::<UserId>().is_ok() || alias.parse::<ConversationId>().is_ok() {
+            return Err(ApiError::usage("alias must not look like an id"));
+        }
+        let now = now_ms();
+        let contact = Contact {
+            user_id: invite.user,
+            alias: alias.clone(),
+            invite: text.trim().to_string(),
+            blocked: false,
+            added_at_ms: now,
+        };
+        self.db.insert_contact(&contact).map_err(|e| match e {
+            crate::store::StoreError::AliasTaken(a) => {
+                ApiError::usage(format!("alias {a} is taken: pick another with --name"))
+            }
+            crate::store::StoreError::AlreadyContact => ApiError::usage("already a contact"),
+            e => store_err(e),
+        })?;
+        self.db.upsert_user(&invite.user, &invite.name, now)?;
+        for cert in &invite.devices {
+            self.learn_device(cert)?;
+        }
+        // Address hints: only those naming one of the invite's devices.
+        let device_peers: HashSet<PeerId> = invite.devices.iter().map(|c| peer_id_of(&c.device)).collect();
+        let mut dial: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for addr in &invite.addrs {
+            let Ok(addr) = addr.parse::<Multiaddr>() else { continue };
+            if let Some(Protocol::P2p(peer)) = addr.iter().last()
+                && device_peers.contains(&peer)
+            {
+                self.db.upsert_peer_addr(&peer.to_string(), &addr.to_string(), now)?;
+                dial.entry(peer).or_default().push(addr);
+            }
+        }
+        for (peer, addrs) in dial {
+            self.fx.push(Effect::Net(NetCommand::Dial {
+                peer,
+                addrs,
+                source: PeerSource::Manual,
+            }));
+        }
+        let conv = self.ensure_direct(&invite.user, &alias)?;
+        // Anything that waited for this contact's devices may open now.
+        self.reprocess_pending(&conv);
+        to_value(&self.contact_view(&contact)?)
+    }
+
+    fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
+        cert.verify().map_err(|e| ApiError::usage(e.to_string()))?;
+        self.db.upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+        Ok(())
+    }
+
+    /// The direct conversation with `user`, created if new.
+    fn ensure_direct(&mut self, user: &UserId, name: &str) -> Result<ConversationId, ApiError> {
+        let id = ConversationId::direct(&self.e.my_user, user);
+        if self.e.convs.contains_key(&id) {
+            return Ok(id);
+        }
+        let record = ConversationRecord {
+            id,
+            kind: ConversationKind::Direct,
+            name: name.to_string(),
+            topic: id.topic(),
+            epoch: 1,
+            state: None,
+            created_at_ms: now_ms(),
+            last_message_at_ms: None,
+            unread: 0,
+        };
+        self.db.insert_conversation(&record)?;
+        self.db
+            .set_members(&id, &[(self.e.my_user, Role::Member), (*user, Role::Member)])?;
+        self.add_conv(Conv {
+            id,
+            kind: ConversationKind::Direct,
+            topic: record.topic,
+            epoch: 1,
+            members: vec![self.e.my_user, *user],
+            group: None,
+            active: true,
+        });
+        Ok(id)
+    }
+
+    fn add_conv(&mut self, conv: Conv) {
+        if conv.active {
+            self.fx.push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+        }
+        self.e.by_topic.insert(conv.topic.clone(), conv.id);
+        self.e.convs.insert(conv.id, conv);
+    }
+
+    /// Resolves TARGET: a contact alias, a group name, a user id or a
+    /// conversation id.
+    fn resolve(&mut self, target: &str) -> Result<ConversationId, ApiError> {
+        if let Some(c) = self.db.contact_by_alias(target)? {
+            return self.ensure_direct(&c.user_id, &c.alias);
+        }
+        let groups: Vec<ConversationId> = self
+            .db
+            .conversations_named(target)?
+            .into_iter()
+            .filter(|r| r.kind == ConversationKind::Group)
+            .map(|r| r.id)
+            .collect();
+        match groups.len() {
+            1 => return Ok(groups[0]),
+            0 => {}
+            n => {
+                return Err(ApiError::usage(format!(
+                    "{n} groups are named {target}: use the conversation id (weft group list)"
+                )));
+            }
+        }
+        if let Ok(user) = target.parse::<UserId>() {
+            if let Some(c) = self.db.contact(&user)? {
+                return self.ensure_direct(&user, &c.alias);
+            }
+            let id = ConversationId::direct(&self.e.my_user, &user);
+            if self.e.convs.contains_key(&id) {
+                return Ok(id);
+            }
+            return Err(ApiError::usage(format!("user {target} is not a contact: add their invite first")));
+        }
+        if let Ok(id) = target.parse::<ConversationId>()
+            && self.e.convs.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        Err(ApiError::usage(format!("unknown contact, group or conversation: {target}")))
+    }
+
+    fn group(&mut self, target: &str) -> Result<Conv, ApiError> {
+        let id = self.resolve(target)?;
+        match self.e.convs.get(&id) {
+            Some(c) if c.kind == ConversationKind::Group => Ok(c.clone()),
+            _ => Err(ApiError::usage(format!("{target} is not a group"))),
+        }
+    }
+
+    fn send(&mut self, target: &str, text: String, reply_to: Option<&str>) -> ApiResult {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ApiError::usage(format!(
+                "message is {} bytes; the limit is {MAX_TEXT_BYTES}",
+                text.len()
+            )));
+        }
+        if text.trim().is_empty() {
+            return Err(ApiError::usage("message is empty"));
+        }
+        let reply_to = match reply_to {
+            Some(r) => Some(r.parse::<MessageId>().map_err(|_| ApiError::usage(format!("not a message id: {r}")))?),
+            None => None,
+        };
+        let conv_id = self.resolve(target)?;
+        let conv = self.e.convs.get(&conv_id).cloned().ok_or_else(|| ApiError::failed("conversation vanished"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are no longer a member of this group"));
+        }
+        let sent_at = now_ms();
+        let payload = Payload::Text(TextMessage {
+            text: text.clone(),
+            reply_to,
+            sent_at_ms: sent_at,
+        });
+        let env = self.seal_chain_message(&conv, &payload.encode())?;
+        let reached = self.dispatch(&conv, &env, true)?;
+        let status = if reached { MessageStatus::Sent } else { MessageStatus::Queued };
+        let record = MessageRecord {
+            id: env.id(),
+            conversation: conv_id,
+            sender_user: self.e.my_user,
+            sender_device: self.e.my_device,
+            sent_at_ms: sent_at,
+            received_at_ms: sent_at,
+            text,
+            reply_to,
+            status,
+            edited: false,
+            deleted: false,
+        };
+        self.db.insert_message(&record)?;
+        self.db.bump_conversation(&conv_id, sent_at, 0)?;
+        let view = self.message_view(&record)?;
+        self.fx.push(Effect::Event(Event::Message(view)));
+        to_value(&SendView {
+            id: record.id.to_string(),
+            conversation: conv_id.to_string(),
+            status: status.as_str().to_string(),
+        })
+    }
+
+    /// Member devices of a conversation other than this one, with their DH
+    /// keys.
+    fn recipients(&self, conv: &Conv) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
+        let mut out = Vec::new();
+        if let Some(g) = &conv.group {
+            for m in &g.members {
+                for d in &m.devices {
+                    if d.device != self.e.my_device {
+                        out.push((d.device, d.dh));
+                    }
+                }
+            }
+        } else {
+            for user in &conv.members {
+                for d in self.db.devices_of_user(user)? {
+                    if d.device_id == self.e.my_device {
+                        continue;
+                    }
+                    if let Ok(cert) = DeviceCertificate::from_bytes(&d.cert) {
+                        out.push((cert.device, cert.dh));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seals a payload with this device's chain for the conversation's
+    /// current epoch, creating and distributing the chain first if new.
+    fn seal_chain_message(&mut self, conv: &Conv, plaintext: &[u8]) -> Result<Envelope, ApiError> {
+        let key = (conv.id, conv.epoch);
+        if !self.e.sending.contains_key(&key) {
+            let chain = match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
+                Some(bytes) => SendingChain::from_bytes(&bytes)?,
+                None => {
+                    let chain = SendingChain::new(random_bytes().map_err(|e| ApiError::failed(e.to_string()))?);
+                    self.db.put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
+                    self.distribute_chain(conv, &chain)?;
+                    chain
+                }
+            };
+            self.e.sending.insert(key, chain);
+        }
+        let chain = self.e.sending.get_mut(&key).ok_or_else(|| ApiError::failed("chain vanished"))?;
+        let (counter, mk) = chain.step()?;
+        // The advanced chain is written in this transaction; nothing sealed
+        // with this key leaves before the commit.
+        self.db.put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
+        let env = envelope::seal_chain(
+            self.e.identity.device_signing_key(),
+            conv.id,
+            conv.epoch,
+            counter,
+            &mk,
+            plaintext,
+        )?;
+        self.store_own_envelope(&env, conv.epoch, counter)?;
+        Ok(env)
+    }
+
+    fn distribute_chain(&mut self, conv: &Conv, chain: &SendingChain) -> Result<(), ApiError> {
+        let recipients = self.recipients(conv)?;
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        let (chain_key, next_counter) = chain.distribution();
+        let payload = Payload::SenderKey(SenderKey {
+            epoch: conv.epoch,
+            chain_key,
+            next_counter,
+            sender_cert: self.e.identity.certificate().clone(),
+            sender_name: self.e.name.clone(),
+        });
+        let env = self.seal_to(conv.id, &recipients, &payload)?;
+        self.store_own_envelope(&env, conv.epoch, 0)?;
+        self.dispatch(conv, &env, true)?;
+        Ok(())
+    }
+
+    fn seal_to(
+        &self,
+        conv: ConversationId,
+        recipients: &[(DeviceId, [u8; 32])],
+        payload: &Payload,
+    ) -> Result<Envelope, ApiError> {
+        let rand = |_| random_bytes::<32>().map_err(|e| ApiError::failed(e.to_string()));
+        Ok(envelope::seal_to_devices(
+            self.e.identity.device_signing_key(),
+            conv,
+            recipients,
+            rand(())?,
+            rand(())?,
+            &payload.encode(),
+        )?)
+    }
+
+    fn store_own_envelope(&mut self, env: &Envelope, epoch: u64, counter: u64) -> Result<(), ApiError> {
+        let now = now_ms();
+        self.db.insert_envelope(&EnvelopeRecord {
+            id: env.id(),
+            conversation: env.header.conversation,
+            sender_device: self.e.my_device,
+            epoch,
+            counter,
+            bytes: env.bytes().to_vec(),
+            received_at_ms: now,
+        })?;
+        self.db.enqueue_outbox(&OutboxEntry {
+            envelope_id: env.id(),
+            conversation: env.header.conversation,
+            bytes: env.bytes().to_vec(),
+            created_at_ms: now,
+            attempts: 0,
+            next_attempt_at_ms: now,
+        })?;
+        Ok(())
+    }
+
+    /// Peers of the member devices of a conversation, except this device.
+    fn member_peers_of(&self, conv: &Conv) -> HashSet<PeerId> {
+        self.recipients(conv)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(d, _)| peer_id_of(&d))
+            .collect()
+    }
+
+    /// Sends a freshly made envelope: gossip to the topic (flood-published
+    /// to every peer known to be subscribed), directly to member peers that
+    /// are connected but not (yet) known to be subscribed, and remembers
+    /// who is still missing it. Returns whether any member peer was reached.
+    fn dispatch(&mut self, conv: &Conv, env: &Envelope, gossip: bool) -> Result<bool, ApiError> {
+        let targets = self.member_peers_of(conv);
+        let subscribed = self.e.topic_peers.get(&conv.topic).cloned().unwrap_or_default();
+        let mut missing = HashSet::new();
+        let mut reached = false;
+        for peer in targets {
+            if gossip && subscribed.contains(&peer) {
+                reached = true;
+            } else {
+                if self.e.connected.contains(&peer) {
+                    self.offer(peer, env.id(), env.bytes().to_vec());
+                }
+                missing.insert(peer);
+            }
+        }
+        if gossip && self.e.net_online {
+            self.fx.push(Effect::Net(NetCommand::Publish {
+                topic: conv.topic.clone(),
+                data: env.bytes().to_vec(),
+            }));
+        }
+        if !self.e.net_online {
+            // Offline: everyone is missing it; the daemon will send it.
+            let peers = self.member_peers_of(conv);
+            self.e.unreached.insert(env.id(), (conv.id, peers));
+            return Ok(false);
+        }
+        if missing.is_empty() {
+            self.db.remove_outbox(&env.id())?;
+        } else {
+            self.e.unreached.insert(env.id(), (conv.id, missing));
+        }
+        Ok(reached)
+    }
+
+    fn offer(&mut self, peer: PeerId, id: EnvelopeId, bytes: Vec<u8>) {
+        self.e.offered.insert((id, peer), tokio::time::Instant::now());
+        // Coalesce with other envelopes for the same peer in this batch.
+        for effect in self.fx.iter_mut() {
+            if let Effect::Direct { peer: p, envelopes } = effect
+                && *p == peer
+                && envelopes.len() < DIRECT_BATCH
+            {
+                envelopes.push((id, bytes));
+                return;
+            }
+        }
+        self.fx.push(Effect::Direct {
+            peer,
+            envelopes: vec![(id, bytes)],
+        });
+    }
+
+    /// A peer has an envelope: forget it from the outbox once every member
+    /// peer has it, and mark the message sent.
+    fn reached(&mut self, id: &EnvelopeId, peer: &PeerId) {
+        self.e.offered.remove(&(*id, *peer));
+        let Some((conv, missing)) = self.e.unreached.get_mut(id) else { return };
+        let conv = *conv;
+        missing.remove(peer);
+        if missing.is_empty() {
+            self.e.unreached.remove(id);
+            if let Err(e) = self.db.remove_outbox(id) {
+                tracing::warn!("outbox: {e}");
+            }
+        }
+        if let Ok(Some(m)) = self.db.message(id)
+            && m.status == MessageStatus::Queued
+            && self.db.set_message_status(id, MessageStatus::Sent).unwrap_or(false)
+        {
+            self.fx.push(Effect::Event(Event::Status {
+                id: id.to_string(),
+                conversation: conv.to_string(),
+                status: MessageStatus::Sent.as_str().to_string(),
+            }));
+        }
+    }
+
+    /// Offers unacknowledged envelopes to connected member peers, at most
+    /// once per retry interval each.
+    fn retry(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut todo: Vec<(PeerId, EnvelopeId)> = Vec::new();
+        for (id, (_, missing)) in self.e.unreached.iter() {
+            for peer in missing {
+                if !self.e.connected.contains(peer) {
+                    continue;
+                }
+                let due = self
+                    .e
+                    .offered
+                    .get(&(*id, *peer))
+                    .is_none_or(|t| now.duration_since(*t) >= RETRY_INTERVAL);
+                if due {
+                    todo.push((*peer, *id));
+                }
+            }
+            if todo.len() >= 4 * DIRECT_BATCH {
+                break;
+            }
+        }
+        self.offer_stored(todo);
+    }
+
+    fn offer_stored(&mut self, todo: Vec<(PeerId, EnvelopeId)>) {
+        for (peer, id) in todo {
+            match self.db.envelope(&id) {
+                Ok(Some(env)) => self.offer(peer, id, env.bytes),
+                Ok(None) => {
+                    self.e.unreached.remove(&id);
+                }
+                Err(e) => tracing::warn!("outbox read: {e}"),
+            }
+        }
+    }
+
+    fn flush_to(&mut self, peer: PeerId, conv: Option<ConversationId>) {
+        let todo: Vec<(PeerId, EnvelopeId)> = self
+            .e
+            .unreached
+            .iter()
+            .filter(|(_, (c, missing))| conv.is_none_or(|x| x == *c) && missing.contains(&peer))
+            .map(|(id, _)| (peer, *id))
+            .take(4 * DIRECT_BATCH)
+            .collect();
+        self.offer_stored(todo);
+    }
+
+    // ---- groups ----------------------------------------------------------
+
+    fn me_as_member(&self, role: GroupRole) -> GroupMember {
+        GroupMember {
+            user: self.e.my_user,
+            name: self.e.name.clone(),
+            role,
+            devices: vec![self.e.identity.certificate().clone()],
+        }
+    }
+
+    fn contact_as_member(&self, alias: &str) -> Result<GroupMember, ApiError> {
+        let c = self.contact(alias)?;
+        if c.blocked {
+            return Err(ApiError::usage(format!("{alias} is blocked")));
+        }
+        let mut devices = Vec::new();
+        for d in self.db.devices_of_user(&c.user_id)? {
+            if let Ok(cert) = DeviceCertificate::from_bytes(&d.cert) {
+                devices.push(cert);
+            }
+        }
+        devices.truncate(crate::identity::MAX_DEVICES);
+        if devices.is_empty() {
+            return Err(ApiError::failed(format!("no known device for {alias}")));
+        }
+        Ok(GroupMember {
+            user: c.user_id,
+            name: self.db.user_name(&c.user_id)?.unwrap_or(c.alias),
+            role: GroupRole::Member,
+            devices,
+        })
+    }
+
+    fn group_create(&mut self, name: &str, members: &[String]) -> ApiResult {
+        crate::identity::validate_name(name).map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
+        let mut state = GroupState {
+            id: ConversationId(random_bytes().map_err(|e| ApiError::failed(e.to_string()))?),
+            name: name.to_string(),
+            epoch: 1,
+            members: vec![self.me_as_member(GroupRole::Admin)],
+        };
+        for alias in members {
+            let m = self.contact_as_member(alias)?;
+            if state.member(&m.user).is_none() {
+                state.members.push(m);
+            }
+        }
+        state.check().map_err(|e| ApiError::usage(e.to_string()))?;
+        let record = ConversationRecord {
+            id: state.id,
+            kind: ConversationKind::Group,
+            name: name.to_string(),
+            topic: state.id.topic(),
+            epoch: 0,
+            state: None,
+            created_at_ms: now_ms(),
+            last_message_at_ms: None,
+            unread: 0,
+        };
+        self.db.insert_conversation(&record)?;
+        let conv = self.apply_group(&state, &[])?;
+        self.announce_group(&conv, &state, &[])?;
+        to_value(&GroupView {
+            id: state.id.to_string(),
+            name: state.name.clone(),
+            members: state.members.len(),
+            role: "admin".into(),
+            epoch: state.epoch,
+        })
+    }
+
+    fn group_change(&mut self, group: &str, alias: &str, op: GroupOp) -> ApiResult {
+        let conv = self.group(group)?;
+        let current = conv.group.clone().ok_or_else(|| ApiError::failed("group has no state"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are no longer a member of this group"));
+        }
+        if !current.is_admin(&self.e.my_user) {
+            return Err(ApiError::usage("only an admin may do that"));
+        }
+        let mut next = current.clone();
+        next.epoch += 1;
+        let user = match op {
+            GroupOp::Add => {
+                let m = self.contact_as_member(alias)?;
+                if current.member(&m.user).is_some() {
+                    return Err(ApiError::usage(format!("{alias} is already a member")));
+                }
+                let user = m.user;
+                next.members.push(m);
+                user
+            }
+            GroupOp::Remove | GroupOp::Admin => {
+                let user = self.member_user(&current, alias)?;
+                if op == GroupOp::Remove {
+                    if user == self.e.my_user {
+                        return Err(ApiError::usage("to remove yourself, use group leave"));
+                    }
+                    next.members.retain(|m| m.user != user);
+                } else {
+                    for m in next.members.iter_mut().filter(|m| m.user == user) {
+                        m.role = GroupRole::Admin;
+                    }
+                }
+                user
+            }
+        };
+        next.check_transition(Some(&current), &self.e.my_user)
+            .map_err(|e| ApiError::usage(e.to_string()))?;
+        let removed: Vec<GroupMember> = current
+            .members
+            .iter()
+            .filter(|m| next.member(&m.user).is_none())
+            .cloned()
+            .collect();
+        let conv = self.apply_group(&next, &removed)?;
+        self.announce_group(&conv, &next, &removed)?;
+        let _ = user;
+        to_value(&member_views(&next))
+    }
+
+    fn member_user(&self, state: &GroupState, alias: &str) -> Result<UserId, ApiError> {
+        if let Ok(c) = self.contact(alias)
+            && state.member(&c.user_id).is_some()
+        {
+            return Ok(c.user_id);
+        }
+        if let Ok(u) = alias.parse::<UserId>()
+            && state.member(&u).is_some()
+        {
+            return Ok(u);
+        }
+        state
+            .members
+            .iter()
+            .find(|m| m.name.eq_ignore_ascii_case(alias))
+            .map(|m| m.user)
+            .ok_or_else(|| ApiError::usage(format!("{alias} is not a member of {}", state.name)))
+    }
+
+    fn group_leave(&mut self, group: &str) -> ApiResult {
+        let conv = self.group(group)?;
+        let current = conv.group.clone().ok_or_else(|| ApiError::failed("group has no state"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are not a member of this group"));
+        }
+        let next = current.without(&self.e.my_user);
+        let me = current.member(&self.e.my_user).cloned().into_iter().collect::<Vec<_>>();
+        let conv = self.apply_group(&next, &me)?;
+        self.announce_group(&conv, &next, &me)?;
+        to_value(&serde_json::json!({ "conversation": conv.id.to_string(), "left": true }))
+    }
+
+    /// Seals the new state to every device of old and new members and
+    /// sends it (gossip for current members, direct for new ones).
+    fn announce_group(&mut self, conv: &Conv, state: &GroupState, removed: &[GroupMember]) -> Result<(), ApiError> {
+        let mut recipients: Vec<(DeviceId, [u8; 32])> = Vec::new();
+        for m in state.members.iter().chain(removed) {
+            for d in &m.devices {
+                if d.device != self.e.my_device && !recipients.iter().any(|(x, _)| *x == d.device) {
+                    recipients.push((d.device, d.dh));
+                }
+            }
+        }
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        let env = self.seal_to(conv.id, &recipients, &Payload::Group(state.clone()))?;
+        self.store_own_envelope(&env, state.epoch, 0)?;
+        // Removed members must hear it too: widen the delivery set.
+        let mut wide = conv.clone();
+        let mut all = state.clone();
+        all.members.extend(removed.iter().cloned());
+        wide.group = Some(all);
+        self.dispatch(&wide, &env, true)?;
+        Ok(())
+    }
+
+    /// Stores a group state and updates the in-memory conversation.
+    fn apply_group(&mut self, state: &GroupState, _removed: &[GroupMember]) -> Result<Conv, ApiError> {
+        let now = now_ms();
+        for m in &state.members {
+            self.db.upsert_user(&m.user, &m.name, now)?;
+            for d in &m.devices {
+                self.db.upsert_device(&d.device, &d.user, &d.to_bytes())?;
+            }
+        }
+        self.db.update_conversation_state(&state.id, &state.name, state.epoch, &state.encode())?;
+        let members: Vec<(UserId, Role)> = state.members.iter().map(|m| (m.user, role_of(m.role))).collect();
+        self.db.set_members(&state.id, &members)?;
+        let active = state.member(&self.e.my_user).is_some();
+        let was_active = self.e.convs.get(&state.id).is_some_and(|c| c.active);
+        let conv = Conv {
+            id: state.id,
+            kind: ConversationKind::Group,
+            topic: state.id.topic(),
+            epoch: state.epoch,
+            members: state.members.iter().map(|m| m.user).collect(),
+            group: Some(state.clone()),
+            active,
+        };
+        if active && !was_active {
+            self.fx.push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+        }
+        if !active && was_active {
+            self.fx.push(Effect::Net(NetCommand::Unsubscribe(conv.topic.clone())));
+        }
+        self.e.by_topic.insert(conv.topic.clone(), conv.id);
+        self.e.convs.insert(conv.id, conv.clone());
+        self.fx.push(Effect::Event(Event::Member {
+            conversation: state.id.to_string(),
+            name: state.name.clone(),
+            epoch: state.epoch,
+            members: member_views(state),
+            active,
+        }));
+        Ok(conv)
+    }
+
+    // ---- views -----------------------------------------------------------
+
+    fn user_name(&self, user: &UserId) -> String {
+        if *user == self.e.my_user {
+            return self.e.name.clone();
+        }
+        if let Ok(Some(c)) = self.db.contact(user) {
+            return c.alias;
+        }
+        self.db
+            .user_name(user)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| user.to_string()[..8].to_string())
+    }
+
+    fn message_view(&self, r: &MessageRecord) -> Result<MessageView, ApiError> {
+        let conv = self.e.convs.get(&r.conversation);
+        let receipts = conv.and_then(|c| c.group.as_ref()).map(|g| {
+            g.members
+                .iter()
+                .filter(|m| m.user != r.sender_user)
+                .map(|m| ReceiptView {
+                    user_id: m.user.to_string(),
+                    name: m.name.clone(),
+                    status: if r.sender_user == self.e.my_user {
+                        r.status.as_str().to_string()
+                    } else {
+                        "unknown".to_string()
+                    },
+                })
+                .collect()
+        });
+        Ok(MessageView {
+            id: r.id.to_string(),
+            conversation: r.conversation.to_string(),
+            sender: r.sender_user.to_string(),
+            sender_name: self.user_name(&r.sender_user),
+            text: r.text.clone(),
+            sent_at: r.sent_at_ms,
+            status: r.status.as_str().to_string(),
+            reply_to: r.reply_to.map(|m| m.to_string()),
+            edited: r.edited,
+            deleted: r.deleted,
+            reactions: Default::default(),
+            receipts,
+            outgoing: r.sender_user == self.e.my_user,
+        })
+    }
+
+    // ---- network ---------------------------------------------------------
+
+    fn on_net(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Gossip {
+                message_id,
+                source,
+                topic,
+                data,
+            } => {
+                let verdict = self.receive(&data, Via::Gossip, Some(&topic));
+                self.report(message_id, source, verdict);
+            }
+            NetEvent::Direct { peer, data, reply } => {
+                let response = match postcard::from_bytes::<DirectRequest>(&data) {
+                    Ok(DirectRequest::Envelopes(envs)) => {
+                        let mut accepted = 0u32;
+                        for bytes in envs.iter().take(DIRECT_BATCH) {
+                            match self.receive(bytes, Via::Direct, None) {
+                                Verdict::Reject(why) => {
+                                    tracing::debug!(%peer, "direct envelope rejected: {why}");
+                                }
+                                _ => accepted += 1,
+                            }
+                        }
+                        DirectResponse::Ack { accepted }
+                    }
+                    Err(_) => DirectResponse::Refused("malformed request".into()),
+                };
+                let bytes = postcard::to_stdvec(&response).unwrap_or_default();
+                self.fx.push(Effect::DirectReply(reply, bytes));
+            }
+            NetEvent::Connected { peer, .. } => {
+                self.e.connected.insert(peer);
+                self.fx.push(Effect::Event(Event::Peer {
+                    peer_id: peer.to_string(),
+                    connected: true,
+                }));
+                self.flush_to(peer, None);
+            }
+            NetEvent::Disconnected { peer } => {
+                self.e.connected.remove(&peer);
+                for peers in self.e.topic_peers.values_mut() {
+                    peers.remove(&peer);
+                }
+                self.fx.push(Effect::Event(Event::Peer {
+                    peer_id: peer.to_string(),
+                    connected: false,
+                }));
+            }
+            NetEvent::Subscribed { peer, topic } => {
+                let peers = self.e.topic_peers.entry(topic.clone()).or_default();
+                peers.insert(peer);
+                let conv = self.e.by_topic.get(&topic).copied();
+                if conv.is_some() {
+                    self.flush_to(peer, conv);
+                }
+            }
+            NetEvent::Unsubscribed { peer, topic } => {
+                if let Some(peers) = self.e.topic_peers.get_mut(&topic) {
+                    peers.remove(&peer);
+                }
+            }
+            NetEvent::Listening { .. } => {}
+        }
+    }
+
+    fn report(&mut self, message_id: GossipId, source: PeerId, verdict: Verdict) {
+        let acceptance = match verdict {
+            Verdict::Accept => MessageAcceptance::Accept,
+            Verdict::Ignore => MessageAcceptance::Ignore,
+            Verdict::Reject(why) => {
+                tracing::debug!(%source, "gossip message rejected: {why}");
+                MessageAcceptance::Reject
+            }
+        };
+        self.fx.push(Effect::Net(NetCommand::Validation {
+            message_id,
+            source,
+            acceptance,
+        }));
+    }
+
+    /// Validates, opens and stores one envelope from the network.
+    fn receive(&mut self, bytes: &[u8], via: Via, topic: Option<&str>) -> Verdict {
+        match self.try_receive(bytes, via, topic) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("storage error while receiving: {e}");
+                Verdict::Ignore
+            }
+        }
+    }
+
+    fn try_receive(&mut self, bytes: &[u8], via: Via, topic: Option<&str>) -> Result<Verdict, ApiError> {
+        let Ok(env) = Envelope::decode(bytes) else {
+            return Ok(Verdict::Reject("malformed envelope"));
+        };
+        let conv_id = env.header.conversation;
+        if let Some(topic) = topic
+            && self.e.by_topic.get(topic) != Some(&conv_id)
+        {
+            return Ok(Verdict::Reject("envelope for another conversation"));
+        }
+        if env.header.sender == self.e.my_device {
+            return Ok(Verdict::Ignore);
+        }
+        let id = env.id();
+        if self.db.has_envelope(&id)? {
+            return Ok(match via {
+                // Gossip deduplicates itself; seeing it again means a replay.
+                Via::Gossip => Verdict::Reject("replayed envelope"),
+                _ => Verdict::Ignore,
+            });
+        }
+        if env.verify().is_err() {
+            return Ok(Verdict::Reject("bad signature"));
+        }
+        match env.header.sealing.clone() {
+            Sealing::Sealed { .. } => self.receive_sealed(&env, via),
+            Sealing::Chain { epoch, counter } => self.receive_chain(&env, epoch, counter, via),
+        }
+    }
+
+    fn sender_user(&self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
+        Ok(self.db.device(device)?.filter(|d| !d.revoked).map(|d| d.user_id))
+    }
+
+    fn keep_pending(&mut self, env: &Envelope) -> Result<(), ApiError> {
+        self.db.add_pending(&env.header.conversation, env.bytes(), now_ms(), PENDING_CAP)?;
+        Ok(())
+    }
+
+    fn receive_sealed(&mut self, env: &Envelope, via: Via) -> Result<Verdict, ApiError> {
+        let plain = match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
+            Ok(p) => p,
+            Err(CryptoError::NotARecipient) => {
+                // For other members (e.g. keys for a later epoch): forward it
+                // if a member sent it.
+                let member = self
+                    .sender_user(&env.header.sender)?
+                    .is_some_and(|u| self.e.convs.get(&env.header.conversation).is_some_and(|c| c.members.contains(&u)));
+                return Ok(if member { Verdict::Accept } else { Verdict::Ignore });
+            }
+            Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
+        };
+        let Some(payload) = Payload::decode(&plain) else {
+            return Ok(Verdict::Reject("malformed payload"));
+        };
+        match payload {
+            Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
+            Payload::Group(state) => self.receive_group(env, state, via),
+            Payload::Text(_) => Ok(Verdict::Reject("text must be chain-sealed")),
+        }
+    }
+
+    fn store_envelope(&mut self, env: &Envelope, epoch: u64, counter: u64) -> Result<(), ApiError> {
+        self.db.insert_envelope(&EnvelopeRecord {
+            id: env.id(),
+            conversation: env.header.conversation,
+            sender_device: env.header.sender,
+            epoch,
+            counter,
+            bytes: env.bytes().to_vec(),
+            received_at_ms: now_ms(),
+        })?;
+        Ok(())
+    }
+
+    fn receive_sender_key(&mut self, env: &Envelope, sk: SenderKey, via: Via) -> Result<Verdict, ApiError> {
+        let cert = &sk.sender_cert;
+        if cert.device != env.header.sender || cert.verify().is_err() {
+            return Ok(Verdict::Reject("sender key with a foreign certificate"));
+        }
+        let user = cert.user;
+        if self.db.is_blocked(&user)? {
+            return Ok(Verdict::Ignore);
+        }
+        let conv_id = env.header.conversation;
+        if !self.e.convs.contains_key(&conv_id) {
+            if conv_id == ConversationId::direct(&self.e.my_user, &user) {
+                // A first message from someone who has our invite.
+                self.db.upsert_user(&user, &sk.sender_name, now_ms())?;
+                self.db.upsert_device(&cert.device, &user, &cert.to_bytes())?;
+                let name = sk.sender_name.clone();
+                self.ensure_direct(&user, &name)?;
+            } else {
+                // A group we have not heard of yet: its state may follow.
+                self.keep_pending(env)?;
+                return Ok(if via == Via::Gossip { Verdict::Ignore } else { Verdict::Accept });
+            }
+        }
+        let is_member = self.e.convs.get(&conv_id).is_some_and(|c| c.members.contains(&user));
+        if !is_member {
+            self.keep_pending(env)?;
+            return Ok(Verdict::Ignore);
+        }
+        // A direct contact's device we learn about here must be certified by
+        // that contact's user key, which `cert.verify` established.
+        self.db.upsert_device(&cert.device, &user, &cert.to_bytes())?;
+        if self.db.get_chain(&conv_id, &cert.device, sk.epoch)?.is_none() {
+            let chain = ReceivingChain::new(sk.chain_key, sk.next_counter);
+            self.db.put_chain(&conv_id, &cert.device, sk.epoch, &chain.to_bytes())?;
+            self.cache_chain((conv_id, cert.device, sk.epoch), chain);
+        }
+        self.store_envelope(env, sk.epoch, 0)?;
+        self.reprocess_pending(&conv_id);
+        Ok(Verdict::Accept)
+    }
+
+    fn cache_chain(&mut self, key: (ConversationId, DeviceId, u64), chain: ReceivingChain) {
+        if self.e.receiving.len() >= CHAIN_CACHE {
+            self.e.receiving.clear();
+        }
+        self.e.receiving.insert(key, chain);
+    }
+
+    fn receive_group(&mut self, env: &Envelope, state: GroupState, via: Via) -> Result<Verdict, ApiError> {
+        if state.id != env.header.conversation {
+            return Ok(Verdict::Reject("group state for another conversation"));
+        }
+        // The author is whoever owns the signing device, as certified in the
+        // current or the new state.
+        let current = self.e.convs.get(&state.id).and_then(|c| c.group.clone());
+        let author = current
+            .iter()
+            .chain(std::iter::once(&state))
+            .flat_map(|g| g.members.iter())
+            .find(|m| m.devices.iter().any(|d| d.device == env.header.sender))
+            .map(|m| m.user);
+        let Some(author) = author else {
+            return Ok(Verdict::Reject("group change from an unknown device"));
+        };
+        if self.db.is_blocked(&author)? && current.is_none() {
+            return Ok(Verdict::Ignore);
+        }
+        match state.check_transition(current.as_ref(), &author) {
+            Ok(()) => {}
+            Err(crate::group::GroupError::Stale) => {
+                self.store_envelope(env, state.epoch, 0)?;
+                return Ok(Verdict::Accept);
+            }
+            Err(e) => {
+                tracing::debug!("group change refused: {e}");
+                return Ok(Verdict::Reject("group change not allowed"));
+            }
+        }
+        if current.is_none() {
+            if state.member(&self.e.my_user).is_none() {
+                return Ok(Verdict::Ignore);
+            }
+            self.db.insert_conversation(&ConversationRecord {
+                id: state.id,
+                kind: ConversationKind::Group,
+                name: state.name.clone(),
+                topic: state.id.topic(),
+                epoch: 0,
+                state: None,
+                created_at_ms: now_ms(),
+                last_message_at_ms: None,
+                unread: 0,
+            })?;
+        }
+        self.apply_group(&state, &[])?;
+        self.store_envelope(env, state.epoch, 0)?;
+        self.reprocess_pending(&state.id);
+        let _ = via;
+        Ok(Verdict::Accept)
+    }
+
+    fn receive_chain(&mut self, env: &Envelope, epoch: u64, counter: u64, via: Via) -> Result<Verdict, ApiError> {
+        let conv_id = env.header.conversation;
+        let Some(conv) = self.e.convs.get(&conv_id).cloned() else {
+            self.keep_pending(env)?;
+            return Ok(Verdict::Ignore);
+        };
+        let Some(user) = self.sender_user(&env.header.sender)? else {
+            // A device we have not met: its key (with its certificate) may
+            // still be on the way.
+            self.keep_pending(env)?;
+            return Ok(Verdict::Ignore);
+        };
+        if !conv.members.contains(&user) {
+            return Ok(Verdict::Reject("sender is not a member"));
+        }
+        if !conv.active {
+            return Ok(Verdict::Ignore);
+        }
+        let key = (conv_id, env.header.sender, epoch);
+        let chain = match self.e.receiving.get(&key) {
+            Some(c) => Some(c.clone()),
+            None => match self.db.get_chain(&conv_id, &env.header.sender, epoch)? {
+                Some(bytes) => Some(ReceivingChain::from_bytes(&bytes)?),
+                None => None,
+            },
+        };
+        let Some(chain) = chain else {
+            self.keep_pending(env)?;
+            // A member's envelope we cannot read yet: still forward it.
+            return Ok(if via == Via::Gossip { Verdict::Accept } else { Verdict::Ignore });
+        };
+        let (mk, after) = match chain.key_for(counter) {
+            Ok(x) => x,
+            Err(CryptoError::Replay(_)) => return Ok(Verdict::Reject("message key already used")),
+            Err(_) => return Ok(Verdict::Reject("counter out of range")),
+        };
+        let Ok(plain) = env.open_chain(&mk) else {
+            return Ok(Verdict::Reject("does not decrypt"));
+        };
+        let Some(payload) = Payload::decode(&plain) else {
+            return Ok(Verdict::Reject("malformed payload"));
+        };
+        if let Some(after) = after {
+            self.db.put_chain(&conv_id, &env.header.sender, epoch, &after.to_bytes())?;
+            self.cache_chain(key, after);
+        }
+        self.store_envelope(env, epoch, counter)?;
+        if self.db.is_blocked(&user)? {
+            // Blocked: neither stored as a message nor shown; the group
+            // still gets it forwarded.
+            return Ok(Verdict::Accept);
+        }
+        match payload {
+            Payload::Text(t) => {
+                let now = now_ms();
+                let record = MessageRecord {
+                    id: env.id(),
+                    conversation: conv_id,
+                    sender_user: user,
+                    sender_device: env.header.sender,
+                    sent_at_ms: t.sent_at_ms.min(now + MAX_CLOCK_SKEW_MS),
+                    received_at_ms: now,
+                    text: t.text,
+                    reply_to: t.reply_to,
+                    status: MessageStatus::Delivered,
+                    edited: false,
+                    deleted: false,
+                };
+                if self.db.insert_message(&record)? {
+                    let unread = u32::from(user != self.e.my_user);
+                    self.db.bump_conversation(&conv_id, record.sent_at_ms, unread)?;
+                    let view = self.message_view(&record)?;
+                    self.fx.push(Effect::Event(Event::Message(view)));
+                }
+                Ok(Verdict::Accept)
+            }
+            _ => Ok(Verdict::Reject("unexpected chain-sealed payload")),
+        }
+    }
+
+    /// Retries envelopes of a conversation that were waiting for a key or a
+    /// membership change.
+    fn reprocess_pending(&mut self, conv: &ConversationId) {
+        let rows = match self.db.pending_for_conversation(conv) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!("pending read: {e}");
+                return;
+            }
+        };
+        for (rowid, bytes) in rows {
+            let _ = self.db.remove_pending(rowid);
+            let _ = self.receive(&bytes, Via::Pending, None);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GroupOp {
+    Add,
+    Remove,
+    Admin,
+}
+
+fn member_views(g: &GroupState) -> Vec<MemberView> {
+    g.members
+        .iter()
+        .map(|m| MemberView {
+            user_id: m.user.to_string(),
+            name: m.name.clone(),
+            role: role_name(m.role).to_string(),
+            devices: m.devices.len(),
+        })
+        .collect()
+}
+
+/// Adds the network's part to a status reply.
+pub(super) fn fill_status(value: &mut serde_json::Value, status: &NetStatus) {
+    let listen: Vec<String> = status.listen.iter().map(|a| a.to_string()).collect();
+    let peers: Vec<crate::api::PeerView> = status
+        .peers
+        .iter()
+        .map(|p| crate::api::PeerView {
+            peer_id: p.peer_id.to_string(),
+            source: p.source.as_str().to_string(),
+            addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+        })
+        .collect();
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("listen".into(), serde_json::json!(listen));
+        obj.insert("peers".into(), serde_json::to_value(peers).unwrap_or_default());
+    }
+}

@@ -1,0 +1,196 @@
+//! The node: one device's engine task, and the cloneable [`NodeHandle`]
+//! through which the CLI, the control socket, tests and simulations reach
+//! it.
+//!
+//! The engine task owns the store and all key state; the network task owns
+//! the swarm. Requests reach the engine over a bounded channel and are
+//! answered through a oneshot once their writes are committed.
+
+mod engine;
+
+use std::path::PathBuf;
+
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::api::{ApiError, Event, Request};
+use crate::home::Home;
+use crate::identity::IdentityError;
+use crate::net::{NetConfig, NetError, NetHandle};
+use crate::store::StoreError;
+
+/// Bound of the request queue into the engine.
+pub const REQUEST_CAPACITY: usize = 1024;
+/// How many events a slow `watch` subscriber may lag before it skips.
+pub const EVENT_BACKLOG: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("an identity already exists in {0}; keys are never overwritten")]
+    AlreadyInitialized(PathBuf),
+    #[error("no identity in {0}: run `weft init --name NAME` first")]
+    NotInitialized(PathBuf),
+    #[error("another Weft process (a daemon?) is using {0}")]
+    Locked(PathBuf),
+    #[error("corrupt {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the node has stopped")]
+    Stopped,
+    #[error("control protocol: {0}")]
+    Protocol(String),
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Identity(_) => ApiError::usage(e.to_string()),
+            _ => ApiError::failed(e.to_string()),
+        }
+    }
+}
+
+/// How to start a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub home: PathBuf,
+    /// `None`: offline, local state only; `send` queues durably and the
+    /// next daemon sends.
+    pub network: Option<NetConfig>,
+}
+
+pub(crate) enum Command {
+    Api {
+        request: Request,
+        /// This node's listen addresses, for invites.
+        listen: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cloneable handle to a running node.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    net: Option<NetHandle>,
+    peer_id: PeerId,
+}
+
+impl NodeHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Runs one API request; returns its reply's data.
+    pub async fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+        let listen = match (&request, &self.net) {
+            (Request::Id | Request::Status, Some(_)) => self.listen_addrs().await,
+            _ => Vec::new(),
+        };
+        let status_peers = match (&request, &self.net) {
+            (Request::Status, Some(net)) => Some(net.status().await.map_err(NodeError::from)?),
+            _ => None,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Api {
+                request,
+                listen,
+                reply,
+            })
+            .await
+            .map_err(|_| ApiError::from(NodeError::Stopped))?;
+        let mut value = rx.await.map_err(|_| ApiError::from(NodeError::Stopped))??;
+        if let Some(status) = status_peers {
+            // The engine fills what it owns; the network's part is added here
+            // so the engine never waits on the network task.
+            engine::fill_status(&mut value, &status);
+        }
+        Ok(value)
+    }
+
+    /// Events for `watch`: messages, status changes, membership, peers.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Where this node listens (empty when offline).
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        match &self.net {
+            Some(net) => net.status().await.map(|s| s.listen).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// A running node: the engine task and, when online, the network task.
+#[derive(Debug)]
+pub struct Node {
+    handle: NodeHandle,
+    engine: tokio::task::JoinHandle<()>,
+    _lock: crate::home::HomeLock,
+}
+
+impl Node {
+    /// Opens the home, takes its lock, and starts the tasks.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let home = Home::new(config.home.clone());
+        let identity = home.load_identity()?;
+        let lock = home.lock()?;
+        let store = crate::store::Store::open(&home.db_path())?;
+        let (net, net_events) = match config.network {
+            Some(net_config) => {
+                let (handle, events, _join) = crate::net::spawn(identity.libp2p_keypair()?, net_config)?;
+                (Some(handle), Some(events))
+            }
+            None => (None, None),
+        };
+        let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        let handle = NodeHandle {
+            tx,
+            events: events.clone(),
+            net: net.clone(),
+            peer_id: identity.peer_id(),
+        };
+        let engine = engine::Engine::new(identity, store, net, events)?;
+        let engine = tokio::spawn(engine.run(rx, net_events));
+        Ok(Node {
+            handle,
+            engine,
+            _lock: lock,
+        })
+    }
+
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops gracefully: the engine finishes and commits the batch it is
+    /// in, the network task stops, then the lock is released.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        if self.handle.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.engine.await;
+        Ok(())
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,61 @@
+//! What envelopes carry once opened. Encoded with postcard; the enum tag
+//! is part of the versioned wire format (docs/protocol.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::group::GroupState;
+use crate::identity::DeviceCertificate;
+use crate::ids::MessageId;
+
+/// Longest message text, in bytes of UTF-8.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// The plaintext of an envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// A chat message (chain-sealed).
+    Text(TextMessage),
+    /// The sender device's chain for one epoch of a conversation (sealed to
+    /// each member device). Carries the sender's certificate and name so a
+    /// recipient who never saw this device can check who it belongs to.
+    SenderKey(SenderKey),
+    /// A group's full state after a membership change (sealed to the
+    /// devices of old and new members).
+    Group(GroupState),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextMessage {
+    pub text: String,
+    pub reply_to: Option<MessageId>,
+    /// The sender's wall clock when sending (clamped by receivers).
+    pub sent_at_ms: i64,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderKey {
+    pub epoch: u64,
+    pub chain_key: [u8; 32],
+    pub next_counter: u64,
+    pub sender_cert: DeviceCertificate,
+    pub sender_name: String,
+}
+
+impl std::fmt::Debug for SenderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SenderKey")
+            .field("epoch", &self.epoch)
+            .field("next_counter", &self.next_counter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Payload {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        postcard::from_bytes(bytes).ok()
+    }
+}

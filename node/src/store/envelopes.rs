@@ -1,0 +1,340 @@
+//! Envelopes: those accepted (dedup, replay detection, catch-up), those
+//! waiting to be sent (the outbox), and those waiting for a key (pending).
+
+use rusqlite::{Row, params};
+
+use super::{Db, StoreError, id_at, sql_limit, to_sql_int, u64_at};
+use crate::ids::{ConversationId, DeviceId, EnvelopeId};
+
+/// An envelope we accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeRecord {
+    pub id: EnvelopeId,
+    pub conversation: ConversationId,
+    pub sender_device: DeviceId,
+    pub epoch: u64,
+    pub counter: u64,
+    /// The signed envelope as received.
+    pub bytes: Vec<u8>,
+    pub received_at_ms: i64,
+}
+
+impl EnvelopeRecord {
+    fn from_row(row: &Row<'_>) -> Result<Self, StoreError> {
+        Ok(EnvelopeRecord {
+            id: id_at(row, 0)?,
+            conversation: id_at(row, 1)?,
+            sender_device: id_at(row, 2)?,
+            epoch: u64_at(row, 3, "epoch")?,
+            counter: u64_at(row, 4, "counter")?,
+            bytes: row.get(5)?,
+            received_at_ms: row.get(6)?,
+        })
+    }
+}
+
+/// An envelope we still have to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub envelope_id: EnvelopeId,
+    pub conversation: ConversationId,
+    pub bytes: Vec<u8>,
+    pub created_at_ms: i64,
+    pub attempts: u32,
+    pub next_attempt_at_ms: i64,
+}
+
+impl OutboxEntry {
+    fn from_row(row: &Row<'_>) -> Result<Self, StoreError> {
+        let attempts = u64_at(row, 4, "attempts")?;
+        Ok(OutboxEntry {
+            envelope_id: id_at(row, 0)?,
+            conversation: id_at(row, 1)?,
+            bytes: row.get(2)?,
+            created_at_ms: row.get(3)?,
+            attempts: u32::try_from(attempts)
+                .map_err(|_| StoreError::Corrupt(format!("attempts {attempts}")))?,
+            next_attempt_at_ms: row.get(5)?,
+        })
+    }
+}
+
+macro_rules! select_outbox {
+    ($rest:literal) => {
+        concat!(
+            "SELECT envelope_id, conversation, bytes, created_at, attempts, next_attempt_at
+             FROM outbox ",
+            $rest
+        )
+    };
+}
+
+impl Db<'_> {
+    /// Records an accepted envelope. False if we already had it.
+    pub fn insert_envelope(&self, env: &EnvelopeRecord) -> Result<bool, StoreError> {
+        let inserted = self.execute(
+            "INSERT INTO envelopes
+             (id, conversation, sender_device, epoch, counter, bytes, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (id) DO NOTHING",
+            params![
+                env.id.0,
+                env.conversation.0,
+                env.sender_device.0,
+                to_sql_int(env.epoch, "epoch")?,
+                to_sql_int(env.counter, "counter")?,
+                env.bytes,
+                env.received_at_ms,
+            ],
+        )?;
+        Ok(inserted > 0)
+    }
+
+    pub fn has_envelope(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        self.exists("SELECT 1 FROM envelopes WHERE id = ?1", [id.0])
+    }
+
+    pub fn envelope(&self, id: &EnvelopeId) -> Result<Option<EnvelopeRecord>, StoreError> {
+        self.query_opt(
+            "SELECT id, conversation, sender_device, epoch, counter, bytes, received_at
+             FROM envelopes WHERE id = ?1",
+            [id.0],
+            EnvelopeRecord::from_row,
+        )
+    }
+
+    /// Queues an envelope for sending. False if it is queued already (the
+    /// queued entry is kept).
+    pub fn enqueue_outbox(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
+        let inserted = self.execute(
+            "INSERT INTO outbox
+             (envelope_id, conversation, bytes, created_at, attempts, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (envelope_id) DO NOTHING",
+            params![
+                entry.envelope_id.0,
+                entry.conversation.0,
+                entry.bytes,
+                entry.created_at_ms,
+                entry.attempts,
+                entry.next_attempt_at_ms,
+            ],
+        )?;
+        Ok(inserted > 0)
+    }
+
+    /// Up to `limit` entries due by `now_ms`, oldest first.
+    pub fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        // rowid breaks ties in insertion order.
+        self.query_vec(
+            select_outbox!("WHERE next_attempt_at <= ?1 ORDER BY created_at, rowid LIMIT ?2"),
+            params![now_ms, sql_limit(limit)],
+            OutboxEntry::from_row,
+        )
+    }
+
+    /// Up to `limit` queued entries of one conversation, due or not, oldest
+    /// first.
+    pub fn outbox_for_conversation(
+        &self,
+        conv: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.query_vec(
+            select_outbox!("WHERE conversation = ?1 ORDER BY created_at, rowid LIMIT ?2"),
+            params![conv.0, sql_limit(limit)],
+            OutboxEntry::from_row,
+        )
+    }
+
+    /// Counts a send attempt and schedules the next. False if the entry is
+    /// gone.
+    pub fn record_outbox_attempt(
+        &self,
+        id: &EnvelopeId,
+        next_attempt_at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE outbox SET attempts = min(attempts + 1, 4294967295), next_attempt_at = ?2
+             WHERE envelope_id = ?1",
+            params![id.0, next_attempt_at_ms],
+        )?;
+        Ok(changed > 0)
+    }
+
+    pub fn remove_outbox(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        Ok(self.execute("DELETE FROM outbox WHERE envelope_id = ?1", [id.0])? > 0)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.count("SELECT count(*) FROM outbox", [])
+    }
+
+    /// Keeps an envelope we cannot open yet. At most `cap` are kept in all,
+    /// the oldest dropped first, so a hostile peer cannot fill the disk.
+    pub fn add_pending(
+        &self,
+        conv: &ConversationId,
+        bytes: &[u8],
+        now_ms: i64,
+        cap: usize,
+    ) -> Result<(), StoreError> {
+        let evicted = self.atomically(|| {
+            self.execute(
+                "INSERT INTO pending (conversation, bytes, received_at) VALUES (?1, ?2, ?3)",
+                params![conv.0, bytes, now_ms],
+            )?;
+            // Row ids only grow (AUTOINCREMENT): everything at or below the
+            // (cap+1)-th newest row id is beyond the cap.
+            self.execute(
+                "DELETE FROM pending WHERE rowid <=
+                 (SELECT rowid FROM pending ORDER BY rowid DESC LIMIT 1 OFFSET ?1)",
+                [sql_limit(cap)],
+            )
+        })?;
+        if evicted > 0 {
+            tracing::warn!(
+                evicted,
+                cap,
+                "pending envelopes over the cap; dropped the oldest"
+            );
+        }
+        Ok(())
+    }
+
+    /// The conversation's pending envelopes as (row id, bytes), oldest first.
+    pub fn pending_for_conversation(
+        &self,
+        conv: &ConversationId,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        self.query_vec(
+            "SELECT rowid, bytes FROM pending WHERE conversation = ?1 ORDER BY rowid",
+            [conv.0],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+    }
+
+    /// False if the row was already gone.
+    pub fn remove_pending(&self, rowid: i64) -> Result<bool, StoreError> {
+        Ok(self.execute("DELETE FROM pending WHERE rowid = ?1", [rowid])? > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn envelope(n: u8) -> EnvelopeRecord {
+        EnvelopeRecord {
+            id: EnvelopeId([n; 16]),
+            conversation: ConversationId([1; 32]),
+            sender_device: DeviceId([2; 32]),
+            epoch: 3,
+            counter: u64::from(n),
+            bytes: vec![n; 40],
+            received_at_ms: 1_000,
+        }
+    }
+
+    fn outbox_entry(n: u8, created_at_ms: i64, next_attempt_at_ms: i64) -> OutboxEntry {
+        OutboxEntry {
+            envelope_id: EnvelopeId([n; 16]),
+            conversation: ConversationId([n % 2; 32]),
+            bytes: vec![n; 10],
+            created_at_ms,
+            attempts: 0,
+            next_attempt_at_ms,
+        }
+    }
+
+    fn ids(entries: &[OutboxEntry]) -> Vec<u8> {
+        entries.iter().map(|e| e.envelope_id.0[0]).collect()
+    }
+
+    #[test]
+    fn an_envelope_is_accepted_once() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let env = envelope(1);
+        assert!(!db.has_envelope(&env.id)?);
+        assert!(db.insert_envelope(&env)?);
+        assert!(!db.insert_envelope(&env)?);
+        assert!(db.has_envelope(&env.id)?);
+        assert_eq!(db.envelope(&env.id)?, Some(env));
+        assert_eq!(db.envelope(&EnvelopeId([9; 16]))?, None);
+
+        let mut huge = envelope(2);
+        huge.counter = u64::MAX;
+        assert!(matches!(
+            db.insert_envelope(&huge),
+            Err(StoreError::OutOfRange("counter"))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn due_entries_come_oldest_first() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        assert!(db.enqueue_outbox(&outbox_entry(1, 30, 100))?);
+        assert!(db.enqueue_outbox(&outbox_entry(2, 10, 100))?);
+        assert!(db.enqueue_outbox(&outbox_entry(3, 20, 500))?);
+        // Same creation time as 2: insertion order decides.
+        assert!(db.enqueue_outbox(&outbox_entry(4, 10, 50))?);
+        assert!(!db.enqueue_outbox(&outbox_entry(1, 0, 0))?);
+        assert_eq!(db.outbox_len()?, 4);
+
+        assert_eq!(ids(&db.outbox_due(100, 10)?), [2, 4, 1]);
+        assert_eq!(ids(&db.outbox_due(100, 2)?), [2, 4]);
+        assert_eq!(ids(&db.outbox_due(49, 10)?), Vec::<u8>::new());
+        assert_eq!(ids(&db.outbox_due(1_000, 10)?), [2, 4, 3, 1]);
+        assert_eq!(
+            ids(&db.outbox_for_conversation(&ConversationId([1; 32]), 10)?),
+            [3, 1]
+        );
+
+        assert!(db.record_outbox_attempt(&EnvelopeId([2; 16]), 700)?);
+        assert!(!db.record_outbox_attempt(&EnvelopeId([9; 16]), 700)?);
+        assert_eq!(ids(&db.outbox_due(100, 10)?), [4, 1]);
+        let retried = db.outbox_due(700, 10)?;
+        assert_eq!(retried.first().map(|e| e.attempts), Some(1));
+
+        assert!(db.remove_outbox(&EnvelopeId([2; 16]))?);
+        assert!(!db.remove_outbox(&EnvelopeId([2; 16]))?);
+        assert_eq!(db.outbox_len()?, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn pending_is_capped_dropping_the_oldest() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let (a, b) = (ConversationId([1; 32]), ConversationId([2; 32]));
+        for i in 0..5u8 {
+            let conv = if i % 2 == 0 { &a } else { &b };
+            db.add_pending(conv, &[i], i64::from(i), 3)?;
+        }
+        // Kept: 2, 3, 4 (the three newest, across conversations).
+        let bytes = |conv| -> Result<Vec<u8>, StoreError> {
+            Ok(db
+                .pending_for_conversation(conv)?
+                .into_iter()
+                .flat_map(|(_, bytes)| bytes)
+                .collect())
+        };
+        assert_eq!(bytes(&a)?, [2, 4]);
+        assert_eq!(bytes(&b)?, [3]);
+
+        let first = db.pending_for_conversation(&a)?;
+        let rowid = first.first().map_or(0, |(rowid, _)| *rowid);
+        assert!(db.remove_pending(rowid)?);
+        assert!(!db.remove_pending(rowid)?);
+        assert_eq!(bytes(&a)?, [4]);
+
+        db.add_pending(&a, &[9], 9, 0)?;
+        assert!(db.pending_for_conversation(&a)?.is_empty());
+        assert!(db.pending_for_conversation(&b)?.is_empty());
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! Users, their device certificates, and the contact list.
+
+use rusqlite::{Row, params};
+
+use super::{Db, StoreError, id_at};
+use crate::ids::{DeviceId, UserId};
+
+/// A device certificate of some user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: DeviceId,
+    pub user_id: UserId,
+    pub cert: Vec<u8>,
+    pub revoked: bool,
+}
+
+impl DeviceRecord {
+    fn from_row(row: &Row<'_>) -> Result<Self, StoreError> {
+        Ok(DeviceRecord {
+            device_id: id_at(row, 0)?,
+            user_id: id_at(row, 1)?,
+            cert: row.get(2)?,
+            revoked: row.get(3)?,
+        })
+    }
+}
+
+/// Someone in the contact list, under a local alias.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    pub user_id: UserId,
+    /// Unique ignoring ASCII case.
+    pub alias: String,
+    /// The invite they were added from.
+    pub invite: String,
+    pub blocked: bool,
+    pub added_at_ms: i64,
+}
+
+impl Contact {
+    fn from_row(row: &Row<'_>) -> Result<Self, StoreError> {
+        Ok(Contact {
+            user_id: id_at(row, 0)?,
+            alias: row.get(1)?,
+            invite: row.get(2)?,
+            blocked: row.get(3)?,
+            added_at_ms: row.get(4)?,
+        })
+    }
+}
+
+macro_rules! select_devices {
+    ($rest:literal) => {
+        concat!(
+            "SELECT device_id, user_id, cert, revoked FROM devices ",
+            $rest
+        )
+    };
+}
+
+macro_rules! select_contacts {
+    ($rest:literal) => {
+        concat!(
+            "SELECT user_id, alias, invite, blocked, added_at FROM contacts ",
+            $rest
+        )
+    };
+}
+
+impl Db<'_> {
+    pub fn upsert_user(&self, user: &UserId, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO users (user_id, display_name, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user_id) DO UPDATE
+             SET display_name = excluded.display_name, updated_at = excluded.updated_at",
+            params![user.0, name, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn user_name(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+        self.query_opt(
+            "SELECT display_name FROM users WHERE user_id = ?1",
+            [user.0],
+            |row| Ok(row.get(0)?),
+        )
+    }
+
+    /// Records (or replaces) a device's certificate. A revoked device stays
+    /// revoked: re-learning its certificate must not bring it back.
+    pub fn upsert_device(
+        &self,
+        device: &DeviceId,
+        user: &UserId,
+        cert: &[u8],
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO devices (device_id, user_id, cert) VALUES (?1, ?2, ?3)
+             ON CONFLICT (device_id) DO UPDATE
+             SET user_id = excluded.user_id, cert = excluded.cert",
+            params![device.0, user.0, cert],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a device revoked for good. False if the device is unknown.
+    pub fn revoke_device(&self, device: &DeviceId) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE devices SET revoked = 1 WHERE device_id = ?1",
+            [device.0],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// The user's devices that are not revoked.
+    pub fn devices_of_user(&self, user: &UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.query_vec(
+            select_devices!("WHERE user_id = ?1 AND revoked = 0 ORDER BY device_id"),
+            [user.0],
+            DeviceRecord::from_row,
+        )
+    }
+
+    /// A device, revoked or not.
+    pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.query_opt(
+            select_devices!("WHERE device_id = ?1"),
+            [device.0],
+            DeviceRecord::from_row,
+        )
+    }
+
+    /// Adds a contact; neither the user nor the alias (ignoring ASCII case)
+    /// may be in the list already.
+    pub fn insert_contact(&self, contact: &Contact) -> Result<(), StoreError> {
+        if self.contact(&contact.user_id)?.is_some() {
+            return Err(StoreError::AlreadyContact);
+        }
+        if self.contact_by_alias(&contact.alias)?.is_some() {
+            return Err(StoreError::AliasTaken(contact.alias.clone()));
+        }
+        self.execute(
+            "INSERT INTO contacts (user_id, alias, invite, blocked, added_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                contact.user_id.0,
+                contact.alias,
+                contact.invite,
+                contact.blocked,
+                contact.added_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The contact with this alias, ignoring ASCII case.
+    pub fn contact_by_alias(&self, alias: &str) -> Result<Option<Contact>, StoreError> {
+        self.query_opt(
+            select_contacts!("WHERE alias = ?1"),
+            [alias],
+            Contact::from_row,
+        )
+    }
+
+    pub fn contact(&self, user: &UserId) -> Result<Option<Contact>, StoreError> {
+        self.query_opt(
+            select_contacts!("WHERE user_id = ?1"),
+            [user.0],
+            Contact::from_row,
+        )
+    }
+
+    /// All contacts, by alias ignoring ASCII case.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        self.query_vec(
+            select_contacts!("ORDER BY alias, user_id"),
+            [],
+            Contact::from_row,
+        )
+    }
+
+    /// False if the user was not a contact.
+    pub fn remove_contact(&self, user: &UserId) -> Result<bool, StoreError> {
+        Ok(self.execute("DELETE FROM contacts WHERE user_id = ?1", [user.0])? > 0)
+    }
+
+    /// False if the user is not a contact.
+    pub fn set_blocked(&self, user: &UserId, blocked: bool) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE contacts SET blocked = ?2 WHERE user_id = ?1",
+            params![user.0, blocked],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Whether the user is a blocked contact (a stranger is not blocked).
+    pub fn is_blocked(&self, user: &UserId) -> Result<bool, StoreError> {
+        let blocked = self.query_opt(
+            "SELECT blocked FROM contacts WHERE user_id = ?1",
+            [user.0],
+            |row| Ok(row.get::<_, bool>(0)?),
+        )?;
+        Ok(blocked.unwrap_or(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn contact(n: u8, alias: &str) -> Contact {
+        Contact {
+            user_id: UserId([n; 32]),
+            alias: alias.to_owned(),
+            invite: format!("weft:invite:{n}"),
+            blocked: false,
+            added_at_ms: i64::from(n),
+        }
+    }
+
+    #[test]
+    fn user_names_are_upserted() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let user = UserId([1; 32]);
+        assert_eq!(db.user_name(&user)?, None);
+        db.upsert_user(&user, "Ada", 1)?;
+        db.upsert_user(&user, "Ada L.", 2)?;
+        assert_eq!(db.user_name(&user)?.as_deref(), Some("Ada L."));
+        Ok(())
+    }
+
+    #[test]
+    fn revoked_devices_stay_revoked() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let user = UserId([1; 32]);
+        let (phone, laptop) = (DeviceId([2; 32]), DeviceId([3; 32]));
+        db.upsert_device(&phone, &user, b"phone cert")?;
+        db.upsert_device(&laptop, &user, b"laptop cert")?;
+        assert_eq!(db.devices_of_user(&user)?.len(), 2);
+
+        assert!(db.revoke_device(&phone)?);
+        assert!(!db.revoke_device(&DeviceId([9; 32]))?);
+        db.upsert_device(&phone, &user, b"phone cert again")?;
+        let listed: Vec<DeviceId> = db
+            .devices_of_user(&user)?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        assert_eq!(listed, vec![laptop]);
+        assert_eq!(
+            db.device(&phone)?,
+            Some(DeviceRecord {
+                device_id: phone,
+                user_id: user,
+                cert: b"phone cert again".to_vec(),
+                revoked: true,
+            })
+        );
+        assert_eq!(db.device(&DeviceId([9; 32]))?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn aliases_are_unique_ignoring_case() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        db.insert_contact(&contact(1, "Alice"))?;
+        match db.insert_contact(&contact(2, "alice")) {
+            Err(StoreError::AliasTaken(alias)) => assert_eq!(alias, "alice"),
+            other => panic!("expected AliasTaken, got {other:?}"),
+        }
+        match db.insert_contact(&contact(1, "Other")) {
+            Err(StoreError::AlreadyContact) => {}
+            other => panic!("expected AlreadyContact, got {other:?}"),
+        }
+        assert_eq!(db.contact_by_alias("ALICE")?, Some(contact(1, "Alice")));
+        assert_eq!(db.contact(&UserId([1; 32]))?, Some(contact(1, "Alice")));
+        assert_eq!(db.contact(&UserId([2; 32]))?, None);
+
+        // The alias is free again once its contact is gone.
+        assert!(db.remove_contact(&UserId([1; 32]))?);
+        assert!(!db.remove_contact(&UserId([1; 32]))?);
+        db.insert_contact(&contact(2, "alice"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn contacts_are_listed_by_alias() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        db.insert_contact(&contact(1, "carol"))?;
+        db.insert_contact(&contact(2, "Bob"))?;
+        db.insert_contact(&contact(3, "alice"))?;
+        let aliases: Vec<String> = db.contacts()?.into_iter().map(|c| c.alias).collect();
+        assert_eq!(aliases, ["alice", "Bob", "carol"]);
+        Ok(())
+    }
+
+    #[test]
+    fn blocked_flag_is_kept() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let mallory = UserId([6; 32]);
+        assert!(!db.is_blocked(&mallory)?);
+        assert!(!db.set_blocked(&mallory, true)?, "not a contact");
+        db.insert_contact(&contact(6, "mallory"))?;
+        assert!(db.set_blocked(&mallory, true)?);
+        assert!(db.is_blocked(&mallory)?);
+        assert!(db.contact(&mallory)?.is_some_and(|c| c.blocked));
+        assert!(db.set_blocked(&mallory, false)?);
+        assert!(!db.is_blocked(&mallory)?);
+        Ok(())
+    }
+}

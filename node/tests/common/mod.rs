@@ -1,0 +1,156 @@
+//! In-process test network: named nodes (alice, bob, carol) with seeded
+//! identities on libp2p's memory transport, and helpers that wait for
+//! what a test expects, with a deadline, never a fixed sleep.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use weft_node::api::Request;
+use weft_node::home::Home;
+use weft_node::identity::Identity;
+use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle};
+
+/// Memory-transport ports unique across the tests of this process.
+static NEXT_PORT: AtomicU64 = AtomicU64::new(1);
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct TestNode {
+    pub name: String,
+    pub node: Option<Node>,
+    pub handle: NodeHandle,
+    pub addr: Multiaddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// A node named `name` whose keys derive from `name` and `seed`.
+    pub async fn start(name: &str, seed: u64, bootstrap: &[&TestNode]) -> TestNode {
+        let dir = tempfile::Builder::new().prefix(&format!("weft-{name}-")).tempdir().unwrap();
+        let home = Home::new(dir.path().join("home"));
+        let identity = Identity::from_seed(format!("{name}/{seed}").as_bytes(), 0).unwrap();
+        let display = {
+            let mut c = name.chars();
+            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap()
+        };
+        home.init_with(&identity, &display).unwrap();
+        Self::run(name, dir, bootstrap).await
+    }
+
+    /// Restarts a node from an existing home directory.
+    pub async fn start_existing(name: &str, dir: tempfile::TempDir, bootstrap: &[&TestNode]) -> TestNode {
+        Self::run(name, dir, bootstrap).await
+    }
+
+    async fn run(name: &str, dir: tempfile::TempDir, bootstrap: &[&TestNode]) -> TestNode {
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed) + 10_000 * u64::from(std::process::id() % 1000);
+        let mut net = NetConfig::memory(port);
+        net.bootstrap = bootstrap
+            .iter()
+            .map(|n| format!("{}/p2p/{}", n.addr, n.handle.peer_id()).parse().unwrap())
+            .collect();
+        let node = Node::start(NodeConfig {
+            home: dir.path().join("home"),
+            network: Some(net),
+        })
+        .await
+        .unwrap();
+        let handle = node.handle();
+        let addr = format!("/memory/{port}").parse().unwrap();
+        TestNode {
+            name: name.to_string(),
+            node: Some(node),
+            handle,
+            addr,
+            dir,
+        }
+    }
+
+    pub async fn call(&self, req: Request) -> Value {
+        self.handle
+            .call(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {req:?} failed: {e}", self.name))
+    }
+
+    pub async fn invite(&self) -> String {
+        self.call(Request::Id).await["invite"].as_str().unwrap().to_string()
+    }
+
+    pub async fn add_contact(&self, other: &TestNode) {
+        let invite = other.invite().await;
+        self.call(Request::ContactAdd {
+            invite,
+            name: Some(other.name.clone()),
+        })
+        .await;
+    }
+
+    pub async fn send(&self, target: &str, text: &str) -> Value {
+        self.call(Request::Send {
+            target: target.into(),
+            text: text.into(),
+            reply_to: None,
+        })
+        .await
+    }
+
+    pub async fn messages(&self, target: &str) -> Vec<Value> {
+        let v = self
+            .call(Request::Messages {
+                target: target.into(),
+                limit: Some(10_000),
+                before: None,
+            })
+            .await;
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn texts(&self, target: &str) -> Vec<String> {
+        self.messages(target)
+            .await
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Waits until `target` holds a message with `text`.
+    pub async fn expect_text(&self, target: &str, text: &str) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if self.texts(target).await.iter().any(|t| t == text) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{}: {text:?} never arrived in {target}; have {:?}", self.name, self.texts(target).await);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Makes `a` and `b` contacts of each other.
+pub async fn befriend(a: &TestNode, b: &TestNode) {
+    a.add_contact(b).await;
+    b.add_contact(a).await;
+}
+
+pub fn group_create(name: &str, members: &[&str]) -> Request {
+    Request::GroupCreate {
+        name: name.into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+    }
+}
+
+pub fn json_text(v: &Value) -> String {
+    json!(v).to_string()
+}

@@ -1,0 +1,422 @@
+//! Harness for the end-to-end tests: runs the real `weft` binary as child
+//! processes, each node in its own temporary home, loopback only, mDNS off.
+//!
+//! Rules it keeps: unique temp homes; port 0 everywhere (the daemon's ready
+//! line tells the real address); child processes are killed on drop;
+//! waiting is always for a condition with a deadline, never a fixed sleep.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::Value;
+
+/// How long a condition may take to become true.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+/// How often a condition is checked.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How long one non-daemon command may run before it counts as hung.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `weft` binary next to the test executable
+/// (`target/<profile>/deps/<test>` → `target/<profile>/weft`).
+pub fn weft_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let bin = profile_dir.join(format!("weft{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: build the binaries first: cargo build --workspace",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Waits until `check` returns `Some`, polling every 100 ms, for at most
+/// `timeout`. Errors from `check` count as "not yet"; the last one is
+/// reported if time runs out.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(err) => last_error = Some(err),
+        }
+        if Instant::now() >= deadline {
+            return Err(match last_error {
+                Some(err) => err.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// What one finished command printed, and how it exited.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Fails, with everything printed, unless the exit code is `code`.
+    pub fn expect_code(self, code: i32, what: &str) -> anyhow::Result<Self> {
+        if self.code == Some(code) {
+            Ok(self)
+        } else {
+            bail!(
+                "{what}: expected exit code {code}, got {:?}\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            )
+        }
+    }
+}
+
+/// A running `weft daemon`.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    /// The peer id from the ready line.
+    pub peer_id: String,
+    /// The listen addresses from the ready line.
+    pub listen: Vec<String>,
+    /// Further stdout lines (the ready line is consumed).
+    pub lines: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// The first listen address with the `/p2p/` suffix, to dial it.
+    pub fn dial_addr(&self) -> anyhow::Result<String> {
+        let addr = self
+            .listen
+            .first()
+            .ok_or_else(|| anyhow!("the daemon listens nowhere"))?;
+        Ok(format!("{addr}/p2p/{}", self.peer_id))
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// One node: a temporary home and, optionally, its running daemon.
+#[derive(Debug)]
+pub struct Weft {
+    pub name: String,
+    bin: PathBuf,
+    root: tempfile::TempDir,
+    home: PathBuf,
+    daemon: Option<Daemon>,
+    daemons_started: usize,
+}
+
+impl Weft {
+    /// A node with a fresh, empty home.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let bin = weft_bin()?;
+        let root = tempfile::Builder::new()
+            .prefix(&format!("weft-e2e-{name}-"))
+            .tempdir()
+            .context("creating a temporary home")?;
+        let home = root.path().join("home");
+        Ok(Self {
+            name: name.to_string(),
+            bin,
+            root,
+            home,
+            daemon: None,
+            daemons_started: 0,
+        })
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env_remove("WEFT_HOME");
+        command
+    }
+
+    /// Runs `weft --home HOME ARGS...` to completion (killed after 60 s).
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.run_with_stdin(args, None)
+    }
+
+    /// Like [`Weft::run`], feeding `stdin` to the command.
+    pub fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
+        let mut child = self
+            .command(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running weft {args:?}"))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())?;
+        }
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{}: weft {args:?} hung for {COMMAND_TIMEOUT:?}", self.name);
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        Ok(Output {
+            code: status.code(),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let what = format!("{}: weft {args:?}", self.name);
+        Ok(self.run(args)?.expect_code(0, &what)?.stdout)
+    }
+
+    /// Runs `weft --json ARGS...`, which must succeed and print exactly one
+    /// JSON value.
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let stdout = self.ok(&full)?;
+        let mut lines = stdout.lines().filter(|l| !l.trim().is_empty());
+        let first = lines
+            .next()
+            .ok_or_else(|| anyhow!("{}: weft {args:?} printed nothing", self.name))?;
+        if lines.next().is_some() {
+            bail!(
+                "{}: weft {args:?} printed more than one line: {stdout}",
+                self.name
+            );
+        }
+        serde_json::from_str(first)
+            .with_context(|| format!("{}: weft {args:?} printed no JSON: {first}", self.name))
+    }
+
+    /// `weft init --name NAME`, returning the id JSON.
+    pub fn init(&self) -> anyhow::Result<Value> {
+        self.json(&["init", "--name", &self.name])
+    }
+
+    /// The invite string from `weft id`.
+    pub fn invite(&self) -> anyhow::Result<String> {
+        let id = self.json(&["id"])?;
+        id["invite"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{}: no invite in {id}", self.name))
+    }
+
+    /// The user id from `weft id`.
+    pub fn user_id(&self) -> anyhow::Result<String> {
+        let id = self.json(&["id"])?;
+        id["user_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{}: no user_id in {id}", self.name))
+    }
+
+    /// Adds `other` as a contact under its name, from its invite.
+    pub fn add_contact(&self, other: &Weft) -> anyhow::Result<Value> {
+        let invite = other.invite()?;
+        self.json(&["contact", "add", &invite, "--name", &other.name])
+    }
+
+    /// Starts `weft --json daemon --listen /ip4/127.0.0.1/tcp/0 --no-mdns
+    /// EXTRA...` and waits for its ready line.
+    pub fn start_daemon(&mut self, extra: &[&str]) -> anyhow::Result<&Daemon> {
+        if self.daemon.is_some() {
+            bail!("{}: a daemon is already running", self.name);
+        }
+        self.daemons_started += 1;
+        let log = self
+            .root
+            .path()
+            .join(format!("daemon-{}.log", self.daemons_started));
+        let log_file = std::fs::File::create(&log)?;
+        let mut args = vec![
+            "--json",
+            "daemon",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = self
+            .command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .with_context(|| format!("{}: starting the daemon", self.name))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = match lines.recv_timeout(DEADLINE) {
+            Ok(line) => line,
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{}: the daemon printed no ready line ({err}); its log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let ready: Value = serde_json::from_str(&ready)
+            .with_context(|| format!("{}: ready line is not JSON: {ready}", self.name))?;
+        if ready["event"] != "ready" {
+            bail!("{}: first line is not the ready event: {ready}", self.name);
+        }
+        let peer_id = ready["peer_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no peer_id in {ready}"))?
+            .to_string();
+        let listen = ready["listen"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no listen in {ready}"))?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        Ok(self.daemon.insert(Daemon {
+            child,
+            peer_id,
+            listen,
+            lines,
+            log,
+        }))
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> anyhow::Result<&Daemon> {
+        self.daemon
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: no daemon running", self.name))
+    }
+
+    /// Stops the daemon with SIGTERM and waits (up to 30 s) for it to exit
+    /// cleanly.
+    pub fn stop_daemon(&mut self) -> anyhow::Result<()> {
+        let Some(mut daemon) = self.daemon.take() else {
+            return Ok(());
+        };
+        let pid = daemon.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("running kill")?;
+        if !sent.success() {
+            bail!("{}: kill -TERM {pid} failed", self.name);
+        }
+        let status = wait_until("the daemon to exit", DEADLINE, || {
+            Ok(daemon.child.try_wait()?)
+        });
+        match status {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => bail!(
+                "{}: the daemon exited with {status}; its log:\n{}",
+                self.name,
+                daemon.log()
+            ),
+            Err(err) => {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+                Err(err)
+            }
+        }
+    }
+
+    /// `weft --json messages TARGET` as a list.
+    pub fn messages(&self, target: &str) -> anyhow::Result<Vec<Value>> {
+        match self.json(&["messages", target])? {
+            Value::Array(list) => Ok(list),
+            other => bail!("{}: messages is not an array: {other}", self.name),
+        }
+    }
+
+    /// Waits (polling `messages`) until a message with `text` is in the
+    /// conversation `target`, and returns it.
+    pub fn wait_for_message(&self, target: &str, text: &str) -> anyhow::Result<Value> {
+        let what = format!("{} to see \"{text}\" in {target}", self.name);
+        wait_until(&what, DEADLINE, || {
+            Ok(self
+                .messages(target)?
+                .into_iter()
+                .find(|m| m["text"] == text))
+        })
+        .map_err(|err| {
+            let log = self.daemon.as_ref().map(Daemon::log).unwrap_or_default();
+            err.context(format!("{}'s daemon log:\n{log}", self.name))
+        })
+    }
+}
+
+impl Drop for Weft {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = daemon.child.kill();
+            let _ = daemon.child.wait();
+        }
+    }
+}
+
+/// Reads a pipe to the end on a thread.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
