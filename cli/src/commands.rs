@@ -245,6 +245,9 @@ async fn watch(home: &Home, json: bool) -> anyhow::Result<()> {
     };
     let mut names = ConversationNames::default();
     client.watch().await.map_err(client::node_error)?;
+    // On stderr, so that stdout holds only events; scripts (and the tests)
+    // can wait for it to know no event is missed from here on.
+    eprintln!("weft: watching events (Ctrl-C to stop)");
     let interrupted = tokio::signal::ctrl_c();
     let mut interrupted = std::pin::pin!(interrupted);
     loop {

@@ -120,6 +120,77 @@ impl Daemon {
     }
 }
 
+/// A running command that streams lines (`weft watch`); killed on drop.
+#[derive(Debug)]
+pub struct Stream {
+    child: Child,
+    /// Its stdout, line by line.
+    pub stdout: mpsc::Receiver<String>,
+    /// Its stderr, line by line.
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Stream {
+    /// Waits (up to 30 s) for a stdout line that `matches`, skipping others.
+    pub fn wait_for_line(
+        &self,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        wait_for(&self.stdout, what, matches)
+    }
+
+    /// Waits (up to 30 s) for a stderr line that `matches`.
+    pub fn wait_for_stderr(
+        &self,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        wait_for(&self.stderr, what, matches)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    matches: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if matches(&line) => return Ok(line),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out waiting for {what}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the stream ended before {what}")
+            }
+        }
+    }
+}
+
+/// Sends the lines of a pipe to a channel, on a thread.
+fn lines_of<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Some(pipe) = pipe else { return };
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// One node: a temporary home and, optionally, its running daemon.
 #[derive(Debug)]
 pub struct Weft {
@@ -206,6 +277,24 @@ impl Weft {
         })
     }
 
+    /// Starts a long-running command (`watch`), streaming its output.
+    pub fn spawn(&self, args: &[&str]) -> anyhow::Result<Stream> {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running weft {args:?}"))?;
+        let stdout = lines_of(child.stdout.take());
+        let stderr = lines_of(child.stderr.take());
+        Ok(Stream {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let what = format!("{}: weft {args:?}", self.name);
@@ -288,19 +377,7 @@ impl Weft {
             .stderr(Stdio::from(log_file))
             .spawn()
             .with_context(|| format!("{}: starting the daemon", self.name))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take());
         let ready = match lines.recv_timeout(DEADLINE) {
             Ok(line) => line,
             Err(err) => {

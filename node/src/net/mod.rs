@@ -595,13 +595,11 @@ impl NetworkTask {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.peers.remove(&peer_id);
-                    self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
-                }
+                self.peers.remove(&peer_id);
+                self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "outgoing connection failed: {error}");
@@ -645,11 +643,11 @@ impl NetworkTask {
                 })
                 .await?;
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
-                    for addr in info.listen_addrs.iter().take(16) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
-                    }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
+            {
+                for addr in info.listen_addrs.iter().take(16) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
                 }
             }
             BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
