@@ -223,7 +223,9 @@ async fn id(home: &Home, json: bool) -> anyhow::Result<()> {
     if output::stdout_is_terminal()
         && let Some(invite) = reply.get("invite").and_then(Value::as_str)
     {
-        match output::qr(invite) {
+        // Invites are case-insensitive; upper case fits the QR code's
+        // alphanumeric mode, which makes a markedly smaller code.
+        match output::qr(&invite.to_ascii_uppercase()) {
             Some(code) => {
                 text.push('\n');
                 text.push_str(&code);
@@ -300,5 +302,44 @@ impl ConversationNames {
         {
             self.names.extend(list.into_iter().map(|c| (c.id, c.name)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn request(args: &[&str]) -> anyhow::Result<Value> {
+        let cli = Cli::try_parse_from(std::iter::once("weft").chain(args.iter().copied()))?;
+        let (request, _) = request_for(cli.command)?;
+        Ok(serde_json::to_value(request)?)
+    }
+
+    #[test]
+    fn commands_become_requests() -> anyhow::Result<()> {
+        assert_eq!(
+            request(&["contact", "add", " weft1abc\n", "--name", "bob"])?,
+            serde_json::json!({"cmd": "contact_add", "invite": "weft1abc", "name": "bob"})
+        );
+        assert_eq!(
+            request(&["send", "bob", "hi", "--reply-to", "ab12"])?,
+            serde_json::json!({"cmd": "send", "target": "bob", "text": "hi", "reply_to": "ab12"})
+        );
+        assert_eq!(
+            request(&["group", "create", "g", "--member", "a", "--member", "b"])?,
+            serde_json::json!({"cmd": "group_create", "name": "g", "members": ["a", "b"]})
+        );
+        assert_eq!(
+            request(&["group", "admin", "g", "a"])?,
+            serde_json::json!({"cmd": "group_admin", "group": "g", "member": "a"})
+        );
+        assert_eq!(
+            request(&["messages", "g", "--limit", "3", "--before", "ff"])?,
+            serde_json::json!({"cmd": "messages", "target": "g", "limit": 3, "before": "ff"})
+        );
+        assert_eq!(request(&["status"])?["cmd"], "status");
+        assert!(request(&["watch"]).is_err());
+        Ok(())
     }
 }

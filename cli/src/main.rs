@@ -58,15 +58,19 @@ fn init_logging(cli: &cli::Cli) {
     let directive = match level {
         i16::MIN..=-2 => "off".to_string(),
         -1 => "error".to_string(),
-        0 => "warn".to_string(),
-        1 => "warn,weft=info,weft_node=info".to_string(),
+        // Kademlia warns about routine conditions (no peers to bootstrap
+        // from yet); those are only interesting when asked for.
+        0 => "warn,libp2p_kad=error".to_string(),
+        1 => "warn,libp2p_kad=error,weft=info,weft_node=info".to_string(),
         2 => "info,weft=debug,weft_node=debug".to_string(),
         3 => "debug,weft=trace,weft_node=trace".to_string(),
         _ => "trace".to_string(),
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directive));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .try_init();
 }

@@ -144,8 +144,10 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// `key  value` lines with the keys aligned.
 fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let indent = " ".repeat(width + 2);
     let mut text = String::new();
     for (key, value) in pairs {
+        let value = value.replace('\n', &format!("\n{indent}"));
         text.push_str(&format!("{key:<width$}  {value}\n"));
     }
     text
@@ -192,7 +194,7 @@ pub fn status(value: &Value) -> String {
     let listen = if v.listen.is_empty() {
         "-".to_string()
     } else {
-        v.listen.join("\n          ")
+        v.listen.join("\n")
     };
     let relays = if v.relays.is_empty() {
         "none".to_string()
@@ -512,6 +514,12 @@ mod tests {
         assert_eq!(short("abc"), "abc");
         assert_eq!(short("0123456789abcdef"), "01234567…");
         assert_eq!(short_peer("12D3KooWABCDEFGHIJ"), "…CDEFGHIJ");
+    }
+
+    #[test]
+    fn fields_align_multiline_values() {
+        let text = fields(&[("a", "1\n2".into()), ("long", "3".into())]);
+        assert_eq!(text, "a     1\n      2\nlong  3\n");
     }
 
     #[test]

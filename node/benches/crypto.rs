@@ -82,7 +82,15 @@ impl Fixture {
 
     fn real_seal(&mut self) -> Envelope {
         let (counter, mk) = self.sending.step().unwrap();
-        envelope::seal_chain(&self.signer, self.conversation, 1, counter, &mk, &self.message).unwrap()
+        envelope::seal_chain(
+            &self.signer,
+            self.conversation,
+            1,
+            counter,
+            &mk,
+            &self.message,
+        )
+        .unwrap()
     }
 
     fn real_open(&self) -> Vec<u8> {
@@ -101,7 +109,9 @@ impl Fixture {
     }
 
     fn bare_open(&self) -> Vec<u8> {
-        self.verifying.verify_strict(&self.bare_ct, &self.bare_sig).unwrap();
+        self.verifying
+            .verify_strict(&self.bare_ct, &self.bare_sig)
+            .unwrap();
         XChaCha20Poly1305::new(&Key::from(self.bare_key))
             .decrypt(
                 &XNonce::from(self.bare_nonce),
@@ -122,7 +132,9 @@ fn bare_encrypt(key: &[u8; 32], nonce: &[u8; 24], msg: &[u8]) -> Vec<u8> {
 
 fn criterion_benches(c: &mut Criterion, f: &mut Fixture) {
     let mut g = c.benchmark_group("seal+sign 200B");
-    g.bench_function("weft (step + seal_chain)", |b| b.iter(|| black_box(f.real_seal())));
+    g.bench_function("weft (step + seal_chain)", |b| {
+        b.iter(|| black_box(f.real_seal()))
+    });
     g.bench_function("bare (xchacha encrypt + ed25519 sign)", |b| {
         b.iter(|| black_box(f.bare_seal()))
     });
@@ -153,7 +165,12 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Interleaved paired measurement: rounds of (real block, bare block),
 /// alternating which goes first. Returns (real ns, bare ns, bare/real).
-fn paired(rounds: usize, block: u32, mut real: impl FnMut(), mut bare: impl FnMut()) -> (f64, f64, f64) {
+fn paired(
+    rounds: usize,
+    block: u32,
+    mut real: impl FnMut(),
+    mut bare: impl FnMut(),
+) -> (f64, f64, f64) {
     let (mut r_ns, mut b_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds {
         let (r, b) = if i % 2 == 0 {
@@ -172,13 +189,19 @@ fn paired(rounds: usize, block: u32, mut real: impl FnMut(), mut bare: impl FnMu
 }
 
 fn report(name: &str, (real, bare, ratio): (f64, f64, f64)) {
-    let verdict = if ratio >= TARGET_RATIO { "PASS" } else { "FAIL" };
+    let verdict = if ratio >= TARGET_RATIO {
+        "PASS"
+    } else {
+        "FAIL"
+    };
     println!(
         "{name}: weft {:.2} us, bare {:.2} us (median of interleaved blocks)",
         real / 1e3,
         bare / 1e3
     );
-    println!("ratio {name} / bare = {ratio:.2} (rate, weft/bare; target >= {TARGET_RATIO:.2}: {verdict})");
+    println!(
+        "ratio {name} / bare = {ratio:.2} (rate, weft/bare; target >= {TARGET_RATIO:.2}: {verdict})"
+    );
 }
 
 fn main() {

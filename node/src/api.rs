@@ -251,10 +251,7 @@ pub enum Event {
         active: bool,
     },
     /// A peer connected or disconnected.
-    Peer {
-        peer_id: String,
-        connected: bool,
-    },
+    Peer { peer_id: String, connected: bool },
 }
 
 #[cfg(test)]

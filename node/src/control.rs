@@ -48,8 +48,12 @@ pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, Nod
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
                 if let Err(e) = serve_client(handle, stream).await {
@@ -65,7 +69,10 @@ pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, Nod
     })
 }
 
-async fn write_line<T: serde::Serialize>(w: &mut (impl AsyncWriteExt + Unpin), v: &T) -> std::io::Result<()> {
+async fn write_line<T: serde::Serialize>(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    v: &T,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -80,7 +87,10 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option
         return Ok(None);
     }
     if buf.len() > MAX_REQUEST_BYTES {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "request too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "request too large",
+        ));
     }
     Ok(Some(buf))
 }
@@ -103,12 +113,28 @@ async fn serve_client(handle: NodeHandle, stream: UnixStream) -> std::io::Result
         };
         if request == Request::Watch {
             let events = handle.events();
-            write_line(&mut w, &Reply { ok: true, data: None, error: None }).await?;
+            write_line(
+                &mut w,
+                &Reply {
+                    ok: true,
+                    data: None,
+                    error: None,
+                },
+            )
+            .await?;
             return stream_events(events, &mut w).await;
         }
         let reply = match handle.call(request).await {
-            Ok(data) => Reply { ok: true, data: Some(data), error: None },
-            Err(e) => Reply { ok: false, data: None, error: Some(e) },
+            Ok(data) => Reply {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
+            Err(e) => Reply {
+                ok: false,
+                data: None,
+                error: Some(e),
+            },
         };
         write_line(&mut w, &reply).await?;
     }
@@ -174,7 +200,9 @@ impl ControlClient {
         if reply.ok {
             Ok(())
         } else {
-            Err(NodeError::Protocol(reply.error.map(|e| e.message).unwrap_or_default()))
+            Err(NodeError::Protocol(
+                reply.error.map(|e| e.message).unwrap_or_default(),
+            ))
         }
     }
 

@@ -58,7 +58,8 @@ impl GroupState {
     }
 
     pub fn is_admin(&self, user: &UserId) -> bool {
-        self.member(user).is_some_and(|m| m.role == GroupRole::Admin)
+        self.member(user)
+            .is_some_and(|m| m.role == GroupRole::Admin)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -143,7 +144,8 @@ impl GroupState {
         }
         for (user, m) in &after {
             let old = before.get(user).ok_or(GroupError::NotAdmin)?;
-            if m.devices != old.devices || (old.role == GroupRole::Admin && m.role != GroupRole::Admin)
+            if m.devices != old.devices
+                || (old.role == GroupRole::Admin && m.role != GroupRole::Admin)
             {
                 return Err(GroupError::NotAdmin);
             }
@@ -202,11 +204,17 @@ mod tests {
         next.epoch = 2;
         next.members.retain(|m| m.user != ids[2].user_id());
         assert_eq!(next.check_transition(Some(&g), &ids[0].user_id()), Ok(()));
-        assert_eq!(next.check_transition(Some(&g), &ids[1].user_id()), Err(GroupError::NotAdmin));
+        assert_eq!(
+            next.check_transition(Some(&g), &ids[1].user_id()),
+            Err(GroupError::NotAdmin)
+        );
         // Carol may leave herself.
         assert_eq!(next.check_transition(Some(&g), &ids[2].user_id()), Ok(()));
         // Replaying an older state is refused.
-        assert_eq!(g.check_transition(Some(&next), &ids[0].user_id()), Err(GroupError::Stale));
+        assert_eq!(
+            g.check_transition(Some(&next), &ids[0].user_id()),
+            Err(GroupError::Stale)
+        );
     }
 
     #[test]

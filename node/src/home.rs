@@ -77,7 +77,11 @@ impl Home {
 
     /// Creates the home with a given identity (tests and simulations use
     /// seeded ones).
-    pub fn init_with(&self, identity: &Identity, name: &str) -> Result<crate::api::IdView, NodeError> {
+    pub fn init_with(
+        &self,
+        identity: &Identity,
+        name: &str,
+    ) -> Result<crate::api::IdView, NodeError> {
         validate_name(name)?;
         fs::DirBuilder::new()
             .recursive(true)
@@ -88,7 +92,8 @@ impl Home {
             secrets: identity.secrets(),
             certificate: identity.certificate().clone(),
         };
-        let bytes = postcard::to_stdvec(&key_file).map_err(|_| NodeError::Corrupt("key file".into()))?;
+        let bytes =
+            postcard::to_stdvec(&key_file).map_err(|_| NodeError::Corrupt("key file".into()))?;
         // create_new: an existing key file is never replaced.
         let mut file = match OpenOptions::new()
             .write(true)
@@ -106,7 +111,12 @@ impl Home {
         file.sync_all()?;
         let store = Store::open(&self.db_path())?;
         store.db().set_meta(META_NAME, name.as_bytes())?;
-        let invite = identity.invite(name, vec![identity.certificate().clone()], Vec::new(), crate::node::now_ms())?;
+        let invite = identity.invite(
+            name,
+            vec![identity.certificate().clone()],
+            Vec::new(),
+            crate::node::now_ms(),
+        )?;
         Ok(crate::api::IdView {
             user_id: identity.user_id().to_string(),
             device_id: identity.device_id().to_string(),
@@ -128,9 +138,16 @@ impl Home {
         let key_file: KeyFile =
             postcard::from_bytes(&bytes).map_err(|_| NodeError::Corrupt("key file".into()))?;
         if key_file.version != KEY_FILE_VERSION {
-            return Err(NodeError::Corrupt(format!("key file version {}", key_file.version)));
+            return Err(NodeError::Corrupt(format!(
+                "key file version {}",
+                key_file.version
+            )));
         }
-        Ok(Identity::from_secrets(&key_file.secrets, Some(key_file.certificate), 0)?)
+        Ok(Identity::from_secrets(
+            &key_file.secrets,
+            Some(key_file.certificate),
+            0,
+        )?)
     }
 
     /// Takes the home for this process: one process at a time writes it,
@@ -161,7 +178,10 @@ mod tests {
         let home = Home::new(dir.path().join("alice"));
         assert!(!home.is_initialized());
         let id = home.init("Alice").unwrap();
-        assert!(matches!(home.init("Alice"), Err(NodeError::AlreadyInitialized(_))));
+        assert!(matches!(
+            home.init("Alice"),
+            Err(NodeError::AlreadyInitialized(_))
+        ));
         let loaded = home.load_identity().unwrap();
         assert_eq!(loaded.user_id().to_string(), id.user_id);
         let mode = fs::metadata(home.key_path()).unwrap().permissions().mode() & 0o777;

@@ -152,7 +152,9 @@ impl Identity {
         if certificate.device.0 != device_key.verifying_key().to_bytes()
             || certificate.dh != x25519_dalek::PublicKey::from(&device_dh).to_bytes()
         {
-            return Err(IdentityError::Malformed("certificate is for another device"));
+            return Err(IdentityError::Malformed(
+                "certificate is for another device",
+            ));
         }
         Ok(Self {
             user_id: certificate.user,
@@ -211,10 +213,9 @@ impl Identity {
         addrs: Vec<String>,
         now_ms: i64,
     ) -> Result<String, IdentityError> {
-        let user_key = self
-            .user_key
-            .as_ref()
-            .ok_or(IdentityError::Malformed("this device does not hold the user key"))?;
+        let user_key = self.user_key.as_ref().ok_or(IdentityError::Malformed(
+            "this device does not hold the user key",
+        ))?;
         let invite = Invite::create(user_key, name, devices, addrs, now_ms)?;
         Ok(invite.encode_with(user_key))
     }
@@ -293,7 +294,8 @@ impl DeviceCertificate {
 /// Verifies an ed25519 signature made by `public` over `msg` (strict:
 /// rejects malleable and small-order forms).
 pub fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> Result<(), IdentityError> {
-    let key = VerifyingKey::from_bytes(public).map_err(|_| IdentityError::Malformed("public key"))?;
+    let key =
+        VerifyingKey::from_bytes(public).map_err(|_| IdentityError::Malformed("public key"))?;
     key.verify_strict(msg, &Signature::from_bytes(signature))
         .map_err(|_| IdentityError::BadSignature("ed25519"))
 }
@@ -337,8 +339,11 @@ impl Invite {
         if self.devices.is_empty() || self.devices.len() > MAX_DEVICES {
             return Err(IdentityError::InviteMalformed("wrong number of devices"));
         }
-        if self.addrs.len() > MAX_INVITE_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
-            return Err(IdentityError::InviteMalformed("too many or too long addresses"));
+        if self.addrs.len() > MAX_INVITE_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN)
+        {
+            return Err(IdentityError::InviteMalformed(
+                "too many or too long addresses",
+            ));
         }
         for cert in &self.devices {
             if cert.user != self.user {
@@ -362,7 +367,10 @@ impl Invite {
         raw.extend_from_slice(&user_key.sign(&signed).to_bytes());
         let check = blake3::hash(&raw);
         raw.extend_from_slice(&check.as_bytes()[..4]);
-        format!("{INVITE_PREFIX}{}", BASE32_NOPAD.encode(&raw).to_ascii_lowercase())
+        format!(
+            "{INVITE_PREFIX}{}",
+            BASE32_NOPAD.encode(&raw).to_ascii_lowercase()
+        )
     }
 
     /// Parses and verifies an invite string. Whitespace is ignored, so an
@@ -373,7 +381,9 @@ impl Invite {
         }
         let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
         let lower = compact.to_ascii_lowercase();
-        let rest = lower.strip_prefix(INVITE_PREFIX).ok_or(IdentityError::InviteNotWeft)?;
+        let rest = lower
+            .strip_prefix(INVITE_PREFIX)
+            .ok_or(IdentityError::InviteNotWeft)?;
         let raw = BASE32_NOPAD
             .decode(rest.to_ascii_uppercase().as_bytes())
             .map_err(|_| IdentityError::InviteEncoding)?;
@@ -389,7 +399,9 @@ impl Invite {
         }
         let len = u16::from_be_bytes([content[1], content[2]]) as usize;
         if content.len() != 3 + len + 64 {
-            return Err(IdentityError::InviteMalformed("length field does not match"));
+            return Err(IdentityError::InviteMalformed(
+                "length field does not match",
+            ));
         }
         let body = &content[3..3 + len];
         let mut sig = [0u8; 64];
@@ -415,7 +427,8 @@ pub(crate) mod sig_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
         let bytes: &[u8] = <&[u8]>::deserialize(d)?;
-        <[u8; 64]>::try_from(bytes).map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64"))
+        <[u8; 64]>::try_from(bytes)
+            .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64"))
     }
 }
 
@@ -436,7 +449,10 @@ mod tests {
         forged.dh[0] ^= 1;
         assert!(forged.verify().is_err());
         let bytes = a.certificate().to_bytes();
-        assert_eq!(DeviceCertificate::from_bytes(&bytes).unwrap(), *a.certificate());
+        assert_eq!(
+            DeviceCertificate::from_bytes(&bytes).unwrap(),
+            *a.certificate()
+        );
     }
 
     #[test]
@@ -445,17 +461,25 @@ mod tests {
         let b = Identity::from_secrets(&a.secrets(), Some(a.certificate().clone()), 0).unwrap();
         assert_eq!(a.device_id(), b.device_id());
         assert_eq!(a.peer_id(), b.peer_id());
-        assert_eq!(a.peer_id(), a.libp2p_keypair().unwrap().public().to_peer_id());
+        assert_eq!(
+            a.peer_id(),
+            a.libp2p_keypair().unwrap().public().to_peer_id()
+        );
     }
 
     #[test]
     fn invite_round_trips_and_catches_typos() {
         let a = alice();
         let addrs = vec!["/ip4/127.0.0.1/tcp/1".to_string()];
-        let text = a.invite("Alice", vec![a.certificate().clone()], addrs.clone(), 5).unwrap();
+        let text = a
+            .invite("Alice", vec![a.certificate().clone()], addrs.clone(), 5)
+            .unwrap();
         assert!(text.starts_with("weft1"));
         let inv = Invite::decode(&text).unwrap();
-        assert_eq!((inv.name.as_str(), inv.user, inv.addrs.clone()), ("Alice", a.user_id(), addrs));
+        assert_eq!(
+            (inv.name.as_str(), inv.user, inv.addrs.clone()),
+            ("Alice", a.user_id(), addrs)
+        );
         // Upper case and line breaks are fine.
         let wrapped = format!("{}\n{}", &text[..40].to_uppercase(), &text[40..]);
         assert_eq!(Invite::decode(&wrapped).unwrap(), inv);
@@ -466,7 +490,10 @@ mod tests {
             let typo: String = chars.into_iter().collect();
             assert!(Invite::decode(&typo).is_err(), "typo at {i} accepted");
         }
-        assert!(matches!(Invite::decode("hello"), Err(IdentityError::InviteNotWeft)));
+        assert!(matches!(
+            Invite::decode("hello"),
+            Err(IdentityError::InviteNotWeft)
+        ));
         assert!(Invite::decode(&text[..text.len() - 5]).is_err());
     }
 

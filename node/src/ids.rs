@@ -170,7 +170,13 @@ mod tests {
     fn direct_id_is_symmetric() {
         let a = UserId([1; 32]);
         let b = UserId([2; 32]);
-        assert_eq!(ConversationId::direct(&a, &b), ConversationId::direct(&b, &a));
-        assert_ne!(ConversationId::direct(&a, &b), ConversationId::direct(&a, &a));
+        assert_eq!(
+            ConversationId::direct(&a, &b),
+            ConversationId::direct(&b, &a)
+        );
+        assert_ne!(
+            ConversationId::direct(&a, &b),
+            ConversationId::direct(&a, &a)
+        );
     }
 }

@@ -26,7 +26,19 @@ async fn one_to_one_both_ways() {
     let ids = |v: &Vec<serde_json::Value>| v.iter().map(|m| m["id"].clone()).collect::<Vec<_>>();
     assert_eq!(ids(&a), ids(&b));
     let m = &b[0];
-    for field in ["id", "conversation", "sender", "sender_name", "text", "sent_at", "status", "reply_to", "edited", "deleted", "reactions"] {
+    for field in [
+        "id",
+        "conversation",
+        "sender",
+        "sender_name",
+        "text",
+        "sent_at",
+        "status",
+        "reply_to",
+        "edited",
+        "deleted",
+        "reactions",
+    ] {
         assert!(m.get(field).is_some(), "missing field {field} in {m}");
     }
     assert_eq!(m["sender_name"], "alice");
@@ -54,7 +66,11 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
         n.expect_text("trio", "carol here").await;
     }
     // bob and carol are not contacts: the group told them about each other.
-    let members = bob.call(Request::GroupMembers { group: "trio".into() }).await;
+    let members = bob
+        .call(Request::GroupMembers {
+            group: "trio".into(),
+        })
+        .await;
     assert_eq!(members.as_array().unwrap().len(), 3);
 
     // Carol is removed: keys rotate; she gets nothing sent after.
@@ -71,7 +87,10 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
         if groups.as_array().unwrap().is_empty() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "carol never learned of her removal");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol never learned of her removal"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     alice.send("trio", "after carol").await;
@@ -79,7 +98,10 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
     bob.send("trio", "bob after carol").await;
     alice.expect_text("trio", "bob after carol").await;
     let carol_sees = carol.texts("trio").await;
-    assert!(!carol_sees.iter().any(|t| t.contains("after carol")), "{carol_sees:?}");
+    assert!(
+        !carol_sees.iter().any(|t| t.contains("after carol")),
+        "{carol_sees:?}"
+    );
     // And carol can no longer send to the group.
     let err = carol
         .handle
@@ -103,16 +125,21 @@ async fn a_node_in_150_conversations() {
         alice.call(group_create(&format!("g{i}"), &["bob"])).await;
     }
     for i in 0..N {
-        alice.send(&format!("g{i}"), &format!("from alice {i}")).await;
+        alice
+            .send(&format!("g{i}"), &format!("from alice {i}"))
+            .await;
     }
     for i in 0..N {
-        bob.expect_text(&format!("g{i}"), &format!("from alice {i}")).await;
+        bob.expect_text(&format!("g{i}"), &format!("from alice {i}"))
+            .await;
     }
     for i in 0..N {
         bob.send(&format!("g{i}"), &format!("from bob {i}")).await;
     }
     for i in 0..N {
-        alice.expect_text(&format!("g{i}"), &format!("from bob {i}")).await;
+        alice
+            .expect_text(&format!("g{i}"), &format!("from bob {i}"))
+            .await;
     }
     let convs = bob.call(Request::Conversations).await;
     assert_eq!(convs.as_array().unwrap().len(), N + 1);
@@ -142,15 +169,27 @@ async fn blocked_contact_messages_are_dropped() {
     befriend(&alice, &bob).await;
     bob.send("alice", "first").await;
     alice.expect_text("bob", "first").await;
-    alice.call(Request::ContactBlock { alias: "bob".into() }).await;
+    alice
+        .call(Request::ContactBlock {
+            alias: "bob".into(),
+        })
+        .await;
     bob.send("alice", "blocked one").await;
-    alice.call(Request::ContactUnblock { alias: "bob".into() }).await;
+    alice
+        .call(Request::ContactUnblock {
+            alias: "bob".into(),
+        })
+        .await;
     bob.send("alice", "after unblock").await;
     alice.expect_text("bob", "after unblock").await;
     // Blocking is judged on arrival; both later messages may race the
     // unblock, so only check that the blocked one was not shown while
     // blocked if it arrived in time. The strict check is below.
-    alice.call(Request::ContactBlock { alias: "bob".into() }).await;
+    alice
+        .call(Request::ContactBlock {
+            alias: "bob".into(),
+        })
+        .await;
     bob.send("alice", "never shown").await;
     bob.send("alice", "never shown either").await;
     // Alice keeps receiving (for the ack) but stores nothing from bob.
@@ -159,5 +198,8 @@ async fn blocked_contact_messages_are_dropped() {
     marker.send("alice", "marker").await;
     alice.expect_text("carol", "marker").await;
     let texts = alice.texts("bob").await;
-    assert!(!texts.iter().any(|t| t.starts_with("never shown")), "{texts:?}");
+    assert!(
+        !texts.iter().any(|t| t.starts_with("never shown")),
+        "{texts:?}"
+    );
 }

@@ -26,9 +26,16 @@ fn chain_vector() -> Vec<u8> {
     let signer = SigningKey::from_bytes(&SENDER_SEED);
     let mut chain = SendingChain::new(CHAIN_KEY);
     let (counter, mk) = chain.step().unwrap();
-    seal_chain(&signer, ConversationId(CONVERSATION), 1, counter, &mk, b"hello, weft")
-        .unwrap()
-        .into_bytes()
+    seal_chain(
+        &signer,
+        ConversationId(CONVERSATION),
+        1,
+        counter,
+        &mk,
+        b"hello, weft",
+    )
+    .unwrap()
+    .into_bytes()
 }
 
 fn sealed_vector() -> Vec<u8> {
@@ -50,24 +57,44 @@ fn sealed_vector() -> Vec<u8> {
 fn documented(name: &str) -> Vec<u8> {
     let doc = include_str!("../../docs/protocol.md");
     let marker = format!("vector: {name}");
-    let start = doc.find(&marker).unwrap_or_else(|| panic!("no vector {name} in protocol.md"));
+    let start = doc
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no vector {name} in protocol.md"));
     let rest = &doc[start..];
     let open = rest.find("```hex").expect("hex block") + "```hex".len();
     let close = rest[open..].find("```").expect("end of hex block") + open;
-    let hex: String = rest[open..close].chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let hex: String = rest[open..close]
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
     hex::decode(hex).expect("valid hex")
 }
 
 #[test]
 fn chain_envelope_vector_matches_and_opens() {
     let bytes = documented("chain-envelope-v1");
-    assert_eq!(bytes, chain_vector(), "encoder changed: the wire format needs a new version");
+    assert_eq!(
+        bytes,
+        chain_vector(),
+        "encoder changed: the wire format needs a new version"
+    );
     let env = Envelope::decode(&bytes).unwrap();
     env.verify().unwrap();
     assert_eq!(env.header.version, 1);
     assert_eq!(env.header.conversation, ConversationId(CONVERSATION));
-    assert_eq!(env.header.sender.0, SigningKey::from_bytes(&SENDER_SEED).verifying_key().to_bytes());
-    assert_eq!(env.header.sealing, Sealing::Chain { epoch: 1, counter: 0 });
+    assert_eq!(
+        env.header.sender.0,
+        SigningKey::from_bytes(&SENDER_SEED)
+            .verifying_key()
+            .to_bytes()
+    );
+    assert_eq!(
+        env.header.sealing,
+        Sealing::Chain {
+            epoch: 1,
+            counter: 0
+        }
+    );
     let (mk, _) = ReceivingChain::new(CHAIN_KEY, 0).key_for(0).unwrap();
     assert_eq!(env.open_chain(&mk).unwrap(), b"hello, weft");
 }
@@ -75,17 +102,27 @@ fn chain_envelope_vector_matches_and_opens() {
 #[test]
 fn sealed_envelope_vector_matches_and_opens() {
     let bytes = documented("sealed-envelope-v1");
-    assert_eq!(bytes, sealed_vector(), "encoder changed: the wire format needs a new version");
+    assert_eq!(
+        bytes,
+        sealed_vector(),
+        "encoder changed: the wire format needs a new version"
+    );
     let env = Envelope::decode(&bytes).unwrap();
     env.verify().unwrap();
     let me = StaticSecret::from(RECIPIENT_DH_SEED);
-    assert_eq!(env.open_sealed(&DeviceId(RECIPIENT_DEVICE), &me).unwrap(), b"sealed key");
+    assert_eq!(
+        env.open_sealed(&DeviceId(RECIPIENT_DEVICE), &me).unwrap(),
+        b"sealed key"
+    );
 }
 
 #[test]
 #[ignore = "prints vectors for docs/protocol.md"]
 fn print() {
-    for (name, bytes) in [("chain-envelope-v1", chain_vector()), ("sealed-envelope-v1", sealed_vector())] {
+    for (name, bytes) in [
+        ("chain-envelope-v1", chain_vector()),
+        ("sealed-envelope-v1", sealed_vector()),
+    ] {
         println!("vector: {name}\n```hex");
         for chunk in bytes.chunks(32) {
             println!("{}", hex::encode(chunk));

@@ -113,7 +113,12 @@ pub struct ReceivingChain {
 
 impl std::fmt::Debug for ReceivingChain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReceivingChain(next={}, skipped={})", self.next, self.skipped.len())
+        write!(
+            f,
+            "ReceivingChain(next={}, skipped={})",
+            self.next,
+            self.skipped.len()
+        )
     }
 }
 
@@ -143,9 +148,15 @@ impl ReceivingChain {
     /// the chain as it must be once the message is authenticated. Callers
     /// keep the new state only after decryption succeeds, so a forged
     /// envelope cannot advance or burn keys.
-    pub fn key_for(&self, counter: u64) -> Result<(MessageKey, Option<ReceivingChain>), CryptoError> {
+    pub fn key_for(
+        &self,
+        counter: u64,
+    ) -> Result<(MessageKey, Option<ReceivingChain>), CryptoError> {
         if counter < self.next {
-            let seed = self.skipped.get(&counter).ok_or(CryptoError::Replay(counter))?;
+            let seed = self
+                .skipped
+                .get(&counter)
+                .ok_or(CryptoError::Replay(counter))?;
             let mut after = self.clone();
             if let Some(mut used) = after.skipped.remove(&counter) {
                 used.zeroize();
@@ -224,8 +235,14 @@ mod tests {
     #[test]
     fn hostile_counter_is_refused_cheaply() {
         let r = ReceivingChain::new([1; 32], 0);
-        assert!(matches!(r.key_for(u64::MAX), Err(CryptoError::TooFarAhead { .. })));
-        assert!(matches!(r.key_for(MAX_SKIP + 1), Err(CryptoError::TooFarAhead { .. })));
+        assert!(matches!(
+            r.key_for(u64::MAX),
+            Err(CryptoError::TooFarAhead { .. })
+        ));
+        assert!(matches!(
+            r.key_for(MAX_SKIP + 1),
+            Err(CryptoError::TooFarAhead { .. })
+        ));
         assert!(r.key_for(MAX_SKIP).is_ok());
     }
 
@@ -257,7 +274,12 @@ mod tests {
         let s2 = SendingChain::from_bytes(&s.to_bytes()).unwrap();
         assert_eq!(s2.counter(), 1);
         let r = ReceivingChain::new([9; 32], 7);
-        assert_eq!(ReceivingChain::from_bytes(&r.to_bytes()).unwrap().next_counter(), 7);
+        assert_eq!(
+            ReceivingChain::from_bytes(&r.to_bytes())
+                .unwrap()
+                .next_counter(),
+            7
+        );
         assert!(ReceivingChain::from_bytes(&[1, 2]).is_err());
     }
 }

@@ -143,7 +143,12 @@ impl Envelope {
         if !matches!(self.header.sealing, Sealing::Chain { .. }) {
             return Err(CryptoError::Malformed("not chain-sealed"));
         }
-        aead_open(&key.key, &key.nonce, self.ciphertext(), self.associated_data())
+        aead_open(
+            &key.key,
+            &key.nonce,
+            self.ciphertext(),
+            self.associated_data(),
+        )
     }
 
     /// Opens an envelope sealed to this device.
@@ -191,13 +196,23 @@ fn content_key_material(content_key: &[u8; 32]) -> ([u8; 32], [u8; 24]) {
     (key, nonce)
 }
 
-fn aead_open(key: &[u8; 32], nonce: &[u8; 24], ct: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+fn aead_open(
+    key: &[u8; 32],
+    nonce: &[u8; 24],
+    ct: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     XChaCha20Poly1305::new(&Key::from(*key))
         .decrypt(&XNonce::from(*nonce), Payload { msg: ct, aad })
         .map_err(|_| CryptoError::Decrypt)
 }
 
-fn aead_seal(key: &[u8; 32], nonce: &[u8; 24], pt: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+fn aead_seal(
+    key: &[u8; 32],
+    nonce: &[u8; 24],
+    pt: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     XChaCha20Poly1305::new(&Key::from(*key))
         .encrypt(&XNonce::from(*nonce), Payload { msg: pt, aad })
         .map_err(|_| CryptoError::Malformed("plaintext too long"))
@@ -250,7 +265,9 @@ pub fn seal_chain(
         sender: sender_of(signer),
         sealing: Sealing::Chain { epoch, counter },
     };
-    build(signer, header, |aad| aead_seal(&key.key, &key.nonce, plaintext, aad))
+    build(signer, header, |aad| {
+        aead_seal(&key.key, &key.nonce, plaintext, aad)
+    })
 }
 
 /// Seals `plaintext` to each `(device, dh public key)`. The caller supplies
@@ -288,7 +305,9 @@ pub fn seal_to_devices(
     };
     let (mut key, nonce) = content_key_material(&content_key);
     content_key.zeroize();
-    let result = build(signer, header, |aad| aead_seal(&key, &nonce, plaintext, aad));
+    let result = build(signer, header, |aad| {
+        aead_seal(&key, &nonce, plaintext, aad)
+    });
     key.zeroize();
     result
 }
@@ -300,7 +319,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn device(seed: u8) -> (SigningKey, StaticSecret) {
-        (SigningKey::from_bytes(&[seed; 32]), StaticSecret::from([seed.wrapping_add(100); 32]))
+        (
+            SigningKey::from_bytes(&[seed; 32]),
+            StaticSecret::from([seed.wrapping_add(100); 32]),
+        )
     }
 
     fn conv() -> ConversationId {
@@ -377,7 +399,10 @@ mod tests {
         let got = Envelope::decode(env.bytes()).unwrap();
         got.verify().unwrap();
         assert_eq!(got.open_sealed(&bob, &bob_dh).unwrap(), b"key");
-        assert_eq!(got.open_sealed(&carol, &carol_dh), Err(CryptoError::NotARecipient));
+        assert_eq!(
+            got.open_sealed(&carol, &carol_dh),
+            Err(CryptoError::NotARecipient)
+        );
         // Carol pretending to be bob has the wrong DH key.
         assert_eq!(got.open_sealed(&bob, &carol_dh), Err(CryptoError::Decrypt));
     }

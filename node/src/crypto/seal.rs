@@ -47,7 +47,13 @@ pub fn wrap(
     let cipher = XChaCha20Poly1305::new(&Key::from(key));
     key.zeroize();
     cipher
-        .encrypt(&XNonce::from(nonce), Payload { msg: content_key, aad })
+        .encrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: content_key,
+                aad,
+            },
+        )
         .map_err(|_| CryptoError::Malformed("seal failed"))
 }
 
@@ -88,8 +94,14 @@ mod tests {
         let w = wrap(&eph, &bob_pub, &[1; 32], b"ctx").unwrap();
         assert_eq!(w.len(), 48);
         assert_eq!(unwrap(&bob, &eph_pub, &w, b"ctx").unwrap(), [1; 32]);
-        assert_eq!(unwrap(&carol, &eph_pub, &w, b"ctx"), Err(CryptoError::Decrypt));
-        assert_eq!(unwrap(&bob, &eph_pub, &w, b"other"), Err(CryptoError::Decrypt));
+        assert_eq!(
+            unwrap(&carol, &eph_pub, &w, b"ctx"),
+            Err(CryptoError::Decrypt)
+        );
+        assert_eq!(
+            unwrap(&bob, &eph_pub, &w, b"other"),
+            Err(CryptoError::Decrypt)
+        );
         assert!(wrap(&eph, &[0; 32], &[1; 32], b"ctx").is_err());
     }
 }

@@ -31,9 +31,16 @@ impl Mdns {
         let me = peer_id.to_string();
         // DNS labels are at most 63 bytes; a peer id is 52 characters.
         let host = format!("weft-{}.local.", &me[me.len().saturating_sub(12)..]);
-        let info = ServiceInfo::new(MDNS_SERVICE, &me, &host, "", tcp_port, &[("p2p", me.as_str())][..])
-            .map_err(err)?
-            .enable_addr_auto();
+        let info = ServiceInfo::new(
+            MDNS_SERVICE,
+            &me,
+            &host,
+            "",
+            tcp_port,
+            &[("p2p", me.as_str())][..],
+        )
+        .map_err(err)?
+        .enable_addr_auto();
         daemon.register(info).map_err(err)?;
         let events = daemon.browse(MDNS_SERVICE).map_err(err)?;
         let bridge = tokio::spawn(async move {

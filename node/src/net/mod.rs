@@ -168,6 +168,12 @@ pub enum NetCommand {
         addrs: Vec<Multiaddr>,
         source: PeerSource,
     },
+    /// The peer sent something invalid (a rejected envelope, a malformed
+    /// request). Enough strikes and it is disconnected and banned.
+    Penalize {
+        peer: PeerId,
+        reason: &'static str,
+    },
     Status(oneshot::Sender<NetStatus>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -270,7 +276,10 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
         .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))
 }
 
-fn build_behaviour(key: &libp2p::identity::Keypair, config: &NetConfig) -> Result<Behaviour, NetError> {
+fn build_behaviour(
+    key: &libp2p::identity::Keypair,
+    config: &NetConfig,
+) -> Result<Behaviour, NetError> {
     let peer_id = key.public().to_peer_id();
     let filter = gossipsub::MaxCountSubscriptionFilter {
         filter: gossipsub::AllowAllSubscriptionFilter {},
@@ -312,11 +321,16 @@ fn build_behaviour(key: &libp2p::identity::Keypair, config: &NetConfig) -> Resul
     })
 }
 
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
+fn boxed(
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(e)
 }
 
-fn build_swarm(key: libp2p::identity::Keypair, config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+fn build_swarm(
+    key: libp2p::identity::Keypair,
+    config: &NetConfig,
+) -> Result<Swarm<Behaviour>, NetError> {
     let idle = config.idle_timeout;
     let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     match config.transport {
@@ -336,8 +350,8 @@ fn build_swarm(key: libp2p::identity::Keypair, config: &NetConfig) -> Result<Swa
         TransportKind::Memory => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_other_transport(|key| {
-                use libp2p::core::upgrade::Version;
                 use libp2p::core::transport::Transport as _;
+                use libp2p::core::upgrade::Version;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     libp2p::core::transport::MemoryTransport::default()
                         .upgrade(Version::V1)
@@ -358,7 +372,14 @@ fn build_swarm(key: libp2p::identity::Keypair, config: &NetConfig) -> Result<Swa
 pub fn spawn(
     key: libp2p::identity::Keypair,
     config: NetConfig,
-) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, tokio::task::JoinHandle<()>), NetError> {
+) -> Result<
+    (
+        NetHandle,
+        mpsc::Receiver<NetEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NetError,
+> {
     let peer_id = key.public().to_peer_id();
     let mut swarm = build_swarm(key, &config)?;
     for addr in &config.listen {
@@ -384,6 +405,8 @@ pub fn spawn(
         pending_direct: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         mdns: None,
+        strikes: HashMap::new(),
+        banned: HashMap::new(),
     };
     let join = tokio::spawn(task.run());
     Ok((handle, event_rx, join))
@@ -407,9 +430,18 @@ struct NetworkTask {
     pending_direct: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     pending_responses: FuturesUnordered<PendingResponse>,
     mdns: Option<mdns::Mdns>,
+    strikes: HashMap<PeerId, (u32, tokio::time::Instant)>,
+    banned: HashMap<PeerId, tokio::time::Instant>,
 }
 
 const MAX_KNOWN_PEERS: usize = 4096;
+/// Strikes within [`STRIKE_WINDOW`] that get a peer banned.
+pub const MAX_STRIKES: u32 = 16;
+const STRIKE_WINDOW: Duration = Duration::from_secs(600);
+/// How long a banned peer stays banned.
+pub const BAN_DURATION: Duration = Duration::from_secs(3600);
+/// Most peers tracked for strikes and bans.
+const MAX_TRACKED_OFFENDERS: usize = 4096;
 
 impl NetworkTask {
     async fn run(mut self) {
@@ -447,7 +479,10 @@ impl NetworkTask {
                         let _ = self.swarm.behaviour_mut().direct.send_response(channel, response);
                     }
                 },
-                _ = redial.tick() => self.redial(),
+                _ = redial.tick() => {
+                    self.unban_expired();
+                    self.redial();
+                }
             }
         }
     }
@@ -462,7 +497,10 @@ impl NetworkTask {
         if self.known_addrs.len() >= MAX_KNOWN_PEERS && !self.known_addrs.contains_key(&peer) {
             return;
         }
-        let entry = self.known_addrs.entry(peer).or_insert_with(|| (Vec::new(), source));
+        let entry = self
+            .known_addrs
+            .entry(peer)
+            .or_insert_with(|| (Vec::new(), source));
         for addr in addrs {
             if !entry.0.contains(&addr) {
                 entry.0.push(addr);
@@ -490,6 +528,58 @@ impl NetworkTask {
         self.dial_sources.insert(peer, source);
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, "dial failed: {e}");
+        }
+    }
+
+    fn penalize(&mut self, peer: PeerId, reason: &'static str) {
+        let now = tokio::time::Instant::now();
+        if self.strikes.len() >= MAX_TRACKED_OFFENDERS && !self.strikes.contains_key(&peer) {
+            self.strikes
+                .retain(|_, (_, since)| now.duration_since(*since) < STRIKE_WINDOW);
+            if self.strikes.len() >= MAX_TRACKED_OFFENDERS {
+                return;
+            }
+        }
+        let entry = self.strikes.entry(peer).or_insert((0, now));
+        if now.duration_since(entry.1) >= STRIKE_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+        tracing::debug!(%peer, strikes = entry.0, "penalised: {reason}");
+        if entry.0 >= MAX_STRIKES {
+            self.strikes.remove(&peer);
+            self.ban(peer, reason);
+        }
+    }
+
+    fn ban(&mut self, peer: PeerId, reason: &'static str) {
+        tracing::warn!(%peer, "banned for {BAN_DURATION:?}: {reason}");
+        if self.banned.len() >= MAX_TRACKED_OFFENDERS {
+            return;
+        }
+        self.banned
+            .insert(peer, tokio::time::Instant::now() + BAN_DURATION);
+        self.known_addrs.remove(&peer);
+        let behaviour = self.swarm.behaviour_mut();
+        behaviour.gossipsub.blacklist_peer(&peer);
+        behaviour.kad.remove_peer(&peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn unban_expired(&mut self) {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            self.banned.remove(&peer);
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .remove_blacklisted_peer(&peer);
         }
     }
 
@@ -528,9 +618,11 @@ impl NetworkTask {
                 source,
                 acceptance,
             } => {
-                behaviour
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &source, acceptance);
+                behaviour.gossipsub.report_message_validation_result(
+                    &message_id,
+                    &source,
+                    acceptance,
+                );
             }
             NetCommand::Direct { peer, data, reply } => {
                 let id = behaviour.direct.send_request(&peer, data);
@@ -551,6 +643,7 @@ impl NetworkTask {
                 };
                 let _ = reply.send(status);
             }
+            NetCommand::Penalize { peer, reason } => self.penalize(peer, reason),
             NetCommand::Shutdown(_) => {}
         }
     }
@@ -571,9 +664,15 @@ impl NetworkTask {
                 num_established,
                 ..
             } => {
+                if self.banned.contains_key(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return Ok(());
+                }
                 let addr = endpoint.get_remote_address().clone();
                 let source = if endpoint.is_dialer() {
-                    self.dial_sources.remove(&peer_id).unwrap_or(PeerSource::Manual)
+                    self.dial_sources
+                        .remove(&peer_id)
+                        .unwrap_or(PeerSource::Manual)
                 } else {
                     PeerSource::Inbound
                 };
@@ -647,7 +746,10 @@ impl NetworkTask {
                 if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
             {
                 for addr in info.listen_addrs.iter().take(16) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
                 }
             }
             BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
@@ -722,7 +824,10 @@ mod tests {
         // Wait until a knows b is subscribed, then publish.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let ev = tokio::time::timeout_at(deadline, a_events.recv()).await.unwrap().unwrap();
+            let ev = tokio::time::timeout_at(deadline, a_events.recv())
+                .await
+                .unwrap()
+                .unwrap();
             if matches!(ev, NetEvent::Subscribed { .. }) {
                 break;
             }
@@ -734,7 +839,10 @@ mod tests {
         .await
         .unwrap();
         loop {
-            let ev = tokio::time::timeout_at(deadline, b_events.recv()).await.unwrap().unwrap();
+            let ev = tokio::time::timeout_at(deadline, b_events.recv())
+                .await
+                .unwrap()
+                .unwrap();
             if let NetEvent::Gossip { data, .. } = ev {
                 assert_eq!(data, b"hello");
                 break;
@@ -749,7 +857,10 @@ mod tests {
         .await
         .unwrap();
         loop {
-            let ev = tokio::time::timeout_at(deadline, a_events.recv()).await.unwrap().unwrap();
+            let ev = tokio::time::timeout_at(deadline, a_events.recv())
+                .await
+                .unwrap()
+                .unwrap();
             if let NetEvent::Direct { data, reply, .. } = ev {
                 assert_eq!(data, b"ping");
                 reply.send(b"pong".to_vec()).unwrap();

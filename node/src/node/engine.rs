@@ -22,9 +22,9 @@ use crate::api::{
     ApiError, ContactView, ConversationView, Event, GroupView, IdView, MemberView, MessageView,
     ReceiptView, Request, SendView, StatusView,
 };
+use crate::crypto::CryptoError;
 use crate::crypto::chain::{ReceivingChain, SendingChain};
 use crate::crypto::envelope::{self, Envelope, Sealing};
-use crate::crypto::CryptoError;
 use crate::group::{GroupMember, GroupRole, GroupState};
 use crate::home::META_NAME;
 use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
@@ -32,8 +32,8 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
 use crate::store::{
-    Contact, ConversationKind, ConversationRecord, Db, EnvelopeRecord, MessageRecord, MessageStatus,
-    OutboxEntry, Role, Store,
+    Contact, ConversationKind, ConversationRecord, Db, EnvelopeRecord, MessageRecord,
+    MessageStatus, OutboxEntry, Role, Store,
 };
 
 /// Most inputs handled in one transaction.
@@ -79,14 +79,24 @@ struct Conv {
 enum Effect {
     Net(NetCommand),
     Event(Event),
-    Reply(oneshot::Sender<Result<serde_json::Value, ApiError>>, Result<serde_json::Value, ApiError>),
-    Direct { peer: PeerId, envelopes: Vec<(EnvelopeId, Vec<u8>)> },
+    Reply(
+        oneshot::Sender<Result<serde_json::Value, ApiError>>,
+        Result<serde_json::Value, ApiError>,
+    ),
+    Direct {
+        peer: PeerId,
+        envelopes: Vec<(EnvelopeId, Vec<u8>)>,
+    },
     DirectReply(oneshot::Sender<Vec<u8>>, Vec<u8>),
 }
 
 /// Results of direct sends, fed back into the engine.
 enum Internal {
-    DirectAck { peer: PeerId, ids: Vec<EnvelopeId>, ok: bool },
+    DirectAck {
+        peer: PeerId,
+        ids: Vec<EnvelopeId>,
+        ok: bool,
+    },
 }
 
 /// How an envelope arrived: decides replay handling and validation.
@@ -183,7 +193,11 @@ impl Engine {
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
         for record in records {
-            let members = db.members(&record.id)?.into_iter().map(|(u, _)| u).collect::<Vec<_>>();
+            let members = db
+                .members(&record.id)?
+                .into_iter()
+                .map(|(u, _)| u)
+                .collect::<Vec<_>>();
             let group = record.state.as_deref().and_then(GroupState::decode);
             let active = members.contains(&self.my_user);
             convs.push(Conv {
@@ -213,7 +227,8 @@ impl Engine {
             // Who still lacks it is unknown after a restart: offer it to
             // every member device (receivers deduplicate).
             let peers = self.outbox_targets(&entry.conversation)?;
-            self.unreached.insert(entry.envelope_id, (entry.conversation, peers));
+            self.unreached
+                .insert(entry.envelope_id, (entry.conversation, peers));
         }
         let mut by_peer: HashMap<String, Vec<Multiaddr>> = HashMap::new();
         for (peer, addr) in known {
@@ -238,7 +253,9 @@ impl Engine {
     fn outbox_targets(&self, conv: &ConversationId) -> Result<HashSet<PeerId>, NodeError> {
         let db = self.store.db();
         let mut peers = HashSet::new();
-        let Some(c) = self.convs.get(conv) else { return Ok(peers) };
+        let Some(c) = self.convs.get(conv) else {
+            return Ok(peers);
+        };
         if let Some(g) = &c.group {
             for m in &g.members {
                 for d in &m.devices {
@@ -399,15 +416,24 @@ impl Engine {
         for chunk in envelopes.chunks(DIRECT_BATCH) {
             let ids: Vec<EnvelopeId> = chunk.iter().map(|(id, _)| *id).collect();
             let request = DirectRequest::Envelopes(chunk.iter().map(|(_, b)| b.clone()).collect());
-            let Ok(data) = postcard::to_stdvec(&request) else { continue };
+            let Ok(data) = postcard::to_stdvec(&request) else {
+                continue;
+            };
             let (tx, rx) = oneshot::channel();
-            if !net.try_send(NetCommand::Direct { peer, data, reply: tx }) {
+            if !net.try_send(NetCommand::Direct {
+                peer,
+                data,
+                reply: tx,
+            }) {
                 continue;
             }
             let internal = self.internal_tx.clone();
             tokio::spawn(async move {
                 let ok = matches!(
-                    rx.await.ok().and_then(|r| r.ok()).and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok()),
+                    rx.await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok()),
                     Some(DirectResponse::Ack { .. })
                 );
                 let _ = internal.send(Internal::DirectAck { peer, ids, ok }).await;
@@ -555,7 +581,12 @@ impl State<'_, '_, '_> {
             Request::GroupLeave { group } => self.group_leave(&group),
             Request::GroupList => {
                 let mut out = Vec::new();
-                for conv in self.e.convs.values().filter(|c| c.kind == ConversationKind::Group) {
+                for conv in self
+                    .e
+                    .convs
+                    .values()
+                    .filter(|c| c.kind == ConversationKind::Group)
+                {
                     let Some(g) = &conv.group else { continue };
                     if !conv.active {
                         continue;
@@ -564,7 +595,10 @@ impl State<'_, '_, '_> {
                         id: conv.id.to_string(),
                         name: g.name.clone(),
                         members: g.members.len(),
-                        role: g.member(&self.e.my_user).map_or("none", |m| role_name(m.role)).into(),
+                        role: g
+                            .member(&self.e.my_user)
+                            .map_or("none", |m| role_name(m.role))
+                            .into(),
                         epoch: g.epoch,
                     });
                 }
@@ -573,7 +607,10 @@ impl State<'_, '_, '_> {
             }
             Request::GroupMembers { group } => {
                 let conv = self.group(&group)?;
-                let g = conv.group.as_ref().ok_or_else(|| ApiError::failed("group has no state"))?;
+                let g = conv
+                    .group
+                    .as_ref()
+                    .ok_or_else(|| ApiError::failed("group has no state"))?;
                 to_value(&member_views(g))
             }
             Request::Conversations => {
@@ -623,16 +660,22 @@ impl State<'_, '_, '_> {
         let peer = self.e.identity.peer_id();
         let addrs: Vec<String> = listen
             .into_iter()
-            .filter(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())))
+            .filter(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
+            })
             .map(|a| a.with(Protocol::P2p(peer)).to_string())
             .collect();
-        let invite = self.e.identity.invite(
-            self.e.name.as_str(),
-            vec![self.e.identity.certificate().clone()],
-            addrs,
-            now_ms(),
-        )
-        .map_err(|e| ApiError::failed(e.to_string()))?;
+        let invite = self
+            .e
+            .identity
+            .invite(
+                self.e.name.as_str(),
+                vec![self.e.identity.certificate().clone()],
+                addrs,
+                now_ms(),
+            )
+            .map_err(|e| ApiError::failed(e.to_string()))?;
         to_value(&IdView {
             user_id: self.e.my_user.to_string(),
             device_id: self.e.my_device.to_string(),
@@ -658,7 +701,10 @@ impl State<'_, '_, '_> {
         Ok(ContactView {
             alias: c.alias.clone(),
             user_id: c.user_id.to_string(),
-            name: self.db.user_name(&c.user_id)?.unwrap_or_else(|| c.alias.clone()),
+            name: self
+                .db
+                .user_name(&c.user_id)?
+                .unwrap_or_else(|| c.alias.clone()),
             blocked: c.blocked,
             devices: self.db.devices_of_user(&c.user_id)?.len(),
         })
@@ -672,7 +718,8 @@ impl State<'_, '_, '_> {
     }
 
     fn contact_add(&mut self, text: &str, alias: Option<&str>) -> ApiResult {
-        let invite = Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
+        let invite =
+            Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
         if invite.user == self.e.my_user {
             return Err(ApiError::usage("that is your own invite"));
         }
@@ -702,14 +749,21 @@ impl State<'_, '_, '_> {
             self.learn_device(cert)?;
         }
         // Address hints: only those naming one of the invite's devices.
-        let device_peers: HashSet<PeerId> = invite.devices.iter().map(|c| peer_id_of(&c.device)).collect();
+        let device_peers: HashSet<PeerId> = invite
+            .devices
+            .iter()
+            .map(|c| peer_id_of(&c.device))
+            .collect();
         let mut dial: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
         for addr in &invite.addrs {
-            let Ok(addr) = addr.parse::<Multiaddr>() else { continue };
+            let Ok(addr) = addr.parse::<Multiaddr>() else {
+                continue;
+            };
             if let Some(Protocol::P2p(peer)) = addr.iter().last()
                 && device_peers.contains(&peer)
             {
-                self.db.upsert_peer_addr(&peer.to_string(), &addr.to_string(), now)?;
+                self.db
+                    .upsert_peer_addr(&peer.to_string(), &addr.to_string(), now)?;
                 dial.entry(peer).or_default().push(addr);
             }
         }
@@ -728,7 +782,8 @@ impl State<'_, '_, '_> {
 
     fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
         cert.verify().map_err(|e| ApiError::usage(e.to_string()))?;
-        self.db.upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+        self.db
+            .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
         Ok(())
     }
 
@@ -750,8 +805,10 @@ impl State<'_, '_, '_> {
             unread: 0,
         };
         self.db.insert_conversation(&record)?;
-        self.db
-            .set_members(&id, &[(self.e.my_user, Role::Member), (*user, Role::Member)])?;
+        self.db.set_members(
+            &id,
+            &[(self.e.my_user, Role::Member), (*user, Role::Member)],
+        )?;
         self.add_conv(Conv {
             id,
             kind: ConversationKind::Direct,
@@ -766,7 +823,8 @@ impl State<'_, '_, '_> {
 
     fn add_conv(&mut self, conv: Conv) {
         if conv.active {
-            self.fx.push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+            self.fx
+                .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
         self.e.by_topic.insert(conv.topic.clone(), conv.id);
         self.e.convs.insert(conv.id, conv);
@@ -802,14 +860,18 @@ impl State<'_, '_, '_> {
             if self.e.convs.contains_key(&id) {
                 return Ok(id);
             }
-            return Err(ApiError::usage(format!("user {target} is not a contact: add their invite first")));
+            return Err(ApiError::usage(format!(
+                "user {target} is not a contact: add their invite first"
+            )));
         }
         if let Ok(id) = target.parse::<ConversationId>()
             && self.e.convs.contains_key(&id)
         {
             return Ok(id);
         }
-        Err(ApiError::usage(format!("unknown contact, group or conversation: {target}")))
+        Err(ApiError::usage(format!(
+            "unknown contact, group or conversation: {target}"
+        )))
     }
 
     fn group(&mut self, target: &str) -> Result<Conv, ApiError> {
@@ -831,11 +893,19 @@ impl State<'_, '_, '_> {
             return Err(ApiError::usage("message is empty"));
         }
         let reply_to = match reply_to {
-            Some(r) => Some(r.parse::<MessageId>().map_err(|_| ApiError::usage(format!("not a message id: {r}")))?),
+            Some(r) => Some(
+                r.parse::<MessageId>()
+                    .map_err(|_| ApiError::usage(format!("not a message id: {r}")))?,
+            ),
             None => None,
         };
         let conv_id = self.resolve(target)?;
-        let conv = self.e.convs.get(&conv_id).cloned().ok_or_else(|| ApiError::failed("conversation vanished"))?;
+        let conv = self
+            .e
+            .convs
+            .get(&conv_id)
+            .cloned()
+            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
         if !conv.active {
             return Err(ApiError::usage("you are no longer a member of this group"));
         }
@@ -847,7 +917,11 @@ impl State<'_, '_, '_> {
         });
         let env = self.seal_chain_message(&conv, &payload.encode())?;
         let reached = self.dispatch(&conv, &env, true)?;
-        let status = if reached { MessageStatus::Sent } else { MessageStatus::Queued };
+        let status = if reached {
+            MessageStatus::Sent
+        } else {
+            MessageStatus::Queued
+        };
         let record = MessageRecord {
             id: env.id(),
             conversation: conv_id,
@@ -907,19 +981,31 @@ impl State<'_, '_, '_> {
             let chain = match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
                 Some(bytes) => SendingChain::from_bytes(&bytes)?,
                 None => {
-                    let chain = SendingChain::new(random_bytes().map_err(|e| ApiError::failed(e.to_string()))?);
-                    self.db.put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
+                    let chain = SendingChain::new(
+                        random_bytes().map_err(|e| ApiError::failed(e.to_string()))?,
+                    );
+                    self.db.put_chain(
+                        &conv.id,
+                        &self.e.my_device,
+                        conv.epoch,
+                        &chain.to_bytes(),
+                    )?;
                     self.distribute_chain(conv, &chain)?;
                     chain
                 }
             };
             self.e.sending.insert(key, chain);
         }
-        let chain = self.e.sending.get_mut(&key).ok_or_else(|| ApiError::failed("chain vanished"))?;
+        let chain = self
+            .e
+            .sending
+            .get_mut(&key)
+            .ok_or_else(|| ApiError::failed("chain vanished"))?;
         let (counter, mk) = chain.step()?;
         // The advanced chain is written in this transaction; nothing sealed
         // with this key leaves before the commit.
-        self.db.put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
+        self.db
+            .put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
         let env = envelope::seal_chain(
             self.e.identity.device_signing_key(),
             conv.id,
@@ -968,7 +1054,12 @@ impl State<'_, '_, '_> {
         )?)
     }
 
-    fn store_own_envelope(&mut self, env: &Envelope, epoch: u64, counter: u64) -> Result<(), ApiError> {
+    fn store_own_envelope(
+        &mut self,
+        env: &Envelope,
+        epoch: u64,
+        counter: u64,
+    ) -> Result<(), ApiError> {
         let now = now_ms();
         self.db.insert_envelope(&EnvelopeRecord {
             id: env.id(),
@@ -1005,7 +1096,12 @@ impl State<'_, '_, '_> {
     /// who is still missing it. Returns whether any member peer was reached.
     fn dispatch(&mut self, conv: &Conv, env: &Envelope, gossip: bool) -> Result<bool, ApiError> {
         let targets = self.member_peers_of(conv);
-        let subscribed = self.e.topic_peers.get(&conv.topic).cloned().unwrap_or_default();
+        let subscribed = self
+            .e
+            .topic_peers
+            .get(&conv.topic)
+            .cloned()
+            .unwrap_or_default();
         let mut missing = HashSet::new();
         let mut reached = false;
         for peer in targets {
@@ -1039,7 +1135,9 @@ impl State<'_, '_, '_> {
     }
 
     fn offer(&mut self, peer: PeerId, id: EnvelopeId, bytes: Vec<u8>) {
-        self.e.offered.insert((id, peer), tokio::time::Instant::now());
+        self.e
+            .offered
+            .insert((id, peer), tokio::time::Instant::now());
         // Coalesce with other envelopes for the same peer in this batch.
         for effect in self.fx.iter_mut() {
             if let Effect::Direct { peer: p, envelopes } = effect
@@ -1060,7 +1158,9 @@ impl State<'_, '_, '_> {
     /// peer has it, and mark the message sent.
     fn reached(&mut self, id: &EnvelopeId, peer: &PeerId) {
         self.e.offered.remove(&(*id, *peer));
-        let Some((conv, missing)) = self.e.unreached.get_mut(id) else { return };
+        let Some((conv, missing)) = self.e.unreached.get_mut(id) else {
+            return;
+        };
         let conv = *conv;
         missing.remove(peer);
         if missing.is_empty() {
@@ -1071,7 +1171,10 @@ impl State<'_, '_, '_> {
         }
         if let Ok(Some(m)) = self.db.message(id)
             && m.status == MessageStatus::Queued
-            && self.db.set_message_status(id, MessageStatus::Sent).unwrap_or(false)
+            && self
+                .db
+                .set_message_status(id, MessageStatus::Sent)
+                .unwrap_or(false)
         {
             self.fx.push(Effect::Event(Event::Status {
                 id: id.to_string(),
@@ -1166,7 +1269,8 @@ impl State<'_, '_, '_> {
     }
 
     fn group_create(&mut self, name: &str, members: &[String]) -> ApiResult {
-        crate::identity::validate_name(name).map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
+        crate::identity::validate_name(name)
+            .map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
         let mut state = GroupState {
             id: ConversationId(random_bytes().map_err(|e| ApiError::failed(e.to_string()))?),
             name: name.to_string(),
@@ -1205,7 +1309,10 @@ impl State<'_, '_, '_> {
 
     fn group_change(&mut self, group: &str, alias: &str, op: GroupOp) -> ApiResult {
         let conv = self.group(group)?;
-        let current = conv.group.clone().ok_or_else(|| ApiError::failed("group has no state"))?;
+        let current = conv
+            .group
+            .clone()
+            .ok_or_else(|| ApiError::failed("group has no state"))?;
         if !conv.active {
             return Err(ApiError::usage("you are no longer a member of this group"));
         }
@@ -1274,12 +1381,19 @@ impl State<'_, '_, '_> {
 
     fn group_leave(&mut self, group: &str) -> ApiResult {
         let conv = self.group(group)?;
-        let current = conv.group.clone().ok_or_else(|| ApiError::failed("group has no state"))?;
+        let current = conv
+            .group
+            .clone()
+            .ok_or_else(|| ApiError::failed("group has no state"))?;
         if !conv.active {
             return Err(ApiError::usage("you are not a member of this group"));
         }
         let next = current.without(&self.e.my_user);
-        let me = current.member(&self.e.my_user).cloned().into_iter().collect::<Vec<_>>();
+        let me = current
+            .member(&self.e.my_user)
+            .cloned()
+            .into_iter()
+            .collect::<Vec<_>>();
         let conv = self.apply_group(&next, &me)?;
         self.announce_group(&conv, &next, &me)?;
         to_value(&serde_json::json!({ "conversation": conv.id.to_string(), "left": true }))
@@ -1287,7 +1401,12 @@ impl State<'_, '_, '_> {
 
     /// Seals the new state to every device of old and new members and
     /// sends it (gossip for current members, direct for new ones).
-    fn announce_group(&mut self, conv: &Conv, state: &GroupState, removed: &[GroupMember]) -> Result<(), ApiError> {
+    fn announce_group(
+        &mut self,
+        conv: &Conv,
+        state: &GroupState,
+        removed: &[GroupMember],
+    ) -> Result<(), ApiError> {
         let mut recipients: Vec<(DeviceId, [u8; 32])> = Vec::new();
         for m in state.members.iter().chain(removed) {
             for d in &m.devices {
@@ -1311,7 +1430,11 @@ impl State<'_, '_, '_> {
     }
 
     /// Stores a group state and updates the in-memory conversation.
-    fn apply_group(&mut self, state: &GroupState, _removed: &[GroupMember]) -> Result<Conv, ApiError> {
+    fn apply_group(
+        &mut self,
+        state: &GroupState,
+        _removed: &[GroupMember],
+    ) -> Result<Conv, ApiError> {
         let now = now_ms();
         for m in &state.members {
             self.db.upsert_user(&m.user, &m.name, now)?;
@@ -1319,8 +1442,13 @@ impl State<'_, '_, '_> {
                 self.db.upsert_device(&d.device, &d.user, &d.to_bytes())?;
             }
         }
-        self.db.update_conversation_state(&state.id, &state.name, state.epoch, &state.encode())?;
-        let members: Vec<(UserId, Role)> = state.members.iter().map(|m| (m.user, role_of(m.role))).collect();
+        self.db
+            .update_conversation_state(&state.id, &state.name, state.epoch, &state.encode())?;
+        let members: Vec<(UserId, Role)> = state
+            .members
+            .iter()
+            .map(|m| (m.user, role_of(m.role)))
+            .collect();
         self.db.set_members(&state.id, &members)?;
         let active = state.member(&self.e.my_user).is_some();
         let was_active = self.e.convs.get(&state.id).is_some_and(|c| c.active);
@@ -1334,10 +1462,12 @@ impl State<'_, '_, '_> {
             active,
         };
         if active && !was_active {
-            self.fx.push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+            self.fx
+                .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
         if !active && was_active {
-            self.fx.push(Effect::Net(NetCommand::Unsubscribe(conv.topic.clone())));
+            self.fx
+                .push(Effect::Net(NetCommand::Unsubscribe(conv.topic.clone())));
         }
         self.e.by_topic.insert(conv.topic.clone(), conv.id);
         self.e.convs.insert(conv.id, conv.clone());
@@ -1422,13 +1552,23 @@ impl State<'_, '_, '_> {
                             match self.receive(bytes, Via::Direct, None) {
                                 Verdict::Reject(why) => {
                                     tracing::debug!(%peer, "direct envelope rejected: {why}");
+                                    self.fx.push(Effect::Net(NetCommand::Penalize {
+                                        peer,
+                                        reason: why,
+                                    }));
                                 }
                                 _ => accepted += 1,
                             }
                         }
                         DirectResponse::Ack { accepted }
                     }
-                    Err(_) => DirectResponse::Refused("malformed request".into()),
+                    Err(_) => {
+                        self.fx.push(Effect::Net(NetCommand::Penalize {
+                            peer,
+                            reason: "malformed direct request",
+                        }));
+                        DirectResponse::Refused("malformed request".into())
+                    }
                 };
                 let bytes = postcard::to_stdvec(&response).unwrap_or_default();
                 self.fx.push(Effect::DirectReply(reply, bytes));
@@ -1474,6 +1614,10 @@ impl State<'_, '_, '_> {
             Verdict::Ignore => MessageAcceptance::Ignore,
             Verdict::Reject(why) => {
                 tracing::debug!(%source, "gossip message rejected: {why}");
+                self.fx.push(Effect::Net(NetCommand::Penalize {
+                    peer: source,
+                    reason: why,
+                }));
                 MessageAcceptance::Reject
             }
         };
@@ -1495,7 +1639,12 @@ impl State<'_, '_, '_> {
         }
     }
 
-    fn try_receive(&mut self, bytes: &[u8], via: Via, topic: Option<&str>) -> Result<Verdict, ApiError> {
+    fn try_receive(
+        &mut self,
+        bytes: &[u8],
+        via: Via,
+        topic: Option<&str>,
+    ) -> Result<Verdict, ApiError> {
         let Ok(env) = Envelope::decode(bytes) else {
             return Ok(Verdict::Reject("malformed envelope"));
         };
@@ -1526,11 +1675,16 @@ impl State<'_, '_, '_> {
     }
 
     fn sender_user(&self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
-        Ok(self.db.device(device)?.filter(|d| !d.revoked).map(|d| d.user_id))
+        Ok(self
+            .db
+            .device(device)?
+            .filter(|d| !d.revoked)
+            .map(|d| d.user_id))
     }
 
     fn keep_pending(&mut self, env: &Envelope) -> Result<(), ApiError> {
-        self.db.add_pending(&env.header.conversation, env.bytes(), now_ms(), PENDING_CAP)?;
+        self.db
+            .add_pending(&env.header.conversation, env.bytes(), now_ms(), PENDING_CAP)?;
         Ok(())
     }
 
@@ -1540,10 +1694,17 @@ impl State<'_, '_, '_> {
             Err(CryptoError::NotARecipient) => {
                 // For other members (e.g. keys for a later epoch): forward it
                 // if a member sent it.
-                let member = self
-                    .sender_user(&env.header.sender)?
-                    .is_some_and(|u| self.e.convs.get(&env.header.conversation).is_some_and(|c| c.members.contains(&u)));
-                return Ok(if member { Verdict::Accept } else { Verdict::Ignore });
+                let member = self.sender_user(&env.header.sender)?.is_some_and(|u| {
+                    self.e
+                        .convs
+                        .get(&env.header.conversation)
+                        .is_some_and(|c| c.members.contains(&u))
+                });
+                return Ok(if member {
+                    Verdict::Accept
+                } else {
+                    Verdict::Ignore
+                });
             }
             Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
         };
@@ -1570,7 +1731,12 @@ impl State<'_, '_, '_> {
         Ok(())
     }
 
-    fn receive_sender_key(&mut self, env: &Envelope, sk: SenderKey, via: Via) -> Result<Verdict, ApiError> {
+    fn receive_sender_key(
+        &mut self,
+        env: &Envelope,
+        sk: SenderKey,
+        via: Via,
+    ) -> Result<Verdict, ApiError> {
         let cert = &sk.sender_cert;
         if cert.device != env.header.sender || cert.verify().is_err() {
             return Ok(Verdict::Reject("sender key with a foreign certificate"));
@@ -1584,26 +1750,41 @@ impl State<'_, '_, '_> {
             if conv_id == ConversationId::direct(&self.e.my_user, &user) {
                 // A first message from someone who has our invite.
                 self.db.upsert_user(&user, &sk.sender_name, now_ms())?;
-                self.db.upsert_device(&cert.device, &user, &cert.to_bytes())?;
+                self.db
+                    .upsert_device(&cert.device, &user, &cert.to_bytes())?;
                 let name = sk.sender_name.clone();
                 self.ensure_direct(&user, &name)?;
             } else {
                 // A group we have not heard of yet: its state may follow.
                 self.keep_pending(env)?;
-                return Ok(if via == Via::Gossip { Verdict::Ignore } else { Verdict::Accept });
+                return Ok(if via == Via::Gossip {
+                    Verdict::Ignore
+                } else {
+                    Verdict::Accept
+                });
             }
         }
-        let is_member = self.e.convs.get(&conv_id).is_some_and(|c| c.members.contains(&user));
+        let is_member = self
+            .e
+            .convs
+            .get(&conv_id)
+            .is_some_and(|c| c.members.contains(&user));
         if !is_member {
             self.keep_pending(env)?;
             return Ok(Verdict::Ignore);
         }
         // A direct contact's device we learn about here must be certified by
         // that contact's user key, which `cert.verify` established.
-        self.db.upsert_device(&cert.device, &user, &cert.to_bytes())?;
-        if self.db.get_chain(&conv_id, &cert.device, sk.epoch)?.is_none() {
+        self.db
+            .upsert_device(&cert.device, &user, &cert.to_bytes())?;
+        if self
+            .db
+            .get_chain(&conv_id, &cert.device, sk.epoch)?
+            .is_none()
+        {
             let chain = ReceivingChain::new(sk.chain_key, sk.next_counter);
-            self.db.put_chain(&conv_id, &cert.device, sk.epoch, &chain.to_bytes())?;
+            self.db
+                .put_chain(&conv_id, &cert.device, sk.epoch, &chain.to_bytes())?;
             self.cache_chain((conv_id, cert.device, sk.epoch), chain);
         }
         self.store_envelope(env, sk.epoch, 0)?;
@@ -1618,7 +1799,12 @@ impl State<'_, '_, '_> {
         self.e.receiving.insert(key, chain);
     }
 
-    fn receive_group(&mut self, env: &Envelope, state: GroupState, via: Via) -> Result<Verdict, ApiError> {
+    fn receive_group(
+        &mut self,
+        env: &Envelope,
+        state: GroupState,
+        via: Via,
+    ) -> Result<Verdict, ApiError> {
         if state.id != env.header.conversation {
             return Ok(Verdict::Reject("group state for another conversation"));
         }
@@ -1671,7 +1857,13 @@ impl State<'_, '_, '_> {
         Ok(Verdict::Accept)
     }
 
-    fn receive_chain(&mut self, env: &Envelope, epoch: u64, counter: u64, via: Via) -> Result<Verdict, ApiError> {
+    fn receive_chain(
+        &mut self,
+        env: &Envelope,
+        epoch: u64,
+        counter: u64,
+        via: Via,
+    ) -> Result<Verdict, ApiError> {
         let conv_id = env.header.conversation;
         let Some(conv) = self.e.convs.get(&conv_id).cloned() else {
             self.keep_pending(env)?;
@@ -1700,7 +1892,11 @@ impl State<'_, '_, '_> {
         let Some(chain) = chain else {
             self.keep_pending(env)?;
             // A member's envelope we cannot read yet: still forward it.
-            return Ok(if via == Via::Gossip { Verdict::Accept } else { Verdict::Ignore });
+            return Ok(if via == Via::Gossip {
+                Verdict::Accept
+            } else {
+                Verdict::Ignore
+            });
         };
         let (mk, after) = match chain.key_for(counter) {
             Ok(x) => x,
@@ -1714,7 +1910,8 @@ impl State<'_, '_, '_> {
             return Ok(Verdict::Reject("malformed payload"));
         };
         if let Some(after) = after {
-            self.db.put_chain(&conv_id, &env.header.sender, epoch, &after.to_bytes())?;
+            self.db
+                .put_chain(&conv_id, &env.header.sender, epoch, &after.to_bytes())?;
             self.cache_chain(key, after);
         }
         self.store_envelope(env, epoch, counter)?;
@@ -1741,7 +1938,8 @@ impl State<'_, '_, '_> {
                 };
                 if self.db.insert_message(&record)? {
                     let unread = u32::from(user != self.e.my_user);
-                    self.db.bump_conversation(&conv_id, record.sent_at_ms, unread)?;
+                    self.db
+                        .bump_conversation(&conv_id, record.sent_at_ms, unread)?;
                     let view = self.message_view(&record)?;
                     self.fx.push(Effect::Event(Event::Message(view)));
                 }
@@ -1801,6 +1999,9 @@ pub(super) fn fill_status(value: &mut serde_json::Value, status: &NetStatus) {
         .collect();
     if let Some(obj) = value.as_object_mut() {
         obj.insert("listen".into(), serde_json::json!(listen));
-        obj.insert("peers".into(), serde_json::to_value(peers).unwrap_or_default());
+        obj.insert(
+            "peers".into(),
+            serde_json::to_value(peers).unwrap_or_default(),
+        );
     }
 }

@@ -149,7 +149,8 @@ impl Node {
         let store = crate::store::Store::open(&home.db_path())?;
         let (net, net_events) = match config.network {
             Some(net_config) => {
-                let (handle, events, _join) = crate::net::spawn(identity.libp2p_keypair()?, net_config)?;
+                let (handle, events, _join) =
+                    crate::net::spawn(identity.libp2p_keypair()?, net_config)?;
                 (Some(handle), Some(events))
             }
             None => (None, None),

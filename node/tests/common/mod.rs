@@ -29,28 +29,42 @@ pub struct TestNode {
 impl TestNode {
     /// A node named `name` whose keys derive from `name` and `seed`.
     pub async fn start(name: &str, seed: u64, bootstrap: &[&TestNode]) -> TestNode {
-        let dir = tempfile::Builder::new().prefix(&format!("weft-{name}-")).tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("weft-{name}-"))
+            .tempdir()
+            .unwrap();
         let home = Home::new(dir.path().join("home"));
         let identity = Identity::from_seed(format!("{name}/{seed}").as_bytes(), 0).unwrap();
         let display = {
             let mut c = name.chars();
-            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap()
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap()
         };
         home.init_with(&identity, &display).unwrap();
         Self::run(name, dir, bootstrap).await
     }
 
     /// Restarts a node from an existing home directory.
-    pub async fn start_existing(name: &str, dir: tempfile::TempDir, bootstrap: &[&TestNode]) -> TestNode {
+    pub async fn start_existing(
+        name: &str,
+        dir: tempfile::TempDir,
+        bootstrap: &[&TestNode],
+    ) -> TestNode {
         Self::run(name, dir, bootstrap).await
     }
 
     async fn run(name: &str, dir: tempfile::TempDir, bootstrap: &[&TestNode]) -> TestNode {
-        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed) + 10_000 * u64::from(std::process::id() % 1000);
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+            + 10_000 * u64::from(std::process::id() % 1000);
         let mut net = NetConfig::memory(port);
         net.bootstrap = bootstrap
             .iter()
-            .map(|n| format!("{}/p2p/{}", n.addr, n.handle.peer_id()).parse().unwrap())
+            .map(|n| {
+                format!("{}/p2p/{}", n.addr, n.handle.peer_id())
+                    .parse()
+                    .unwrap()
+            })
             .collect();
         let node = Node::start(NodeConfig {
             home: dir.path().join("home"),
@@ -77,7 +91,10 @@ impl TestNode {
     }
 
     pub async fn invite(&self) -> String {
-        self.call(Request::Id).await["invite"].as_str().unwrap().to_string()
+        self.call(Request::Id).await["invite"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub async fn add_contact(&self, other: &TestNode) {
@@ -125,7 +142,11 @@ impl TestNode {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("{}: {text:?} never arrived in {target}; have {:?}", self.name, self.texts(target).await);
+                panic!(
+                    "{}: {text:?} never arrived in {target}; have {:?}",
+                    self.name,
+                    self.texts(target).await
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
