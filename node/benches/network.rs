@@ -551,6 +551,38 @@ async fn bare_run(n: usize) -> Vec<Duration> {
     latency
 }
 
+// ------------------------------------------------- durability floor --
+
+/// One SQLite commit as the store makes them (WAL, `synchronous=FULL`, on
+/// the same disk as the node homes): one ~400-byte row per transaction.
+/// Not a target; it shows what two durable commits per message cost here.
+fn sqlite_commit_floor(n: usize) -> Vec<Duration> {
+    let dir = tempfile::Builder::new()
+        .prefix("weft-bench-sqlite-")
+        .tempdir()
+        .unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("floor.db")).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
+    )
+    .unwrap();
+    let body = vec![7u8; 400];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        conn.execute_batch("BEGIN").unwrap();
+        conn.execute("INSERT INTO t (body) VALUES (?1)", [&body])
+            .unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        out.push(t0.elapsed());
+    }
+    out
+}
+
 // ------------------------------------------------------------ main --
 
 fn main() {
@@ -573,6 +605,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let floor = stats(sqlite_commit_floor(plan.latency_messages));
     rt.block_on(async {
         let bare = bare_run(plan.latency_messages).await;
         let weft = weft_run(&plan).await;
@@ -594,6 +627,12 @@ fn main() {
         println!(
             "ratio weft p50 / bare p50 = {ratio:.2} (target <= 3.00: {})",
             verdict(ratio <= 3.0)
+        );
+        print_stats("floor: one SQLite WAL commit, synchronous=FULL", plan.latency_messages, &floor);
+        let durable = b.p50 + floor.p50 * 2;
+        println!(
+            "ratio weft p50 / (bare p50 + 2 x commit p50) = {:.2} (not a target: the overhead beyond two durable commits)",
+            w.p50.as_secs_f64() / durable.as_secs_f64().max(1e-9)
         );
         let ratio99 = w.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9);
         println!("ratio weft p99 / bare p99 = {ratio99:.2}");

@@ -59,3 +59,30 @@ impl Payload {
         postcard::from_bytes(bytes).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn text_round_trips() {
+        let p = Payload::Text(TextMessage {
+            text: "hi".into(),
+            reply_to: None,
+            sent_at_ms: 5,
+        });
+        assert_eq!(Payload::decode(&p.encode()), Some(p));
+    }
+
+    proptest! {
+        // Hostile plaintexts (from a member) and direct requests never panic.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Payload::decode(&bytes);
+            let _ = GroupState::decode(&bytes);
+            let _ = postcard::from_bytes::<crate::node::DirectRequest>(&bytes);
+            let _ = postcard::from_bytes::<crate::node::DirectResponse>(&bytes);
+        }
+    }
+}

@@ -106,3 +106,106 @@ async fn garbage_on_a_topic_gets_the_sender_banned() {
     bob.expect_text("alice", "after").await;
     let _ = Duration::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_envelope_is_stored_once() {
+    let alice = TestNode::start("alice", 21, &[]).await;
+    let bob = TestNode::start("bob", 21, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    let alice_user: UserId = alice.call(weft_node::api::Request::Id).await["user_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bob_user: UserId = bob.call(weft_node::api::Request::Id).await["user_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let topic = ConversationId::direct(&alice_user, &bob_user).topic();
+    // Mallory listens on the topic (she cannot read it) and records.
+    let mut config = NetConfig::memory(
+        alice
+            .addr
+            .to_string()
+            .trim_start_matches("/memory/")
+            .parse::<u64>()
+            .unwrap()
+            + 600_000,
+    );
+    config.bootstrap = vec![
+        format!("{}/p2p/{}", alice.addr, alice.handle.peer_id())
+            .parse()
+            .unwrap(),
+        format!("{}/p2p/{}", bob.addr, bob.handle.peer_id())
+            .parse()
+            .unwrap(),
+    ];
+    let key = weft_node::identity::Identity::from_seed(b"mallory2", 0)
+        .unwrap()
+        .libp2p_keypair()
+        .unwrap();
+    let (mallory, mut events, _) = net::spawn(key, config).unwrap();
+    mallory
+        .send(NetCommand::Subscribe(topic.clone()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            NetEvent::Subscribed { peer, topic: t }
+                if peer == alice.handle.peer_id() && t == topic =>
+            {
+                break;
+            }
+            _ => {}
+        }
+    }
+    alice.send("bob", "once").await;
+    let captured = loop {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            NetEvent::Gossip { data, .. } => break data,
+            _ => {}
+        }
+    };
+    bob.expect_text("alice", "once").await;
+    // Replay it to bob directly, several times.
+    for _ in 0..3 {
+        let request = postcard::to_stdvec(&weft_node::node::DirectRequest::Envelopes(vec![
+            captured.clone(),
+        ]))
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        mallory
+            .send(NetCommand::Direct {
+                peer: bob.handle.peer_id(),
+                data: request,
+                reply: tx,
+            })
+            .await
+            .unwrap();
+        let reply = tokio::time::timeout_at(deadline, rx)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            postcard::from_bytes::<weft_node::node::DirectResponse>(&reply).unwrap(),
+            weft_node::node::DirectResponse::Ack { .. }
+        ));
+    }
+    alice.send("bob", "twice?").await;
+    bob.expect_text("alice", "twice?").await;
+    assert_eq!(
+        bob.texts("alice").await,
+        vec!["once".to_string(), "twice?".to_string()]
+    );
+}

@@ -408,6 +408,41 @@ mod tests {
     }
 
     #[test]
+    fn removed_member_cannot_read_the_next_epoch() {
+        let (alice, _) = device(1);
+        let (_, bob_dh) = device(2);
+        let (_, carol_dh) = device(3);
+        let (bob, carol) = (DeviceId([2; 32]), DeviceId([3; 32]));
+        // Epoch 1: carol holds alice's chain.
+        let epoch1 = SendingChain::new([1; 32]);
+        let (ck1, at1) = epoch1.distribution();
+        let carol_chain = ReceivingChain::new(ck1, at1);
+        // Carol is removed: alice's epoch-2 chain is sealed to bob alone.
+        let mut epoch2 = SendingChain::new([2; 32]);
+        let (ck2, _) = epoch2.distribution();
+        let dist = seal_to_devices(
+            &alice,
+            conv(),
+            &[(bob, PublicKey::from(&bob_dh).to_bytes())],
+            [13; 32],
+            [14; 32],
+            &ck2,
+        )
+        .unwrap();
+        assert_eq!(
+            dist.open_sealed(&carol, &carol_dh),
+            Err(CryptoError::NotARecipient)
+        );
+        assert_eq!(dist.open_sealed(&bob, &carol_dh), Err(CryptoError::Decrypt));
+        assert_eq!(dist.open_sealed(&bob, &bob_dh).unwrap(), ck2);
+        // A message of epoch 2 does not open with carol's epoch-1 chain.
+        let (counter, mk) = epoch2.step().unwrap();
+        let msg = seal_chain(&alice, conv(), 2, counter, &mk, b"after carol").unwrap();
+        let (carol_key, _) = carol_chain.key_for(counter).unwrap();
+        assert_eq!(msg.open_chain(&carol_key), Err(CryptoError::Decrypt));
+    }
+
+    #[test]
     fn oversized_and_wrong_version_are_refused() {
         assert!(matches!(
             Envelope::decode(&vec![1u8; MAX_ENVELOPE_BYTES + 1]),

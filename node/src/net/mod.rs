@@ -407,6 +407,8 @@ pub fn spawn(
         mdns: None,
         strikes: HashMap::new(),
         banned: HashMap::new(),
+        kad_ready: false,
+        dht_lookups: HashMap::new(),
     };
     let join = tokio::spawn(task.run());
     Ok((handle, event_rx, join))
@@ -432,6 +434,10 @@ struct NetworkTask {
     mdns: Option<mdns::Mdns>,
     strikes: HashMap<PeerId, (u32, tokio::time::Instant)>,
     banned: HashMap<PeerId, tokio::time::Instant>,
+    /// Whether the DHT routing table has anyone in it.
+    kad_ready: bool,
+    /// Peers being looked up in the DHT (bounded).
+    dht_lookups: HashMap<kad::QueryId, PeerId>,
 }
 
 const MAX_KNOWN_PEERS: usize = 4096;
@@ -440,6 +446,10 @@ pub const MAX_STRIKES: u32 = 16;
 const STRIKE_WINDOW: Duration = Duration::from_secs(600);
 /// How long a banned peer stays banned.
 pub const BAN_DURATION: Duration = Duration::from_secs(3600);
+/// Most concurrent DHT lookups of peers to dial.
+const MAX_DHT_LOOKUPS: usize = 64;
+/// How often the DHT routing table is refreshed.
+const DHT_REFRESH: Duration = Duration::from_secs(300);
 /// Most peers tracked for strikes and bans.
 const MAX_TRACKED_OFFENDERS: usize = 4096;
 
@@ -451,6 +461,8 @@ impl NetworkTask {
                 self.dial(peer, PeerSource::Manual);
             }
         }
+        let mut refresh = tokio::time::interval(DHT_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redial = tokio::time::interval(Duration::from_secs(5));
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -479,6 +491,11 @@ impl NetworkTask {
                         let _ = self.swarm.behaviour_mut().direct.send_response(channel, response);
                     }
                 },
+                _ = refresh.tick() => {
+                    if self.kad_ready {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
                 _ = redial.tick() => {
                     self.unban_expired();
                     self.redial();
@@ -521,6 +538,15 @@ impl NetworkTask {
             .get(&peer)
             .map(|(a, _)| a.clone())
             .unwrap_or_default();
+        if addrs.is_empty() && self.kad_ready && !self.dht_lookups.values().any(|p| *p == peer) {
+            // No address known: ask the DHT where the peer is; the dial
+            // follows when the lookup finds it.
+            if self.dht_lookups.len() < MAX_DHT_LOOKUPS {
+                let query = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.dht_lookups.insert(query, peer);
+            }
+            return;
+        }
         let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
             .addresses(addrs)
             .extend_addresses_through_behaviour()
@@ -670,9 +696,11 @@ impl NetworkTask {
                 }
                 let addr = endpoint.get_remote_address().clone();
                 let source = if endpoint.is_dialer() {
+                    // Dials we did not ask for come from the behaviours,
+                    // i.e. Kademlia walking the DHT.
                     self.dial_sources
                         .remove(&peer_id)
-                        .unwrap_or(PeerSource::Manual)
+                        .unwrap_or(PeerSource::Dht)
                 } else {
                     PeerSource::Inbound
                 };

@@ -52,12 +52,12 @@ const CHAIN_CACHE: usize = 20_000;
 
 /// What travels on the direct protocol (docs/protocol.md).
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum DirectRequest {
+pub enum DirectRequest {
     Envelopes(Vec<Vec<u8>>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum DirectResponse {
+pub enum DirectResponse {
     Ack { accepted: u32 },
     Refused(String),
 }
@@ -236,12 +236,32 @@ impl Engine {
                 by_peer.entry(peer).or_default().push(addr);
             }
         }
+        // Member devices with no known address: the DHT may know them.
+        let me = peer_id_of(&self.my_device);
+        let ids: Vec<ConversationId> = self
+            .convs
+            .values()
+            .filter(|c| c.active)
+            .map(|c| c.id)
+            .collect();
+        for id in ids {
+            for peer in self.outbox_targets(&id)? {
+                if peer != me {
+                    by_peer.entry(peer.to_string()).or_default();
+                }
+            }
+        }
         for (peer, addrs) in by_peer {
             if let Ok(peer) = peer.parse::<PeerId>() {
+                let source = if addrs.is_empty() {
+                    PeerSource::Dht
+                } else {
+                    PeerSource::Manual
+                };
                 self.net_cmd(NetCommand::Dial {
                     peer,
                     addrs,
-                    source: PeerSource::Manual,
+                    source,
                 });
             }
         }

@@ -8,6 +8,8 @@
 
 mod engine;
 
+pub use engine::{DirectRequest, DirectResponse};
+
 use std::path::PathBuf;
 
 use libp2p::{Multiaddr, PeerId};

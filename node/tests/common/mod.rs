@@ -134,11 +134,20 @@ impl TestNode {
             .collect()
     }
 
-    /// Waits until `target` holds a message with `text`.
+    /// Waits until `target` holds a message with `text` (the conversation
+    /// itself may not be known yet).
     pub async fn expect_text(&self, target: &str, text: &str) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if self.texts(target).await.iter().any(|t| t == text) {
+            let req = Request::Messages {
+                target: target.into(),
+                limit: Some(10_000),
+                before: None,
+            };
+            if let Ok(v) = self.handle.call(req).await
+                && v.as_array()
+                    .is_some_and(|ms| ms.iter().any(|m| m["text"] == text))
+            {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
