@@ -44,6 +44,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if !benchmarking {
+        println!("smoke test (no --bench): short idle, not a measurement; use cargo bench");
+    }
     rt.block_on(async {
         let dir = tempfile::Builder::new().prefix("weft-bench-idle-").tempdir().unwrap();
         let home = Home::new(dir.path().join("home"));

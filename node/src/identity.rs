@@ -282,6 +282,12 @@ impl DeviceCertificate {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
+    /// Decodes a certificate from this device's own store, where only
+    /// verified certificates are ever written: skips the signature check.
+    pub fn from_stored_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        postcard::from_bytes(bytes).map_err(|_| IdentityError::Malformed("device certificate"))
+    }
+
     /// Decodes and verifies a certificate.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
         let cert: Self = postcard::from_bytes(bytes)

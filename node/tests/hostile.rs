@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{DEADLINE, TestNode, befriend};
 use weft_node::ids::{ConversationId, UserId};
 use weft_node::net::{self, NetCommand, NetConfig, NetEvent};
@@ -104,7 +102,6 @@ async fn garbage_on_a_topic_gets_the_sender_banned() {
     assert_eq!(bob.texts("alice").await, vec!["before".to_string()]);
     alice.send("bob", "after").await;
     bob.expect_text("alice", "after").await;
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,13 +164,12 @@ async fn replayed_envelope_is_stored_once() {
     }
     alice.send("bob", "once").await;
     let captured = loop {
-        match tokio::time::timeout_at(deadline, events.recv())
+        let event = tokio::time::timeout_at(deadline, events.recv())
             .await
             .unwrap()
-            .unwrap()
-        {
-            NetEvent::Gossip { data, .. } => break data,
-            _ => {}
+            .unwrap();
+        if let NetEvent::Gossip { data, .. } = event {
+            break data;
         }
     };
     bob.expect_text("alice", "once").await;

@@ -9,6 +9,7 @@
 //! could make us reuse a key for.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::gossipsub::{MessageAcceptance, MessageId as GossipId};
@@ -32,7 +33,7 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
 use crate::store::{
-    Contact, ConversationKind, ConversationRecord, Db, EnvelopeRecord, MessageRecord,
+    Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord, MessageRecord,
     MessageStatus, OutboxEntry, Role, Store,
 };
 
@@ -119,12 +120,14 @@ pub(super) struct Engine {
     my_device: DeviceId,
     name: String,
     store: Store,
-    net: Option<NetHandle>,
-    events: broadcast::Sender<Event>,
+    outlets: Outlets,
     convs: HashMap<ConversationId, Conv>,
     by_topic: HashMap<String, ConversationId>,
-    sending: HashMap<(ConversationId, u64), SendingChain>,
+    sending: HashMap<(ConversationId, u64), SendingSlot>,
     receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    recipients: HashMap<ConversationId, Arc<Recipients>>,
+    device_users: HashMap<DeviceId, Option<UserId>>,
+    blocked: HashSet<UserId>,
     connected: HashSet<PeerId>,
     topic_peers: HashMap<String, HashSet<PeerId>>,
     /// Envelopes in the outbox and the member peers not yet known to have
@@ -132,9 +135,38 @@ pub(super) struct Engine {
     unreached: HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
     /// When each envelope was last offered to each peer directly.
     offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
-    internal_tx: mpsc::Sender<Internal>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
 }
+
+/// This device's sending chain for one conversation epoch, with how far
+/// its counters are reserved on disk.
+struct SendingSlot {
+    chain: SendingChain,
+    /// The disk holds the chain at this counter (committed): counters
+    /// below it can never be reused, even after a crash, so envelopes
+    /// sealed with them may leave before the batch commits.
+    durable_until: u64,
+    /// The same, as written in the open transaction.
+    reserved_until: u64,
+}
+
+/// The member devices of a conversation other than this one, with their
+/// DH keys and peer ids: derived from certificates once, used per send.
+#[derive(Debug)]
+struct Recipients {
+    /// Epoch and member count it was computed for.
+    fingerprint: (u64, usize),
+    devices: Vec<(DeviceId, [u8; 32])>,
+    peers: HashSet<PeerId>,
+}
+
+/// Bounds of the derived caches.
+const RECIPIENTS_CACHE: usize = 4096;
+const DEVICE_USERS_CACHE: usize = 16_384;
+
+/// How many counters one reservation covers: a crash skips at most this
+/// many, which receivers absorb as skipped keys.
+const COUNTER_RESERVATION: u64 = 256;
 
 fn role_of(role: GroupRole) -> Role {
     match role {
@@ -169,17 +201,23 @@ impl Engine {
             identity,
             name,
             store,
-            net,
-            events,
+            outlets: Outlets {
+                sent_early: std::cell::Cell::new(false),
+                net,
+                events,
+                internal_tx,
+            },
             convs: HashMap::new(),
             by_topic: HashMap::new(),
             sending: HashMap::new(),
             receiving: HashMap::new(),
+            recipients: HashMap::new(),
+            device_users: HashMap::new(),
+            blocked: HashSet::new(),
             connected: HashSet::new(),
             topic_peers: HashMap::new(),
             unreached: HashMap::new(),
             offered: HashMap::new(),
-            internal_tx,
             internal_rx: Some(internal_rx),
         };
         engine.load()?;
@@ -190,6 +228,12 @@ impl Engine {
     /// conversation's topic and dials known peers.
     fn load(&mut self) -> Result<(), NodeError> {
         let db = self.store.db();
+        self.blocked = db
+            .contacts()?
+            .into_iter()
+            .filter(|c| c.blocked)
+            .map(|c| c.user_id)
+            .collect();
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
         for record in records {
@@ -215,7 +259,8 @@ impl Engine {
         let known = db.known_peers(4096)?;
         for conv in convs {
             if conv.active {
-                self.net_cmd(NetCommand::Subscribe(conv.topic.clone()));
+                self.outlets
+                    .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
             }
             self.by_topic.insert(conv.topic.clone(), conv.id);
             self.convs.insert(conv.id, conv);
@@ -258,7 +303,7 @@ impl Engine {
                 } else {
                     PeerSource::Manual
                 };
-                self.net_cmd(NetCommand::Dial {
+                self.outlets.net_cmd(NetCommand::Dial {
                     peer,
                     addrs,
                     source,
@@ -291,15 +336,6 @@ impl Engine {
         }
         peers.remove(&peer_id_of(&self.my_device));
         Ok(peers)
-    }
-
-    fn net_cmd(&self, cmd: NetCommand) {
-        if let Some(net) = &self.net
-            && !net.try_send(cmd)
-        {
-            // The outbox and retry tick cover anything dropped here.
-            tracing::warn!("network command queue full; command dropped");
-        }
     }
 
     pub(super) async fn run(
@@ -347,9 +383,9 @@ impl Engine {
                 }
                 break;
             }
-            self.handle_batch(batch);
+            self.handle_batch(batch).await;
             if let Some(done) = shutdown {
-                if let Some(net) = &self.net {
+                if let Some(net) = &self.outlets.net {
                     net.shutdown().await;
                 }
                 let _ = done.send(());
@@ -358,13 +394,25 @@ impl Engine {
         }
     }
 
-    fn handle_batch(&mut self, batch: Vec<Input>) {
+    async fn handle_batch(&mut self, batch: Vec<Input>) {
         if batch.is_empty() {
             return;
         }
         let mut fx = Vec::new();
+        // Only what someone is promised must reach the platters before
+        // the reply: user requests and direct requests we acknowledge.
+        // Gossip we merely received commits without an fsync; the next
+        // durable commit carries it too.
+        let promised = batch
+            .iter()
+            .any(|i| matches!(i, Input::Command(_) | Input::Net(NetEvent::Direct { .. })));
+        let durability = if promised {
+            Durability::Full
+        } else {
+            Durability::Normal
+        };
         let committed = {
-            let txn = match self.store.transaction() {
+            let txn = match self.store.transaction_with(durability) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!("cannot begin transaction: {e}");
@@ -379,11 +427,14 @@ impl Engine {
                     my_user: self.my_user,
                     my_device: self.my_device,
                     name: &mut self.name,
-                    net_online: self.net.is_some(),
+                    net_online: self.outlets.net.is_some(),
                     convs: &mut self.convs,
                     by_topic: &mut self.by_topic,
                     sending: &mut self.sending,
                     receiving: &mut self.receiving,
+                    recipients: &mut self.recipients,
+                    device_users: &mut self.device_users,
+                    blocked: &mut self.blocked,
                     connected: &mut self.connected,
                     topic_peers: &mut self.topic_peers,
                     unreached: &mut self.unreached,
@@ -391,9 +442,18 @@ impl Engine {
                 },
                 db: &db,
                 fx: &mut fx,
+                outlets: &self.outlets,
             };
             for input in batch {
                 state.handle(input);
+            }
+            if self.outlets.sent_early.replace(false) {
+                // Envelopes went out before the commit: let the network task
+                // and the connection tasks (on this same thread) put them on
+                // the wire before the fsync holds the thread.
+                for _ in 0..16 {
+                    tokio::task::yield_now().await;
+                }
             }
             txn.commit()
         };
@@ -410,24 +470,30 @@ impl Engine {
             self.receiving.clear();
             return;
         }
-        self.run_effects(fx);
+        for slot in self.sending.values_mut() {
+            slot.durable_until = slot.reserved_until;
+        }
+        run_effects(&self.outlets, fx);
     }
+}
 
-    fn run_effects(&mut self, fx: Vec<Effect>) {
-        for effect in fx {
-            match effect {
-                Effect::Net(cmd) => self.net_cmd(cmd),
-                Effect::Event(ev) => {
-                    let _ = self.events.send(ev);
-                }
-                Effect::Reply(reply, result) => {
-                    let _ = reply.send(result);
-                }
-                Effect::DirectReply(reply, bytes) => {
-                    let _ = reply.send(bytes);
-                }
-                Effect::Direct { peer, envelopes } => self.send_direct(peer, envelopes),
-            }
+/// Where effects go: the network, `watch` subscribers, and the engine's
+/// own queue of direct-send results.
+struct Outlets {
+    /// Set when an effect ran before its batch committed.
+    sent_early: std::cell::Cell<bool>,
+    net: Option<NetHandle>,
+    events: broadcast::Sender<Event>,
+    internal_tx: mpsc::Sender<Internal>,
+}
+
+impl Outlets {
+    fn net_cmd(&self, cmd: NetCommand) {
+        if let Some(net) = &self.net
+            && !net.try_send(cmd)
+        {
+            // The outbox and retry tick cover anything dropped here.
+            tracing::warn!("network command queue full; command dropped");
         }
     }
 
@@ -458,6 +524,24 @@ impl Engine {
                 );
                 let _ = internal.send(Internal::DirectAck { peer, ids, ok }).await;
             });
+        }
+    }
+}
+
+fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
+    for effect in fx {
+        match effect {
+            Effect::Net(cmd) => outlets.net_cmd(cmd),
+            Effect::Event(ev) => {
+                let _ = outlets.events.send(ev);
+            }
+            Effect::Reply(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Effect::DirectReply(reply, bytes) => {
+                let _ = reply.send(bytes);
+            }
+            Effect::Direct { peer, envelopes } => outlets.send_direct(peer, envelopes),
         }
     }
 }
@@ -494,8 +578,11 @@ struct EngineState<'a> {
     net_online: bool,
     convs: &'a mut HashMap<ConversationId, Conv>,
     by_topic: &'a mut HashMap<String, ConversationId>,
-    sending: &'a mut HashMap<(ConversationId, u64), SendingChain>,
+    sending: &'a mut HashMap<(ConversationId, u64), SendingSlot>,
     receiving: &'a mut HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    recipients: &'a mut HashMap<ConversationId, Arc<Recipients>>,
+    device_users: &'a mut HashMap<DeviceId, Option<UserId>>,
+    blocked: &'a mut HashSet<UserId>,
     connected: &'a mut HashSet<PeerId>,
     topic_peers: &'a mut HashMap<String, HashSet<PeerId>>,
     unreached: &'a mut HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
@@ -505,7 +592,11 @@ struct EngineState<'a> {
 struct State<'s, 'a, 'd> {
     e: &'s mut EngineState<'a>,
     db: &'s Db<'d>,
+    /// Run after the commit.
     fx: &'s mut Vec<Effect>,
+    /// For what is safe to send before the batch is durable (see
+    /// [`SendingSlot`]): it goes out at once.
+    outlets: &'s Outlets,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
@@ -581,6 +672,7 @@ impl State<'_, '_, '_> {
             Request::ContactRemove { alias } => {
                 let c = self.contact(&alias)?;
                 self.db.remove_contact(&c.user_id)?;
+                self.e.blocked.remove(&c.user_id);
                 to_value(&self.contact_view(&c)?)
             }
             Request::ContactBlock { alias } => self.set_blocked(&alias, true),
@@ -733,6 +825,11 @@ impl State<'_, '_, '_> {
     fn set_blocked(&mut self, alias: &str, blocked: bool) -> ApiResult {
         let c = self.contact(alias)?;
         self.db.set_blocked(&c.user_id, blocked)?;
+        if blocked {
+            self.e.blocked.insert(c.user_id);
+        } else {
+            self.e.blocked.remove(&c.user_id);
+        }
         let c = self.contact(alias)?;
         to_value(&self.contact_view(&c)?)
     }
@@ -804,6 +901,7 @@ impl State<'_, '_, '_> {
         cert.verify().map_err(|e| ApiError::usage(e.to_string()))?;
         self.db
             .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+        self.devices_changed();
         Ok(())
     }
 
@@ -829,6 +927,7 @@ impl State<'_, '_, '_> {
             &id,
             &[(self.e.my_user, Role::Member), (*user, Role::Member)],
         )?;
+        self.devices_changed();
         self.add_conv(Conv {
             id,
             kind: ConversationKind::Direct,
@@ -935,8 +1034,8 @@ impl State<'_, '_, '_> {
             reply_to,
             sent_at_ms: sent_at,
         });
-        let env = self.seal_chain_message(&conv, &payload.encode())?;
-        let reached = self.dispatch(&conv, &env, true)?;
+        let (env, counter, early) = self.seal_chain_message(&conv, &payload.encode())?;
+        let reached = self.send_envelope(&conv, &env, conv.epoch, counter, early)?;
         let status = if reached {
             MessageStatus::Sent
         } else {
@@ -968,7 +1067,39 @@ impl State<'_, '_, '_> {
 
     /// Member devices of a conversation other than this one, with their DH
     /// keys.
-    fn recipients(&self, conv: &Conv) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
+    fn recipients(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
+        let fingerprint = (
+            conv.epoch,
+            conv.group
+                .as_ref()
+                .map_or(conv.members.len(), |g| g.members.len()),
+        );
+        if let Some(r) = self.e.recipients.get(&conv.id)
+            && r.fingerprint == fingerprint
+        {
+            return Ok(r.clone());
+        }
+        let devices = self.compute_recipients(conv)?;
+        let peers = devices.iter().map(|(d, _)| peer_id_of(d)).collect();
+        let r = Arc::new(Recipients {
+            fingerprint,
+            devices,
+            peers,
+        });
+        if self.e.recipients.len() >= RECIPIENTS_CACHE {
+            self.e.recipients.clear();
+        }
+        self.e.recipients.insert(conv.id, r.clone());
+        Ok(r)
+    }
+
+    /// Forgets what was derived from device certificates and memberships.
+    fn devices_changed(&mut self) {
+        self.e.recipients.clear();
+        self.e.device_users.clear();
+    }
+
+    fn compute_recipients(&self, conv: &Conv) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
         let mut out = Vec::new();
         if let Some(g) = &conv.group {
             for m in &g.members {
@@ -984,7 +1115,7 @@ impl State<'_, '_, '_> {
                     if d.device_id == self.e.my_device {
                         continue;
                     }
-                    if let Ok(cert) = DeviceCertificate::from_bytes(&d.cert) {
+                    if let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert) {
                         out.push((cert.device, cert.dh));
                     }
                 }
@@ -995,37 +1126,62 @@ impl State<'_, '_, '_> {
 
     /// Seals a payload with this device's chain for the conversation's
     /// current epoch, creating and distributing the chain first if new.
-    fn seal_chain_message(&mut self, conv: &Conv, plaintext: &[u8]) -> Result<Envelope, ApiError> {
+    /// Seals a payload with this device's chain for the conversation's
+    /// current epoch, creating and distributing the chain first if new.
+    /// Returns the envelope and whether it may leave before the batch
+    /// commits (its counter is below the durable reservation).
+    fn seal_chain_message(
+        &mut self,
+        conv: &Conv,
+        plaintext: &[u8],
+    ) -> Result<(Envelope, u64, bool), ApiError> {
         let key = (conv.id, conv.epoch);
         if !self.e.sending.contains_key(&key) {
-            let chain = match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
-                Some(bytes) => SendingChain::from_bytes(&bytes)?,
+            let slot = match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
+                // What the disk holds is a reservation: resume there.
+                Some(bytes) => {
+                    let chain = SendingChain::from_bytes(&bytes)?;
+                    let at = chain.counter();
+                    SendingSlot {
+                        chain,
+                        durable_until: at,
+                        reserved_until: at,
+                    }
+                }
                 None => {
                     let chain = SendingChain::new(
                         random_bytes().map_err(|e| ApiError::failed(e.to_string()))?,
                     );
-                    self.db.put_chain(
-                        &conv.id,
-                        &self.e.my_device,
-                        conv.epoch,
-                        &chain.to_bytes(),
-                    )?;
                     self.distribute_chain(conv, &chain)?;
-                    chain
+                    // Nothing of a new chain is durable until this commit.
+                    SendingSlot {
+                        chain,
+                        durable_until: 0,
+                        reserved_until: 0,
+                    }
                 }
             };
-            self.e.sending.insert(key, chain);
+            self.e.sending.insert(key, slot);
         }
-        let chain = self
+        let slot = self
             .e
             .sending
             .get_mut(&key)
             .ok_or_else(|| ApiError::failed("chain vanished"))?;
-        let (counter, mk) = chain.step()?;
-        // The advanced chain is written in this transaction; nothing sealed
-        // with this key leaves before the commit.
-        self.db
-            .put_chain(&conv.id, &self.e.my_device, conv.epoch, &chain.to_bytes())?;
+        let (counter, mk) = slot.chain.step()?;
+        if slot.chain.counter() > slot.reserved_until {
+            // Reserve the next block of counters in this transaction: after
+            // a crash the chain resumes past every counter used before it.
+            let reserved = slot.chain.advanced(COUNTER_RESERVATION)?;
+            slot.reserved_until = reserved.counter();
+            self.db.put_chain(
+                &conv.id,
+                &self.e.my_device,
+                conv.epoch,
+                &reserved.to_bytes(),
+            )?;
+        }
+        let early = counter < slot.durable_until;
         let env = envelope::seal_chain(
             self.e.identity.device_signing_key(),
             conv.id,
@@ -1034,13 +1190,12 @@ impl State<'_, '_, '_> {
             &mk,
             plaintext,
         )?;
-        self.store_own_envelope(&env, conv.epoch, counter)?;
-        Ok(env)
+        Ok((env, counter, early))
     }
 
     fn distribute_chain(&mut self, conv: &Conv, chain: &SendingChain) -> Result<(), ApiError> {
         let recipients = self.recipients(conv)?;
-        if recipients.is_empty() {
+        if recipients.devices.is_empty() {
             return Ok(());
         }
         let (chain_key, next_counter) = chain.distribution();
@@ -1051,9 +1206,8 @@ impl State<'_, '_, '_> {
             sender_cert: self.e.identity.certificate().clone(),
             sender_name: self.e.name.clone(),
         });
-        let env = self.seal_to(conv.id, &recipients, &payload)?;
-        self.store_own_envelope(&env, conv.epoch, 0)?;
-        self.dispatch(conv, &env, true)?;
+        let env = self.seal_to(conv.id, &recipients.devices, &payload)?;
+        self.send_envelope(conv, &env, conv.epoch, 0, false)?;
         Ok(())
     }
 
@@ -1074,12 +1228,55 @@ impl State<'_, '_, '_> {
         )?)
     }
 
-    fn store_own_envelope(
+    /// Peers of the member devices of a conversation, except this device.
+    fn member_peers_of(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
+        self.recipients(conv)
+    }
+
+    /// Sends a freshly made envelope: gossip to the topic (flood-published
+    /// to every peer known to be subscribed), directly to member peers that
+    /// are connected but not (yet) known to be subscribed, and remembers
+    /// who is still missing it. Returns whether any member peer was reached.
+    fn send_envelope(
         &mut self,
+        conv: &Conv,
         env: &Envelope,
         epoch: u64,
         counter: u64,
-    ) -> Result<(), ApiError> {
+        early: bool,
+    ) -> Result<bool, ApiError> {
+        let targets = self.member_peers_of(conv)?;
+        let targets = &targets.peers;
+        let mut missing = HashSet::new();
+        let mut reached = false;
+        if self.e.net_online {
+            // Publish first: everything below only needs to be in this
+            // batch's transaction.
+            let publish = Effect::Net(NetCommand::Publish {
+                topic: conv.topic.clone(),
+                data: env.bytes().to_vec(),
+            });
+            self.later_or_now(publish, early);
+            let subscribed = self.e.topic_peers.get(&conv.topic);
+            for peer in targets.iter() {
+                if subscribed.is_some_and(|s| s.contains(peer)) {
+                    reached = true;
+                } else {
+                    missing.insert(*peer);
+                }
+            }
+            for peer in missing
+                .iter()
+                .filter(|p| self.e.connected.contains(p))
+                .copied()
+                .collect::<Vec<_>>()
+            {
+                self.offer(peer, env.id(), env.bytes().to_vec(), early);
+            }
+        } else {
+            // Offline: everyone is missing it; the daemon will send it.
+            missing = targets.iter().copied().collect();
+        }
         let now = now_ms();
         self.db.insert_envelope(&EnvelopeRecord {
             id: env.id(),
@@ -1090,74 +1287,44 @@ impl State<'_, '_, '_> {
             bytes: env.bytes().to_vec(),
             received_at_ms: now,
         })?;
-        self.db.enqueue_outbox(&OutboxEntry {
-            envelope_id: env.id(),
-            conversation: env.header.conversation,
-            bytes: env.bytes().to_vec(),
-            created_at_ms: now,
-            attempts: 0,
-            next_attempt_at_ms: now,
-        })?;
-        Ok(())
-    }
-
-    /// Peers of the member devices of a conversation, except this device.
-    fn member_peers_of(&self, conv: &Conv) -> HashSet<PeerId> {
-        self.recipients(conv)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(d, _)| peer_id_of(&d))
-            .collect()
-    }
-
-    /// Sends a freshly made envelope: gossip to the topic (flood-published
-    /// to every peer known to be subscribed), directly to member peers that
-    /// are connected but not (yet) known to be subscribed, and remembers
-    /// who is still missing it. Returns whether any member peer was reached.
-    fn dispatch(&mut self, conv: &Conv, env: &Envelope, gossip: bool) -> Result<bool, ApiError> {
-        let targets = self.member_peers_of(conv);
-        let subscribed = self
-            .e
-            .topic_peers
-            .get(&conv.topic)
-            .cloned()
-            .unwrap_or_default();
-        let mut missing = HashSet::new();
-        let mut reached = false;
-        for peer in targets {
-            if gossip && subscribed.contains(&peer) {
-                reached = true;
-            } else {
-                if self.e.connected.contains(&peer) {
-                    self.offer(peer, env.id(), env.bytes().to_vec());
-                }
-                missing.insert(peer);
-            }
-        }
-        if gossip && self.e.net_online {
-            self.fx.push(Effect::Net(NetCommand::Publish {
-                topic: conv.topic.clone(),
-                data: env.bytes().to_vec(),
-            }));
-        }
-        if !self.e.net_online {
-            // Offline: everyone is missing it; the daemon will send it.
-            let peers = self.member_peers_of(conv);
-            self.e.unreached.insert(env.id(), (conv.id, peers));
-            return Ok(false);
-        }
-        if missing.is_empty() {
-            self.db.remove_outbox(&env.id())?;
-        } else {
+        if !missing.is_empty() {
+            self.db.enqueue_outbox(&OutboxEntry {
+                envelope_id: env.id(),
+                conversation: env.header.conversation,
+                bytes: env.bytes().to_vec(),
+                created_at_ms: now,
+                attempts: 0,
+                next_attempt_at_ms: now,
+            })?;
             self.e.unreached.insert(env.id(), (conv.id, missing));
         }
         Ok(reached)
     }
 
-    fn offer(&mut self, peer: PeerId, id: EnvelopeId, bytes: Vec<u8>) {
+    /// Runs an effect now (`early`: safe before the commit) or after it.
+    fn later_or_now(&mut self, effect: Effect, early: bool) {
+        if early {
+            self.outlets.sent_early.set(true);
+            run_effects(self.outlets, vec![effect]);
+        } else {
+            self.fx.push(effect);
+        }
+    }
+
+    fn offer(&mut self, peer: PeerId, id: EnvelopeId, bytes: Vec<u8>, early: bool) {
         self.e
             .offered
             .insert((id, peer), tokio::time::Instant::now());
+        if early {
+            run_effects(
+                self.outlets,
+                vec![Effect::Direct {
+                    peer,
+                    envelopes: vec![(id, bytes)],
+                }],
+            );
+            return;
+        }
         // Coalesce with other envelopes for the same peer in this batch.
         for effect in self.fx.iter_mut() {
             if let Effect::Direct { peer: p, envelopes } = effect
@@ -1233,7 +1400,7 @@ impl State<'_, '_, '_> {
     fn offer_stored(&mut self, todo: Vec<(PeerId, EnvelopeId)>) {
         for (peer, id) in todo {
             match self.db.envelope(&id) {
-                Ok(Some(env)) => self.offer(peer, id, env.bytes),
+                Ok(Some(env)) => self.offer(peer, id, env.bytes, false),
                 Ok(None) => {
                     self.e.unreached.remove(&id);
                 }
@@ -1272,7 +1439,7 @@ impl State<'_, '_, '_> {
         }
         let mut devices = Vec::new();
         for d in self.db.devices_of_user(&c.user_id)? {
-            if let Ok(cert) = DeviceCertificate::from_bytes(&d.cert) {
+            if let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert) {
                 devices.push(cert);
             }
         }
@@ -1439,13 +1606,13 @@ impl State<'_, '_, '_> {
             return Ok(());
         }
         let env = self.seal_to(conv.id, &recipients, &Payload::Group(state.clone()))?;
-        self.store_own_envelope(&env, state.epoch, 0)?;
+
         // Removed members must hear it too: widen the delivery set.
         let mut wide = conv.clone();
         let mut all = state.clone();
         all.members.extend(removed.iter().cloned());
         wide.group = Some(all);
-        self.dispatch(&wide, &env, true)?;
+        self.send_envelope(&wide, &env, state.epoch, 0, false)?;
         Ok(())
     }
 
@@ -1460,6 +1627,7 @@ impl State<'_, '_, '_> {
             self.db.upsert_user(&m.user, &m.name, now)?;
             for d in &m.devices {
                 self.db.upsert_device(&d.device, &d.user, &d.to_bytes())?;
+                self.devices_changed();
             }
         }
         self.db
@@ -1470,6 +1638,7 @@ impl State<'_, '_, '_> {
             .map(|m| (m.user, role_of(m.role)))
             .collect();
         self.db.set_members(&state.id, &members)?;
+        self.devices_changed();
         let active = state.member(&self.e.my_user).is_some();
         let was_active = self.e.convs.get(&state.id).is_some_and(|c| c.active);
         let conv = Conv {
@@ -1694,12 +1863,20 @@ impl State<'_, '_, '_> {
         }
     }
 
-    fn sender_user(&self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
-        Ok(self
+    fn sender_user(&mut self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
+        if let Some(user) = self.e.device_users.get(device) {
+            return Ok(*user);
+        }
+        let user = self
             .db
             .device(device)?
             .filter(|d| !d.revoked)
-            .map(|d| d.user_id))
+            .map(|d| d.user_id);
+        if self.e.device_users.len() >= DEVICE_USERS_CACHE {
+            self.e.device_users.clear();
+        }
+        self.e.device_users.insert(*device, user);
+        Ok(user)
     }
 
     fn keep_pending(&mut self, env: &Envelope) -> Result<(), ApiError> {
@@ -1762,7 +1939,7 @@ impl State<'_, '_, '_> {
             return Ok(Verdict::Reject("sender key with a foreign certificate"));
         }
         let user = cert.user;
-        if self.db.is_blocked(&user)? {
+        if self.e.blocked.contains(&user) {
             return Ok(Verdict::Ignore);
         }
         let conv_id = env.header.conversation;
@@ -1772,6 +1949,7 @@ impl State<'_, '_, '_> {
                 self.db.upsert_user(&user, &sk.sender_name, now_ms())?;
                 self.db
                     .upsert_device(&cert.device, &user, &cert.to_bytes())?;
+                self.devices_changed();
                 let name = sk.sender_name.clone();
                 self.ensure_direct(&user, &name)?;
             } else {
@@ -1797,6 +1975,7 @@ impl State<'_, '_, '_> {
         // that contact's user key, which `cert.verify` established.
         self.db
             .upsert_device(&cert.device, &user, &cert.to_bytes())?;
+        self.devices_changed();
         if self
             .db
             .get_chain(&conv_id, &cert.device, sk.epoch)?
@@ -1840,7 +2019,7 @@ impl State<'_, '_, '_> {
         let Some(author) = author else {
             return Ok(Verdict::Reject("group change from an unknown device"));
         };
-        if self.db.is_blocked(&author)? && current.is_none() {
+        if self.e.blocked.contains(&author) && current.is_none() {
             return Ok(Verdict::Ignore);
         }
         match state.check_transition(current.as_ref(), &author) {
@@ -1935,7 +2114,7 @@ impl State<'_, '_, '_> {
             self.cache_chain(key, after);
         }
         self.store_envelope(env, epoch, counter)?;
-        if self.db.is_blocked(&user)? {
+        if self.e.blocked.contains(&user) {
             // Blocked: neither stored as a message nor shown; the group
             // still gets it forwarded.
             return Ok(Verdict::Accept);

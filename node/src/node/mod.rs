@@ -138,7 +138,7 @@ impl NodeHandle {
 #[derive(Debug)]
 pub struct Node {
     handle: NodeHandle,
-    engine: tokio::task::JoinHandle<()>,
+    engine: Option<std::thread::JoinHandle<()>>,
     _lock: crate::home::HomeLock,
 }
 
@@ -149,6 +149,14 @@ impl Node {
         let identity = home.load_identity()?;
         let lock = home.lock()?;
         let store = crate::store::Store::open(&home.db_path())?;
+        // One thread per node runs the engine and the network task (with
+        // the swarm's connection tasks) on its own single-threaded
+        // runtime: the two talk without crossing threads, and SQLite's
+        // blocking calls never stall the caller's runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let context = runtime.enter();
         let (net, net_events) = match config.network {
             Some(net_config) => {
                 let (handle, events, _join) =
@@ -166,10 +174,13 @@ impl Node {
             peer_id: identity.peer_id(),
         };
         let engine = engine::Engine::new(identity, store, net, events)?;
-        let engine = tokio::spawn(engine.run(rx, net_events));
+        drop(context);
+        let engine = std::thread::Builder::new()
+            .name("weft-engine".into())
+            .spawn(move || runtime.block_on(engine.run(rx, net_events)))?;
         Ok(Node {
             handle,
-            engine,
+            engine: Some(engine),
             _lock: lock,
         })
     }
@@ -180,12 +191,15 @@ impl Node {
 
     /// Stops gracefully: the engine finishes and commits the batch it is
     /// in, the network task stops, then the lock is released.
-    pub async fn shutdown(self) -> Result<(), NodeError> {
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
         if self.handle.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.engine.await;
+        if let Some(engine) = self.engine.take() {
+            // The engine has answered; its thread is about to end.
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+        }
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Params, Row, Statement, TransactionBehavior};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, Row, TransactionBehavior};
 
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 
@@ -64,6 +64,19 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    durability: Durability,
+}
+
+/// How a transaction's commit reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync at commit (`synchronous=FULL`): survives power loss. For
+    /// anything acknowledged to a user or a peer.
+    Full,
+    /// No fsync at commit (`synchronous=NORMAL` in WAL mode): survives a
+    /// crash of the process, not of the machine; the next `Full` commit
+    /// makes it durable too. For what nobody has been promised yet.
+    Normal,
 }
 
 impl Store {
@@ -92,8 +105,13 @@ impl Store {
     fn configure(mut conn: Connection) -> Result<Store, StoreError> {
         // FULL: a write we acknowledged to a peer must survive power loss.
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        // Every statement the node uses stays prepared.
+        conn.set_prepared_statement_cache_capacity(256);
         migrate(&mut conn)?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            durability: Durability::Full,
+        })
     }
 
     /// Queries on the bare connection: each write commits on its own.
@@ -104,6 +122,19 @@ impl Store {
     /// Starts a write transaction (for group commit of many writes). It
     /// rolls back unless [`Txn::commit`] is called.
     pub fn transaction(&mut self) -> Result<Txn<'_>, StoreError> {
+        self.transaction_with(Durability::Full)
+    }
+
+    /// A write transaction whose commit is as durable as asked.
+    pub fn transaction_with(&mut self, durability: Durability) -> Result<Txn<'_>, StoreError> {
+        if durability != self.durability {
+            let pragma = match durability {
+                Durability::Full => "PRAGMA synchronous=FULL",
+                Durability::Normal => "PRAGMA synchronous=NORMAL",
+            };
+            self.conn.execute_batch(pragma)?;
+            self.durability = durability;
+        }
         // IMMEDIATE takes the write lock now, so a batch never fails halfway
         // on a read-to-write lock upgrade.
         let tx = self
@@ -155,8 +186,8 @@ impl<'a> Db<'a> {
     /// The one place statements are prepared. rusqlite's statement cache
     /// (`prepare_cached`) needs its `cache` feature, which the workspace's
     /// `default-features = false` turns off; enable it and switch here.
-    fn prepare(&self, sql: &str) -> Result<Statement<'a>, StoreError> {
-        Ok(self.conn.prepare(sql)?)
+    fn prepare(&self, sql: &str) -> Result<CachedStatement<'a>, StoreError> {
+        Ok(self.conn.prepare_cached(sql)?)
     }
 
     fn execute(&self, sql: &str, params: impl Params) -> Result<usize, StoreError> {
