@@ -2099,6 +2099,9 @@ impl State<'_, '_, '_> {
         };
         let (mk, after) = match chain.key_for(counter) {
             Ok(x) => x,
+            // A key already used: a replay on gossip; on a direct stream,
+            // most likely an honest retry of something we have.
+            Err(CryptoError::Replay(_)) if via != Via::Gossip => return Ok(Verdict::Ignore),
             Err(CryptoError::Replay(_)) => return Ok(Verdict::Reject("message key already used")),
             Err(_) => return Ok(Verdict::Reject("counter out of range")),
         };
@@ -2108,44 +2111,47 @@ impl State<'_, '_, '_> {
         let Some(payload) = Payload::decode(&plain) else {
             return Ok(Verdict::Reject("malformed payload"));
         };
+        let Payload::Text(t) = payload else {
+            return Ok(Verdict::Reject("unexpected chain-sealed payload"));
+        };
+        let blocked = self.e.blocked.contains(&user);
+        let now = now_ms();
+        let record = MessageRecord {
+            id: env.id(),
+            conversation: conv_id,
+            sender_user: user,
+            sender_device: env.header.sender,
+            sent_at_ms: t.sent_at_ms.min(now + MAX_CLOCK_SKEW_MS),
+            received_at_ms: now,
+            text: t.text,
+            reply_to: t.reply_to,
+            status: MessageStatus::Delivered,
+            edited: false,
+            deleted: false,
+        };
+        if !blocked {
+            // Shown at once, before the writes and the commit: the envelope
+            // is authentic, new (not stored, its key unused) and opened.
+            // Nothing is promised to the sender on the strength of this
+            // event (acknowledgements wait for the commit), so showing it
+            // early risks nothing and takes the writes off the latency.
+            let view = self.message_view(&record)?;
+            run_effects(self.outlets, vec![Effect::Event(Event::Message(view))]);
+        }
         if let Some(after) = after {
             self.db
                 .put_chain(&conv_id, &env.header.sender, epoch, &after.to_bytes())?;
             self.cache_chain(key, after);
         }
         self.store_envelope(env, epoch, counter)?;
-        if self.e.blocked.contains(&user) {
-            // Blocked: neither stored as a message nor shown; the group
-            // still gets it forwarded.
-            return Ok(Verdict::Accept);
+        // Blocked: verified and forwarded (the group keeps working), but
+        // neither stored as a message nor shown.
+        if !blocked && self.db.insert_message(&record)? {
+            let unread = u32::from(user != self.e.my_user);
+            self.db
+                .bump_conversation(&conv_id, record.sent_at_ms, unread)?;
         }
-        match payload {
-            Payload::Text(t) => {
-                let now = now_ms();
-                let record = MessageRecord {
-                    id: env.id(),
-                    conversation: conv_id,
-                    sender_user: user,
-                    sender_device: env.header.sender,
-                    sent_at_ms: t.sent_at_ms.min(now + MAX_CLOCK_SKEW_MS),
-                    received_at_ms: now,
-                    text: t.text,
-                    reply_to: t.reply_to,
-                    status: MessageStatus::Delivered,
-                    edited: false,
-                    deleted: false,
-                };
-                if self.db.insert_message(&record)? {
-                    let unread = u32::from(user != self.e.my_user);
-                    self.db
-                        .bump_conversation(&conv_id, record.sent_at_ms, unread)?;
-                    let view = self.message_view(&record)?;
-                    self.fx.push(Effect::Event(Event::Message(view)));
-                }
-                Ok(Verdict::Accept)
-            }
-            _ => Ok(Verdict::Reject("unexpected chain-sealed payload")),
-        }
+        Ok(Verdict::Accept)
     }
 
     /// Retries envelopes of a conversation that were waiting for a key or a
