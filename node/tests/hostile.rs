@@ -1,13 +1,89 @@
 //! Hostile peers: garbage and forgeries on a conversation's topic are
-//! rejected, never stored or shown, and the sender is banned.
+//! rejected, never stored or shown, and the sender is banned; a replayed
+//! envelope is stored and shown once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::{DEADLINE, TestNode, befriend};
+use tokio::sync::mpsc;
+use weft_node::api::Request;
 use weft_node::ids::{ConversationId, UserId};
-use weft_node::net::{self, NetCommand, NetConfig, NetEvent};
+use weft_node::net::{self, NetCommand, NetConfig, NetEvent, NetHandle};
+use weft_node::node::{DirectRequest, DirectResponse};
+
+/// A bare libp2p node (not a Weft node) on the memory transport, connected
+/// to `peers` and subscribed to the one-to-one topic of `a` and `b`. She can
+/// see ciphertext on the topic but read nothing.
+struct Mallory {
+    net: NetHandle,
+    events: mpsc::Receiver<NetEvent>,
+    topic: String,
+}
+
+async fn user_of(node: &TestNode) -> UserId {
+    node.call(Request::Id).await["user_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+impl Mallory {
+    async fn join(
+        seed: &[u8],
+        port_offset: u64,
+        a: &TestNode,
+        b: &TestNode,
+        peers: &[&TestNode],
+    ) -> Self {
+        let topic = ConversationId::direct(&user_of(a).await, &user_of(b).await).topic();
+        let port: u64 = a
+            .addr
+            .to_string()
+            .trim_start_matches("/memory/")
+            .parse()
+            .unwrap();
+        let mut config = NetConfig::memory(port + port_offset);
+        config.bootstrap = peers
+            .iter()
+            .map(|n| {
+                format!("{}/p2p/{}", n.addr, n.handle.peer_id())
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let key = weft_node::identity::Identity::from_seed(seed, 0)
+            .unwrap()
+            .libp2p_keypair()
+            .unwrap();
+        let (net, events, _) = net::spawn(key, config).unwrap();
+        net.send(NetCommand::Subscribe(topic.clone()))
+            .await
+            .unwrap();
+        let mut mallory = Self { net, events, topic };
+        // Publishing works once she knows `a` is on the topic.
+        let topic = mallory.topic.clone();
+        let a_peer = a.handle.peer_id();
+        mallory
+            .next(|ev| matches!(ev, NetEvent::Subscribed { peer, topic: t } if *peer == a_peer && *t == topic))
+            .await;
+        mallory
+    }
+
+    /// The next event matching `wanted`, within the deadline.
+    async fn next(&mut self, wanted: impl Fn(&NetEvent) -> bool) -> NetEvent {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) if wanted(&ev) => return ev,
+                Ok(Some(_)) => {}
+                other => panic!("mallory never saw the expected event: {other:?}"),
+            }
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_a_topic_gets_the_sender_banned() {
@@ -16,88 +92,25 @@ async fn garbage_on_a_topic_gets_the_sender_banned() {
     befriend(&alice, &bob).await;
     alice.send("bob", "before").await;
     bob.expect_text("alice", "before").await;
-
-    // Mallory is a bare libp2p node that joins alice and bob's topic.
-    let alice_user: UserId = alice.call(weft_node::api::Request::Id).await["user_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bob_user: UserId = bob.call(weft_node::api::Request::Id).await["user_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let topic = ConversationId::direct(&alice_user, &bob_user).topic();
-    let mut config = NetConfig::memory(
-        alice
-            .addr
-            .to_string()
-            .trim_start_matches("/memory/")
-            .parse::<u64>()
-            .unwrap()
-            + 500_000,
-    );
-    config.bootstrap = vec![
-        format!("{}/p2p/{}", alice.addr, alice.handle.peer_id())
-            .parse()
-            .unwrap(),
-    ];
-    let (mallory, mut events, _) = net::spawn(
-        weft_node::identity::Identity::from_seed(b"mallory", 0)
-            .unwrap()
-            .libp2p_keypair()
-            .unwrap(),
-        config,
-    )
-    .unwrap();
-    mallory
-        .send(NetCommand::Subscribe(topic.clone()))
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            NetEvent::Subscribed { peer, topic: t }
-                if peer == alice.handle.peer_id() && t == topic =>
-            {
-                break;
-            }
-            _ => {}
-        }
-    }
-    // Malformed envelopes and a forged one: a valid-looking header whose
-    // signature is wrong.
+    let mut mallory = Mallory::join(b"mallory", 500_000, &alice, &bob, &[&alice]).await;
+    // Envelopes of the right version byte but garbage after it, each
+    // different so gossipsub's own dedup does not hide them.
     for i in 0..(net::MAX_STRIKES + 4) {
         let mut data = vec![1u8; 120];
         data[1..9].copy_from_slice(&u64::from(i).to_be_bytes());
-        mallory
-            .send(NetCommand::Publish {
-                topic: topic.clone(),
-                data,
-            })
-            .await
-            .unwrap();
+        let publish = NetCommand::Publish {
+            topic: mallory.topic.clone(),
+            data,
+        };
+        mallory.net.send(publish).await.unwrap();
     }
     // Alice bans mallory: the connection goes and does not come back.
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(NetEvent::Disconnected { peer })) if peer == alice.handle.peer_id() => break,
-            Ok(Some(_)) => {}
-            other => panic!("mallory was never disconnected: {other:?}"),
-        }
-    }
-    let status = mallory.status().await.unwrap();
-    assert!(
-        status
-            .peers
-            .iter()
-            .all(|p| p.peer_id != alice.handle.peer_id())
-    );
+    let alice_peer = alice.handle.peer_id();
+    mallory
+        .next(|ev| matches!(ev, NetEvent::Disconnected { peer } if *peer == alice_peer))
+        .await;
+    let status = mallory.net.status().await.unwrap();
+    assert!(status.peers.iter().all(|p| p.peer_id != alice_peer));
     // Nothing of it was stored, and alice and bob still talk.
     assert_eq!(bob.texts("alice").await, vec!["before".to_string()]);
     alice.send("bob", "after").await;
@@ -109,93 +122,34 @@ async fn replayed_envelope_is_stored_once() {
     let alice = TestNode::start("alice", 21, &[]).await;
     let bob = TestNode::start("bob", 21, &[&alice]).await;
     befriend(&alice, &bob).await;
-    let alice_user: UserId = alice.call(weft_node::api::Request::Id).await["user_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bob_user: UserId = bob.call(weft_node::api::Request::Id).await["user_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let topic = ConversationId::direct(&alice_user, &bob_user).topic();
-    // Mallory listens on the topic (she cannot read it) and records.
-    let mut config = NetConfig::memory(
-        alice
-            .addr
-            .to_string()
-            .trim_start_matches("/memory/")
-            .parse::<u64>()
-            .unwrap()
-            + 600_000,
-    );
-    config.bootstrap = vec![
-        format!("{}/p2p/{}", alice.addr, alice.handle.peer_id())
-            .parse()
-            .unwrap(),
-        format!("{}/p2p/{}", bob.addr, bob.handle.peer_id())
-            .parse()
-            .unwrap(),
-    ];
-    let key = weft_node::identity::Identity::from_seed(b"mallory2", 0)
-        .unwrap()
-        .libp2p_keypair()
-        .unwrap();
-    let (mallory, mut events, _) = net::spawn(key, config).unwrap();
-    mallory
-        .send(NetCommand::Subscribe(topic.clone()))
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            NetEvent::Subscribed { peer, topic: t }
-                if peer == alice.handle.peer_id() && t == topic =>
-            {
-                break;
-            }
-            _ => {}
-        }
-    }
+    let mut mallory = Mallory::join(b"mallory2", 600_000, &alice, &bob, &[&alice, &bob]).await;
     alice.send("bob", "once").await;
-    let captured = loop {
-        let event = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if let NetEvent::Gossip { data, .. } = event {
-            break data;
-        }
+    let NetEvent::Gossip { data: captured, .. } = mallory
+        .next(|ev| matches!(ev, NetEvent::Gossip { .. }))
+        .await
+    else {
+        unreachable!("matched a gossip event")
     };
     bob.expect_text("alice", "once").await;
     // Replay it to bob directly, several times.
     for _ in 0..3 {
-        let request = postcard::to_stdvec(&weft_node::node::DirectRequest::Envelopes(vec![
-            captured.clone(),
-        ]))
-        .unwrap();
+        let request =
+            postcard::to_stdvec(&DirectRequest::Envelopes(vec![captured.clone()])).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        mallory
-            .send(NetCommand::Direct {
-                peer: bob.handle.peer_id(),
-                data: request,
-                reply: tx,
-            })
-            .await
-            .unwrap();
-        let reply = tokio::time::timeout_at(deadline, rx)
+        let direct = NetCommand::Direct {
+            peer: bob.handle.peer_id(),
+            data: request,
+            reply: tx,
+        };
+        mallory.net.send(direct).await.unwrap();
+        let reply = tokio::time::timeout(DEADLINE, rx)
             .await
             .unwrap()
             .unwrap()
             .unwrap();
         assert!(matches!(
-            postcard::from_bytes::<weft_node::node::DirectResponse>(&reply).unwrap(),
-            weft_node::node::DirectResponse::Ack { .. }
+            postcard::from_bytes::<DirectResponse>(&reply).unwrap(),
+            DirectResponse::Ack { .. }
         ));
     }
     alice.send("bob", "twice?").await;

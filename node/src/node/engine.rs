@@ -1494,7 +1494,8 @@ impl State<'_, '_, '_> {
         })
     }
 
-    fn group_change(&mut self, group: &str, alias: &str, op: GroupOp) -> ApiResult {
+    /// A group this user is an active member of, with its current state.
+    fn active_group(&mut self, group: &str) -> Result<(Conv, GroupState), ApiError> {
         let conv = self.group(group)?;
         let current = conv
             .group
@@ -1503,20 +1504,23 @@ impl State<'_, '_, '_> {
         if !conv.active {
             return Err(ApiError::usage("you are no longer a member of this group"));
         }
+        Ok((conv, current))
+    }
+
+    fn group_change(&mut self, group: &str, alias: &str, op: GroupOp) -> ApiResult {
+        let (_, current) = self.active_group(group)?;
         if !current.is_admin(&self.e.my_user) {
             return Err(ApiError::usage("only an admin may do that"));
         }
         let mut next = current.clone();
         next.epoch += 1;
-        let user = match op {
+        match op {
             GroupOp::Add => {
                 let m = self.contact_as_member(alias)?;
                 if current.member(&m.user).is_some() {
                     return Err(ApiError::usage(format!("{alias} is already a member")));
                 }
-                let user = m.user;
                 next.members.push(m);
-                user
             }
             GroupOp::Remove | GroupOp::Admin => {
                 let user = self.member_user(&current, alias)?;
@@ -1530,9 +1534,8 @@ impl State<'_, '_, '_> {
                         m.role = GroupRole::Admin;
                     }
                 }
-                user
             }
-        };
+        }
         next.check_transition(Some(&current), &self.e.my_user)
             .map_err(|e| ApiError::usage(e.to_string()))?;
         let removed: Vec<GroupMember> = current
@@ -1543,7 +1546,6 @@ impl State<'_, '_, '_> {
             .collect();
         let conv = self.apply_group(&next, &removed)?;
         self.announce_group(&conv, &next, &removed)?;
-        let _ = user;
         to_value(&member_views(&next))
     }
 
@@ -1567,14 +1569,7 @@ impl State<'_, '_, '_> {
     }
 
     fn group_leave(&mut self, group: &str) -> ApiResult {
-        let conv = self.group(group)?;
-        let current = conv
-            .group
-            .clone()
-            .ok_or_else(|| ApiError::failed("group has no state"))?;
-        if !conv.active {
-            return Err(ApiError::usage("you are not a member of this group"));
-        }
+        let (_, current) = self.active_group(group)?;
         let next = current.without(&self.e.my_user);
         let me = current
             .member(&self.e.my_user)
