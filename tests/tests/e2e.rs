@@ -404,3 +404,41 @@ fn demo_runs_to_the_end() -> anyhow::Result<()> {
     assert_eq!(transcript["messages"].as_array().map(Vec::len), Some(3));
     Ok(())
 }
+
+#[test]
+fn two_daemons_over_quic() -> anyhow::Result<()> {
+    let mut alice = Weft::new("alice")?;
+    let mut bob = Weft::new("bob")?;
+    alice.init()?;
+    bob.init()?;
+    alice.start_daemon(&["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])?;
+    let quic = alice
+        .daemon()?
+        .listen
+        .iter()
+        .find(|a| a.contains("/quic-v1"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("alice does not listen on QUIC"))?;
+    let boot = format!("{quic}/p2p/{}", alice.daemon()?.peer_id);
+    bob.start_daemon(&[
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--bootstrap",
+        &boot,
+    ])?;
+    befriend(&alice, &bob)?;
+    alice.ok(&["send", "bob", "over quic"])?;
+    bob.wait_for_message("alice", "over quic")?;
+    // bob reached alice through her QUIC address.
+    let status = bob.json(&["status"])?;
+    let via_quic = status["peers"].as_array().is_some_and(|peers| {
+        peers.iter().any(|p| {
+            p["addrs"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.contains("quic-v1")))
+            })
+        })
+    });
+    anyhow::ensure!(via_quic, "bob is not connected over QUIC: {status}");
+    Ok(())
+}
