@@ -1126,8 +1126,6 @@ impl State<'_, '_, '_> {
 
     /// Seals a payload with this device's chain for the conversation's
     /// current epoch, creating and distributing the chain first if new.
-    /// Seals a payload with this device's chain for the conversation's
-    /// current epoch, creating and distributing the chain first if new.
     /// Returns the envelope and whether it may leave before the batch
     /// commits (its counter is below the durable reservation).
     fn seal_chain_message(
