@@ -504,6 +504,36 @@ async fn wait_for(rx: &mut mpsc::UnboundedReceiver<(usize, Instant)>, seq: usize
     }
 }
 
+/// Alice's side of a bare run: publishes what she is handed; says when bob
+/// is subscribed.
+async fn publisher(
+    mut alice: Swarm<gossipsub::Behaviour>,
+    topic: IdentTopic,
+    mut publish_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    ready_tx: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready_tx);
+    loop {
+        tokio::select! {
+            data = publish_rx.recv() => match data {
+                Some(data) => {
+                    if let Err(e) = alice.behaviour_mut().publish(topic.clone(), data) {
+                        eprintln!("bare publish failed: {e}");
+                    }
+                }
+                None => return,
+            },
+            ev = alice.select_next_some() => {
+                if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { .. }) = ev
+                    && let Some(r) = ready.take()
+                {
+                    let _ = r.send(());
+                }
+            }
+        }
+    }
+}
+
 async fn bare_run(n: usize) -> Vec<Duration> {
     let topic = IdentTopic::new("weft-bench");
     let mut bob = bare_swarm();
@@ -534,30 +564,9 @@ async fn bare_run(n: usize) -> Vec<Duration> {
         }
     });
     // alice: publish what she is handed; say when bob is subscribed.
-    let (publish_tx, mut publish_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (publish_tx, publish_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let alice_task = tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        loop {
-            tokio::select! {
-                data = publish_rx.recv() => match data {
-                    Some(data) => {
-                        if let Err(e) = alice.behaviour_mut().publish(topic.clone(), data) {
-                            eprintln!("bare publish failed: {e}");
-                        }
-                    }
-                    None => return,
-                },
-                ev = alice.select_next_some() => {
-                    if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { .. }) = ev
-                        && let Some(r) = ready.take()
-                    {
-                        let _ = r.send(());
-                    }
-                }
-            }
-        }
-    });
+    let alice_task = tokio::spawn(publisher(alice, topic, publish_rx, ready_tx));
     tokio::time::timeout(DEADLINE, ready_rx)
         .await
         .unwrap()
@@ -679,27 +688,7 @@ async fn bare_app_start() -> BareApp {
             let mut alice = bare_swarm();
             alice.behaviour_mut().subscribe(&topic).unwrap();
             alice.dial(bob_addr).unwrap();
-            let mut ready = Some(ready_tx);
-            let mut publish_rx = publish_rx;
-            loop {
-                tokio::select! {
-                    data = publish_rx.recv() => match data {
-                        Some(data) => {
-                            if let Err(e) = alice.behaviour_mut().publish(topic.clone(), data) {
-                                eprintln!("bare publish failed: {e}");
-                            }
-                        }
-                        None => return,
-                    },
-                    ev = alice.select_next_some() => {
-                        if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { .. }) = ev
-                            && let Some(r) = ready.take()
-                        {
-                            let _ = r.send(());
-                        }
-                    }
-                }
-            }
+            publisher(alice, topic, publish_rx, ready_tx).await;
         });
     });
     tokio::time::timeout(DEADLINE, ready_rx)
