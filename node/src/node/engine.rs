@@ -71,7 +71,8 @@ struct Conv {
     topic: String,
     epoch: u64,
     members: Vec<UserId>,
-    group: Option<GroupState>,
+    /// Shared: a conversation is looked up (and cloned) per message.
+    group: Option<Arc<GroupState>>,
     /// Whether this user is (still) a member.
     active: bool,
 }
@@ -242,7 +243,11 @@ impl Engine {
                 .into_iter()
                 .map(|(u, _)| u)
                 .collect::<Vec<_>>();
-            let group = record.state.as_deref().and_then(GroupState::decode);
+            let group = record
+                .state
+                .as_deref()
+                .and_then(GroupState::decode)
+                .map(Arc::new);
             let active = members.contains(&self.my_user);
             convs.push(Conv {
                 id: record.id,
@@ -1226,11 +1231,6 @@ impl State<'_, '_, '_> {
         )?)
     }
 
-    /// Peers of the member devices of a conversation, except this device.
-    fn member_peers_of(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
-        self.recipients(conv)
-    }
-
     /// Sends a freshly made envelope: gossip to the topic (flood-published
     /// to every peer known to be subscribed), directly to member peers that
     /// are connected but not (yet) known to be subscribed, and remembers
@@ -1243,7 +1243,7 @@ impl State<'_, '_, '_> {
         counter: u64,
         early: bool,
     ) -> Result<bool, ApiError> {
-        let targets = self.member_peers_of(conv)?;
+        let targets = self.recipients(conv)?;
         let targets = &targets.peers;
         let mut missing = HashSet::new();
         let mut reached = false;
@@ -1493,7 +1493,7 @@ impl State<'_, '_, '_> {
     }
 
     /// A group this user is an active member of, with its current state.
-    fn active_group(&mut self, group: &str) -> Result<(Conv, GroupState), ApiError> {
+    fn active_group(&mut self, group: &str) -> Result<(Conv, Arc<GroupState>), ApiError> {
         let conv = self.group(group)?;
         let current = conv
             .group
@@ -1510,7 +1510,7 @@ impl State<'_, '_, '_> {
         if !current.is_admin(&self.e.my_user) {
             return Err(ApiError::usage("only an admin may do that"));
         }
-        let mut next = current.clone();
+        let mut next = GroupState::clone(&current);
         next.epoch += 1;
         match op {
             GroupOp::Add => {
@@ -1604,7 +1604,7 @@ impl State<'_, '_, '_> {
         let mut wide = conv.clone();
         let mut all = state.clone();
         all.members.extend(removed.iter().cloned());
-        wide.group = Some(all);
+        wide.group = Some(Arc::new(all));
         self.send_envelope(&wide, &env, state.epoch, 0, false)?;
         Ok(())
     }
@@ -1640,7 +1640,7 @@ impl State<'_, '_, '_> {
             topic: state.id.topic(),
             epoch: state.epoch,
             members: state.members.iter().map(|m| m.user).collect(),
-            group: Some(state.clone()),
+            group: Some(Arc::new(state.clone())),
             active,
         };
         if active && !was_active {
@@ -2004,7 +2004,8 @@ impl State<'_, '_, '_> {
         // current or the new state.
         let current = self.e.convs.get(&state.id).and_then(|c| c.group.clone());
         let author = current
-            .iter()
+            .as_deref()
+            .into_iter()
             .chain(std::iter::once(&state))
             .flat_map(|g| g.members.iter())
             .find(|m| m.devices.iter().any(|d| d.device == env.header.sender))
@@ -2015,7 +2016,7 @@ impl State<'_, '_, '_> {
         if self.e.blocked.contains(&author) && current.is_none() {
             return Ok(Verdict::Ignore);
         }
-        match state.check_transition(current.as_ref(), &author) {
+        match state.check_transition(current.as_deref(), &author) {
             Ok(()) => {}
             Err(crate::group::GroupError::Stale) => {
                 self.store_envelope(env, state.epoch, 0)?;
