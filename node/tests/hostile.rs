@@ -39,21 +39,8 @@ impl Mallory {
         peers: &[&TestNode],
     ) -> Self {
         let topic = ConversationId::direct(&user_of(a).await, &user_of(b).await).topic();
-        let port: u64 = a
-            .addr
-            .to_string()
-            .trim_start_matches("/memory/")
-            .parse()
-            .unwrap();
-        let mut config = NetConfig::memory(port + port_offset);
-        config.bootstrap = peers
-            .iter()
-            .map(|n| {
-                format!("{}/p2p/{}", n.addr, n.handle.peer_id())
-                    .parse()
-                    .unwrap()
-            })
-            .collect();
+        let mut config = NetConfig::memory(a.port() + port_offset);
+        config.bootstrap = peers.iter().map(|n| n.dial_addr()).collect();
         let key = weft_node::identity::Identity::from_seed(seed, 0)
             .unwrap()
             .libp2p_keypair()

@@ -58,14 +58,7 @@ impl TestNode {
         let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed)
             + 10_000 * u64::from(std::process::id() % 1000);
         let mut net = NetConfig::memory(port);
-        net.bootstrap = bootstrap
-            .iter()
-            .map(|n| {
-                format!("{}/p2p/{}", n.addr, n.handle.peer_id())
-                    .parse()
-                    .unwrap()
-            })
-            .collect();
+        net.bootstrap = bootstrap.iter().map(|n| n.dial_addr()).collect();
         let node = Node::start(NodeConfig {
             home: dir.path().join("home"),
             network: Some(net),
@@ -81,6 +74,22 @@ impl TestNode {
             addr,
             dir,
         }
+    }
+
+    /// This node's address with its peer id, to dial or bootstrap from.
+    pub fn dial_addr(&self) -> Multiaddr {
+        format!("{}/p2p/{}", self.addr, self.handle.peer_id())
+            .parse()
+            .unwrap()
+    }
+
+    /// The memory-transport port this node listens on.
+    pub fn port(&self) -> u64 {
+        self.addr
+            .to_string()
+            .trim_start_matches("/memory/")
+            .parse()
+            .unwrap()
     }
 
     pub async fn call(&self, req: Request) -> Value {
