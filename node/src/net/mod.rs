@@ -45,10 +45,6 @@ pub enum NetError {
     Listen(Multiaddr, String),
     #[error("transport setup failed: {0}")]
     Transport(String),
-    #[error("no peer is subscribed to the topic")]
-    NoPeers,
-    #[error("publish failed: {0}")]
-    Publish(String),
     #[error("direct request failed: {0}")]
     Direct(String),
     #[error("the network task has stopped")]

@@ -354,24 +354,27 @@ impl Engine {
         };
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        // Stop after this batch: asked to (with someone to tell), or every
+        // handle is gone.
+        let mut stopping = false;
+        let mut done: Option<oneshot::Sender<()>> = None;
         loop {
             let mut batch: Vec<Input> = Vec::new();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Shutdown(done)) => shutdown = Some(done),
+                    Some(Command::Shutdown(tx)) => (stopping, done) = (true, Some(tx)),
                     Some(cmd) => batch.push(Input::Command(cmd)),
-                    None => shutdown = None.or(Some(oneshot::channel().0)),
+                    None => stopping = true,
                 },
                 Some(ev) = recv_opt(&mut net_events) => batch.push(Input::Net(ev)),
                 Some(int) = internal.recv() => batch.push(Input::Internal(int)),
                 _ = retry.tick() => batch.push(Input::Retry),
             }
             // Drain whatever else is ready: one transaction for all of it.
-            while batch.len() < BATCH && shutdown.is_none() {
+            while batch.len() < BATCH && !stopping {
                 if let Ok(cmd) = commands.try_recv() {
                     match cmd {
-                        Command::Shutdown(done) => shutdown = Some(done),
+                        Command::Shutdown(tx) => (stopping, done) = (true, Some(tx)),
                         cmd => batch.push(Input::Command(cmd)),
                     }
                     continue;
@@ -389,11 +392,13 @@ impl Engine {
                 break;
             }
             self.handle_batch(batch).await;
-            if let Some(done) = shutdown {
+            if stopping {
                 if let Some(net) = &self.outlets.net {
                     net.shutdown().await;
                 }
-                let _ = done.send(());
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
                 return;
             }
         }
@@ -1152,9 +1157,7 @@ impl State<'_, '_, '_> {
                     }
                 }
                 None => {
-                    let chain = SendingChain::new(
-                        random_bytes().map_err(|e| ApiError::failed(e.to_string()))?,
-                    );
+                    let chain = SendingChain::new(fresh_key()?);
                     self.distribute_chain(conv, &chain)?;
                     // Nothing of a new chain is durable until this commit.
                     SendingSlot {
@@ -1220,13 +1223,12 @@ impl State<'_, '_, '_> {
         recipients: &[(DeviceId, [u8; 32])],
         payload: &Payload,
     ) -> Result<Envelope, ApiError> {
-        let rand = |_| random_bytes::<32>().map_err(|e| ApiError::failed(e.to_string()));
         Ok(envelope::seal_to_devices(
             self.e.identity.device_signing_key(),
             conv,
             recipients,
-            rand(())?,
-            rand(())?,
+            fresh_key()?,
+            fresh_key()?,
             &payload.encode(),
         )?)
     }
@@ -1457,7 +1459,7 @@ impl State<'_, '_, '_> {
         crate::identity::validate_name(name)
             .map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
         let mut state = GroupState {
-            id: ConversationId(random_bytes().map_err(|e| ApiError::failed(e.to_string()))?),
+            id: ConversationId(fresh_key()?),
             name: name.to_string(),
             epoch: 1,
             members: vec![self.me_as_member(GroupRole::Admin)],
@@ -1903,7 +1905,7 @@ impl State<'_, '_, '_> {
         };
         match payload {
             Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
-            Payload::Group(state) => self.receive_group(env, state, via),
+            Payload::Group(state) => self.receive_group(env, state),
             Payload::Text(_) => Ok(Verdict::Reject("text must be chain-sealed")),
         }
     }
@@ -1991,12 +1993,7 @@ impl State<'_, '_, '_> {
         self.e.receiving.insert(key, chain);
     }
 
-    fn receive_group(
-        &mut self,
-        env: &Envelope,
-        state: GroupState,
-        via: Via,
-    ) -> Result<Verdict, ApiError> {
+    fn receive_group(&mut self, env: &Envelope, state: GroupState) -> Result<Verdict, ApiError> {
         if state.id != env.header.conversation {
             return Ok(Verdict::Reject("group state for another conversation"));
         }
@@ -2046,7 +2043,6 @@ impl State<'_, '_, '_> {
         self.apply_group(&state, &[])?;
         self.store_envelope(env, state.epoch, 0)?;
         self.reprocess_pending(&state.id);
-        let _ = via;
         Ok(Verdict::Accept)
     }
 
@@ -2170,6 +2166,11 @@ enum GroupOp {
     Add,
     Remove,
     Admin,
+}
+
+/// 32 bytes from the OS's random number generator.
+fn fresh_key() -> Result<[u8; 32], ApiError> {
+    random_bytes().map_err(|e| ApiError::failed(e.to_string()))
 }
 
 fn member_views(g: &GroupState) -> Vec<MemberView> {
