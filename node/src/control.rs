@@ -98,7 +98,24 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option
 async fn serve_client(handle: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    while let Some(line) = read_line(&mut r).await? {
+    loop {
+        let line = match read_line(&mut r).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Say why before hanging up: the rest of the line is unread.
+                let reply = Reply {
+                    ok: false,
+                    data: None,
+                    error: Some(ApiError::usage(format!(
+                        "request longer than {MAX_REQUEST_BYTES} bytes"
+                    ))),
+                };
+                write_line(&mut w, &reply).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let request: Request = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
@@ -138,7 +155,6 @@ async fn serve_client(handle: NodeHandle, stream: UnixStream) -> std::io::Result
         };
         write_line(&mut w, &reply).await?;
     }
-    Ok(())
 }
 
 async fn stream_events(
