@@ -81,6 +81,19 @@ pub enum Command {
         target: String,
     },
 
+    /// Whether a contact is online, and when they were last seen.
+    Presence {
+        /// Contact alias or user id.
+        target: String,
+    },
+
+    /// Tell a conversation's members that you are typing (or, with
+    /// `--stop`, that you stopped).
+    Typing(TypingArgs),
+
+    /// Show who sees your presence and typing; with `--presence`, change it.
+    Privacy(PrivacyArgs),
+
     /// Stream events from the running daemon until interrupted.
     Watch,
 
@@ -125,6 +138,25 @@ pub struct DaemonArgs {
     /// supported yet).
     #[arg(long, value_name = "MULTIADDR")]
     pub relay: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TypingArgs {
+    /// Contact alias, group name, user id or conversation id.
+    pub target: String,
+    /// Say that you stopped typing instead.
+    #[arg(long)]
+    pub stop: bool,
+}
+
+/// Who may see this user's presence and typing.
+pub const PRESENCE_MODES: [&str; 3] = ["everyone", "contacts", "nobody"];
+
+#[derive(Debug, Args)]
+pub struct PrivacyArgs {
+    /// Who sees your presence (online, last seen) and typing.
+    #[arg(long, value_name = "WHO", value_parser = PRESENCE_MODES)]
+    pub presence: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +277,23 @@ mod tests {
             cli.command,
             Command::Messages(MessagesArgs { limit: Some(5), .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn privacy_modes_are_checked() -> Result<(), clap::Error> {
+        let cli = Cli::try_parse_from(["weft", "privacy", "--presence", "contacts"])?;
+        assert!(matches!(
+            cli.command,
+            Command::Privacy(PrivacyArgs { presence: Some(ref p) }) if p == "contacts"
+        ));
+        let cli = Cli::try_parse_from(["weft", "privacy"])?;
+        assert!(matches!(
+            cli.command,
+            Command::Privacy(PrivacyArgs { presence: None })
+        ));
+        let bad = Cli::try_parse_from(["weft", "privacy", "--presence", "friends"]);
+        assert!(matches!(bad, Err(ref e) if e.exit_code() == 2));
         Ok(())
     }
 

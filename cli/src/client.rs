@@ -56,10 +56,7 @@ pub async fn call(home: &Home, request: Request) -> anyhow::Result<Value> {
             return Ok(client.call(&request).await?);
         }
         require_initialized(home)?;
-        let config = NodeConfig {
-            home: home.dir().to_path_buf(),
-            network: None,
-        };
+        let config = NodeConfig::new(home.dir().to_path_buf(), None);
         match Node::start(config).await {
             Ok(node) => {
                 tracing::debug!("no daemon: answering with an offline node");

@@ -13,7 +13,9 @@ use serde_json::Value;
 use weft_node::api::{ConversationView, Request};
 use weft_node::home::Home;
 
-use crate::cli::{Cli, Command, ContactCommand, GroupCommand, InitArgs, SendArgs};
+use crate::cli::{
+    Cli, Command, ContactCommand, GroupCommand, InitArgs, PrivacyArgs, SendArgs, TypingArgs,
+};
 use crate::error::usage;
 use crate::{client, daemon, demo, output};
 
@@ -161,8 +163,28 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
             Request::Read {
                 target: target.clone(),
             },
-            done(format!("Marked {target} read.")),
+            Box::new(move |reply: &Value| output::marked_read(reply, &target)),
         ),
+        Command::Presence { target } => (
+            Request::Presence {
+                target: target.clone(),
+            },
+            Box::new(move |reply: &Value| output::presence(reply, &target)),
+        ),
+        Command::Typing(TypingArgs { target, stop }) => (
+            Request::Typing {
+                target: target.clone(),
+                typing: !stop,
+            },
+            Box::new(move |reply: &Value| output::typing(reply, &target)),
+        ),
+        Command::Privacy(PrivacyArgs { presence }) => {
+            let changed = presence.is_some();
+            (
+                Request::Privacy { presence },
+                Box::new(move |reply: &Value| output::privacy(reply, changed)),
+            )
+        }
         Command::Init(_)
         | Command::Id
         | Command::Daemon(_)
@@ -337,6 +359,30 @@ mod tests {
         assert_eq!(
             request(&["messages", "g", "--limit", "3", "--before", "ff"])?,
             serde_json::json!({"cmd": "messages", "target": "g", "limit": 3, "before": "ff"})
+        );
+        assert_eq!(
+            request(&["read", "bob"])?,
+            serde_json::json!({"cmd": "read", "target": "bob"})
+        );
+        assert_eq!(
+            request(&["presence", "bob"])?,
+            serde_json::json!({"cmd": "presence", "target": "bob"})
+        );
+        assert_eq!(
+            request(&["typing", "g"])?,
+            serde_json::json!({"cmd": "typing", "target": "g", "typing": true})
+        );
+        assert_eq!(
+            request(&["typing", "g", "--stop"])?,
+            serde_json::json!({"cmd": "typing", "target": "g", "typing": false})
+        );
+        assert_eq!(
+            request(&["privacy"])?,
+            serde_json::json!({"cmd": "privacy", "presence": null})
+        );
+        assert_eq!(
+            request(&["privacy", "--presence", "nobody"])?,
+            serde_json::json!({"cmd": "privacy", "presence": "nobody"})
         );
         assert_eq!(request(&["status"])?["cmd"], "status");
         assert!(request(&["watch"]).is_err());

@@ -1,7 +1,8 @@
 //! `weft daemon`: runs the node with networking in the foreground, serves
 //! the control socket other commands talk to, announces itself once it
 //! accepts commands (`{"event":"ready",...}` with `--json`), and shuts down
-//! gracefully on SIGINT or SIGTERM.
+//! gracefully on SIGINT or SIGTERM. Timings and limits come from
+//! `config.toml` in the home, if there is one (see `config`).
 
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,12 @@ use anyhow::Context;
 use serde_json::json;
 use weft_node::api::{IdView, Request};
 use weft_node::home::Home;
+use weft_node::node::Settings;
 use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeError, NodeHandle};
 
 use crate::cli::DaemonArgs;
 use crate::error::usage;
-use crate::{client, output};
+use crate::{client, config, output};
 
 const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"];
 /// How long to wait for a process that holds the home (a command answering
@@ -37,6 +39,7 @@ pub fn parse_addrs(flag: &str, values: &[String]) -> anyhow::Result<Vec<Multiadd
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()> {
     client::require_initialized(home)?;
+    let settings = config::load(home.dir())?;
     let listen = if args.listen.is_empty() {
         DEFAULT_LISTEN.iter().map(|a| a.to_string()).collect()
     } else {
@@ -61,7 +64,7 @@ pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()
     if client::connect_daemon(home).await.is_some() {
         anyhow::bail!("a daemon is already running for {}", home.dir().display());
     }
-    let node = start(home, net).await?;
+    let node = start(home, net, &settings).await?;
     let handle = node.handle();
     let result = serve_until_signal(home, &handle, json, &mut signals).await;
     let stopped = node
@@ -80,13 +83,15 @@ pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()
 }
 
 /// Starts the node, waiting a little if a command holds the home offline.
-async fn start(home: &Home, net: impl Fn() -> NetConfig) -> anyhow::Result<Node> {
+async fn start(
+    home: &Home,
+    net: impl Fn() -> NetConfig,
+    settings: &Settings,
+) -> anyhow::Result<Node> {
     let deadline = Instant::now() + START_PATIENCE;
     loop {
-        let config = NodeConfig {
-            home: home.dir().to_path_buf(),
-            network: Some(net()),
-        };
+        let mut config = NodeConfig::new(home.dir().to_path_buf(), Some(net()));
+        config.settings = settings.clone();
         match Node::start(config).await {
             Ok(node) => return Ok(node),
             Err(NodeError::Locked(_)) if Instant::now() < deadline => {

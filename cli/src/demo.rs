@@ -338,10 +338,7 @@ async fn start(
     net.bootstrap = bootstrap;
     let node = within(
         &format!("{alias}'s node starts"),
-        Node::start(NodeConfig {
-            home: dir.join(alias),
-            network: Some(net),
-        }),
+        Node::start(NodeConfig::new(dir.join(alias), Some(net))),
     )
     .await?
     .map_err(crate::client::node_error)

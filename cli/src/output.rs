@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 use weft_node::api::{
-    ContactView, ConversationView, GroupView, IdView, MemberView, MessageView, PeerView, SendView,
-    StatusView,
+    ContactView, ConversationView, Event, GroupView, IdView, MemberView, MessageView, PeerView,
+    PresenceView, PrivacyView, Progress, SendView, StatusView,
 };
 
 static LOCAL_OFFSET: OnceLock<UtcOffset> = OnceLock::new();
@@ -392,6 +392,81 @@ pub fn messages(value: &Value, with_ids: bool) -> String {
     text
 }
 
+/// `weft read`: how many messages were marked read.
+pub fn marked_read(value: &Value, target: &str) -> String {
+    let Some(read) = value.get("read").and_then(Value::as_u64) else {
+        return format!("Marked {target} read.");
+    };
+    let receipts_sent = value
+        .get("receipts_sent")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let note = if read > 0 && !receipts_sent {
+        " (no read receipts: the group is too large)"
+    } else {
+        ""
+    };
+    format!(
+        "Marked {read} message{} read in {target}{note}",
+        plural(usize::try_from(read).unwrap_or(usize::MAX))
+    )
+}
+
+/// `weft presence`: `bob: online`, `bob: offline, last seen 14:02`.
+pub fn presence(value: &Value, target: &str) -> String {
+    let Some(v) = view::<PresenceView>(value) else {
+        return pretty(value);
+    };
+    let name = if v.name.is_empty() { target } else { &v.name };
+    match (v.online, v.last_seen) {
+        (true, _) => format!("{name}: online"),
+        (false, Some(at)) => format!("{name}: offline, last seen {}", time_of(at)),
+        (false, None) => format!("{name}: offline, never seen"),
+    }
+}
+
+/// `weft typing`: whom the indicator reached.
+pub fn typing(value: &Value, target: &str) -> String {
+    let typing = value.get("typing").and_then(Value::as_bool).unwrap_or(true);
+    let Some(told) = value.get("told").and_then(Value::as_u64) else {
+        return pretty(value);
+    };
+    let what = if typing {
+        "are typing"
+    } else {
+        "stopped typing"
+    };
+    if told == 0 {
+        format!(
+            "Nobody in {target} was told that you {what}: no member you share your \
+             presence with is online."
+        )
+    } else {
+        format!(
+            "Told {told} device{} in {target} that you {what}.",
+            plural(usize::try_from(told).unwrap_or(usize::MAX))
+        )
+    }
+}
+
+/// `weft privacy`: who sees this user's presence and typing.
+pub fn privacy(value: &Value, changed: bool) -> String {
+    let Some(v) = view::<PrivacyView>(value) else {
+        return pretty(value);
+    };
+    let who = match v.presence.as_str() {
+        "everyone" => "everyone",
+        "contacts" => "your contacts",
+        "nobody" => "nobody",
+        other => other,
+    };
+    let now = if changed { "now " } else { "" };
+    format!(
+        "Your presence and typing are {now}shown to {who} ({}).",
+        v.presence
+    )
+}
+
 /// One message as a chat line: `[12:01] Alice: hello (delivered)`. The
 /// status is shown for this user's own messages.
 pub fn message_line(m: &MessageView) -> String {
@@ -422,8 +497,32 @@ pub fn message_line(m: &MessageView) -> String {
     line
 }
 
-/// The status of an outgoing message; in groups, how many members got it.
+/// How far a message got with its recipients, for groups (more than one
+/// recipient): `delivered to 2 of 4, read by 1 of 4`. `status` stands when
+/// there is only one recipient or nobody has the message yet.
+pub fn progress_text(progress: &Progress, status: &str) -> String {
+    let Progress {
+        recipients,
+        delivered,
+        read,
+    } = *progress;
+    if recipients <= 1 || delivered == 0 {
+        status.to_string()
+    } else if read >= recipients {
+        format!("read by all {recipients}")
+    } else if read > 0 {
+        format!("delivered to {delivered} of {recipients}, read by {read} of {recipients}")
+    } else {
+        format!("delivered to {delivered} of {recipients}")
+    }
+}
+
+/// The status of an outgoing message; in groups, how many members got it
+/// (from the node's progress, or else by counting the receipts).
 fn outgoing_status(m: &MessageView) -> String {
+    if let Some(progress) = &m.progress {
+        return progress_text(progress, &m.status);
+    }
     match &m.receipts {
         Some(receipts) if !receipts.is_empty() => {
             let total = receipts.len();
@@ -446,6 +545,15 @@ fn outgoing_status(m: &MessageView) -> String {
     }
 }
 
+/// A user's name, or their short id if they have none.
+fn display_name(name: String, user_id: &str) -> String {
+    if name.is_empty() {
+        short(user_id)
+    } else {
+        name
+    }
+}
+
 /// One event of `weft watch` as a line for people. `conversation_name`
 /// turns a conversation id into its name where known.
 pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<String>) -> String {
@@ -456,12 +564,57 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
             Some(m) => format!("{}  {}", conv(&m.conversation), message_line(&m)),
             None => event.to_string(),
         },
-        "status" => format!(
-            "{}  message {} is {}",
-            conv(str_of("conversation")),
-            short(str_of("id")),
-            str_of("status")
-        ),
+        "status" | "presence" | "typing" => match view::<Event>(event) {
+            Some(Event::Status {
+                id,
+                conversation,
+                status,
+                progress,
+            }) => match progress.filter(|p| p.recipients > 1 && p.delivered > 0) {
+                Some(p) => format!(
+                    "{}  message {}: {}",
+                    conv(&conversation),
+                    short(&id),
+                    progress_text(&p, &status)
+                ),
+                None => format!(
+                    "{}  message {} is {status}",
+                    conv(&conversation),
+                    short(&id)
+                ),
+            },
+            Some(Event::Presence {
+                user_id,
+                name,
+                online,
+                ..
+            }) => {
+                let name = display_name(name, &user_id);
+                if online {
+                    format!("{name} is online")
+                } else {
+                    format!("{name} went offline")
+                }
+            }
+            Some(Event::Typing {
+                conversation,
+                user_id,
+                name,
+                typing,
+            }) => {
+                let name = display_name(name, &user_id);
+                let place = conv(&conversation);
+                if typing && place == name {
+                    // A direct conversation is named after the contact.
+                    format!("{name} is typing…")
+                } else if typing {
+                    format!("{name} is typing in {place}…")
+                } else {
+                    format!("{name} stopped typing")
+                }
+            }
+            _ => event.to_string(),
+        },
         "member" => {
             let name = match str_of("name") {
                 "" => conv(str_of("conversation")),
@@ -549,6 +702,8 @@ mod tests {
             deleted: false,
             reactions: Default::default(),
             receipts: None,
+            progress: None,
+            hlc: 0,
             outgoing: true,
         };
         let line = message_line(&m);
@@ -559,6 +714,147 @@ mod tests {
             ..m
         };
         assert!(message_line(&incoming).ends_with("Alice: hello"));
+    }
+
+    #[test]
+    fn outgoing_group_messages_show_progress() {
+        let m = MessageView {
+            id: "ab".repeat(16),
+            conversation: "cd".repeat(16),
+            sender: "user".into(),
+            sender_name: "Alice".into(),
+            text: "hello".into(),
+            sent_at: 0,
+            status: "sent".into(),
+            reply_to: None,
+            edited: false,
+            deleted: false,
+            reactions: Default::default(),
+            receipts: Some(vec![]),
+            progress: Some(Progress {
+                recipients: 4,
+                delivered: 2,
+                read: 1,
+            }),
+            hlc: 1,
+            outgoing: true,
+        };
+        let line = message_line(&m);
+        assert!(
+            line.ends_with("(delivered to 2 of 4, read by 1 of 4)"),
+            "{line}"
+        );
+        let nobody = MessageView {
+            progress: Some(Progress {
+                recipients: 4,
+                delivered: 0,
+                read: 0,
+            }),
+            ..m.clone()
+        };
+        assert!(message_line(&nobody).ends_with("(sent)"));
+        let direct = MessageView {
+            status: "delivered".into(),
+            progress: Some(Progress {
+                recipients: 1,
+                delivered: 1,
+                read: 0,
+            }),
+            ..m
+        };
+        assert!(message_line(&direct).ends_with("(delivered)"));
+    }
+
+    #[test]
+    fn progress_texts() {
+        let p = |recipients, delivered, read| Progress {
+            recipients,
+            delivered,
+            read,
+        };
+        assert_eq!(progress_text(&p(4, 2, 0), "sent"), "delivered to 2 of 4");
+        assert_eq!(
+            progress_text(&p(4, 3, 2), "sent"),
+            "delivered to 3 of 4, read by 2 of 4"
+        );
+        assert_eq!(progress_text(&p(4, 4, 4), "read"), "read by all 4");
+        assert_eq!(progress_text(&p(4, 0, 0), "relayed"), "relayed");
+        assert_eq!(progress_text(&p(1, 1, 1), "read"), "read");
+    }
+
+    #[test]
+    fn read_presence_typing_privacy() {
+        let read = json!({"conversation": "c", "unread": 0, "read": 3, "receipts_sent": true});
+        assert_eq!(marked_read(&read, "bob"), "Marked 3 messages read in bob");
+        let one = json!({"conversation": "c", "unread": 0, "read": 1, "receipts_sent": true});
+        assert_eq!(marked_read(&one, "bob"), "Marked 1 message read in bob");
+        let big = json!({"conversation": "c", "unread": 0, "read": 2, "receipts_sent": false});
+        assert!(marked_read(&big, "g").starts_with("Marked 2 messages read in g ("));
+        assert_eq!(marked_read(&json!(null), "bob"), "Marked bob read.");
+
+        let online = json!({"user_id": "u1", "name": "bob", "online": true, "last_seen": 5});
+        assert_eq!(presence(&online, "b"), "bob: online");
+        let seen = json!({"user_id": "u1", "name": "bob", "online": false, "last_seen": 0});
+        assert_eq!(
+            presence(&seen, "b"),
+            format!("bob: offline, last seen {}", time_of(0))
+        );
+        let never = json!({"user_id": "u1", "name": "bob", "online": false, "last_seen": null});
+        assert_eq!(presence(&never, "b"), "bob: offline, never seen");
+        assert!(presence(&json!({"x": 1}), "b").contains("\"x\""));
+
+        let told = json!({"conversation": "c", "typing": true, "told": 2});
+        assert_eq!(
+            typing(&told, "g"),
+            "Told 2 devices in g that you are typing."
+        );
+        let stopped = json!({"conversation": "c", "typing": false, "told": 1});
+        assert_eq!(
+            typing(&stopped, "bob"),
+            "Told 1 device in bob that you stopped typing."
+        );
+        let nobody = json!({"conversation": "c", "typing": true, "told": 0});
+        assert!(typing(&nobody, "bob").starts_with("Nobody in bob"));
+
+        let p = json!({"presence": "contacts"});
+        assert_eq!(
+            privacy(&p, false),
+            "Your presence and typing are shown to your contacts (contacts)."
+        );
+        assert!(privacy(&json!({"presence": "nobody"}), true).contains("now shown to nobody"));
+    }
+
+    #[test]
+    fn presence_typing_status_events() {
+        let names = |id: &str| (id == "conv1").then(|| "friends".to_string());
+        let online = json!({"type": "presence", "user_id": "u1", "name": "bob", "online": true,
+            "last_seen": 1});
+        assert_eq!(event_line(&online, &names), "bob is online");
+        let offline = json!({"type": "presence", "user_id": "u1", "name": "bob", "online": false,
+            "last_seen": 1});
+        assert_eq!(event_line(&offline, &names), "bob went offline");
+        let typing = json!({"type": "typing", "conversation": "conv1", "user_id": "u1",
+            "name": "bob", "typing": true});
+        assert_eq!(event_line(&typing, &names), "bob is typing in friends…");
+        let direct = json!({"type": "typing", "conversation": "conv2", "user_id": "u1",
+            "name": "bob", "typing": true});
+        let direct_names = |_: &str| Some("bob".to_string());
+        assert_eq!(event_line(&direct, &direct_names), "bob is typing…");
+        let stopped = json!({"type": "typing", "conversation": "conv1", "user_id": "u1",
+            "name": "bob", "typing": false});
+        assert_eq!(event_line(&stopped, &names), "bob stopped typing");
+        let status = json!({"type": "status", "id": "m1", "conversation": "conv1",
+            "status": "delivered", "progress": {"recipients": 4, "delivered": 2, "read": 1}});
+        assert_eq!(
+            event_line(&status, &names),
+            "friends  message m1: delivered to 2 of 4, read by 1 of 4"
+        );
+        let plain = json!({"type": "status", "id": "m1", "conversation": "conv1",
+            "status": "delivered"});
+        assert_eq!(
+            event_line(&plain, &names),
+            "friends  message m1 is delivered"
+        );
     }
 
     #[test]

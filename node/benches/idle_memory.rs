@@ -56,10 +56,7 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let base = status_kb("VmRSS");
 
-        let node = Node::start(NodeConfig {
-            home: dir.path().join("home"),
-            network: Some(NetConfig::loopback()),
-        })
+        let node = Node::start(NodeConfig::new(dir.path().join("home"), Some(NetConfig::loopback())))
         .await
         .unwrap();
         let handle = node.handle();

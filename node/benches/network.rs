@@ -131,12 +131,9 @@ async fn start_node(name: &str, bootstrap: Option<Multiaddr>) -> BenchNode {
     home.init_with(&identity, name).unwrap();
     let mut net = NetConfig::loopback();
     net.bootstrap = bootstrap.into_iter().collect();
-    let node = Node::start(NodeConfig {
-        home: dir.path().join("home"),
-        network: Some(net),
-    })
-    .await
-    .unwrap();
+    let node = Node::start(NodeConfig::new(dir.path().join("home"), Some(net)))
+        .await
+        .unwrap();
     let handle = node.handle();
     BenchNode {
         node,

@@ -73,7 +73,27 @@ pub enum Request {
     Read {
         target: String,
     },
+    /// Whether a contact is online, and when they were last seen.
+    Presence {
+        target: String,
+    },
+    /// Tells the conversation's members this user is (or stopped) typing.
+    Typing {
+        target: String,
+        #[serde(default = "yes")]
+        typing: bool,
+    },
+    /// Shows, or with `presence` set changes, who sees this user's
+    /// presence and typing: `everyone`, `contacts` or `nobody`.
+    Privacy {
+        #[serde(default)]
+        presence: Option<String>,
+    },
     Watch,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Whether a failure is the caller's (exit code 2) or the node's (1).
@@ -185,7 +205,35 @@ pub struct ConversationView {
 pub struct ReceiptView {
     pub user_id: String,
     pub name: String,
+    /// `sent` (nothing acknowledged yet), `delivered` or `read`.
     pub status: String,
+    /// When the furthest acknowledgement arrived (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<i64>,
+}
+
+/// How far a message has got with its recipients (users other than the
+/// sender): "delivered to 3 of 5, read by 2 of 5".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub recipients: u32,
+    pub delivered: u32,
+    pub read: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceView {
+    pub user_id: String,
+    pub name: String,
+    pub online: bool,
+    /// When a device of theirs was last heard from (unix ms), if ever.
+    pub last_seen: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivacyView {
+    /// Who sees this user's presence and typing.
+    pub presence: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +254,12 @@ pub struct MessageView {
     /// Per member, for groups; absent for direct conversations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipts: Option<Vec<ReceiptView>>,
+    /// For this user's own messages: how many recipients have it, and
+    /// have read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The conversation order: the sender's hybrid logical clock.
+    pub hlc: u64,
     /// Whether this device's user sent it.
     pub outgoing: bool,
 }
@@ -235,11 +289,29 @@ pub struct MemberView {
 pub enum Event {
     /// A message was stored (received, or sent from this device).
     Message(MessageView),
-    /// A message's status changed.
+    /// A message's status changed (for this user's own messages, also
+    /// when a recipient acknowledged it).
     Status {
         id: String,
         conversation: String,
         status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<Progress>,
+    },
+    /// A contact came online or went offline.
+    Presence {
+        user_id: String,
+        name: String,
+        online: bool,
+        last_seen: Option<i64>,
+    },
+    /// A member started or stopped typing (stops by itself after a few
+    /// seconds).
+    Typing {
+        conversation: String,
+        user_id: String,
+        name: String,
+        typing: bool,
     },
     /// A group's membership changed.
     Member {

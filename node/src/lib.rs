@@ -9,6 +9,7 @@ pub mod api;
 pub mod control;
 pub mod crypto;
 pub mod group;
+pub mod hlc;
 pub mod home;
 pub mod identity;
 pub mod ids;
@@ -19,4 +20,4 @@ pub mod store;
 
 pub use libp2p::{Multiaddr, PeerId};
 pub use net::NetConfig;
-pub use node::{Node, NodeConfig, NodeError, NodeHandle, now_ms};
+pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, now_ms};

@@ -4,11 +4,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::group::GroupState;
+use crate::hlc::Hlc;
 use crate::identity::DeviceCertificate;
 use crate::ids::MessageId;
 
 /// Longest message text, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Most messages one receipt acknowledges.
+pub const MAX_RECEIPT_IDS: usize = 512;
 
 /// The plaintext of an envelope.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,14 +25,31 @@ pub enum Payload {
     /// A group's full state after a membership change (sealed to the
     /// devices of old and new members).
     Group(GroupState),
+    /// Messages this device has stored (delivered) or its user has read
+    /// (chain-sealed, to the whole conversation).
+    Receipt(Receipt),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TextMessage {
     pub text: String,
     pub reply_to: Option<MessageId>,
-    /// The sender's wall clock when sending (clamped by receivers).
-    pub sent_at_ms: i64,
+    /// The sender's hybrid logical clock when sending: the conversation's
+    /// order (clamped by receivers if far in the future).
+    pub hlc: Hlc,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub kind: ReceiptKind,
+    /// At most [`MAX_RECEIPT_IDS`].
+    pub messages: Vec<MessageId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiptKind {
+    Delivered,
+    Read,
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +90,7 @@ mod tests {
         let p = Payload::Text(TextMessage {
             text: "hi".into(),
             reply_to: None,
-            sent_at_ms: 5,
+            hlc: Hlc::new(5, 1),
         });
         assert_eq!(Payload::decode(&p.encode()), Some(p));
     }

@@ -25,12 +25,9 @@ async fn malformed_requests_get_clear_errors() {
         .unwrap();
     let home = Home::new(dir.path().join("home"));
     home.init("Alice").unwrap();
-    let node = Node::start(NodeConfig {
-        home: dir.path().join("home"),
-        network: None,
-    })
-    .await
-    .unwrap();
+    let node = Node::start(NodeConfig::new(dir.path().join("home"), None))
+        .await
+        .unwrap();
     let server = serve(node.handle(), &home.socket_path()).await.unwrap();
 
     let mut raw = BufReader::new(UnixStream::connect(home.socket_path()).await.unwrap());

@@ -478,6 +478,95 @@ impl Weft {
     }
 }
 
+/// Runs one-off commands of a node; cheap to clone and usable from other
+/// threads (a sender loop while the test kills the daemon, say).
+#[derive(Clone, Debug)]
+pub struct Cli {
+    pub name: String,
+    bin: PathBuf,
+    home: PathBuf,
+}
+
+impl Cli {
+    /// Runs `weft --home HOME ARGS...` to completion (killed after 60 s).
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut child = Command::new(&self.bin)
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env_remove("WEFT_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running weft {args:?}"))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{}: weft {args:?} hung for {COMMAND_TIMEOUT:?}", self.name);
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        Ok(Output {
+            code: status.code(),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+}
+
+impl Weft {
+    /// A [`Cli`] for this node's home, to run commands from another thread.
+    pub fn cli(&self) -> Cli {
+        Cli {
+            name: self.name.clone(),
+            bin: self.bin.clone(),
+            home: self.home.clone(),
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: no shutdown, the lock file
+    /// and control socket stay behind), waits for it to be gone and
+    /// forgets it, so that [`Weft::start_daemon`] can start another.
+    /// Returns how it exited. Without a daemon, fails.
+    pub fn kill_daemon_hard(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut daemon) = self.daemon.take() else {
+            bail!("{}: no daemon to kill", self.name);
+        };
+        // On Unix, `Child::kill` sends SIGKILL.
+        daemon
+            .child
+            .kill()
+            .with_context(|| format!("{}: killing the daemon", self.name))?;
+        daemon
+            .child
+            .wait()
+            .with_context(|| format!("{}: waiting for the killed daemon", self.name))
+    }
+
+    /// The stderr of every daemon this node has run, oldest first, each
+    /// under a header (for failure reports).
+    pub fn daemon_logs(&self) -> String {
+        let mut text = String::new();
+        for n in 1..=self.daemons_started {
+            let path = self.root.path().join(format!("daemon-{n}.log"));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            text.push_str(&format!("--- {} daemon #{n} ---\n{log}", self.name));
+            if !log.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        text
+    }
+}
+
 impl Drop for Weft {
     fn drop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {

@@ -6,7 +6,9 @@
 //! what to publish, send and dial through a [`NetHandle`], and it reports
 //! what arrives as [`NetEvent`]s on a bounded channel. Gossip validation
 //! is the node's: messages wait in gossipsub's cache until the node
-//! reports accept, ignore or reject.
+//! reports accept, ignore or reject. Known peers (bootstrap, discovered,
+//! asked for) are redialed while disconnected, with jittered exponential
+//! backoff.
 
 mod codec;
 mod mdns;
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -75,6 +78,11 @@ pub struct NetConfig {
     /// Kademlia in server mode (answers queries): for reachable nodes.
     pub dht_server: bool,
     pub idle_timeout: Duration,
+    /// First wait before redialing a known peer after a failed dial or a
+    /// lost connection; it doubles with each failure.
+    pub redial_base: Duration,
+    /// Longest wait between redials of a known peer (before jitter).
+    pub redial_max: Duration,
 }
 
 impl NetConfig {
@@ -86,6 +94,8 @@ impl NetConfig {
             transport: TransportKind::Network,
             dht_server: true,
             idle_timeout: Duration::from_secs(3600),
+            redial_base: Duration::from_secs(1),
+            redial_max: Duration::from_secs(30),
         }
     }
 
@@ -317,6 +327,29 @@ fn build_behaviour(
     })
 }
 
+/// The wait before redialing a peer after `attempts` earlier failures:
+/// `min(base * 2^attempts, max)`, scaled by `jitter` (in [0.5, 1.5), so
+/// peers that failed together do not all redial together).
+fn redial_delay(base: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
+    let factor = 1u32.checked_shl(attempts).unwrap_or(u32::MAX);
+    let capped = base.saturating_mul(factor).min(max);
+    Duration::try_from_secs_f64(capped.as_secs_f64() * jitter.clamp(0.5, 1.5)).unwrap_or(max)
+}
+
+/// A random factor in [0.5, 1.5) for [`redial_delay`].
+fn jitter() -> f64 {
+    let sample = getrandom::u32().unwrap_or(u32::MAX / 2);
+    0.5 + f64::from(sample) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// Now plus `delay`, or plus a day if a huge `redial_max` would overflow
+/// the clock.
+fn after(delay: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(delay)
+        .unwrap_or(now + Duration::from_secs(86_400))
+}
+
 fn boxed(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> Box<dyn std::error::Error + Send + Sync> {
@@ -378,10 +411,12 @@ pub fn spawn(
 > {
     let peer_id = key.public().to_peer_id();
     let mut swarm = build_swarm(key, &config)?;
+    let mut listeners = Vec::new();
     for addr in &config.listen {
-        swarm
+        let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+        listeners.push(id);
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
@@ -395,9 +430,10 @@ pub fn spawn(
         events: event_tx,
         self_commands: cmd_tx,
         config,
+        listeners,
         peers: HashMap::new(),
         dial_sources: HashMap::new(),
-        known_addrs: HashMap::new(),
+        known_peers: HashMap::new(),
         pending_direct: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         mdns: None,
@@ -421,10 +457,12 @@ struct NetworkTask {
     /// For the mDNS bridge, which feeds discoveries back as commands.
     self_commands: mpsc::Sender<NetCommand>,
     config: NetConfig,
+    /// Closed on stop, so that a memory-transport port is free again.
+    listeners: Vec<ListenerId>,
     peers: HashMap<PeerId, ConnectedPeer>,
     dial_sources: HashMap<PeerId, PeerSource>,
-    /// Addresses to redial peers at (bootstrap, discovered), bounded.
-    known_addrs: HashMap<PeerId, (Vec<Multiaddr>, PeerSource)>,
+    /// Peers to keep connected to (bootstrap, discovered), bounded.
+    known_peers: HashMap<PeerId, KnownPeer>,
     pending_direct: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     pending_responses: FuturesUnordered<PendingResponse>,
     mdns: Option<mdns::Mdns>,
@@ -436,7 +474,21 @@ struct NetworkTask {
     dht_lookups: HashMap<kad::QueryId, PeerId>,
 }
 
+/// A peer the task keeps redialing while it is disconnected.
+struct KnownPeer {
+    addrs: Vec<Multiaddr>,
+    source: PeerSource,
+    /// Failed dials and lost connections since the last connection.
+    attempts: u32,
+    /// When the redial timer may dial the peer next.
+    next_dial_at: tokio::time::Instant,
+}
+
 const MAX_KNOWN_PEERS: usize = 4096;
+/// How often the redial timer looks for peers due a dial.
+const REDIAL_TICK: Duration = Duration::from_millis(500);
+/// Most dials the redial timer starts per tick.
+const MAX_REDIALS_PER_TICK: usize = 64;
 /// Strikes within [`STRIKE_WINDOW`] that get a peer banned.
 pub const MAX_STRIKES: u32 = 16;
 const STRIKE_WINDOW: Duration = Duration::from_secs(600);
@@ -459,7 +511,7 @@ impl NetworkTask {
         }
         let mut refresh = tokio::time::interval(DHT_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        let mut redial = tokio::time::interval(REDIAL_TICK);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -504,36 +556,50 @@ impl NetworkTask {
         if let Some(mdns) = self.mdns.take() {
             mdns.stop();
         }
+        for id in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(id);
+        }
     }
 
     fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: PeerSource) {
-        if self.known_addrs.len() >= MAX_KNOWN_PEERS && !self.known_addrs.contains_key(&peer) {
+        if self.banned.contains_key(&peer)
+            || (self.known_peers.len() >= MAX_KNOWN_PEERS && !self.known_peers.contains_key(&peer))
+        {
             return;
         }
-        let entry = self
-            .known_addrs
-            .entry(peer)
-            .or_insert_with(|| (Vec::new(), source));
+        let entry = self.known_peers.entry(peer).or_insert_with(|| KnownPeer {
+            addrs: Vec::new(),
+            source,
+            attempts: 0,
+            next_dial_at: tokio::time::Instant::now(),
+        });
         for addr in addrs {
-            if !entry.0.contains(&addr) {
-                entry.0.push(addr);
+            if !entry.addrs.contains(&addr) {
+                entry.addrs.push(addr);
             }
         }
-        entry.0.truncate(16);
-        for addr in entry.0.clone() {
+        entry.addrs.truncate(16);
+        for addr in entry.addrs.clone() {
             self.swarm.add_peer_address(peer, addr);
         }
     }
 
     fn dial(&mut self, peer: PeerId, source: PeerSource) {
-        if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) {
+        if peer == *self.swarm.local_peer_id()
+            || self.swarm.is_connected(&peer)
+            || self.banned.contains_key(&peer)
+        {
             return;
         }
-        let addrs = self
-            .known_addrs
-            .get(&peer)
-            .map(|(a, _)| a.clone())
-            .unwrap_or_default();
+        let addrs = match self.known_peers.get_mut(&peer) {
+            Some(known) => {
+                // Not again from the timer until this dial fails (which
+                // reschedules it) or, if it never reports, `redial_max`.
+                known.next_dial_at = after(self.config.redial_max);
+                known.addrs.clone()
+            }
+            None => Vec::new(),
+        };
         if addrs.is_empty() && self.kad_ready && !self.dht_lookups.values().any(|p| *p == peer) {
             // No address known: ask the DHT where the peer is; the dial
             // follows when the lookup finds it.
@@ -548,8 +614,36 @@ impl NetworkTask {
             .extend_addresses_through_behaviour()
             .build();
         self.dial_sources.insert(peer, source);
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer, "dial failed: {e}");
+        match self.swarm.dial(opts) {
+            Ok(()) => {}
+            // Already dialing: that dial's outcome reschedules the peer.
+            Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => {
+                tracing::debug!(%peer, "dial failed: {e}");
+                self.back_off(peer);
+            }
+        }
+    }
+
+    /// After a failed dial or a lost connection: the timer dials the peer
+    /// again after an exponentially growing, jittered wait.
+    fn back_off(&mut self, peer: PeerId) {
+        let (base, max) = (self.config.redial_base, self.config.redial_max);
+        if let Some(known) = self.known_peers.get_mut(&peer) {
+            known.next_dial_at = after(redial_delay(base, max, known.attempts, jitter()));
+            known.attempts = known.attempts.saturating_add(1);
+        }
+    }
+
+    /// The network may be back (an interface came up, a peer connected):
+    /// dial every known disconnected peer on the next tick.
+    fn reset_backoff(&mut self) {
+        let now = tokio::time::Instant::now();
+        for (peer, known) in &mut self.known_peers {
+            if !self.swarm.is_connected(peer) {
+                known.attempts = 0;
+                known.next_dial_at = now;
+            }
         }
     }
 
@@ -581,7 +675,7 @@ impl NetworkTask {
         }
         self.banned
             .insert(peer, tokio::time::Instant::now() + BAN_DURATION);
-        self.known_addrs.remove(&peer);
+        self.known_peers.remove(&peer);
         let behaviour = self.swarm.behaviour_mut();
         behaviour.gossipsub.blacklist_peer(&peer);
         behaviour.kad.remove_peer(&peer);
@@ -605,14 +699,20 @@ impl NetworkTask {
         }
     }
 
+    /// Dials the known disconnected peers whose backoff has run out, at
+    /// most [`MAX_REDIALS_PER_TICK`] of them.
     fn redial(&mut self) {
-        let missing: Vec<(PeerId, PeerSource)> = self
-            .known_addrs
+        let now = tokio::time::Instant::now();
+        let due: Vec<(PeerId, PeerSource)> = self
+            .known_peers
             .iter()
-            .filter(|(p, _)| !self.swarm.is_connected(p))
-            .map(|(p, (_, s))| (*p, *s))
+            .filter(|(p, k)| k.next_dial_at <= now && !self.swarm.is_connected(p))
+            .take(MAX_REDIALS_PER_TICK)
+            .map(|(p, k)| (*p, k.source))
             .collect();
-        for (peer, source) in missing {
+        // Each dial pushes its peer's `next_dial_at` on, so peers left over
+        // come first on the next tick.
+        for (peer, source) in due {
             self.dial(peer, source);
         }
     }
@@ -678,6 +778,7 @@ impl NetworkTask {
                 if self.config.mdns && self.mdns.is_none() {
                     self.start_mdns(&address);
                 }
+                self.reset_backoff();
                 self.emit(NetEvent::Listening { addr: address }).await?;
             }
             SwarmEvent::ConnectionEstablished {
@@ -689,6 +790,12 @@ impl NetworkTask {
                 if self.banned.contains_key(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
+                }
+                if let Some(known) = self.known_peers.get_mut(&peer_id) {
+                    known.attempts = 0;
+                }
+                if num_established.get() == 1 {
+                    self.reset_backoff();
                 }
                 let addr = endpoint.get_remote_address().clone();
                 let source = if endpoint.is_dialer() {
@@ -722,10 +829,16 @@ impl NetworkTask {
                 ..
             } => {
                 self.peers.remove(&peer_id);
+                self.back_off(peer_id);
                 self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "outgoing connection failed: {error}");
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.back_off(peer);
+                }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await?,
             _ => {}
@@ -801,6 +914,33 @@ impl NetworkTask {
                     }
                 }
             }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { .. }) => {
+                self.kad_ready = true;
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            }) => {
+                // A lookup of a member device with no known address: dial
+                // it where the DHT says it is.
+                if let Some(target) = self.dht_lookups.get(&id).copied() {
+                    let found = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    if let Some(info) = found.into_iter().find(|p| p.peer_id == target)
+                        && !info.addrs.is_empty()
+                    {
+                        self.remember(target, info.addrs, PeerSource::Dht);
+                        self.dial(target, PeerSource::Dht);
+                    }
+                    if step.last {
+                        self.dht_lookups.remove(&id);
+                    }
+                }
+            }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
                 request_id,
                 error,
@@ -832,6 +972,93 @@ impl NetworkTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BASE: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn redial_delay_doubles_up_to_the_cap() {
+        let delays: Vec<Duration> = (0..40).map(|n| redial_delay(BASE, MAX, n, 1.0)).collect();
+        assert_eq!(delays[0], BASE);
+        assert_eq!(delays[1], 2 * BASE);
+        assert_eq!(delays[4], 16 * BASE);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert!(delays.iter().all(|d| *d <= MAX));
+        assert_eq!(delays[5], MAX);
+        assert_eq!(redial_delay(BASE, MAX, u32::MAX, 1.0), MAX);
+        // A cap too large for the doubling still saturates, never panics.
+        let huge = redial_delay(BASE, Duration::MAX, u32::MAX, 1.5);
+        assert!(huge >= BASE * u32::MAX);
+    }
+
+    #[test]
+    fn redial_delay_jitter_stays_within_half_and_one_and_a_half() {
+        for attempts in 0..10 {
+            let plain = redial_delay(BASE, MAX, attempts, 1.0);
+            for _ in 0..100 {
+                let d = redial_delay(BASE, MAX, attempts, jitter());
+                assert!(d >= plain / 2 && d < plain * 3 / 2, "{d:?} vs {plain:?}");
+            }
+            assert_eq!(redial_delay(BASE, MAX, attempts, 0.5), plain / 2);
+            // Out-of-range samples are clamped.
+            assert_eq!(redial_delay(BASE, MAX, attempts, 0.0), plain / 2);
+            assert_eq!(redial_delay(BASE, MAX, attempts, 9.0), plain * 3 / 2);
+        }
+    }
+
+    #[test]
+    fn jitter_samples_are_in_range() {
+        for _ in 0..1000 {
+            let j = jitter();
+            assert!((0.5..1.5).contains(&j), "{j}");
+        }
+    }
+
+    /// Waits until `events` yields a `Connected` (or `Disconnected`) of
+    /// `peer`, failing at `deadline`.
+    async fn wait_for(
+        events: &mut mpsc::Receiver<NetEvent>,
+        peer: PeerId,
+        connected: bool,
+        deadline: tokio::time::Instant,
+    ) {
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("timed out")
+                .expect("network task stopped");
+            match ev {
+                NetEvent::Connected { peer: p, .. } if connected && p == peer => return,
+                NetEvent::Disconnected { peer: p } if !connected && p == peer => return,
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_peer_restarts_on_same_address() {
+        let a_key = libp2p::identity::Keypair::generate_ed25519();
+        let a_peer = a_key.public().to_peer_id();
+        let port = 1_100_000 + u64::from(std::process::id() % 1000);
+        // A DHT client, so that b's Kademlia does not dial it back on its
+        // own: the reconnection must come from the redial timer.
+        let mut a_config = NetConfig::memory(port);
+        a_config.dht_server = false;
+        let (a, _a_events, a_task) = spawn(a_key.clone(), a_config.clone()).unwrap();
+        let mut b_config = NetConfig::memory(port + 1);
+        b_config.bootstrap = vec![format!("/memory/{port}/p2p/{a_peer}").parse().unwrap()];
+        b_config.redial_base = Duration::from_millis(100);
+        let (_b, mut b_events, _) =
+            spawn(libp2p::identity::Keypair::generate_ed25519(), b_config).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        wait_for(&mut b_events, a_peer, true, deadline).await;
+        a.shutdown().await;
+        a_task.await.unwrap();
+        wait_for(&mut b_events, a_peer, false, deadline).await;
+        // Same identity, same address: b redials it on its own.
+        let (_a, _a_events, _) = spawn(a_key, a_config).unwrap();
+        wait_for(&mut b_events, a_peer, true, deadline).await;
+    }
 
     #[tokio::test]
     async fn two_memory_nodes_exchange_gossip_and_direct() {

@@ -18,15 +18,23 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Command, NodeError, now_ms};
+mod presence;
+mod receipts;
+mod sync;
+
+pub use presence::Share;
+pub use sync::{ChainHave, SyncRequest};
+
+use super::{Command, NodeError, Settings, now_ms};
 use crate::api::{
     ApiError, ContactView, ConversationView, Event, GroupView, IdView, MemberView, MessageView,
-    ReceiptView, Request, SendView, StatusView,
+    Request, SendView, StatusView,
 };
 use crate::crypto::CryptoError;
 use crate::crypto::chain::{ReceivingChain, SendingChain};
 use crate::crypto::envelope::{self, Envelope, Sealing};
 use crate::group::{GroupMember, GroupRole, GroupState};
+use crate::hlc::{Clock, Hlc};
 use crate::home::META_NAME;
 use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
@@ -42,10 +50,13 @@ const BATCH: usize = 256;
 /// Envelopes we could not open yet (waiting for a key), across all
 /// conversations: a hostile peer must not fill the disk.
 const PENDING_CAP: usize = 10_000;
-/// How far in the future a sender's clock may be before it is clamped.
-const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
-/// How often unacknowledged envelopes are offered again to connected peers.
-const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the outbox, presence and typing timers are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// How long an envelope offered directly counts as in flight to a peer
+/// (not offered again by a flush meanwhile).
+const IN_FLIGHT: Duration = Duration::from_secs(10);
+/// Most outbox entries retried per tick.
+const RETRY_BATCH: usize = 512;
 /// Most envelopes in one direct request.
 const DIRECT_BATCH: usize = 512;
 /// Bound of the receiving-chain cache.
@@ -55,12 +66,33 @@ const CHAIN_CACHE: usize = 20_000;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum DirectRequest {
     Envelopes(Vec<Vec<u8>>),
+    /// Catch-up: "this is what I hold of the conversation; send what I
+    /// lack".
+    Sync(SyncRequest),
+    /// A presence heartbeat: the sending device is online and will say so
+    /// again within `interval_ms`.
+    Presence {
+        interval_ms: u32,
+    },
+    /// The sending device's user started (or stopped) typing.
+    Typing {
+        conversation: ConversationId,
+        typing: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum DirectResponse {
-    Ack { accepted: u32 },
+    Ack {
+        accepted: u32,
+    },
     Refused(String),
+    /// The answer to `Sync`: envelopes the asker lacks, in the order to
+    /// process them, and whether more remain.
+    Envelopes {
+        envelopes: Vec<Vec<u8>>,
+        more: bool,
+    },
 }
 
 /// A conversation as the engine keeps it in memory.
@@ -90,6 +122,19 @@ enum Effect {
         envelopes: Vec<(EnvelopeId, Vec<u8>)>,
     },
     DirectReply(oneshot::Sender<Vec<u8>>, Vec<u8>),
+    /// How many delivered envelopes were accepted.
+    Accepted(oneshot::Sender<u32>, u32),
+    /// A catch-up request; its answer comes back as [`Internal::Synced`].
+    Sync {
+        peer: PeerId,
+        conv: ConversationId,
+        request: DirectRequest,
+    },
+    /// A request whose answer does not matter (presence, typing).
+    Notify {
+        peer: PeerId,
+        request: DirectRequest,
+    },
 }
 
 /// Results of direct sends, fed back into the engine.
@@ -99,6 +144,11 @@ enum Internal {
         ids: Vec<EnvelopeId>,
         ok: bool,
     },
+    Synced {
+        peer: PeerId,
+        conv: ConversationId,
+        response: Option<DirectResponse>,
+    },
 }
 
 /// How an envelope arrived: decides replay handling and validation.
@@ -107,6 +157,17 @@ enum Via {
     Gossip,
     Direct,
     Pending,
+}
+
+/// What counts as a member device having an envelope we sent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// A flood publish to it, or a direct acknowledgement (control
+    /// envelopes and receipts: catch-up covers a lost one).
+    Publish,
+    /// Its delivered receipt or a direct acknowledgement (messages: retried
+    /// until then).
+    Receipt,
 }
 
 enum Verdict {
@@ -137,6 +198,15 @@ pub(super) struct Engine {
     /// When each envelope was last offered to each peer directly.
     offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
+    settings: Settings,
+    clock: Clock,
+    share: Share,
+    /// Which device (and user) each peer id is: derived from certificates.
+    device_by_peer: HashMap<PeerId, (DeviceId, UserId)>,
+    presence: HashMap<UserId, presence::Presence>,
+    typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    /// Catch-up sessions in progress, with their round count.
+    syncing: HashMap<(PeerId, ConversationId), u32>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -189,7 +259,14 @@ impl Engine {
         store: Store,
         net: Option<NetHandle>,
         events: broadcast::Sender<Event>,
+        settings: Settings,
     ) -> Result<Self, NodeError> {
+        let clock = Clock::resume(Hlc(store.db().max_hlc()?));
+        let share = store
+            .db()
+            .get_meta(presence::META_SHARE)?
+            .and_then(|b| Share::parse(&String::from_utf8_lossy(&b)))
+            .unwrap_or(Share::Contacts);
         let name = store
             .db()
             .get_meta(META_NAME)?
@@ -220,6 +297,13 @@ impl Engine {
             unreached: HashMap::new(),
             offered: HashMap::new(),
             internal_rx: Some(internal_rx),
+            settings,
+            clock,
+            share,
+            device_by_peer: HashMap::new(),
+            presence: HashMap::new(),
+            typing: HashMap::new(),
+            syncing: HashMap::new(),
         };
         engine.load()?;
         Ok(engine)
@@ -352,8 +436,15 @@ impl Engine {
             Some(rx) => rx,
             None => return,
         };
-        let mut retry = tokio::time::interval(RETRY_INTERVAL);
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync = tokio::time::interval(self.settings.sync_interval);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first ticks of these fire at once: nobody is connected yet.
+        heartbeat.tick().await;
+        sync.tick().await;
         // Stop after this batch: asked to (with someone to tell), or every
         // handle is gone.
         let mut stopping = false;
@@ -368,7 +459,9 @@ impl Engine {
                 },
                 Some(ev) = recv_opt(&mut net_events) => batch.push(Input::Net(ev)),
                 Some(int) = internal.recv() => batch.push(Input::Internal(int)),
-                _ = retry.tick() => batch.push(Input::Retry),
+                _ = tick.tick() => batch.push(Input::Tick),
+                _ = heartbeat.tick() => batch.push(Input::Heartbeat),
+                _ = sync.tick() => batch.push(Input::SyncTick),
             }
             // Drain whatever else is ready: one transaction for all of it.
             while batch.len() < BATCH && !stopping {
@@ -413,9 +506,16 @@ impl Engine {
         // the reply: user requests and direct requests we acknowledge.
         // Gossip we merely received commits without an fsync; the next
         // durable commit carries it too.
-        let promised = batch
-            .iter()
-            .any(|i| matches!(i, Input::Command(_) | Input::Net(NetEvent::Direct { .. })));
+        // A new message from the network is promised too: a delivered
+        // receipt for it goes out after this commit.
+        let promised = batch.iter().any(|i| {
+            matches!(
+                i,
+                Input::Command(_)
+                    | Input::Net(NetEvent::Direct { .. } | NetEvent::Gossip { .. })
+                    | Input::Internal(Internal::Synced { .. })
+            )
+        });
         let durability = if promised {
             Durability::Full
         } else {
@@ -449,14 +549,23 @@ impl Engine {
                     topic_peers: &mut self.topic_peers,
                     unreached: &mut self.unreached,
                     offered: &mut self.offered,
+                    settings: &self.settings,
+                    clock: &mut self.clock,
+                    share: &mut self.share,
+                    device_by_peer: &mut self.device_by_peer,
+                    presence: &mut self.presence,
+                    typing: &mut self.typing,
+                    syncing: &mut self.syncing,
                 },
                 db: &db,
                 fx: &mut fx,
                 outlets: &self.outlets,
+                delivered: Vec::new(),
             };
             for input in batch {
                 state.handle(input);
             }
+            state.flush_delivered();
             if self.outlets.sent_early.replace(false) {
                 // Envelopes went out before the commit: let the network task
                 // and the connection tasks (on this same thread) put them on
@@ -472,8 +581,14 @@ impl Engine {
             // Nothing of this batch is on disk: fail its replies, send
             // nothing, and reload key state from what the disk holds.
             for effect in fx {
-                if let Effect::Reply(reply, _) = effect {
-                    let _ = reply.send(Err(ApiError::failed(format!("storage: {e}"))));
+                match effect {
+                    Effect::Reply(reply, _) => {
+                        let _ = reply.send(Err(ApiError::failed(format!("storage: {e}"))));
+                    }
+                    Effect::Accepted(reply, _) => {
+                        let _ = reply.send(0);
+                    }
+                    _ => {}
                 }
             }
             self.sending.clear();
@@ -538,6 +653,52 @@ impl Outlets {
     }
 }
 
+impl Outlets {
+    /// Sends a catch-up request; the answer (or its absence) comes back to
+    /// the engine.
+    fn sync(&self, peer: PeerId, conv: ConversationId, request: &DirectRequest) {
+        let internal = self.internal_tx.clone();
+        let Some(rx) = self.request(peer, request) else {
+            let _ = internal.try_send(Internal::Synced {
+                peer,
+                conv,
+                response: None,
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let response = rx
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok());
+            let _ = internal
+                .send(Internal::Synced {
+                    peer,
+                    conv,
+                    response,
+                })
+                .await;
+        });
+    }
+
+    fn request(
+        &self,
+        peer: PeerId,
+        request: &DirectRequest,
+    ) -> Option<oneshot::Receiver<Result<Vec<u8>, crate::net::NetError>>> {
+        let net = self.net.as_ref()?;
+        let data = postcard::to_stdvec(request).ok()?;
+        let (tx, rx) = oneshot::channel();
+        net.try_send(NetCommand::Direct {
+            peer,
+            data,
+            reply: tx,
+        })
+        .then_some(rx)
+    }
+}
+
 fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
     for effect in fx {
         match effect {
@@ -551,7 +712,19 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
             Effect::DirectReply(reply, bytes) => {
                 let _ = reply.send(bytes);
             }
+            Effect::Accepted(reply, n) => {
+                let _ = reply.send(n);
+            }
             Effect::Direct { peer, envelopes } => outlets.send_direct(peer, envelopes),
+            Effect::Sync {
+                peer,
+                conv,
+                request,
+            } => outlets.sync(peer, conv, &request),
+            Effect::Notify { peer, request } => {
+                // The answer does not matter; dropping its receiver is fine.
+                let _ = outlets.request(peer, &request);
+            }
         }
     }
 }
@@ -567,13 +740,22 @@ enum Input {
     Command(Command),
     Net(NetEvent),
     Internal(Internal),
-    Retry,
+    /// The outbox, presence and typing timers.
+    Tick,
+    Heartbeat,
+    SyncTick,
 }
 
 fn fail_inputs(batch: Vec<Input>, why: &str) {
     for input in batch {
-        if let Input::Command(Command::Api { reply, .. }) = input {
-            let _ = reply.send(Err(ApiError::failed(format!("storage: {why}"))));
+        match input {
+            Input::Command(Command::Api { reply, .. }) => {
+                let _ = reply.send(Err(ApiError::failed(format!("storage: {why}"))));
+            }
+            Input::Command(Command::Deliver { reply, .. }) => {
+                let _ = reply.send(0);
+            }
+            _ => {}
         }
     }
 }
@@ -597,6 +779,13 @@ struct EngineState<'a> {
     topic_peers: &'a mut HashMap<String, HashSet<PeerId>>,
     unreached: &'a mut HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
     offered: &'a mut HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
+    settings: &'a Settings,
+    clock: &'a mut Clock,
+    share: &'a mut Share,
+    device_by_peer: &'a mut HashMap<PeerId, (DeviceId, UserId)>,
+    presence: &'a mut HashMap<UserId, presence::Presence>,
+    typing: &'a mut HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    syncing: &'a mut HashMap<(PeerId, ConversationId), u32>,
 }
 
 struct State<'s, 'a, 'd> {
@@ -607,6 +796,8 @@ struct State<'s, 'a, 'd> {
     /// For what is safe to send before the batch is durable (see
     /// [`SendingSlot`]): it goes out at once.
     outlets: &'s Outlets,
+    /// Messages stored in this batch, to acknowledge after its commit.
+    delivered: Vec<(ConversationId, MessageId)>,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
@@ -642,16 +833,43 @@ impl State<'_, '_, '_> {
                 let result = self.api(request, listen);
                 self.fx.push(Effect::Reply(reply, result));
             }
+            Input::Command(Command::Deliver { envelopes, reply }) => {
+                let mut accepted = 0u32;
+                for bytes in &envelopes {
+                    if !matches!(self.receive(bytes, Via::Direct, None), Verdict::Reject(_)) {
+                        accepted += 1;
+                    }
+                }
+                self.fx.push(Effect::Accepted(reply, accepted));
+            }
             Input::Command(Command::Shutdown(_)) => {}
             Input::Net(ev) => self.on_net(ev),
             Input::Internal(Internal::DirectAck { peer, ids, ok }) => {
+                for id in &ids {
+                    self.e.offered.remove(&(*id, peer));
+                }
                 if ok {
                     for id in ids {
                         self.reached(&id, &peer);
                     }
+                    // Keep a flush to a peer that just came online going.
+                    self.flush_to(peer, None);
                 }
             }
-            Input::Retry => self.retry(),
+            Input::Internal(Internal::Synced {
+                peer,
+                conv,
+                response,
+            }) => self.on_synced(peer, conv, response),
+            Input::Tick => {
+                self.retry();
+                self.expire_presence();
+            }
+            Input::Heartbeat => {
+                self.heartbeat();
+                self.purge_offered();
+            }
+            Input::SyncTick => self.sync_all(),
         }
     }
 
@@ -765,15 +983,17 @@ impl State<'_, '_, '_> {
                 let records = self.db.messages(&conv, limit, before.as_ref())?;
                 let mut out = Vec::with_capacity(records.len());
                 for r in &records {
-                    out.push(self.message_view(r)?);
+                    out.push(self.message_view(r, true)?);
                 }
                 to_value(&out)
             }
             Request::Read { target } => {
                 let conv = self.resolve(&target)?;
-                self.db.mark_conversation_read(&conv)?;
-                to_value(&serde_json::json!({ "conversation": conv.to_string(), "unread": 0 }))
+                self.mark_read(conv)
             }
+            Request::Presence { target } => self.presence_of(&target),
+            Request::Typing { target, typing } => self.send_typing(&target, typing),
+            Request::Privacy { presence } => self.privacy(presence.as_deref()),
             Request::Watch => Err(ApiError::usage("watch is a stream: use the control socket")),
         }
     }
@@ -1038,14 +1258,15 @@ impl State<'_, '_, '_> {
         if !conv.active {
             return Err(ApiError::usage("you are no longer a member of this group"));
         }
-        let sent_at = now_ms();
+        let hlc = self.e.clock.now(now_ms().max(0) as u64);
+        let sent_at = hlc.ms() as i64;
         let payload = Payload::Text(TextMessage {
             text: text.clone(),
             reply_to,
-            sent_at_ms: sent_at,
+            hlc,
         });
         let (env, counter, early) = self.seal_chain_message(&conv, &payload.encode())?;
-        let reached = self.send_envelope(&conv, &env, conv.epoch, counter, early)?;
+        let reached = self.send_envelope(&conv, &env, conv.epoch, counter, early, Ack::Receipt)?;
         let status = if reached {
             MessageStatus::Sent
         } else {
@@ -1063,10 +1284,11 @@ impl State<'_, '_, '_> {
             status,
             edited: false,
             deleted: false,
+            hlc: hlc.0,
         };
         self.db.insert_message(&record)?;
         self.db.bump_conversation(&conv_id, sent_at, 0)?;
-        let view = self.message_view(&record)?;
+        let view = self.message_view(&record, false)?;
         self.fx.push(Effect::Event(Event::Message(view)));
         to_value(&SendView {
             id: record.id.to_string(),
@@ -1107,6 +1329,7 @@ impl State<'_, '_, '_> {
     fn devices_changed(&mut self) {
         self.e.recipients.clear();
         self.e.device_users.clear();
+        self.e.device_by_peer.clear();
     }
 
     fn compute_recipients(&self, conv: &Conv) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
@@ -1213,7 +1436,7 @@ impl State<'_, '_, '_> {
             sender_name: self.e.name.clone(),
         });
         let env = self.seal_to(conv.id, &recipients.devices, &payload)?;
-        self.send_envelope(conv, &env, conv.epoch, 0, false)?;
+        self.send_envelope(conv, &env, conv.epoch, 0, false, Ack::Publish)?;
         Ok(())
     }
 
@@ -1236,7 +1459,8 @@ impl State<'_, '_, '_> {
     /// Sends a freshly made envelope: gossip to the topic (flood-published
     /// to every peer known to be subscribed), directly to member peers that
     /// are connected but not (yet) known to be subscribed, and remembers
-    /// who is still missing it. Returns whether any member peer was reached.
+    /// who is still missing it (for messages: every member device until it
+    /// acknowledges). Returns whether any member peer was reached.
     fn send_envelope(
         &mut self,
         conv: &Conv,
@@ -1244,6 +1468,7 @@ impl State<'_, '_, '_> {
         epoch: u64,
         counter: u64,
         early: bool,
+        ack: Ack,
     ) -> Result<bool, ApiError> {
         let targets = self.recipients(conv)?;
         let targets = &targets.peers;
@@ -1258,19 +1483,21 @@ impl State<'_, '_, '_> {
             });
             self.later_or_now(publish, early);
             let subscribed = self.e.topic_peers.get(&conv.topic);
+            let mut direct = Vec::new();
             for peer in targets.iter() {
                 if subscribed.is_some_and(|s| s.contains(peer)) {
                     reached = true;
+                    if ack == Ack::Receipt {
+                        missing.insert(*peer);
+                    }
                 } else {
                     missing.insert(*peer);
+                    if self.e.connected.contains(peer) {
+                        direct.push(*peer);
+                    }
                 }
             }
-            for peer in missing
-                .iter()
-                .filter(|p| self.e.connected.contains(p))
-                .copied()
-                .collect::<Vec<_>>()
-            {
+            for peer in direct {
                 self.offer(peer, env.id(), env.bytes().to_vec(), early);
             }
         } else {
@@ -1286,15 +1513,19 @@ impl State<'_, '_, '_> {
             counter,
             bytes: env.bytes().to_vec(),
             received_at_ms: now,
+            sealed: matches!(env.header.sealing, Sealing::Sealed { .. }),
         })?;
         if !missing.is_empty() {
+            let expiry =
+                i64::try_from(self.e.settings.outbox_expiry.as_millis()).unwrap_or(i64::MAX);
             self.db.enqueue_outbox(&OutboxEntry {
                 envelope_id: env.id(),
                 conversation: env.header.conversation,
                 bytes: env.bytes().to_vec(),
                 created_at_ms: now,
                 attempts: 0,
-                next_attempt_at_ms: now,
+                next_attempt_at_ms: now + self.retry_delay_ms(0),
+                expires_at_ms: now.saturating_add(expiry),
             })?;
             self.e.unreached.insert(env.id(), (conv.id, missing));
         }
@@ -1367,34 +1598,72 @@ impl State<'_, '_, '_> {
                 id: id.to_string(),
                 conversation: conv.to_string(),
                 status: MessageStatus::Sent.as_str().to_string(),
+                progress: None,
             }));
         }
     }
 
-    /// Offers unacknowledged envelopes to connected member peers, at most
-    /// once per retry interval each.
+    /// Retries the outbox entries that are due: offered directly to the
+    /// connected member peers still missing them, then scheduled again with
+    /// exponential backoff and jitter. Entries past their expiry are given
+    /// up.
     fn retry(&mut self) {
-        let now = tokio::time::Instant::now();
-        let mut todo: Vec<(PeerId, EnvelopeId)> = Vec::new();
-        for (id, (_, missing)) in self.e.unreached.iter() {
-            for peer in missing {
-                if !self.e.connected.contains(peer) {
-                    continue;
-                }
-                let due = self
-                    .e
-                    .offered
-                    .get(&(*id, *peer))
-                    .is_none_or(|t| now.duration_since(*t) >= RETRY_INTERVAL);
-                if due {
-                    todo.push((*peer, *id));
+        let now = now_ms();
+        match self.db.expire_outbox(now) {
+            Ok(expired) => {
+                for id in expired {
+                    tracing::warn!(%id, "outbox entry expired undelivered");
+                    self.e.unreached.remove(&id);
                 }
             }
-            if todo.len() >= 4 * DIRECT_BATCH {
-                break;
+            Err(e) => tracing::warn!("outbox expiry: {e}"),
+        }
+        let due = match self.db.outbox_due(now, RETRY_BATCH) {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!("outbox read: {e}");
+                return;
+            }
+        };
+        for entry in due {
+            let id = entry.envelope_id;
+            let Some((_, missing)) = self.e.unreached.get(&id) else {
+                // Everyone has it (the entry outlived a restart's view).
+                let _ = self.db.remove_outbox(&id);
+                continue;
+            };
+            let peers: Vec<PeerId> = missing
+                .iter()
+                .filter(|p| self.e.connected.contains(p))
+                .copied()
+                .collect();
+            for peer in peers {
+                self.offer(peer, id, entry.bytes.clone(), false);
+            }
+            let next = now + self.retry_delay_ms(entry.attempts.saturating_add(1));
+            if let Err(e) = self.db.record_outbox_attempt(&id, next) {
+                tracing::warn!("outbox: {e}");
             }
         }
-        self.offer_stored(todo);
+    }
+
+    /// The wait before retry number `attempt`: doubling from the base, up
+    /// to the maximum, times a random factor in [0.5, 1.5) so that many
+    /// nodes retrying do not move in step.
+    fn retry_delay_ms(&self, attempt: u32) -> i64 {
+        let base = self.e.settings.retry_base.as_millis() as f64;
+        let max = self.e.settings.retry_max.as_millis() as f64;
+        let delay = (base * 2f64.powi(attempt.min(30) as i32)).min(max);
+        let jitter = 0.5 + (getrandom::u32().unwrap_or(u32::MAX / 2) as f64 / u32::MAX as f64);
+        (delay * jitter) as i64
+    }
+
+    /// Forgets offers that were never answered, so they can be made again.
+    fn purge_offered(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.e
+            .offered
+            .retain(|_, at| now.duration_since(*at) < IN_FLIGHT);
     }
 
     fn offer_stored(&mut self, todo: Vec<(PeerId, EnvelopeId)>) {
@@ -1409,12 +1678,23 @@ impl State<'_, '_, '_> {
         }
     }
 
+    /// Offers a peer (just connected or subscribed, or that just
+    /// acknowledged a batch) what it still misses, a few batches at a time,
+    /// leaving out what is already in flight to it.
     fn flush_to(&mut self, peer: PeerId, conv: Option<ConversationId>) {
+        let now = tokio::time::Instant::now();
+        let offered = &self.e.offered;
         let todo: Vec<(PeerId, EnvelopeId)> = self
             .e
             .unreached
             .iter()
-            .filter(|(_, (c, missing))| conv.is_none_or(|x| x == *c) && missing.contains(&peer))
+            .filter(|(id, (c, missing))| {
+                conv.is_none_or(|x| x == *c)
+                    && missing.contains(&peer)
+                    && offered
+                        .get(&(**id, peer))
+                        .is_none_or(|at| now.duration_since(*at) >= IN_FLIGHT)
+            })
             .map(|(id, _)| (peer, *id))
             .take(4 * DIRECT_BATCH)
             .collect();
@@ -1607,7 +1887,7 @@ impl State<'_, '_, '_> {
         let mut all = state.clone();
         all.members.extend(removed.iter().cloned());
         wide.group = Some(Arc::new(all));
-        self.send_envelope(&wide, &env, state.epoch, 0, false)?;
+        self.send_envelope(&wide, &env, state.epoch, 0, false, Ack::Publish)?;
         Ok(())
     }
 
@@ -1681,23 +1961,23 @@ impl State<'_, '_, '_> {
             .unwrap_or_else(|| user.to_string()[..8].to_string())
     }
 
-    fn message_view(&self, r: &MessageRecord) -> Result<MessageView, ApiError> {
+    /// The API's view of a message. `with_receipts`: look up the per-member
+    /// receipts and progress (not needed for a message just received).
+    fn message_view(
+        &self,
+        r: &MessageRecord,
+        with_receipts: bool,
+    ) -> Result<MessageView, ApiError> {
         let conv = self.e.convs.get(&r.conversation);
-        let receipts = conv.and_then(|c| c.group.as_ref()).map(|g| {
-            g.members
-                .iter()
-                .filter(|m| m.user != r.sender_user)
-                .map(|m| ReceiptView {
-                    user_id: m.user.to_string(),
-                    name: m.name.clone(),
-                    status: if r.sender_user == self.e.my_user {
-                        r.status.as_str().to_string()
-                    } else {
-                        "unknown".to_string()
-                    },
-                })
-                .collect()
-        });
+        let outgoing = r.sender_user == self.e.my_user;
+        let (receipts, progress) = match conv {
+            Some(c) if with_receipts => {
+                let (receipts, progress) = self.receipt_views(c, r)?;
+                let receipts = (c.kind == ConversationKind::Group).then_some(receipts);
+                (receipts, outgoing.then_some(progress))
+            }
+            _ => (None, None),
+        };
         Ok(MessageView {
             id: r.id.to_string(),
             conversation: r.conversation.to_string(),
@@ -1711,7 +1991,9 @@ impl State<'_, '_, '_> {
             deleted: r.deleted,
             reactions: Default::default(),
             receipts,
-            outgoing: r.sender_user == self.e.my_user,
+            progress,
+            hlc: r.hlc,
+            outgoing,
         })
     }
 
@@ -1730,6 +2012,18 @@ impl State<'_, '_, '_> {
             }
             NetEvent::Direct { peer, data, reply } => {
                 let response = match postcard::from_bytes::<DirectRequest>(&data) {
+                    Ok(DirectRequest::Sync(request)) => self.answer_sync(peer, request),
+                    Ok(DirectRequest::Presence { interval_ms }) => {
+                        self.on_presence(peer, interval_ms);
+                        DirectResponse::Ack { accepted: 1 }
+                    }
+                    Ok(DirectRequest::Typing {
+                        conversation,
+                        typing,
+                    }) => {
+                        self.on_typing(peer, conversation, typing);
+                        DirectResponse::Ack { accepted: 1 }
+                    }
                     Ok(DirectRequest::Envelopes(envs)) => {
                         let mut accepted = 0u32;
                         for bytes in envs.iter().take(DIRECT_BATCH) {
@@ -1764,9 +2058,12 @@ impl State<'_, '_, '_> {
                     connected: true,
                 }));
                 self.flush_to(peer, None);
+                self.heartbeat_to(peer);
+                self.sync_with(peer);
             }
             NetEvent::Disconnected { peer } => {
                 self.e.connected.remove(&peer);
+                self.peer_gone(peer);
                 for peers in self.e.topic_peers.values_mut() {
                     peers.remove(&peer);
                 }
@@ -1892,11 +2189,12 @@ impl State<'_, '_, '_> {
                         .get(&env.header.conversation)
                         .is_some_and(|c| c.members.contains(&u))
                 });
-                return Ok(if member {
-                    Verdict::Accept
-                } else {
-                    Verdict::Ignore
-                });
+                if !member {
+                    return Ok(Verdict::Ignore);
+                }
+                // Kept so that catch-up can hand it to the members it is for.
+                self.store_envelope(env, 0, 0)?;
+                return Ok(Verdict::Accept);
             }
             Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
         };
@@ -1906,7 +2204,9 @@ impl State<'_, '_, '_> {
         match payload {
             Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
             Payload::Group(state) => self.receive_group(env, state),
-            Payload::Text(_) => Ok(Verdict::Reject("text must be chain-sealed")),
+            Payload::Text(_) | Payload::Receipt(_) => {
+                Ok(Verdict::Reject("messages must be chain-sealed"))
+            }
         }
     }
 
@@ -1919,6 +2219,7 @@ impl State<'_, '_, '_> {
             counter,
             bytes: env.bytes().to_vec(),
             received_at_ms: now_ms(),
+            sealed: matches!(env.header.sealing, Sealing::Sealed { .. }),
         })?;
         Ok(())
     }
@@ -2101,38 +2402,47 @@ impl State<'_, '_, '_> {
         let Some(payload) = Payload::decode(&plain) else {
             return Ok(Verdict::Reject("malformed payload"));
         };
-        let Payload::Text(t) = payload else {
-            return Ok(Verdict::Reject("unexpected chain-sealed payload"));
-        };
         let blocked = self.e.blocked.contains(&user);
+        let t = match payload {
+            Payload::Text(t) => t,
+            Payload::Receipt(receipt) => {
+                self.advance_chain(key, after)?;
+                self.store_envelope(env, epoch, counter)?;
+                if !blocked {
+                    self.receive_receipt(&conv, user, env.header.sender, receipt)?;
+                }
+                return Ok(Verdict::Accept);
+            }
+            _ => return Ok(Verdict::Reject("unexpected chain-sealed payload")),
+        };
         let now = now_ms();
+        // A clock far in the future is clamped, and ours moves past it.
+        let hlc = self.e.clock.observe(t.hlc, now.max(0) as u64);
         let record = MessageRecord {
             id: env.id(),
             conversation: conv_id,
             sender_user: user,
             sender_device: env.header.sender,
-            sent_at_ms: t.sent_at_ms.min(now + MAX_CLOCK_SKEW_MS),
+            sent_at_ms: hlc.ms() as i64,
             received_at_ms: now,
             text: t.text,
             reply_to: t.reply_to,
             status: MessageStatus::Delivered,
             edited: false,
             deleted: false,
+            hlc: hlc.0,
         };
         if !blocked {
+            self.typing_done(conv_id, user);
             // Shown at once, before the writes and the commit: the envelope
             // is authentic, new (not stored, its key unused) and opened.
             // Nothing is promised to the sender on the strength of this
             // event (acknowledgements wait for the commit), so showing it
             // early risks nothing and takes the writes off the latency.
-            let view = self.message_view(&record)?;
+            let view = self.message_view(&record, false)?;
             run_effects(self.outlets, vec![Effect::Event(Event::Message(view))]);
         }
-        if let Some(after) = after {
-            self.db
-                .put_chain(&conv_id, &env.header.sender, epoch, &after.to_bytes())?;
-            self.cache_chain(key, after);
-        }
+        self.advance_chain(key, after)?;
         self.store_envelope(env, epoch, counter)?;
         // Blocked: verified and forwarded (the group keeps working), but
         // neither stored as a message nor shown.
@@ -2140,8 +2450,25 @@ impl State<'_, '_, '_> {
             let unread = u32::from(user != self.e.my_user);
             self.db
                 .bump_conversation(&conv_id, record.sent_at_ms, unread)?;
+            if user != self.e.my_user {
+                self.delivered.push((conv_id, record.id));
+            }
         }
         Ok(Verdict::Accept)
+    }
+
+    /// Stores a receiving chain's state after a key was taken from it.
+    fn advance_chain(
+        &mut self,
+        key: (ConversationId, DeviceId, u64),
+        after: Option<ReceivingChain>,
+    ) -> Result<(), ApiError> {
+        if let Some(after) = after {
+            self.db
+                .put_chain(&key.0, &key.1, key.2, &after.to_bytes())?;
+            self.cache_chain(key, after);
+        }
+        Ok(())
     }
 
     /// Retries envelopes of a conversation that were waiting for a key or a

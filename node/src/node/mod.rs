@@ -8,9 +8,10 @@
 
 mod engine;
 
-pub use engine::{DirectRequest, DirectResponse};
+pub use engine::{ChainHave, DirectRequest, DirectResponse, Share, SyncRequest};
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -66,6 +67,51 @@ pub struct NodeConfig {
     /// `None`: offline, local state only; `send` queues durably and the
     /// next daemon sends.
     pub network: Option<NetConfig>,
+    pub settings: Settings,
+}
+
+impl NodeConfig {
+    pub fn new(home: impl Into<PathBuf>, network: Option<NetConfig>) -> Self {
+        Self {
+            home: home.into(),
+            network,
+            settings: Settings::default(),
+        }
+    }
+}
+
+/// Timings and limits of delivery, presence and sync (config.toml).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often presence heartbeats go to connected contacts.
+    pub heartbeat: Duration,
+    /// How long a typing indicator lasts unless renewed.
+    pub typing_ttl: Duration,
+    /// How long an unacknowledged envelope is retried before it is given up.
+    pub outbox_expiry: Duration,
+    /// First retry delay; each retry doubles it (with jitter), up to
+    /// `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// How often each conversation is compared with a connected member
+    /// (besides on every connection).
+    pub sync_interval: Duration,
+    /// Groups larger than this send no read receipts.
+    pub read_receipts_max_group: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(30),
+            typing_ttl: Duration::from_secs(5),
+            outbox_expiry: Duration::from_secs(30 * 24 * 3600),
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(600),
+            sync_interval: Duration::from_secs(60),
+            read_receipts_max_group: 256,
+        }
+    }
 }
 
 pub(crate) enum Command {
@@ -74,6 +120,13 @@ pub(crate) enum Command {
         /// This node's listen addresses, for invites.
         listen: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+    },
+    /// Envelopes from outside the network task (a relay mailbox, a test):
+    /// validated and stored like directly sent ones. Replies how many were
+    /// accepted.
+    Deliver {
+        envelopes: Vec<Vec<u8>>,
+        reply: oneshot::Sender<u32>,
     },
     Shutdown(oneshot::Sender<()>),
 }
@@ -118,6 +171,18 @@ impl NodeHandle {
             engine::fill_status(&mut value, &status);
         }
         Ok(value)
+    }
+
+    /// Hands the node envelopes that came another way (a relay mailbox, a
+    /// file, a test). Each is validated like one sent directly by a peer;
+    /// returns how many were accepted (new or already held).
+    pub async fn deliver(&self, envelopes: Vec<Vec<u8>>) -> Result<u32, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Deliver { envelopes, reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Events for `watch`: messages, status changes, membership, peers.
@@ -173,7 +238,7 @@ impl Node {
             net: net.clone(),
             peer_id: identity.peer_id(),
         };
-        let engine = engine::Engine::new(identity, store, net, events)?;
+        let engine = engine::Engine::new(identity, store, net, events, config.settings)?;
         drop(context);
         let engine = std::thread::Builder::new()
             .name("weft-engine".into())

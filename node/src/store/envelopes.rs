@@ -17,6 +17,9 @@ pub struct EnvelopeRecord {
     /// The signed envelope as received.
     pub bytes: Vec<u8>,
     pub received_at_ms: i64,
+    /// Sealed to devices (sender keys, group states) rather than with a
+    /// chain: catch-up names these by id, not by counter.
+    pub sealed: bool,
 }
 
 impl EnvelopeRecord {
@@ -29,6 +32,7 @@ impl EnvelopeRecord {
             counter: u64_at(row, 4, "counter")?,
             bytes: row.get(5)?,
             received_at_ms: row.get(6)?,
+            sealed: row.get(7)?,
         })
     }
 }
@@ -42,6 +46,8 @@ pub struct OutboxEntry {
     pub created_at_ms: i64,
     pub attempts: u32,
     pub next_attempt_at_ms: i64,
+    /// When retrying stops.
+    pub expires_at_ms: i64,
 }
 
 impl OutboxEntry {
@@ -55,6 +61,7 @@ impl OutboxEntry {
             attempts: u32::try_from(attempts)
                 .map_err(|_| StoreError::Corrupt(format!("attempts {attempts}")))?,
             next_attempt_at_ms: row.get(5)?,
+            expires_at_ms: row.get(6)?,
         })
     }
 }
@@ -62,7 +69,8 @@ impl OutboxEntry {
 macro_rules! select_outbox {
     ($rest:literal) => {
         concat!(
-            "SELECT envelope_id, conversation, bytes, created_at, attempts, next_attempt_at
+            "SELECT envelope_id, conversation, bytes, created_at, attempts, next_attempt_at,
+                    expires_at
              FROM outbox ",
             $rest
         )
@@ -74,8 +82,8 @@ impl Db<'_> {
     pub fn insert_envelope(&self, env: &EnvelopeRecord) -> Result<bool, StoreError> {
         let inserted = self.execute(
             "INSERT INTO envelopes
-             (id, conversation, sender_device, epoch, counter, bytes, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             (id, conversation, sender_device, epoch, counter, bytes, received_at, sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (id) DO NOTHING",
             params![
                 env.id.0,
@@ -85,6 +93,7 @@ impl Db<'_> {
                 to_sql_int(env.counter, "counter")?,
                 env.bytes,
                 env.received_at_ms,
+                env.sealed,
             ],
         )?;
         Ok(inserted > 0)
@@ -96,7 +105,7 @@ impl Db<'_> {
 
     pub fn envelope(&self, id: &EnvelopeId) -> Result<Option<EnvelopeRecord>, StoreError> {
         self.query_opt(
-            "SELECT id, conversation, sender_device, epoch, counter, bytes, received_at
+            "SELECT id, conversation, sender_device, epoch, counter, bytes, received_at, sealed
              FROM envelopes WHERE id = ?1",
             [id.0],
             EnvelopeRecord::from_row,
@@ -108,8 +117,9 @@ impl Db<'_> {
     pub fn enqueue_outbox(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
         let inserted = self.execute(
             "INSERT INTO outbox
-             (envelope_id, conversation, bytes, created_at, attempts, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             (envelope_id, conversation, bytes, created_at, attempts, next_attempt_at,
+              expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (envelope_id) DO NOTHING",
             params![
                 entry.envelope_id.0,
@@ -118,6 +128,7 @@ impl Db<'_> {
                 entry.created_at_ms,
                 entry.attempts,
                 entry.next_attempt_at_ms,
+                entry.expires_at_ms,
             ],
         )?;
         Ok(inserted > 0)
@@ -164,6 +175,69 @@ impl Db<'_> {
 
     pub fn remove_outbox(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
         Ok(self.execute("DELETE FROM outbox WHERE envelope_id = ?1", [id.0])? > 0)
+    }
+
+    /// Removes the entries whose time is up and returns their ids.
+    pub fn expire_outbox(&self, now_ms: i64) -> Result<Vec<EnvelopeId>, StoreError> {
+        let ids = self.query_vec(
+            "SELECT envelope_id FROM outbox WHERE expires_at <= ?1",
+            [now_ms],
+            |row| id_at(row, 0),
+        )?;
+        if !ids.is_empty() {
+            self.execute("DELETE FROM outbox WHERE expires_at <= ?1", [now_ms])?;
+        }
+        Ok(ids)
+    }
+
+    /// Where every chain-sealed envelope of the conversation sits, as
+    /// (sender device, epoch, counter, row id), sorted: what catch-up
+    /// summarises and compares.
+    pub fn chain_positions(
+        &self,
+        conv: &ConversationId,
+    ) -> Result<Vec<(DeviceId, u64, u64, i64)>, StoreError> {
+        self.query_vec(
+            "SELECT sender_device, epoch, counter, rowid FROM envelopes
+             WHERE conversation = ?1 AND sealed = 0
+             ORDER BY sender_device, epoch, counter",
+            [conv.0],
+            |row| {
+                Ok((
+                    id_at(row, 0)?,
+                    u64_at(row, 1, "epoch")?,
+                    u64_at(row, 2, "counter")?,
+                    row.get(3)?,
+                ))
+            },
+        )
+    }
+
+    /// The conversation's sealed envelopes as (id, row id), oldest first.
+    pub fn sealed_envelope_ids(
+        &self,
+        conv: &ConversationId,
+    ) -> Result<Vec<(EnvelopeId, i64)>, StoreError> {
+        self.query_vec(
+            "SELECT id, rowid FROM envelopes WHERE conversation = ?1 AND sealed = 1 ORDER BY rowid",
+            [conv.0],
+            |row| Ok((id_at(row, 0)?, row.get(1)?)),
+        )
+    }
+
+    /// The stored bytes of envelopes by row id, in the order asked.
+    pub fn envelope_bytes_by_rowid(&self, rowids: &[i64]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::with_capacity(rowids.len());
+        for rowid in rowids {
+            if let Some(bytes) = self.query_opt(
+                "SELECT bytes FROM envelopes WHERE rowid = ?1",
+                [rowid],
+                |row| Ok(row.get(0)?),
+            )? {
+                out.push(bytes);
+            }
+        }
+        Ok(out)
     }
 
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
@@ -234,6 +308,7 @@ mod tests {
             counter: u64::from(n),
             bytes: vec![n; 40],
             received_at_ms: 1_000,
+            sealed: false,
         }
     }
 
@@ -245,11 +320,51 @@ mod tests {
             created_at_ms,
             attempts: 0,
             next_attempt_at_ms,
+            expires_at_ms: created_at_ms + 1_000_000,
         }
     }
 
     fn ids(entries: &[OutboxEntry]) -> Vec<u8> {
         entries.iter().map(|e| e.envelope_id.0[0]).collect()
+    }
+
+    #[test]
+    fn expired_entries_leave_the_outbox() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let mut old = outbox_entry(1, 0, 0);
+        old.expires_at_ms = 50;
+        db.enqueue_outbox(&old)?;
+        db.enqueue_outbox(&outbox_entry(2, 10, 10))?;
+        assert!(db.expire_outbox(49)?.is_empty());
+        assert_eq!(db.expire_outbox(50)?, vec![EnvelopeId([1; 16])]);
+        assert_eq!(ids(&db.outbox_due(i64::MAX, 10)?), vec![2]);
+        Ok(())
+    }
+
+    #[test]
+    fn chain_positions_leave_out_sealed_envelopes() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        for n in [3u8, 1, 2] {
+            db.insert_envelope(&envelope(n))?;
+        }
+        let mut sealed = envelope(9);
+        sealed.sealed = true;
+        db.insert_envelope(&sealed)?;
+        let counters: Vec<u64> = db
+            .chain_positions(&ConversationId([1; 32]))?
+            .iter()
+            .map(|p| p.2)
+            .collect();
+        assert_eq!(counters, vec![1, 2, 3]);
+        let sealed_ids = db.sealed_envelope_ids(&ConversationId([1; 32]))?;
+        assert_eq!(sealed_ids.len(), 1);
+        assert_eq!(
+            db.envelope_bytes_by_rowid(&[sealed_ids[0].1])?,
+            vec![vec![9; 40]]
+        );
+        Ok(())
     }
 
     #[test]

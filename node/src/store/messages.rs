@@ -1,4 +1,6 @@
-//! Message history: each message stored once, listed in (sent_at, id) order.
+//! Message history: each message stored once, listed in conversation
+//! order: the sender's hybrid logical clock, then the id (the same on every
+//! device, whatever order messages arrived in).
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,6 +79,8 @@ pub struct MessageRecord {
     pub sent_at_ms: i64,
     /// Our clock.
     pub received_at_ms: i64,
+    /// The sender's hybrid logical clock (clamped): the conversation order.
+    pub hlc: u64,
     pub text: String,
     pub reply_to: Option<MessageId>,
     pub status: MessageStatus,
@@ -98,6 +102,7 @@ impl MessageRecord {
             status: parsed_at(row, 8)?,
             edited: row.get(9)?,
             deleted: row.get(10)?,
+            hlc: super::u64_at(row, 11, "hlc")?,
         })
     }
 }
@@ -106,7 +111,7 @@ macro_rules! select_messages {
     ($rest:literal) => {
         concat!(
             "SELECT id, conversation, sender_user, sender_device, sent_at, received_at,
-                    text, reply_to, status, edited, deleted
+                    text, reply_to, status, edited, deleted, hlc
              FROM messages ",
             $rest
         )
@@ -121,8 +126,8 @@ impl Db<'_> {
         // skipped; any other violation is an error, not a silent drop.
         let inserted = self.execute(
             "INSERT INTO messages (id, conversation, sender_user, sender_device, sent_at,
-                                   received_at, text, reply_to, status, edited, deleted)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                   received_at, text, reply_to, status, edited, deleted, hlc)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (id) DO NOTHING",
             params![
                 msg.id.0,
@@ -136,6 +141,7 @@ impl Db<'_> {
                 msg.status.as_str(),
                 msg.edited,
                 msg.deleted,
+                super::to_sql_int(msg.hlc, "hlc")?,
             ],
         )?;
         Ok(inserted > 0)
@@ -168,7 +174,7 @@ impl Db<'_> {
     }
 
     /// The latest `limit` messages of the conversation, strictly before
-    /// `before` if given, in ascending (sent_at, id) order. `before` must be
+    /// `before` if given, in ascending (hlc, id) order. `before` must be
     /// a message of this conversation.
     pub fn messages(
         &self,
@@ -178,30 +184,56 @@ impl Db<'_> {
     ) -> Result<Vec<MessageRecord>, StoreError> {
         let mut page = match before {
             None => self.query_vec(
-                select_messages!("WHERE conversation = ?1 ORDER BY sent_at DESC, id DESC LIMIT ?2"),
+                select_messages!("WHERE conversation = ?1 ORDER BY hlc DESC, id DESC LIMIT ?2"),
                 params![conv.0, sql_limit(limit)],
                 MessageRecord::from_row,
             )?,
             Some(before) => {
-                let sent_at: i64 = self
+                let hlc: i64 = self
                     .query_opt(
-                        "SELECT sent_at FROM messages WHERE id = ?1 AND conversation = ?2",
+                        "SELECT hlc FROM messages WHERE id = ?1 AND conversation = ?2",
                         params![before.0, conv.0],
                         |row| Ok(row.get(0)?),
                     )?
                     .ok_or(StoreError::UnknownMessage(*before))?;
                 self.query_vec(
                     select_messages!(
-                        "WHERE conversation = ?1 AND (sent_at, id) < (?2, ?3)
-                         ORDER BY sent_at DESC, id DESC LIMIT ?4"
+                        "WHERE conversation = ?1 AND (hlc, id) < (?2, ?3)
+                         ORDER BY hlc DESC, id DESC LIMIT ?4"
                     ),
-                    params![conv.0, sent_at, before.0, sql_limit(limit)],
+                    params![conv.0, hlc, before.0, sql_limit(limit)],
                     MessageRecord::from_row,
                 )?
             }
         };
         page.reverse();
         Ok(page)
+    }
+
+    /// Incoming messages of the conversation not yet marked read, oldest
+    /// first, at most `limit`.
+    pub fn unread_incoming(
+        &self,
+        conv: &ConversationId,
+        me: &UserId,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        self.query_vec(
+            "SELECT id FROM messages
+             WHERE conversation = ?1 AND sender_user <> ?2 AND status <> 'read'
+             ORDER BY hlc, id LIMIT ?3",
+            params![conv.0, me.0, sql_limit(limit)],
+            |row| id_at(row, 0),
+        )
+    }
+
+    /// The newest clock value stored, to resume this device's clock after
+    /// a restart.
+    pub fn max_hlc(&self) -> Result<u64, StoreError> {
+        let max: Option<i64> = self
+            .query_opt("SELECT max(hlc) FROM messages", [], |row| Ok(row.get(0)?))?
+            .flatten();
+        Ok(max.map_or(0, |m| m.max(0) as u64))
     }
 
     pub fn message_count(&self, conv: &ConversationId) -> Result<u64, StoreError> {
@@ -240,6 +272,7 @@ mod tests {
             status: MessageStatus::Delivered,
             edited: false,
             deleted: false,
+            hlc: crate::hlc::Hlc::new(sent_at_ms.max(0) as u64, 0).0,
         }
     }
 
@@ -346,15 +379,15 @@ mod tests {
             concat!(
                 "EXPLAIN QUERY PLAN ",
                 select_messages!(
-                    "WHERE conversation = ?1 AND (sent_at, id) < (?2, ?3)
-                     ORDER BY sent_at DESC, id DESC LIMIT ?4"
+                    "WHERE conversation = ?1 AND (hlc, id) < (?2, ?3)
+                     ORDER BY hlc DESC, id DESC LIMIT ?4"
                 )
             ),
             params![conv().0, 0, [0u8; 16], 10],
             |row| Ok(row.get(3)?),
         )?;
         let plan = plan.join("\n");
-        assert!(plan.contains("messages_by_time"), "{plan}");
+        assert!(plan.contains("messages_by_order"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
         Ok(())
     }
@@ -399,7 +432,7 @@ mod tests {
             page in 1usize..7,
         ) {
             let mut expected = msgs;
-            expected.sort_by_key(|m| (m.sent_at_ms, m.id));
+            expected.sort_by_key(|m| (m.hlc, m.id));
             let (whole, paged) = history(&shuffled, page)
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&whole, &expected);

@@ -11,6 +11,7 @@ mod envelopes;
 mod messages;
 mod peers;
 mod people;
+mod receipts;
 
 use std::fs::{OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -26,10 +27,14 @@ pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use messages::{MessageRecord, MessageStatus};
 pub use people::{Contact, DeviceRecord};
+pub use receipts::UserReceipt;
 
 /// Schema migrations in order: (the `user_version` they bring the database
 /// to, their SQL). Append only; never edit one that has shipped.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_reliable_delivery.sql")),
+];
 
 /// How long a statement waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);

@@ -86,6 +86,26 @@ impl Db<'_> {
         )
     }
 
+    /// Records when a device of the user was last heard from (presence).
+    /// Creates no user: only known users have a presence.
+    pub fn set_last_seen(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE users SET last_seen = max(coalesce(last_seen, 0), ?2) WHERE user_id = ?1",
+            params![user.0, at_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn last_seen(&self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .query_opt(
+                "SELECT last_seen FROM users WHERE user_id = ?1",
+                [user.0],
+                |row| Ok(row.get::<_, Option<i64>>(0)?),
+            )?
+            .flatten())
+    }
+
     /// Records (or replaces) a device's certificate. A revoked device stays
     /// revoked: re-learning its certificate must not bring it back.
     pub fn upsert_device(
@@ -118,6 +138,15 @@ impl Db<'_> {
             select_devices!("WHERE user_id = ?1 AND revoked = 0 ORDER BY device_id"),
             [user.0],
             DeviceRecord::from_row,
+        )
+    }
+
+    /// Every device that is not revoked, as (device, user), at most `limit`.
+    pub fn all_devices(&self, limit: usize) -> Result<Vec<(DeviceId, UserId)>, StoreError> {
+        self.query_vec(
+            "SELECT device_id, user_id FROM devices WHERE revoked = 0 LIMIT ?1",
+            [super::sql_limit(limit)],
+            |row| Ok((super::id_at(row, 0)?, super::id_at(row, 1)?)),
         )
     }
 

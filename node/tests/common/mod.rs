@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
-use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle};
+use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle, Settings};
 
 /// Memory-transport ports unique across the tests of this process.
 static NEXT_PORT: AtomicU64 = AtomicU64::new(1);
@@ -29,6 +29,16 @@ pub struct TestNode {
 impl TestNode {
     /// A node named `name` whose keys derive from `name` and `seed`.
     pub async fn start(name: &str, seed: u64, bootstrap: &[&TestNode]) -> TestNode {
+        Self::start_with(name, seed, bootstrap, Settings::default()).await
+    }
+
+    /// The same, with its own timings and limits.
+    pub async fn start_with(
+        name: &str,
+        seed: u64,
+        bootstrap: &[&TestNode],
+        settings: Settings,
+    ) -> TestNode {
         let dir = tempfile::Builder::new()
             .prefix(&format!("weft-{name}-"))
             .tempdir()
@@ -42,7 +52,7 @@ impl TestNode {
                 .unwrap()
         };
         home.init_with(&identity, &display).unwrap();
-        Self::run(name, dir, bootstrap).await
+        Self::run(name, dir, bootstrap, settings).await
     }
 
     /// Restarts a node from an existing home directory.
@@ -51,20 +61,22 @@ impl TestNode {
         dir: tempfile::TempDir,
         bootstrap: &[&TestNode],
     ) -> TestNode {
-        Self::run(name, dir, bootstrap).await
+        Self::run(name, dir, bootstrap, Settings::default()).await
     }
 
-    async fn run(name: &str, dir: tempfile::TempDir, bootstrap: &[&TestNode]) -> TestNode {
+    async fn run(
+        name: &str,
+        dir: tempfile::TempDir,
+        bootstrap: &[&TestNode],
+        settings: Settings,
+    ) -> TestNode {
         let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed)
             + 10_000 * u64::from(std::process::id() % 1000);
         let mut net = NetConfig::memory(port);
         net.bootstrap = bootstrap.iter().map(|n| n.dial_addr()).collect();
-        let node = Node::start(NodeConfig {
-            home: dir.path().join("home"),
-            network: Some(net),
-        })
-        .await
-        .unwrap();
+        let mut config = NodeConfig::new(dir.path().join("home"), Some(net));
+        config.settings = settings;
+        let node = Node::start(config).await.unwrap();
         let handle = node.handle();
         let addr = format!("/memory/{port}").parse().unwrap();
         TestNode {
@@ -167,6 +179,37 @@ impl TestNode {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `check` holds for the messages of `target`.
+    pub async fn wait_messages(
+        &self,
+        target: &str,
+        what: &str,
+        check: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let req = Request::Messages {
+                target: target.into(),
+                limit: Some(10_000),
+                before: None,
+            };
+            if let Ok(v) = self.handle.call(req).await
+                && let Some(ms) = v.as_array()
+                && check(ms)
+            {
+                return ms.clone();
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{}: timed out waiting for {what} in {target}; have {:?}",
+                    self.name,
+                    self.texts(target).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 

@@ -1,0 +1,200 @@
+//! Delivered and read receipts: acknowledging what this device stored and
+//! what its user read, and folding the acknowledgements of others into
+//! each message's status ("delivered to 3 of 5, read by 2 of 5").
+//!
+//! A receipt is a chain-sealed envelope in the conversation like any
+//! message: signed, encrypted, gossiped, retried and caught up alike.
+
+use super::*;
+use crate::api::{Progress, ReceiptView};
+use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
+
+/// Most messages marked read (and acknowledged) by one `read`.
+const MAX_READ: usize = 10_000;
+
+impl State<'_, '_, '_> {
+    /// Sends delivered receipts for the messages this batch stored; they
+    /// leave after the batch's (durable) commit.
+    pub(super) fn flush_delivered(&mut self) {
+        let mut by_conv: HashMap<ConversationId, Vec<MessageId>> = HashMap::new();
+        for (conv, id) in std::mem::take(&mut self.delivered) {
+            by_conv.entry(conv).or_default().push(id);
+        }
+        for (conv, ids) in by_conv {
+            if let Err(e) = self.send_receipt(conv, ReceiptKind::Delivered, &ids) {
+                tracing::warn!("delivered receipt not sent: {e}");
+            }
+        }
+    }
+
+    fn send_receipt(
+        &mut self,
+        conv: ConversationId,
+        kind: ReceiptKind,
+        ids: &[MessageId],
+    ) -> Result<(), ApiError> {
+        let Some(conv) = self.e.convs.get(&conv).cloned() else {
+            return Ok(());
+        };
+        if !conv.active {
+            return Ok(());
+        }
+        for chunk in ids.chunks(MAX_RECEIPT_IDS) {
+            let payload = Payload::Receipt(Receipt {
+                kind,
+                messages: chunk.to_vec(),
+            });
+            let (env, counter, _) = self.seal_chain_message(&conv, &payload.encode())?;
+            // After the commit: a receipt promises the messages are stored.
+            self.send_envelope(&conv, &env, conv.epoch, counter, false, Ack::Publish)?;
+        }
+        Ok(())
+    }
+
+    /// A member device acknowledged messages.
+    pub(super) fn receive_receipt(
+        &mut self,
+        conv: &Conv,
+        user: UserId,
+        device: DeviceId,
+        receipt: Receipt,
+    ) -> Result<(), ApiError> {
+        let status = match receipt.kind {
+            ReceiptKind::Delivered => MessageStatus::Delivered,
+            ReceiptKind::Read => MessageStatus::Read,
+        };
+        let peer = peer_id_of(&device);
+        let now = now_ms();
+        for id in receipt.messages.iter().take(MAX_RECEIPT_IDS) {
+            if !self.db.add_receipt(id, &device, &user, status, now)? {
+                continue;
+            }
+            // That device has the envelope: no need to offer it again.
+            self.reached(id, &peer);
+            let Some(m) = self.db.message(id)? else {
+                continue;
+            };
+            if m.conversation != conv.id {
+                continue;
+            }
+            if user == self.e.my_user {
+                // Another device of this user read it: so has this one.
+                if status == MessageStatus::Read && m.sender_user != self.e.my_user {
+                    self.db.set_message_status(id, MessageStatus::Read)?;
+                }
+                continue;
+            }
+            if m.sender_user == self.e.my_user {
+                self.update_progress(conv, &m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves one of this user's messages to `delivered` or `read` once
+    /// every recipient has got that far, and tells `watch`.
+    fn update_progress(&mut self, conv: &Conv, m: &MessageRecord) -> Result<(), ApiError> {
+        let progress = self.progress(conv, &m.id)?;
+        let all = progress.recipients;
+        let target = if all > 0 && progress.read == all {
+            MessageStatus::Read
+        } else if all > 0 && progress.delivered == all {
+            MessageStatus::Delivered
+        } else {
+            MessageStatus::Sent
+        };
+        self.db.set_message_status(&m.id, target)?;
+        let status = self.db.message(&m.id)?.map_or(target, |m| m.status);
+        self.fx.push(Effect::Event(Event::Status {
+            id: m.id.to_string(),
+            conversation: conv.id.to_string(),
+            status: status.as_str().to_string(),
+            progress: Some(progress),
+        }));
+        Ok(())
+    }
+
+    /// How many of the conversation's other members have the message, and
+    /// have read it.
+    fn progress(&self, conv: &Conv, id: &MessageId) -> Result<Progress, ApiError> {
+        let receipts = self.db.receipts(id)?;
+        let mut p = Progress::default();
+        for user in conv.members.iter().filter(|u| **u != self.e.my_user) {
+            p.recipients += 1;
+            if let Some(r) = receipts.iter().find(|r| r.user == *user) {
+                p.delivered += 1;
+                if r.status == MessageStatus::Read {
+                    p.read += 1;
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Per member (other than the sender), how far the message has got;
+    /// and the sender's view of the whole.
+    pub(super) fn receipt_views(
+        &self,
+        conv: &Conv,
+        r: &MessageRecord,
+    ) -> Result<(Vec<ReceiptView>, Progress), ApiError> {
+        let receipts = self.db.receipts(&r.id)?;
+        let mut views = Vec::new();
+        let mut progress = Progress::default();
+        for user in conv.members.iter().filter(|u| **u != r.sender_user) {
+            let found = receipts.iter().find(|x| x.user == *user);
+            let status = match found {
+                Some(x) => x.status.as_str(),
+                None if r.sender_user == self.e.my_user => match r.status {
+                    MessageStatus::Queued => "queued",
+                    _ => "sent",
+                },
+                None => "unknown",
+            };
+            if *user != self.e.my_user {
+                progress.recipients += 1;
+                if found.is_some() {
+                    progress.delivered += 1;
+                }
+                if found.is_some_and(|x| x.status == MessageStatus::Read) {
+                    progress.read += 1;
+                }
+            }
+            let name = conv
+                .group
+                .as_ref()
+                .and_then(|g| g.member(user))
+                .map_or_else(|| self.user_name(user), |m| m.name.clone());
+            views.push(ReceiptView {
+                user_id: user.to_string(),
+                name,
+                status: status.to_string(),
+                at: found.map(|x| x.at_ms),
+            });
+        }
+        Ok((views, progress))
+    }
+
+    /// `weft read`: marks the conversation's incoming messages read and
+    /// tells their senders (not in groups above the read-receipt limit).
+    pub(super) fn mark_read(&mut self, conv_id: ConversationId) -> ApiResult {
+        let ids = self
+            .db
+            .unread_incoming(&conv_id, &self.e.my_user, MAX_READ)?;
+        for id in &ids {
+            self.db.set_message_status(id, MessageStatus::Read)?;
+        }
+        self.db.mark_conversation_read(&conv_id)?;
+        let members = self.e.convs.get(&conv_id).map_or(0, |c| c.members.len());
+        let receipts = members <= self.e.settings.read_receipts_max_group;
+        if receipts && !ids.is_empty() {
+            self.send_receipt(conv_id, ReceiptKind::Read, &ids)?;
+        }
+        to_value(&serde_json::json!({
+            "conversation": conv_id.to_string(),
+            "unread": 0,
+            "read": ids.len(),
+            "receipts_sent": receipts && !ids.is_empty(),
+        }))
+    }
+}

@@ -1,0 +1,182 @@
+//! Property: whatever the order, duplication and delay in which a device
+//! receives the same envelopes, it ends with the identical history.
+//!
+//! Real nodes (alice, carol) write a group conversation and a one-to-one
+//! one to bob; bob's envelopes are then taken from his store and fed to
+//! fresh copies of bob (same keys, empty store, offline) shuffled,
+//! duplicated and split into delayed chunks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{TestNode, befriend, group_create};
+use proptest::prelude::*;
+use serde_json::Value;
+use weft_node::api::Request;
+use weft_node::home::Home;
+use weft_node::identity::Identity;
+use weft_node::ids::ConversationId;
+use weft_node::store::Store;
+use weft_node::{Node, NodeConfig};
+
+const SEED: u64 = 41;
+
+/// One message as compared: id, sender, text and order key.
+type Line = (String, String, String, u64);
+/// Every conversation's history, by conversation id.
+type Histories = Vec<(String, Vec<Line>)>;
+
+/// What a history is, for comparison.
+fn history(ms: &[Value]) -> Vec<Line> {
+    ms.iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["sender"].as_str().unwrap().to_string(),
+                m["text"].as_str().unwrap().to_string(),
+                m["hlc"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+struct Recorded {
+    envelopes: Vec<Vec<u8>>,
+    /// Bob's histories.
+    expected: Histories,
+}
+
+/// Runs alice, bob and carol, lets them talk, and returns every envelope
+/// bob holds with the histories he shows.
+fn record() -> Recorded {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let alice = TestNode::start("alice", SEED, &[]).await;
+        let mut bob = TestNode::start("bob", SEED, &[&alice]).await;
+        let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
+        befriend(&alice, &bob).await;
+        befriend(&alice, &carol).await;
+        alice.call(group_create("trio", &["bob", "carol"])).await;
+        for i in 0..6 {
+            alice.send("trio", &format!("a{i}")).await;
+            alice.send("bob", &format!("direct {i}")).await;
+        }
+        bob.expect_text("trio", "a5").await;
+        for i in 0..6 {
+            carol.send("trio", &format!("c{i}")).await;
+        }
+        bob.expect_text("trio", "c5").await;
+        bob.expect_text("alice", "direct 5").await;
+        let mut expected = Vec::new();
+        for conv in bob.call(Request::Conversations).await.as_array().unwrap() {
+            let id = conv["id"].as_str().unwrap().to_string();
+            expected.push((id.clone(), history(&bob.messages(&id).await)));
+        }
+        bob.stop().await;
+        let store = Store::open(&bob.dir.path().join("home").join("weft.db")).unwrap();
+        let db = store.db();
+        let mut envelopes = Vec::new();
+        for (id, _) in &expected {
+            let conv: ConversationId = id.parse().unwrap();
+            let mut rowids: Vec<i64> = db
+                .sealed_envelope_ids(&conv)
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect();
+            rowids.extend(db.chain_positions(&conv).unwrap().into_iter().map(|p| p.3));
+            envelopes.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+        }
+        Recorded {
+            envelopes,
+            expected,
+        }
+    })
+}
+
+/// A fresh, offline bob fed `chunks` one after another.
+async fn replay(chunks: Vec<Vec<Vec<u8>>>) -> Histories {
+    let dir = tempfile::Builder::new()
+        .prefix("weft-bob-replay-")
+        .tempdir()
+        .unwrap();
+    let home = Home::new(dir.path().join("home"));
+    let identity = Identity::from_seed(format!("bob/{SEED}").as_bytes(), 0).unwrap();
+    home.init_with(&identity, "Bob").unwrap();
+    let node = Node::start(NodeConfig::new(dir.path().join("home"), None))
+        .await
+        .unwrap();
+    let handle = node.handle();
+    for chunk in chunks {
+        handle.deliver(chunk).await.unwrap();
+        // A delay: other work may run between chunks.
+        tokio::task::yield_now().await;
+    }
+    let mut out = Vec::new();
+    let convs = handle.call(Request::Conversations).await.unwrap();
+    for conv in convs.as_array().unwrap() {
+        let id = conv["id"].as_str().unwrap().to_string();
+        let ms = handle
+            .call(Request::Messages {
+                target: id.clone(),
+                limit: Some(10_000),
+                before: None,
+            })
+            .await
+            .unwrap();
+        out.push((id, history(ms.as_array().unwrap())));
+    }
+    node.shutdown().await.unwrap();
+    out.sort();
+    out
+}
+
+#[test]
+fn any_order_duplication_and_delay_gives_the_same_history() {
+    let recorded = record();
+    let mut expected = recorded.expected.clone();
+    expected.sort();
+    let total: usize = expected.iter().map(|(_, h)| h.len()).sum();
+    assert_eq!(total, 18, "the recording holds every message once");
+    let n = recorded.envelopes.len();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = ProptestConfig {
+        cases: 12,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        order in Just((0..n).collect::<Vec<usize>>()).prop_shuffle(),
+        dups in proptest::collection::vec(0..n, 0..n),
+        cuts in proptest::collection::vec(1usize..8, 1..40),
+    )| {
+        // Every envelope once, in a random order, plus random duplicates
+        // at random places.
+        let mut stream: Vec<Vec<u8>> =
+            order.iter().map(|i| recorded.envelopes[*i].clone()).collect();
+        for (k, d) in dups.iter().enumerate() {
+            let at = (k * 7 + d) % (stream.len() + 1);
+            stream.insert(at, recorded.envelopes[*d].clone());
+        }
+        let mut chunks = Vec::new();
+        let mut rest = stream.as_slice();
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (head, tail) = rest.split_at((*cut).min(rest.len()));
+            chunks.push(head.to_vec());
+            rest = tail;
+        }
+        let got = rt.block_on(replay(chunks));
+        prop_assert_eq!(got, expected.clone());
+    });
+}

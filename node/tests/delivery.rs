@@ -1,0 +1,362 @@
+//! Reliable delivery across nodes in one process: a partition and its
+//! healing, catch-up from a third party, receipts, presence and typing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{DEADLINE, TestNode, befriend, group_create};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use weft_node::Settings;
+use weft_node::api::{Event, Request};
+
+fn ids(ms: &[Value]) -> Vec<String> {
+    ms.iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn count_prefixed(ms: &[Value], prefix: &str) -> usize {
+    ms.iter()
+        .filter(|m| m["text"].as_str().unwrap().starts_with(prefix))
+        .count()
+}
+
+/// Waits until `pred` accepts an event; returns it.
+async fn next_event(
+    rx: &mut broadcast::Receiver<Event>,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) -> Event {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(ev)) if pred(&ev) => return ev,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("event stream ended waiting for {what}: {e}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Waits until every message of `target` whose text starts with `prefix`
+/// has `status`.
+async fn wait_status(node: &TestNode, target: &str, prefix: &str, n: usize, status: &str) {
+    node.wait_messages(target, &format!("{n} {prefix}* {status}"), |ms| {
+        let mine: Vec<&Value> = ms
+            .iter()
+            .filter(|m| m["text"].as_str().unwrap().starts_with(prefix))
+            .collect();
+        mine.len() == n && mine.iter().all(|m| m["status"] == status)
+    })
+    .await;
+}
+
+async fn wait_group(node: &TestNode, group: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let groups = node.call(Request::GroupList).await;
+        if groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == group)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never joined {group}",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heals_with_every_message_once_in_order_and_receipts() {
+    let alice = TestNode::start("alice", 31, &[]).await;
+    let mut bob = TestNode::start("bob", 31, &[&alice]).await;
+    let carol = TestNode::start("carol", 31, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    wait_group(&bob, "trio").await;
+    wait_group(&carol, "trio").await;
+    alice.send("trio", "before").await;
+    bob.expect_text("trio", "before").await;
+
+    // Bob goes away; once alice has noticed, she writes 50 to him and 50
+    // to the group.
+    let mut statuses = alice.handle.events();
+    let bob_peer = bob.handle.peer_id().to_string();
+    bob.stop().await;
+    next_event(
+        &mut statuses,
+        "alice to see bob go",
+        |e| matches!(e, Event::Peer { peer_id, connected: false } if *peer_id == bob_peer),
+    )
+    .await;
+    let mut direct_ids = HashSet::new();
+    for i in 0..50 {
+        let sent = alice.send("bob", &format!("p2p-{i}")).await;
+        direct_ids.insert(sent["id"].as_str().unwrap().to_string());
+        alice.send("trio", &format!("grp-{i}")).await;
+    }
+    // Carol has the group's; the direct ones wait for bob.
+    carol
+        .wait_messages("trio", "50 group messages", |ms| {
+            count_prefixed(ms, "grp-") == 50
+        })
+        .await;
+    let queued = alice.messages("bob").await;
+    assert!(
+        queued
+            .iter()
+            .filter(|m| m["text"].as_str().unwrap().starts_with("p2p-"))
+            .all(|m| m["status"] == "queued"),
+        "with bob away, nobody has the direct messages"
+    );
+
+    // Bob returns (on a new address; he dials alice and carol).
+    let dir = bob.dir;
+    let bob = TestNode::start_existing("bob", dir, &[&alice, &carol]).await;
+    let direct = bob
+        .wait_messages("alice", "50 direct messages", |ms| {
+            count_prefixed(ms, "p2p-") == 50
+        })
+        .await;
+    let group = bob
+        .wait_messages("trio", "50 group messages", |ms| {
+            count_prefixed(ms, "grp-") == 50
+        })
+        .await;
+    // Exactly once: no id twice, no text twice.
+    for ms in [&direct, &group] {
+        let unique: HashSet<String> = ids(ms).into_iter().collect();
+        assert_eq!(unique.len(), ms.len(), "a message is stored twice");
+        let texts: HashSet<&str> = ms.iter().map(|m| m["text"].as_str().unwrap()).collect();
+        assert_eq!(texts.len(), ms.len(), "a text arrived twice");
+    }
+    // The same order on every node, and alice's own order kept.
+    let alice_group = alice.messages("trio").await;
+    let carol_group = carol.messages("trio").await;
+    assert_eq!(ids(&group), ids(&alice_group));
+    assert_eq!(ids(&group), ids(&carol_group));
+    let alice_direct = alice.messages("bob").await;
+    assert_eq!(ids(&direct), ids(&alice_direct));
+    let texts: Vec<&str> = direct.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("p2p-{i}")).collect();
+    assert_eq!(texts, expected);
+
+    // Alice sees them delivered, then read once bob reads.
+    wait_status(&alice, "bob", "p2p-", 50, "delivered").await;
+    wait_status(&alice, "trio", "grp-", 50, "delivered").await;
+    bob.call(Request::Read {
+        target: "alice".into(),
+    })
+    .await;
+    wait_status(&alice, "bob", "p2p-", 50, "read").await;
+    // In the group, read means read by everyone.
+    bob.call(Request::Read {
+        target: "trio".into(),
+    })
+    .await;
+    let half = alice.messages("trio").await;
+    let grp = half
+        .iter()
+        .find(|m| m["text"] == "grp-7")
+        .expect("grp-7 is there");
+    assert_eq!(grp["progress"]["recipients"], 2);
+    carol
+        .call(Request::Read {
+            target: "trio".into(),
+        })
+        .await;
+    wait_status(&alice, "trio", "grp-", 50, "read").await;
+    let done = alice.messages("trio").await;
+    let grp = done.iter().find(|m| m["text"] == "grp-7").unwrap();
+    assert_eq!(grp["progress"]["read"], 2);
+    let receipts = grp["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(
+        receipts.iter().all(|r| r["status"] == "read"),
+        "{receipts:?}"
+    );
+
+    // Each direct message went queued -> (sent) -> delivered -> read, as
+    // `watch` saw it: never backwards.
+    let rank = |s: &str| match s {
+        "queued" => 0,
+        "sent" => 1,
+        "relayed" => 2,
+        "delivered" => 3,
+        "read" => 4,
+        _ => panic!("unknown status {s}"),
+    };
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    while let Ok(ev) = statuses.try_recv() {
+        if let Event::Status { id, status, .. } = ev
+            && direct_ids.contains(&id)
+        {
+            seen.entry(id).or_default().push(status);
+        }
+    }
+    assert_eq!(seen.len(), 50, "every direct message had status events");
+    for (id, list) in &seen {
+        let ranks: Vec<i32> = list.iter().map(|s| rank(s)).collect();
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{id}: {list:?}");
+        assert!(list.contains(&"delivered".to_string()), "{id}: {list:?}");
+        assert_eq!(
+            list.last().map(String::as_str),
+            Some("read"),
+            "{id}: {list:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_from_a_third_party() {
+    let alice = TestNode::start("alice", 32, &[]).await;
+    let mut bob = TestNode::start("bob", 32, &[&alice]).await;
+    let carol = TestNode::start("carol", 32, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    wait_group(&bob, "trio").await;
+    wait_group(&carol, "trio").await;
+
+    // Bob away; alice's first messages of this group (her key goes out
+    // with them) reach carol only; then alice goes away too.
+    bob.stop().await;
+    for i in 0..20 {
+        alice.send("trio", &format!("while-away-{i}")).await;
+    }
+    carol
+        .wait_messages("trio", "alice's 20", |ms| {
+            count_prefixed(ms, "while-away-") == 20
+        })
+        .await;
+    let mut alice = alice;
+    alice.stop().await;
+
+    // Bob comes back knowing only carol's address.
+    let bob = TestNode::start_existing("bob", bob.dir, &[&carol]).await;
+    let got = bob
+        .wait_messages("trio", "alice's 20 from carol", |ms| {
+            count_prefixed(ms, "while-away-") == 20
+        })
+        .await;
+    assert_eq!(ids(&got), ids(&carol.messages("trio").await));
+    let texts: Vec<&str> = got.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("while-away-{i}")).collect();
+    assert_eq!(texts, expected);
+}
+
+fn quick_presence() -> Settings {
+    Settings {
+        heartbeat: Duration::from_secs(1),
+        typing_ttl: Duration::from_millis(600),
+        ..Settings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_appear_expire_and_obey_privacy() {
+    let alice = TestNode::start_with("alice", 33, &[], quick_presence()).await;
+    let bob = TestNode::start_with("bob", 33, &[&alice], quick_presence()).await;
+    let mut bob_events = bob.handle.events();
+    befriend(&alice, &bob).await;
+
+    // Contacts share presence by default: bob sees alice come online.
+    next_event(
+        &mut bob_events,
+        "alice online",
+        |e| matches!(e, Event::Presence { online: true, name, .. } if name == "alice"),
+    )
+    .await;
+    let p = bob
+        .call(Request::Presence {
+            target: "alice".into(),
+        })
+        .await;
+    assert_eq!(p["online"], true);
+    assert!(p["last_seen"].as_i64().unwrap() > 0);
+
+    // Typing appears, and stops by itself.
+    alice
+        .call(Request::Typing {
+            target: "bob".into(),
+            typing: true,
+        })
+        .await;
+    next_event(
+        &mut bob_events,
+        "alice typing",
+        |e| matches!(e, Event::Typing { typing: true, name, .. } if name == "alice"),
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    next_event(
+        &mut bob_events,
+        "alice's typing to expire",
+        |e| matches!(e, Event::Typing { typing: false, name, .. } if name == "alice"),
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Alice hides: her heartbeats stop, bob sees her go offline (with a
+    // last-seen time), and her typing no longer reaches him.
+    let privacy = alice
+        .call(Request::Privacy {
+            presence: Some("nobody".into()),
+        })
+        .await;
+    assert_eq!(privacy["presence"], "nobody");
+    next_event(
+        &mut bob_events,
+        "alice offline",
+        |e| matches!(e, Event::Presence { online: false, name, .. } if name == "alice"),
+    )
+    .await;
+    let p = bob
+        .call(Request::Presence {
+            target: "alice".into(),
+        })
+        .await;
+    assert_eq!(p["online"], false);
+    assert!(p["last_seen"].as_i64().is_some());
+    let told = alice
+        .call(Request::Typing {
+            target: "bob".into(),
+            typing: true,
+        })
+        .await;
+    assert_eq!(told["told"], 0);
+    // Still connected and hearing each other: a message gets through, and
+    // no typing or presence event came with it.
+    alice.send("bob", "quietly").await;
+    bob.expect_text("alice", "quietly").await;
+    while let Ok(ev) = bob_events.try_recv() {
+        assert!(
+            !matches!(
+                ev,
+                Event::Typing { .. } | Event::Presence { online: true, .. }
+            ),
+            "{ev:?}"
+        );
+    }
+    // A bad setting is the caller's error.
+    let err = alice
+        .handle
+        .call(Request::Privacy {
+            presence: Some("friends".into()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+}
