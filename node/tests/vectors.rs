@@ -11,7 +11,10 @@
 use ed25519_dalek::SigningKey;
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
-use weft_node::ids::{ConversationId, DeviceId};
+use weft_node::hlc::Hlc;
+use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
+use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
+use weft_node::payload::{Payload, Receipt, ReceiptKind, TextMessage};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const SENDER_SEED: [u8; 32] = [0x11; 32];
@@ -51,6 +54,65 @@ fn sealed_vector() -> Vec<u8> {
     )
     .unwrap()
     .into_bytes()
+}
+
+fn text_payload() -> Payload {
+    Payload::Text(TextMessage {
+        text: "hi".into(),
+        reply_to: None,
+        hlc: Hlc::new(1_700_000_000_000, 3),
+    })
+}
+
+fn receipt_payload() -> Payload {
+    Payload::Receipt(Receipt {
+        kind: ReceiptKind::Read,
+        messages: vec![EnvelopeId([0xaa; 16])],
+    })
+}
+
+fn sync_request() -> DirectRequest {
+    DirectRequest::Sync(SyncRequest {
+        conversation: ConversationId(CONVERSATION),
+        chains: vec![ChainHave {
+            device: DeviceId(RECIPIENT_DEVICE),
+            epoch: 1,
+            ranges: vec![(0, 3), (5, 7)],
+        }],
+        sealed: vec![EnvelopeId([0xbb; 16])],
+    })
+}
+
+fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("payload-text-v1", text_payload().encode()),
+        ("payload-receipt-v1", receipt_payload().encode()),
+        ("direct-sync-v1", postcard::to_stdvec(&sync_request()).unwrap()),
+    ]
+}
+
+#[test]
+fn payload_and_direct_vectors_match_and_decode() {
+    for (name, bytes) in encoded_vectors() {
+        assert_eq!(
+            documented(name),
+            bytes,
+            "{name}: encoder changed: the wire format needs a new version"
+        );
+    }
+    assert_eq!(
+        Payload::decode(&documented("payload-text-v1")),
+        Some(text_payload())
+    );
+    assert_eq!(
+        Payload::decode(&documented("payload-receipt-v1")),
+        Some(receipt_payload())
+    );
+    let decoded: DirectRequest = postcard::from_bytes(&documented("direct-sync-v1")).unwrap();
+    assert_eq!(
+        postcard::to_stdvec(&decoded).unwrap(),
+        postcard::to_stdvec(&sync_request()).unwrap()
+    );
 }
 
 /// The hex block that follows the line `vector: NAME` in protocol.md.
@@ -119,10 +181,12 @@ fn sealed_envelope_vector_matches_and_opens() {
 #[test]
 #[ignore = "prints vectors for docs/protocol.md"]
 fn print() {
-    for (name, bytes) in [
+    let mut all = vec![
         ("chain-envelope-v1", chain_vector()),
         ("sealed-envelope-v1", sealed_vector()),
-    ] {
+    ];
+    all.extend(encoded_vectors());
+    for (name, bytes) in all {
         println!("vector: {name}\n```hex");
         for chunk in bytes.chunks(32) {
             println!("{}", hex::encode(chunk));
