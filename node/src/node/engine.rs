@@ -201,8 +201,9 @@ pub(super) struct Engine {
     settings: Settings,
     clock: Clock,
     share: Share,
-    /// Which device (and user) each peer id is: derived from certificates.
-    device_by_peer: HashMap<PeerId, (DeviceId, UserId)>,
+    /// Which device (and user) each peer id is, derived from certificates
+    /// (`None`: not a known device).
+    device_by_peer: HashMap<PeerId, Option<(DeviceId, UserId)>>,
     presence: HashMap<UserId, presence::Presence>,
     typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
     /// Catch-up sessions in progress, with their round count.
@@ -782,7 +783,7 @@ struct EngineState<'a> {
     settings: &'a Settings,
     clock: &'a mut Clock,
     share: &'a mut Share,
-    device_by_peer: &'a mut HashMap<PeerId, (DeviceId, UserId)>,
+    device_by_peer: &'a mut HashMap<PeerId, Option<(DeviceId, UserId)>>,
     presence: &'a mut HashMap<UserId, presence::Presence>,
     typing: &'a mut HashMap<(ConversationId, UserId), tokio::time::Instant>,
     syncing: &'a mut HashMap<(PeerId, ConversationId), u32>,

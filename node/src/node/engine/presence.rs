@@ -62,18 +62,21 @@ impl State<'_, '_, '_> {
     /// The device and user behind a peer id, if it is a known device.
     fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
         if let Some(who) = self.e.device_by_peer.get(peer) {
-            return Some(*who);
+            return *who;
         }
-        // Rebuilt on a miss (certificates change rarely; a miss for an
-        // unknown peer costs one scan, bounded).
+        // Rebuilt on a miss (certificates change rarely); an unknown peer
+        // is remembered as unknown until devices change.
         let devices = self.db.all_devices(MAX_DEVICES).ok()?;
         self.e.device_by_peer.clear();
         for (device, user) in devices {
             self.e
                 .device_by_peer
-                .insert(peer_id_of(&device), (device, user));
+                .insert(peer_id_of(&device), Some((device, user)));
         }
-        self.e.device_by_peer.get(peer).copied()
+        if self.e.device_by_peer.len() < MAX_DEVICES {
+            self.e.device_by_peer.entry(*peer).or_insert(None);
+        }
+        self.e.device_by_peer.get(peer).copied().flatten()
     }
 
     /// Whether this user's presence and typing may go to `user`.
