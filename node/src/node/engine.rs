@@ -149,6 +149,8 @@ enum Internal {
         conv: ConversationId,
         response: Option<DirectResponse>,
     },
+    /// Effects that waited for their batch's commit to reach the disk.
+    Durable(Vec<Effect>),
 }
 
 /// How an envelope arrived: decides replay handling and validation.
@@ -208,6 +210,8 @@ pub(super) struct Engine {
     typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
     /// Catch-up sessions in progress, with their round count.
     syncing: HashMap<(PeerId, ConversationId), u32>,
+    /// Makes a commit durable off this thread (none for a store in memory).
+    wal: Option<crate::store::WalSyncer>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -261,6 +265,7 @@ impl Engine {
         net: Option<NetHandle>,
         events: broadcast::Sender<Event>,
         settings: Settings,
+        wal: Option<crate::store::WalSyncer>,
     ) -> Result<Self, NodeError> {
         let clock = Clock::resume(Hlc(store.db().max_hlc()?));
         let share = store
@@ -305,6 +310,7 @@ impl Engine {
             presence: HashMap::new(),
             typing: HashMap::new(),
             syncing: HashMap::new(),
+            wal,
         };
         engine.load()?;
         Ok(engine)
@@ -503,20 +509,15 @@ impl Engine {
             return;
         }
         let mut fx = Vec::new();
+        let durable_fx;
         // Only what someone is promised must reach the platters before
         // the reply: user requests and direct requests we acknowledge.
-        // Gossip we merely received commits without an fsync; the next
-        // durable commit carries it too.
-        // A new message from the network is promised too: a delivered
-        // receipt for it goes out after this commit.
-        let promised = batch.iter().any(|i| {
-            matches!(
-                i,
-                Input::Command(_)
-                    | Input::Net(NetEvent::Direct { .. } | NetEvent::Gossip { .. })
-                    | Input::Internal(Internal::Synced { .. })
-            )
-        });
+        // Gossip we merely received commits without an fsync; the delivered
+        // receipts for it wait for an fsync on another thread rather than
+        // hold this one (`after_fsync`).
+        let promised = batch
+            .iter()
+            .any(|i| matches!(i, Input::Command(_) | Input::Net(NetEvent::Direct { .. })));
         let durability = if promised {
             Durability::Full
         } else {
@@ -562,11 +563,13 @@ impl Engine {
                 fx: &mut fx,
                 outlets: &self.outlets,
                 delivered: Vec::new(),
+                durable_fx: Vec::new(),
             };
             for input in batch {
                 state.handle(input);
             }
             state.flush_delivered();
+            durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
                 // Envelopes went out before the commit: let the network task
                 // and the connection tasks (on this same thread) put them on
@@ -596,10 +599,40 @@ impl Engine {
             self.receiving.clear();
             return;
         }
-        for slot in self.sending.values_mut() {
-            slot.durable_until = slot.reserved_until;
+        if durability == Durability::Full {
+            // Only an fsynced reservation may let envelopes leave early.
+            for slot in self.sending.values_mut() {
+                slot.durable_until = slot.reserved_until;
+            }
         }
         run_effects(&self.outlets, fx);
+        self.after_fsync(durability, durable_fx);
+    }
+
+    /// Runs effects that promise durability (delivered receipts) once the
+    /// batch's commit is on the disk: at once after a full commit, else
+    /// after the fsync thread has flushed the WAL.
+    fn after_fsync(&self, durability: Durability, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let wal = match (&self.wal, durability) {
+            (Some(wal), Durability::Normal) => wal,
+            _ => return run_effects(&self.outlets, effects),
+        };
+        let done = wal.request();
+        let internal = self.outlets.internal_tx.clone();
+        tokio::spawn(async move {
+            match done.await {
+                Ok(Ok(())) => {
+                    let _ = internal.send(Internal::Durable(effects)).await;
+                }
+                // Nothing is promised then; the senders' retries and
+                // catch-up will ask again.
+                Ok(Err(e)) => tracing::error!("receipts held back: {e}"),
+                Err(_) => tracing::error!("receipts held back: the fsync thread is gone"),
+            }
+        });
     }
 }
 
@@ -799,6 +832,8 @@ struct State<'s, 'a, 'd> {
     outlets: &'s Outlets,
     /// Messages stored in this batch, to acknowledge after its commit.
     delivered: Vec<(ConversationId, MessageId)>,
+    /// Effects to run once the commit is durable (the receipts for them).
+    durable_fx: Vec<Effect>,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
@@ -857,6 +892,7 @@ impl State<'_, '_, '_> {
                     self.flush_to(peer, None);
                 }
             }
+            Input::Internal(Internal::Durable(effects)) => run_effects(self.outlets, effects),
             Input::Internal(Internal::Synced {
                 peer,
                 conv,

@@ -238,7 +238,8 @@ impl Node {
             net: net.clone(),
             peer_id: identity.peer_id(),
         };
-        let engine = engine::Engine::new(identity, store, net, events, config.settings)?;
+        let wal = crate::store::WalSyncer::start(&home.db_path())?;
+        let engine = engine::Engine::new(identity, store, net, events, config.settings, Some(wal))?;
         drop(context);
         let engine = std::thread::Builder::new()
             .name("weft-engine".into())

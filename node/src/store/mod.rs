@@ -12,6 +12,7 @@ mod messages;
 mod peers;
 mod people;
 mod receipts;
+mod wal_sync;
 
 use std::fs::{OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -28,6 +29,7 @@ pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use messages::{MessageRecord, MessageStatus};
 pub use people::{Contact, DeviceRecord};
 pub use receipts::UserReceipt;
+pub use wal_sync::WalSyncer;
 
 /// Schema migrations in order: (the `user_version` they bring the database
 /// to, their SQL). Append only; never edit one that has shipped.

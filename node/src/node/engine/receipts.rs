@@ -14,17 +14,25 @@ const MAX_READ: usize = 10_000;
 
 impl State<'_, '_, '_> {
     /// Sends delivered receipts for the messages this batch stored; they
-    /// leave after the batch's (durable) commit.
+    /// leave once the batch's commit is on the disk.
     pub(super) fn flush_delivered(&mut self) {
         let mut by_conv: HashMap<ConversationId, Vec<MessageId>> = HashMap::new();
         for (conv, id) in std::mem::take(&mut self.delivered) {
             by_conv.entry(conv).or_default().push(id);
         }
+        if by_conv.is_empty() {
+            return;
+        }
+        // Their effects wait for the commit to be durable, apart from the
+        // batch's others.
+        let others = std::mem::take(self.fx);
         for (conv, ids) in by_conv {
             if let Err(e) = self.send_receipt(conv, ReceiptKind::Delivered, &ids) {
                 tracing::warn!("delivered receipt not sent: {e}");
             }
         }
+        let receipts = std::mem::replace(self.fx, others);
+        self.durable_fx.extend(receipts);
     }
 
     fn send_receipt(
