@@ -360,3 +360,42 @@ async fn presence_and_typing_appear_expire_and_obey_privacy() {
         .unwrap_err();
     assert_eq!(err.exit_code(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_above_the_limit_send_no_read_receipts() {
+    let small = Settings {
+        read_receipts_max_group: 2,
+        ..Settings::default()
+    };
+    let alice = TestNode::start_with("alice", 34, &[], small.clone()).await;
+    let bob = TestNode::start_with("bob", 34, &[&alice], small.clone()).await;
+    let carol = TestNode::start_with("carol", 34, &[&alice, &bob], small).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    wait_group(&bob, "trio").await;
+    wait_group(&carol, "trio").await;
+    alice.send("trio", "big group").await;
+    alice.send("bob", "small talk").await;
+    wait_status(&alice, "trio", "big group", 1, "delivered").await;
+    for n in [&bob, &carol] {
+        let r = n
+            .call(Request::Read {
+                target: "trio".into(),
+            })
+            .await;
+        assert_eq!(r["read"], 1);
+        assert_eq!(r["receipts_sent"], false);
+    }
+    // A direct conversation still gets its read receipt; once alice has
+    // it, anything bob and carol would have sent for the group is there too.
+    bob.expect_text("alice", "small talk").await;
+    bob.call(Request::Read {
+        target: "alice".into(),
+    })
+    .await;
+    wait_status(&alice, "bob", "small talk", 1, "read").await;
+    let ms = alice.messages("trio").await;
+    assert_eq!(ms[0]["status"], "delivered");
+    assert_eq!(ms[0]["progress"]["read"], 0);
+}

@@ -87,7 +87,10 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("payload-text-v1", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
-        ("direct-sync-v1", postcard::to_stdvec(&sync_request()).unwrap()),
+        (
+            "direct-sync-v1",
+            postcard::to_stdvec(&sync_request()).unwrap(),
+        ),
     ]
 }
 

@@ -353,6 +353,22 @@ impl Weft {
     /// Starts `weft --json daemon --listen /ip4/127.0.0.1/tcp/0 --no-mdns
     /// EXTRA...` and waits for its ready line.
     pub fn start_daemon(&mut self, extra: &[&str]) -> anyhow::Result<&Daemon> {
+        let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
+        args.extend_from_slice(extra);
+        self.launch_daemon(None, &args)
+    }
+
+    /// Starts `ip netns exec NETNS weft --json daemon ARGS...` (no listen
+    /// address or mDNS flag of its own: `args` says everything) and waits
+    /// for its ready line. `ip netns exec` execs, so the child is the
+    /// daemon itself: [`Weft::stop_daemon`] and the drop-time kill reach it.
+    /// The control socket lives in the home, on the shared filesystem, so
+    /// every other command runs from outside the namespace as usual.
+    pub fn start_daemon_in(&mut self, netns: &str, args: &[&str]) -> anyhow::Result<&Daemon> {
+        self.launch_daemon(Some(netns), args)
+    }
+
+    fn launch_daemon(&mut self, netns: Option<&str>, extra: &[&str]) -> anyhow::Result<&Daemon> {
         if self.daemon.is_some() {
             bail!("{}: a daemon is already running", self.name);
         }
@@ -362,16 +378,23 @@ impl Weft {
             .path()
             .join(format!("daemon-{}.log", self.daemons_started));
         let log_file = std::fs::File::create(&log)?;
-        let mut args = vec![
-            "--json",
-            "daemon",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-        ];
+        let mut args = vec!["--json", "daemon"];
         args.extend_from_slice(extra);
-        let mut child = self
-            .command(&args)
+        let mut command = match netns {
+            None => self.command(&args),
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(&self.bin)
+                    .arg("--home")
+                    .arg(&self.home)
+                    .args(&args)
+                    .env_remove("WEFT_HOME");
+                command
+            }
+        };
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -585,4 +608,212 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
         }
         text
     })
+}
+
+/// Two network namespaces joined by a veth pair, for tests that need real,
+/// isolated interfaces (mDNS, links going down). Needs root and iproute2.
+pub mod netns {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use anyhow::{Context, bail};
+
+    /// Runs `ip ARGS...`, failing with its stderr.
+    pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+        ip_stdout(args).map(drop)
+    }
+
+    /// Runs `ip ARGS...`, failing with its stderr; returns its stdout.
+    pub fn ip_stdout(args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Namespaces made by this process so far (names stay unique when
+    /// several tests of one binary run at once).
+    static MADE: AtomicU32 = AtomicU32::new(0);
+
+    /// Two namespaces, `names[0]` and `names[1]`, each holding one end of a
+    /// veth pair (`veths[i]`, address `addrs[i]`/24) and an up loopback.
+    /// Both are deleted on drop, and the veth pair with them.
+    #[derive(Debug)]
+    pub struct Netns {
+        pub names: [String; 2],
+        pub veths: [String; 2],
+        /// The IPv4 address of each veth end, without the prefix length.
+        pub addrs: [String; 2],
+    }
+
+    impl Netns {
+        /// Creates the namespaces and the veth pair, addresses on, links up.
+        /// With `multicast`, the veths also carry multicast (mDNS): the
+        /// flag on and a 224.0.0.0/4 route through them.
+        pub fn create(multicast: bool) -> anyhow::Result<Self> {
+            // Unique per run: interface names are at most 15 bytes.
+            let made = MADE.fetch_add(1, Ordering::Relaxed);
+            let low = u64::from(rand_byte().wrapping_add(made as u8));
+            let tag = format!("{:x}", (std::process::id() as u64) << 8 | low);
+            let names = [format!("weft-a-{tag}"), format!("weft-b-{tag}")];
+            let veths = [format!("wa{tag}"), format!("wb{tag}")];
+            let subnet = 1 + (std::process::id().wrapping_add(made) % 250);
+            let addrs = [1, 2].map(|host| format!("10.213.{subnet}.{host}"));
+            // Built first, so that a failure half way still cleans up.
+            let ns = Netns {
+                names: names.clone(),
+                veths: veths.clone(),
+                addrs: addrs.clone(),
+            };
+            ip(&["netns", "add", &names[0]])?;
+            ip(&["netns", "add", &names[1]])?;
+            ip(&[
+                "link", "add", &veths[0], "type", "veth", "peer", "name", &veths[1],
+            ])?;
+            ip(&["link", "set", &veths[0], "netns", &names[0]])?;
+            ip(&["link", "set", &veths[1], "netns", &names[1]])?;
+            for i in 0..2 {
+                let (n, dev) = (&names[i], &veths[i]);
+                ip(&[
+                    "-n",
+                    n,
+                    "addr",
+                    "add",
+                    &format!("{}/24", addrs[i]),
+                    "dev",
+                    dev,
+                ])?;
+                if multicast {
+                    ip(&["-n", n, "link", "set", dev, "up", "multicast", "on"])?;
+                } else {
+                    ip(&["-n", n, "link", "set", dev, "up"])?;
+                }
+                ip(&["-n", n, "link", "set", "lo", "up"])?;
+                if multicast {
+                    ip(&["-n", n, "route", "add", "224.0.0.0/4", "dev", dev])?;
+                }
+            }
+            Ok(ns)
+        }
+
+        /// [`Netns::create`], or `None` after saying why the test `test`
+        /// skips where namespaces cannot be made (no root, no iproute2).
+        /// Under CI (`CI` set) that is an error instead: CI must run
+        /// `what` (say, "the mDNS test") for real.
+        pub fn create_or_skip(
+            test: &str,
+            what: &str,
+            multicast: bool,
+        ) -> anyhow::Result<Option<Self>> {
+            match Self::create(multicast) {
+                Ok(ns) => Ok(Some(ns)),
+                Err(e) if std::env::var_os("CI").is_none() => {
+                    eprintln!(
+                        "skipping {test}: cannot create network namespaces ({e:#}); it needs root and iproute2"
+                    );
+                    Ok(None)
+                }
+                Err(e) => Err(e.context(format!(
+                    "CI must run {what}: cannot create network namespaces"
+                ))),
+            }
+        }
+
+        /// Runs `ip -n NAMESPACE ARGS...` in namespace `side` (0 or 1).
+        pub fn ip(&self, side: usize, args: &[&str]) -> anyhow::Result<()> {
+            self.ip_stdout(side, args).map(drop)
+        }
+
+        /// Like [`Netns::ip`], returning what it printed.
+        pub fn ip_stdout(&self, side: usize, args: &[&str]) -> anyhow::Result<String> {
+            let mut full = vec!["-n", self.names[side].as_str()];
+            full.extend_from_slice(args);
+            ip_stdout(&full)
+        }
+
+        /// The state (`INCOMPLETE`, `FAILED`, `REACHABLE`...) of the
+        /// neighbour (ARP) entry that namespace `side` holds for the other
+        /// end's address, if any. An `INCOMPLETE` or `FAILED` entry while
+        /// the other end is down shows that something tried to reach it.
+        pub fn neighbour_state(&self, side: usize) -> anyhow::Result<Option<String>> {
+            let (dev, peer) = (&self.veths[side], &self.addrs[1 - side]);
+            let out = self.ip_stdout(side, &["neigh", "show", "to", peer, "dev", dev])?;
+            Ok(out
+                .split_whitespace()
+                .last()
+                .filter(|s| s.chars().all(|c| c.is_ascii_uppercase()))
+                .map(str::to_string))
+        }
+
+        /// Forgets namespace `side`'s neighbour entry for the other end.
+        pub fn flush_neighbour(&self, side: usize) -> anyhow::Result<()> {
+            let (dev, peer) = (&self.veths[side], &self.addrs[1 - side]);
+            self.ip(side, &["neigh", "flush", "to", peer, "dev", dev])
+        }
+
+        /// Sets a sysctl (`net.ipv4.tcp_retries2`, say) inside namespace
+        /// `side` only: network sysctls are per namespace.
+        pub fn sysctl(&self, side: usize, key: &str, value: &str) -> anyhow::Result<()> {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.names[side], "sh", "-c"])
+                .arg(r#"printf '%s\n' "$2" > "$1""#)
+                .args(["sh", &path, value])
+                .output()
+                .context("running ip netns exec sh")?;
+            if !out.status.success() {
+                bail!(
+                    "{}: setting {key} = {value}: {}",
+                    self.names[side],
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        }
+
+        /// Takes the veth of namespace `side` down and removes its address,
+        /// as when an interface vanishes.
+        pub fn link_down(&self, side: usize) -> anyhow::Result<()> {
+            let dev = self.veths[side].as_str();
+            self.ip(side, &["link", "set", dev, "down"])?;
+            self.ip(side, &["addr", "flush", "dev", dev])
+        }
+
+        /// Undoes [`Netns::link_down`]: the address back, the link up.
+        pub fn link_up(&self, side: usize) -> anyhow::Result<()> {
+            let dev = self.veths[side].as_str();
+            let addr = format!("{}/24", self.addrs[side]);
+            self.ip(side, &["addr", "add", &addr, "dev", dev])?;
+            self.ip(side, &["link", "set", dev, "up"])
+        }
+    }
+
+    fn rand_byte() -> u8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (t % 251) as u8
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            for n in &self.names {
+                let _ = ip(&["netns", "del", n]);
+            }
+            // Only there if creation failed before moving it: deleting a
+            // namespace deletes the veth ends inside it.
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.veths[0]])
+                .output();
+        }
+    }
 }

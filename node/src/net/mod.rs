@@ -322,7 +322,14 @@ fn build_behaviour(
         gossipsub,
         kad,
         identify,
-        ping: ping::Behaviour::default(),
+        // A connection whose pings fail is closed (below): a network that
+        // went away silently is noticed in about 15 s, not when TCP gives up
+        // retransmitting (~15 minutes), and redialing can start.
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(10)),
+        ),
         direct,
     })
 }
@@ -913,6 +920,14 @@ impl NetworkTask {
                         }
                     }
                 }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            }) => {
+                tracing::debug!(%peer, "ping failed, closing the connection: {error}");
+                self.swarm.close_connection(connection);
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { .. }) => {
                 self.kad_ready = true;

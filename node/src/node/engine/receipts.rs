@@ -193,8 +193,10 @@ impl State<'_, '_, '_> {
             self.db.set_message_status(id, MessageStatus::Read)?;
         }
         self.db.mark_conversation_read(&conv_id)?;
-        let members = self.e.convs.get(&conv_id).map_or(0, |c| c.members.len());
-        let receipts = members <= self.e.settings.read_receipts_max_group;
+        let receipts = self.e.convs.get(&conv_id).is_some_and(|c| {
+            c.kind == ConversationKind::Direct
+                || c.members.len() <= self.e.settings.read_receipts_max_group
+        });
         if receipts && !ids.is_empty() {
             self.send_receipt(conv_id, ReceiptKind::Read, &ids)?;
         }
