@@ -399,3 +399,64 @@ async fn groups_above_the_limit_send_no_read_receipts() {
     assert_eq!(ms[0]["status"], "delivered");
     assert_eq!(ms[0]["progress"]["read"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_absence_is_caught_up_past_the_skip_window() {
+    // More messages than a receiver may skip ahead (2,000): bob must take
+    // the backlog in order, and a new message that overtakes it must wait
+    // for it rather than be refused.
+    let alice = TestNode::start("alice", 35, &[]).await;
+    let mut bob = TestNode::start("bob", 35, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "hello").await;
+    bob.expect_text("alice", "hello").await;
+    let mut events = alice.handle.events();
+    let bob_peer = bob.handle.peer_id().to_string();
+    bob.stop().await;
+    next_event(
+        &mut events,
+        "alice to see bob go",
+        |e| matches!(e, Event::Peer { peer_id, connected: false } if *peer_id == bob_peer),
+    )
+    .await;
+    let n = 2_100;
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let handle = alice.handle.clone();
+        pending.push(tokio::spawn(async move {
+            handle
+                .call(Request::Send {
+                    target: "bob".into(),
+                    text: format!("backlog-{i}"),
+                    reply_to: None,
+                })
+                .await
+                .unwrap()
+        }));
+        if pending.len() == 256 {
+            for p in pending.drain(..) {
+                p.await.unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let bob = TestNode::start_existing("bob", bob.dir, &[&alice]).await;
+    next_event(
+        &mut events,
+        "bob back",
+        |e| matches!(e, Event::Peer { peer_id, connected: true } if *peer_id == bob_peer),
+    )
+    .await;
+    alice.send("bob", "overtaking").await;
+    let got = bob
+        .wait_messages("alice", "the backlog and the new one", |ms| {
+            count_prefixed(ms, "backlog-") == n && ms.iter().any(|m| m["text"] == "overtaking")
+        })
+        .await;
+    let unique: HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(unique.len(), got.len());
+    assert_eq!(got.len(), n + 2);
+    assert_eq!(ids(&got), ids(&alice.messages("bob").await));
+}

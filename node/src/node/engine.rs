@@ -674,12 +674,15 @@ impl Outlets {
             }
             let internal = self.internal_tx.clone();
             tokio::spawn(async move {
+                // All or nothing: a refused envelope in the batch means the
+                // peer may lack some of them, so all are offered again
+                // (it ignores those it has).
                 let ok = matches!(
                     rx.await
                         .ok()
                         .and_then(|r| r.ok())
                         .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok()),
-                    Some(DirectResponse::Ack { .. })
+                    Some(DirectResponse::Ack { accepted }) if accepted as usize == ids.len()
                 );
                 let _ = internal.send(Internal::DirectAck { peer, ids, ok }).await;
             });
@@ -1716,23 +1719,34 @@ impl State<'_, '_, '_> {
     }
 
     /// Offers a peer (just connected or subscribed, or that just
-    /// acknowledged a batch) what it still misses, a few batches at a time,
-    /// leaving out what is already in flight to it.
+    /// acknowledged a batch) what it still misses, oldest first and a few
+    /// batches at a time, leaving out what is already in flight to it.
     fn flush_to(&mut self, peer: PeerId, conv: Option<ConversationId>) {
+        let wanted = |(c, missing): &(ConversationId, HashSet<PeerId>)| {
+            conv.is_none_or(|x| x == *c) && missing.contains(&peer)
+        };
+        if !self.e.unreached.values().any(wanted) {
+            return;
+        }
+        let order = match self.db.outbox_ids(usize::MAX) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!("outbox read: {e}");
+                return;
+            }
+        };
         let now = tokio::time::Instant::now();
-        let offered = &self.e.offered;
-        let todo: Vec<(PeerId, EnvelopeId)> = self
-            .e
-            .unreached
-            .iter()
-            .filter(|(id, (c, missing))| {
-                conv.is_none_or(|x| x == *c)
-                    && missing.contains(&peer)
-                    && offered
-                        .get(&(**id, peer))
+        let todo: Vec<(PeerId, EnvelopeId)> = order
+            .into_iter()
+            .filter(|id| {
+                self.e.unreached.get(id).is_some_and(wanted)
+                    && self
+                        .e
+                        .offered
+                        .get(&(*id, peer))
                         .is_none_or(|at| now.duration_since(*at) >= IN_FLIGHT)
             })
-            .map(|(id, _)| (peer, *id))
+            .map(|id| (peer, id))
             .take(4 * DIRECT_BATCH)
             .collect();
         self.offer_stored(todo);
@@ -2431,6 +2445,17 @@ impl State<'_, '_, '_> {
             // most likely an honest retry of something we have.
             Err(CryptoError::Replay(_)) if via != Via::Gossip => return Ok(Verdict::Ignore),
             Err(CryptoError::Replay(_)) => return Ok(Verdict::Reject("message key already used")),
+            // Far ahead of what we hold: we missed many of this sender's
+            // messages (we were away). Keep it until catch-up fills the gap.
+            Err(CryptoError::TooFarAhead { .. }) => {
+                self.keep_pending(env)?;
+                self.catch_up(conv_id);
+                return Ok(if via == Via::Gossip {
+                    Verdict::Accept
+                } else {
+                    Verdict::Ignore
+                });
+            }
             Err(_) => return Ok(Verdict::Reject("counter out of range")),
         };
         let Ok(plain) = env.open_chain(&mk) else {

@@ -177,6 +177,17 @@ impl Db<'_> {
         Ok(self.execute("DELETE FROM outbox WHERE envelope_id = ?1", [id.0])? > 0)
     }
 
+    /// The ids of up to `limit` queued entries, oldest first: the order in
+    /// which a peer that comes online is offered them (a sender's chain
+    /// counters in order, so the receiver never skips far ahead).
+    pub fn outbox_ids(&self, limit: usize) -> Result<Vec<EnvelopeId>, StoreError> {
+        self.query_vec(
+            "SELECT envelope_id FROM outbox ORDER BY created_at, rowid LIMIT ?1",
+            [sql_limit(limit)],
+            |row| id_at(row, 0),
+        )
+    }
+
     /// Removes the entries whose time is up and returns their ids.
     pub fn expire_outbox(&self, now_ms: i64) -> Result<Vec<EnvelopeId>, StoreError> {
         let ids = self.query_vec(

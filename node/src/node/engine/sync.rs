@@ -119,6 +119,25 @@ impl State<'_, '_, '_> {
         }
     }
 
+    /// Starts catch-up of one conversation with every connected member.
+    pub(super) fn catch_up(&mut self, conv: ConversationId) {
+        let Some(c) = self.e.convs.get(&conv).cloned() else {
+            return;
+        };
+        let Ok(r) = self.recipients(&c) else {
+            return;
+        };
+        let peers: Vec<PeerId> = r
+            .peers
+            .iter()
+            .filter(|p| self.e.connected.contains(p))
+            .copied()
+            .collect();
+        for peer in peers {
+            self.start_sync(peer, conv);
+        }
+    }
+
     fn start_sync(&mut self, peer: PeerId, conv: ConversationId) {
         if self.e.syncing.contains_key(&(peer, conv)) || self.e.syncing.len() >= MAX_SESSIONS {
             return;
@@ -269,6 +288,9 @@ impl State<'_, '_, '_> {
             self.ask(peer, conv);
         } else {
             self.e.syncing.remove(&(peer, conv));
+            // What waited for a gap to be filled may open now (once per
+            // session: the pending table can be long).
+            self.reprocess_pending(&conv);
         }
     }
 }
