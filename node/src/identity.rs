@@ -424,7 +424,7 @@ impl Invite {
 }
 
 /// serde for `[u8; 64]` (serde derives arrays only up to 32).
-pub(crate) mod sig_bytes {
+pub mod sig_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(sig: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {

@@ -13,6 +13,7 @@ pub mod hlc;
 pub mod home;
 pub mod identity;
 pub mod ids;
+pub mod mailbox;
 pub mod net;
 pub mod node;
 pub mod payload;
