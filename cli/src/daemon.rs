@@ -47,17 +47,23 @@ pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()
     };
     let listen = parse_addrs("listen", &listen)?;
     let bootstrap = parse_addrs("bootstrap", &args.bootstrap)?;
+    let relays = parse_addrs("relay", &args.relay)?;
+    if let Some(bad) = relays
+        .iter()
+        .find(|a| !matches!(a.iter().last(), Some(weft_node::net::AddrProtocol::P2p(_))))
+    {
+        anyhow::bail!(weft_node::api::ApiError::usage(format!(
+            "--relay {bad}: the address must end with /p2p/<the relay's peer id>"
+        )));
+    }
     let mdns = !args.no_mdns;
     let net = move || {
         let mut net = NetConfig::new(listen.clone());
         net.bootstrap = bootstrap.clone();
+        net.relays = relays.clone();
         net.mdns = mdns;
         net
     };
-    parse_addrs("relay", &args.relay)?;
-    for relay in &args.relay {
-        eprintln!("weft: warning: relays are not supported yet; ignoring --relay {relay}");
-    }
 
     // Installed first, so that a signal during start-up still stops cleanly.
     let mut signals = Signals::install()?;

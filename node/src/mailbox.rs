@@ -172,7 +172,7 @@ impl Registration {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MailboxRequest {
     /// Opens (or renews) the sender's mailbox at this relay.
-    Register(Registration),
+    Register(Box<Registration>),
     /// Stores envelopes for a mailbox (anyone may; at most [`MAX_DEPOSIT`]).
     Deposit {
         mailbox: MailboxId,

@@ -27,6 +27,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, pin
 use tokio::sync::{mpsc, oneshot};
 
 pub use codec::{DIRECT_PROTOCOL, DirectCodec, MAX_DIRECT_REQUEST, MAX_DIRECT_RESPONSE};
+pub use libp2p::multiaddr::Protocol as AddrProtocol;
 
 use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 
@@ -72,6 +73,9 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start and keep dialing (multiaddrs with /p2p/).
     pub bootstrap: Vec<Multiaddr>,
+    /// Relays (multiaddrs with /p2p/): kept connected like bootstrap peers;
+    /// the node keeps a mailbox at each.
+    pub relays: Vec<Multiaddr>,
     /// Advertise and browse `_weft._udp.local.` with mdns-sd.
     pub mdns: bool,
     pub transport: TransportKind,
@@ -90,6 +94,7 @@ impl NetConfig {
         Self {
             listen,
             bootstrap: Vec::new(),
+            relays: Vec::new(),
             mdns: false,
             transport: TransportKind::Network,
             dht_server: true,
@@ -169,6 +174,12 @@ pub enum NetCommand {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
     },
+    /// A mailbox request to a relay (`/weft/mailbox/1`).
+    Mailbox {
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
     Dial {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -212,6 +223,10 @@ pub enum NetEvent {
     Unsubscribed {
         peer: PeerId,
         topic: String,
+    },
+    /// A relay says mail is waiting in our mailbox there.
+    MailWaiting {
+        relay: PeerId,
     },
     Listening {
         addr: Multiaddr,
@@ -263,6 +278,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     direct: request_response::Behaviour<DirectCodec>,
+    mailbox: request_response::Behaviour<DirectCodec>,
 }
 
 fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
@@ -318,6 +334,18 @@ fn build_behaviour(
             .with_request_timeout(Duration::from_secs(30))
             .with_max_concurrent_streams(256),
     );
+    // Same framing as the direct protocol; relays answer, and a relay may
+    // ask a connected device to fetch (a wakeup).
+    let mailbox = request_response::Behaviour::with_codec(
+        DirectCodec,
+        [(
+            StreamProtocol::new(crate::mailbox::MAILBOX_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(64),
+    );
     Ok(Behaviour {
         gossipsub,
         kad,
@@ -331,6 +359,7 @@ fn build_behaviour(
                 .with_timeout(Duration::from_secs(10)),
         ),
         direct,
+        mailbox,
     })
 }
 
@@ -442,6 +471,7 @@ pub fn spawn(
         dial_sources: HashMap::new(),
         known_peers: HashMap::new(),
         pending_direct: HashMap::new(),
+        pending_mailbox: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         mdns: None,
         strikes: HashMap::new(),
@@ -471,6 +501,7 @@ struct NetworkTask {
     /// Peers to keep connected to (bootstrap, discovered), bounded.
     known_peers: HashMap<PeerId, KnownPeer>,
     pending_direct: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
+    pending_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     pending_responses: FuturesUnordered<PendingResponse>,
     mdns: Option<mdns::Mdns>,
     strikes: HashMap<PeerId, (u32, tokio::time::Instant)>,
@@ -514,6 +545,12 @@ impl NetworkTask {
             if let Some(Protocol::P2p(peer)) = addr.iter().last() {
                 self.remember(peer, vec![addr], PeerSource::Manual);
                 self.dial(peer, PeerSource::Manual);
+            }
+        }
+        for addr in self.config.relays.clone() {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                self.remember(peer, vec![addr], PeerSource::Relay);
+                self.dial(peer, PeerSource::Relay);
             }
         }
         let mut refresh = tokio::time::interval(DHT_REFRESH);
@@ -757,6 +794,10 @@ impl NetworkTask {
                 let id = behaviour.direct.send_request(&peer, data);
                 self.pending_direct.insert(id, reply);
             }
+            NetCommand::Mailbox { peer, data, reply } => {
+                let id = behaviour.mailbox.send_request(&peer, data);
+                self.pending_mailbox.insert(id, reply);
+            }
             NetCommand::Dial {
                 peer,
                 addrs,
@@ -962,6 +1003,44 @@ impl NetworkTask {
                 ..
             }) => {
                 if let Some(reply) = self.pending_direct.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Direct(error.to_string())));
+                }
+            }
+            BehaviourEvent::Mailbox(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        // Only a wakeup is expected from a relay; the engine
+                        // decides (and answers nothing but "ok").
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .mailbox
+                            .send_response(channel, crate::mailbox::MailboxResponse::Ok.encode());
+                        if matches!(
+                            crate::mailbox::MailboxRequest::decode(&request),
+                            Some(crate::mailbox::MailboxRequest::Wakeup)
+                        ) {
+                            self.emit(NetEvent::MailWaiting { relay: peer }).await?;
+                        }
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.pending_mailbox.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Mailbox(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_mailbox.remove(&request_id) {
                     let _ = reply.send(Err(NetError::Direct(error.to_string())));
                 }
             }

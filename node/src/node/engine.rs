@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod presence;
 mod receipts;
+mod relay;
 mod sync;
 
 pub use presence::Share;
@@ -130,6 +131,13 @@ enum Effect {
         conv: ConversationId,
         request: DirectRequest,
     },
+    /// A mailbox request to a relay; its answer comes back as
+    /// [`Internal::MailboxReply`].
+    Mailbox {
+        peer: PeerId,
+        request: crate::mailbox::MailboxRequest,
+        then: relay::MailboxThen,
+    },
     /// A request whose answer does not matter (presence, typing).
     Notify {
         peer: PeerId,
@@ -151,6 +159,11 @@ enum Internal {
     },
     /// Effects that waited for their batch's commit to reach the disk.
     Durable(Vec<Effect>),
+    MailboxReply {
+        relay: PeerId,
+        then: relay::MailboxThen,
+        response: Option<crate::mailbox::MailboxResponse>,
+    },
 }
 
 /// How an envelope arrived: decides replay handling and validation.
@@ -212,6 +225,14 @@ pub(super) struct Engine {
     syncing: HashMap<(PeerId, ConversationId), u32>,
     /// Makes a commit durable off this thread (none for a store in memory).
     wal: Option<crate::store::WalSyncer>,
+    /// Configured relays (peer id, address with /p2p/).
+    relays: Vec<(PeerId, Multiaddr)>,
+    /// Relays a fetch is in flight from.
+    fetching: HashSet<PeerId>,
+    /// The last mail cursor acknowledged per relay.
+    mail_cursor: HashMap<PeerId, u64>,
+    /// Envelopes deposited for a device at its relays.
+    deposited: HashSet<(EnvelopeId, PeerId)>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -266,7 +287,15 @@ impl Engine {
         events: broadcast::Sender<Event>,
         settings: Settings,
         wal: Option<crate::store::WalSyncer>,
+        relays: Vec<Multiaddr>,
     ) -> Result<Self, NodeError> {
+        let relays = relays
+            .into_iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(p)) => Some((p, a)),
+                _ => None,
+            })
+            .collect();
         let clock = Clock::resume(Hlc(store.db().max_hlc()?));
         let share = store
             .db()
@@ -311,6 +340,10 @@ impl Engine {
             typing: HashMap::new(),
             syncing: HashMap::new(),
             wal,
+            relays,
+            fetching: HashSet::new(),
+            mail_cursor: HashMap::new(),
+            deposited: HashSet::new(),
         };
         engine.load()?;
         Ok(engine)
@@ -515,9 +548,14 @@ impl Engine {
         // Gossip we merely received commits without an fsync; the delivered
         // receipts for it wait for an fsync on another thread rather than
         // hold this one (`after_fsync`).
-        let promised = batch
-            .iter()
-            .any(|i| matches!(i, Input::Command(_) | Input::Net(NetEvent::Direct { .. })));
+        let promised = batch.iter().any(|i| {
+            matches!(
+                i,
+                Input::Command(_)
+                    | Input::Net(NetEvent::Direct { .. })
+                    | Input::Internal(Internal::MailboxReply { .. })
+            )
+        });
         let durability = if promised {
             Durability::Full
         } else {
@@ -558,6 +596,10 @@ impl Engine {
                     presence: &mut self.presence,
                     typing: &mut self.typing,
                     syncing: &mut self.syncing,
+                    relays: &self.relays,
+                    fetching: &mut self.fetching,
+                    mail_cursor: &mut self.mail_cursor,
+                    deposited: &mut self.deposited,
                 },
                 db: &db,
                 fx: &mut fx,
@@ -719,6 +761,43 @@ impl Outlets {
         });
     }
 
+    /// Sends a mailbox request to a relay; the answer (or its absence)
+    /// comes back to the engine.
+    fn mailbox(
+        &self,
+        peer: PeerId,
+        request: crate::mailbox::MailboxRequest,
+        then: relay::MailboxThen,
+    ) {
+        let internal = self.internal_tx.clone();
+        let rx = self.net.as_ref().and_then(|net| {
+            let (tx, rx) = oneshot::channel();
+            net.try_send(NetCommand::Mailbox {
+                peer,
+                data: request.encode(),
+                reply: tx,
+            })
+            .then_some(rx)
+        });
+        tokio::spawn(async move {
+            let response = match rx {
+                Some(rx) => rx
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .and_then(|b| crate::mailbox::MailboxResponse::decode(&b)),
+                None => None,
+            };
+            let _ = internal
+                .send(Internal::MailboxReply {
+                    relay: peer,
+                    then,
+                    response,
+                })
+                .await;
+        });
+    }
+
     fn request(
         &self,
         peer: PeerId,
@@ -758,6 +837,11 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
                 conv,
                 request,
             } => outlets.sync(peer, conv, &request),
+            Effect::Mailbox {
+                peer,
+                request,
+                then,
+            } => outlets.mailbox(peer, request, then),
             Effect::Notify { peer, request } => {
                 // The answer does not matter; dropping its receiver is fine.
                 let _ = outlets.request(peer, &request);
@@ -823,6 +907,10 @@ struct EngineState<'a> {
     presence: &'a mut HashMap<UserId, presence::Presence>,
     typing: &'a mut HashMap<(ConversationId, UserId), tokio::time::Instant>,
     syncing: &'a mut HashMap<(PeerId, ConversationId), u32>,
+    relays: &'a [(PeerId, Multiaddr)],
+    fetching: &'a mut HashSet<PeerId>,
+    mail_cursor: &'a mut HashMap<PeerId, u64>,
+    deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
 }
 
 struct State<'s, 'a, 'd> {
@@ -896,6 +984,11 @@ impl State<'_, '_, '_> {
                 }
             }
             Input::Internal(Internal::Durable(effects)) => run_effects(self.outlets, effects),
+            Input::Internal(Internal::MailboxReply {
+                relay,
+                then,
+                response,
+            }) => self.on_mailbox_reply(relay, then, response),
             Input::Internal(Internal::Synced {
                 peer,
                 conv,
@@ -923,7 +1016,7 @@ impl State<'_, '_, '_> {
                     peer_id: self.e.identity.peer_id().to_string(),
                     listen: Vec::new(),
                     peers: Vec::new(),
-                    relays: Vec::new(),
+                    relays: self.e.relays.iter().map(|(_, a)| a.to_string()).collect(),
                     online: self.e.net_online,
                     outbox: self.db.outbox_len()?,
                 };
@@ -1047,6 +1140,7 @@ impl State<'_, '_, '_> {
                     .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
             })
             .map(|a| a.with(Protocol::P2p(peer)).to_string())
+            .chain(self.relay_addrs())
             .collect();
         let invite = self
             .e
@@ -1540,6 +1634,15 @@ impl State<'_, '_, '_> {
             for peer in direct {
                 self.offer(peer, env.id(), env.bytes().to_vec(), early);
             }
+            // Devices that are away: their relays hold it for them.
+            let away: Vec<(PeerId, EnvelopeId, Vec<u8>)> = missing
+                .iter()
+                .filter(|p| !self.e.connected.contains(p))
+                .map(|p| (*p, env.id(), env.bytes().to_vec()))
+                .collect();
+            if !away.is_empty() {
+                self.deposit(away);
+            }
         } else {
             // Offline: everyone is missing it; the daemon will send it.
             missing = targets.iter().copied().collect();
@@ -1616,6 +1719,7 @@ impl State<'_, '_, '_> {
     /// peer has it, and mark the message sent.
     fn reached(&mut self, id: &EnvelopeId, peer: &PeerId) {
         self.e.offered.remove(&(*id, *peer));
+        self.e.deposited.remove(&(*id, *peer));
         let Some((conv, missing)) = self.e.unreached.get_mut(id) else {
             return;
         };
@@ -1677,8 +1781,16 @@ impl State<'_, '_, '_> {
                 .filter(|p| self.e.connected.contains(p))
                 .copied()
                 .collect();
+            let away: Vec<(PeerId, EnvelopeId, Vec<u8>)> = missing
+                .iter()
+                .filter(|p| !self.e.connected.contains(p))
+                .map(|p| (*p, id, entry.bytes.clone()))
+                .collect();
             for peer in peers {
                 self.offer(peer, id, entry.bytes.clone(), false);
+            }
+            if !away.is_empty() {
+                self.deposit(away);
             }
             let next = now + self.retry_delay_ms(entry.attempts.saturating_add(1));
             if let Err(e) = self.db.record_outbox_attempt(&id, next) {
@@ -2111,6 +2223,7 @@ impl State<'_, '_, '_> {
                 self.flush_to(peer, None);
                 self.heartbeat_to(peer);
                 self.sync_with(peer);
+                self.relay_connected(peer);
             }
             NetEvent::Disconnected { peer } => {
                 self.e.connected.remove(&peer);
@@ -2137,6 +2250,11 @@ impl State<'_, '_, '_> {
                 }
             }
             NetEvent::Listening { .. } => {}
+            NetEvent::MailWaiting { relay } => {
+                if self.e.relays.iter().any(|(p, _)| *p == relay) {
+                    self.fetch_mail(relay);
+                }
+            }
         }
     }
 

@@ -222,6 +222,11 @@ impl Node {
             .enable_all()
             .build()?;
         let context = runtime.enter();
+        let relays = config
+            .network
+            .as_ref()
+            .map(|n| n.relays.clone())
+            .unwrap_or_default();
         let (net, net_events) = match config.network {
             Some(net_config) => {
                 let (handle, events, _join) =
@@ -239,7 +244,15 @@ impl Node {
             peer_id: identity.peer_id(),
         };
         let wal = crate::store::WalSyncer::start(&home.db_path())?;
-        let engine = engine::Engine::new(identity, store, net, events, config.settings, Some(wal))?;
+        let engine = engine::Engine::new(
+            identity,
+            store,
+            net,
+            events,
+            config.settings,
+            Some(wal),
+            relays,
+        )?;
         drop(context);
         let engine = std::thread::Builder::new()
             .name("weft-engine".into())

@@ -60,7 +60,7 @@ pub(in crate::node) struct Presence {
 
 impl State<'_, '_, '_> {
     /// The device and user behind a peer id, if it is a known device.
-    fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
+    pub(super) fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
         if let Some(who) = self.e.device_by_peer.get(peer) {
             return *who;
         }

@@ -1,0 +1,246 @@
+//! Relays, from the device's side: keeping a mailbox at each configured
+//! relay (register, fetch, acknowledge after storing), and depositing
+//! envelopes at the relays of member devices that are away.
+//!
+//! A device's relays are learned from its addresses: a circuit address
+//! `<relay addr>/p2p/<relay>/p2p-circuit/p2p/<device>` (invites carry
+//! them) names a relay where the device keeps a mailbox.
+
+use libp2p::multiaddr::Protocol;
+
+use super::*;
+use crate::mailbox::{MAX_DEPOSIT, MailboxId, MailboxRequest, MailboxResponse, Registration};
+
+/// An envelope to deposit: its id and bytes.
+type Held = (EnvelopeId, Vec<u8>);
+
+/// Most envelopes fetched per page.
+const FETCH_PAGE: u32 = 512;
+
+/// What to do with a relay's answer.
+#[derive(Debug)]
+pub(in crate::node) enum MailboxThen {
+    Registered,
+    Fetched,
+    Acked,
+    /// These envelopes are now held for this device.
+    Deposited {
+        device: PeerId,
+        ids: Vec<EnvelopeId>,
+    },
+}
+
+/// The relays a device keeps mailboxes at, by its circuit addresses.
+fn relays_in(addrs: &[String], device: &PeerId) -> Vec<(PeerId, Multiaddr)> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        let Ok(addr) = addr.parse::<Multiaddr>() else {
+            continue;
+        };
+        let parts: Vec<Protocol<'_>> = addr.iter().collect();
+        let Some(circuit) = parts.iter().position(|p| *p == Protocol::P2pCircuit) else {
+            continue;
+        };
+        let ends_with_device = matches!(parts.last(), Some(Protocol::P2p(p)) if p == device);
+        let relay = match circuit.checked_sub(1).and_then(|i| parts.get(i)) {
+            Some(Protocol::P2p(r)) => *r,
+            _ => continue,
+        };
+        if ends_with_device {
+            let relay_addr: Multiaddr = parts[..circuit].iter().cloned().collect();
+            out.push((relay, relay_addr));
+        }
+    }
+    out
+}
+
+impl State<'_, '_, '_> {
+    /// A configured relay connected: (re)register, then fetch.
+    pub(super) fn relay_connected(&mut self, relay: PeerId) {
+        if !self.e.relays.iter().any(|(p, _)| *p == relay) {
+            return;
+        }
+        let registration = Registration::new(self.e.identity, &relay, now_ms(), None, None);
+        self.fx.push(Effect::Mailbox {
+            peer: relay,
+            request: MailboxRequest::Register(Box::new(registration)),
+            then: MailboxThen::Registered,
+        });
+    }
+
+    /// Asks a relay for the next page of our mail.
+    pub(super) fn fetch_mail(&mut self, relay: PeerId) {
+        if !self.e.fetching.insert(relay) {
+            return;
+        }
+        let after = self.e.mail_cursor.get(&relay).copied().unwrap_or(0);
+        self.fx.push(Effect::Mailbox {
+            peer: relay,
+            request: MailboxRequest::Fetch {
+                after,
+                limit: FETCH_PAGE,
+            },
+            then: MailboxThen::Fetched,
+        });
+    }
+
+    pub(super) fn on_mailbox_reply(
+        &mut self,
+        relay: PeerId,
+        then: MailboxThen,
+        response: Option<MailboxResponse>,
+    ) {
+        match (then, response) {
+            (MailboxThen::Registered, Some(MailboxResponse::Registered { mailbox, .. })) => {
+                tracing::debug!(%relay, %mailbox, "mailbox registered");
+                self.fetch_mail(relay);
+            }
+            (MailboxThen::Fetched, Some(MailboxResponse::Mail { items, more })) => {
+                self.e.fetching.remove(&relay);
+                let Some(up_to) = items.iter().map(|(c, _)| *c).max() else {
+                    return;
+                };
+                for (_, bytes) in &items {
+                    if let Verdict::Reject(why) = self.receive(bytes, Via::Direct, None) {
+                        // The relay only stores; whoever deposited it is
+                        // not known here. Nothing to penalise.
+                        tracing::debug!(%relay, "mail rejected: {why}");
+                    }
+                }
+                // Acknowledged after this batch's durable commit (the batch
+                // is promised: see `handle_batch`), then the next page.
+                self.e.mail_cursor.insert(relay, up_to);
+                self.fx.push(Effect::Mailbox {
+                    peer: relay,
+                    request: MailboxRequest::Ack { up_to },
+                    then: MailboxThen::Acked,
+                });
+                if more {
+                    self.fetch_mail(relay);
+                }
+            }
+            (MailboxThen::Acked, _) => {}
+            (MailboxThen::Deposited { device, ids }, Some(MailboxResponse::Deposited { .. })) => {
+                for id in ids {
+                    self.relayed(&id, device);
+                }
+            }
+            (then, other) => {
+                if matches!(then, MailboxThen::Fetched) {
+                    self.e.fetching.remove(&relay);
+                }
+                tracing::debug!(%relay, ?then, ?other, "mailbox request not answered as hoped");
+            }
+        }
+    }
+
+    /// A deposit went through: the message is `relayed` (unless further
+    /// along), and this device is not deposited for again.
+    fn relayed(&mut self, id: &EnvelopeId, device: PeerId) {
+        self.e.deposited.insert((*id, device));
+        let Ok(Some(m)) = self.db.message(id) else {
+            return;
+        };
+        if m.sender_user == self.e.my_user
+            && self
+                .db
+                .set_message_status(id, MessageStatus::Relayed)
+                .unwrap_or(false)
+        {
+            self.fx.push(Effect::Event(Event::Status {
+                id: id.to_string(),
+                conversation: m.conversation.to_string(),
+                status: MessageStatus::Relayed.as_str().to_string(),
+                progress: None,
+            }));
+        }
+    }
+
+    /// Deposits envelopes at the relays of member devices that are not
+    /// connected. `todo` is (device peer, envelope id, bytes).
+    pub(super) fn deposit(&mut self, todo: Vec<(PeerId, EnvelopeId, Vec<u8>)>) {
+        let mut by_mailbox: HashMap<(PeerId, PeerId), Vec<(EnvelopeId, Vec<u8>)>> = HashMap::new();
+        for (device, id, bytes) in todo {
+            if self.e.connected.contains(&device) || self.e.deposited.contains(&(id, device)) {
+                continue;
+            }
+            let addrs = self.db.peer_addrs(&device.to_string()).unwrap_or_default();
+            for (relay, relay_addr) in relays_in(&addrs, &device) {
+                if !self.e.connected.contains(&relay) {
+                    // Reach it for the next round.
+                    self.fx.push(Effect::Net(NetCommand::Dial {
+                        peer: relay,
+                        addrs: vec![relay_addr],
+                        source: PeerSource::Relay,
+                    }));
+                    continue;
+                }
+                by_mailbox
+                    .entry((relay, device))
+                    .or_default()
+                    .push((id, bytes.clone()));
+            }
+        }
+        for ((relay, device), envelopes) in by_mailbox {
+            let Some((device_id, _)) = self.who(&device) else {
+                continue;
+            };
+            let mailbox = MailboxId::of(&device_id, &relay);
+            for chunk in envelopes.chunks(MAX_DEPOSIT) {
+                self.fx.push(Effect::Mailbox {
+                    peer: relay,
+                    request: MailboxRequest::Deposit {
+                        mailbox,
+                        envelopes: chunk.iter().map(|(_, b)| b.clone()).collect(),
+                    },
+                    then: MailboxThen::Deposited {
+                        device,
+                        ids: chunk.iter().map(|(id, _)| *id).collect(),
+                    },
+                });
+            }
+        }
+    }
+
+    /// The circuit addresses through this device's relays, for invites.
+    pub(super) fn relay_addrs(&self) -> Vec<String> {
+        let me = self.e.identity.peer_id();
+        self.e
+            .relays
+            .iter()
+            .map(|(_, addr)| {
+                addr.clone()
+                    .with(Protocol::P2pCircuit)
+                    .with(Protocol::P2p(me))
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relays_are_read_from_circuit_addresses() {
+        let device = crate::identity::Identity::from_seed(b"relay-test/d", 0)
+            .unwrap()
+            .peer_id();
+        let relay = crate::identity::Identity::from_seed(b"relay-test/r", 0)
+            .unwrap()
+            .peer_id();
+        let addrs = vec![
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{device}"),
+            format!("/ip4/10.0.0.2/tcp/4001/p2p/{device}"),
+            "not an address".to_string(),
+        ];
+        let found = relays_in(&addrs, &device);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, relay);
+        assert_eq!(
+            found[0].1.to_string(),
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}")
+        );
+    }
+}
