@@ -280,10 +280,10 @@ mod tests {
         let mailbox = r.verify(&relay, &device.peer_id(), 2_000).unwrap();
         assert_eq!(mailbox, MailboxId::of(&device.device_id(), &relay));
         // Round trip on the wire.
-        let wire = MailboxRequest::Register(r.clone()).encode();
+        let wire = MailboxRequest::Register(Box::new(r.clone())).encode();
         assert_eq!(
             MailboxRequest::decode(&wire),
-            Some(MailboxRequest::Register(r))
+            Some(MailboxRequest::Register(Box::new(r)))
         );
     }
 
