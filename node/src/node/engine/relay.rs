@@ -159,7 +159,8 @@ impl State<'_, '_, '_> {
     /// Deposits envelopes at the relays of member devices that are not
     /// connected. `todo` is (device peer, envelope id, bytes).
     pub(super) fn deposit(&mut self, todo: Vec<(PeerId, EnvelopeId, Vec<u8>)>) {
-        let mut by_mailbox: HashMap<(PeerId, PeerId), Vec<(EnvelopeId, Vec<u8>)>> = HashMap::new();
+        // (relay, device) -> envelopes
+        let mut by_mailbox: HashMap<(PeerId, PeerId), Vec<Held>> = HashMap::new();
         for (device, id, bytes) in todo {
             if self.e.connected.contains(&device) || self.e.deposited.contains(&(id, device)) {
                 continue;
