@@ -21,7 +21,7 @@ const MAX_RANGES: usize = 1024;
 const MAX_CHAINS: usize = 4096;
 const MAX_SEALED: usize = 4096;
 /// Most envelopes, and bytes of envelopes, in one answer.
-const SYNC_BATCH: usize = 512;
+const SYNC_BATCH: usize = 2048;
 const SYNC_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most rounds of one session (a bound against an answerer that keeps
 /// sending what we cannot use).
