@@ -442,6 +442,7 @@ async fn a_long_absence_is_caught_up_past_the_skip_window() {
     for p in pending {
         p.await.unwrap();
     }
+    let back = tokio::time::Instant::now();
     let bob = TestNode::start_existing("bob", bob.dir, &[&alice]).await;
     next_event(
         &mut events,
@@ -455,6 +456,7 @@ async fn a_long_absence_is_caught_up_past_the_skip_window() {
             count_prefixed(ms, "backlog-") == n && ms.iter().any(|m| m["text"] == "overtaking")
         })
         .await;
+    eprintln!("bob caught up {n} in {:?}", back.elapsed());
     let unique: HashSet<String> = ids(&got).into_iter().collect();
     assert_eq!(unique.len(), got.len());
     assert_eq!(got.len(), n + 2);

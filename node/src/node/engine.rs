@@ -233,6 +233,9 @@ pub(super) struct Engine {
     mail_cursor: HashMap<PeerId, u64>,
     /// Envelopes deposited for a device at its relays.
     deposited: HashSet<(EnvelopeId, PeerId)>,
+    /// Conversations with an envelope waiting for a gap in its sender's
+    /// chain to be filled (it came too far ahead).
+    gaps: HashSet<ConversationId>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -344,6 +347,7 @@ impl Engine {
             fetching: HashSet::new(),
             mail_cursor: HashMap::new(),
             deposited: HashSet::new(),
+            gaps: HashSet::new(),
         };
         engine.load()?;
         Ok(engine)
@@ -600,16 +604,19 @@ impl Engine {
                     fetching: &mut self.fetching,
                     mail_cursor: &mut self.mail_cursor,
                     deposited: &mut self.deposited,
+                    gaps: &mut self.gaps,
                 },
                 db: &db,
                 fx: &mut fx,
                 outlets: &self.outlets,
                 delivered: Vec::new(),
                 durable_fx: Vec::new(),
+                chain_stored: HashSet::new(),
             };
             for input in batch {
                 state.handle(input);
             }
+            state.fill_gaps();
             state.flush_delivered();
             durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
@@ -911,6 +918,7 @@ struct EngineState<'a> {
     fetching: &'a mut HashSet<PeerId>,
     mail_cursor: &'a mut HashMap<PeerId, u64>,
     deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
+    gaps: &'a mut HashSet<ConversationId>,
 }
 
 struct State<'s, 'a, 'd> {
@@ -925,6 +933,8 @@ struct State<'s, 'a, 'd> {
     delivered: Vec<(ConversationId, MessageId)>,
     /// Effects to run once the commit is durable (the receipts for them).
     durable_fx: Vec<Effect>,
+    /// Conversations this batch stored chain envelopes of.
+    chain_stored: HashSet<ConversationId>,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
@@ -2379,7 +2389,26 @@ impl State<'_, '_, '_> {
         }
     }
 
+    /// Retries what waits for a gap, in conversations where this batch
+    /// stored chain envelopes (the gap may be filled now).
+    fn fill_gaps(&mut self) {
+        let convs: Vec<ConversationId> = self
+            .chain_stored
+            .iter()
+            .filter(|c| self.e.gaps.contains(c))
+            .copied()
+            .collect();
+        for conv in convs {
+            self.e.gaps.remove(&conv);
+            // Anything still too far ahead puts the conversation back.
+            self.reprocess_pending(&conv);
+        }
+    }
+
     fn store_envelope(&mut self, env: &Envelope, epoch: u64, counter: u64) -> Result<(), ApiError> {
+        if matches!(env.header.sealing, Sealing::Chain { .. }) {
+            self.chain_stored.insert(env.header.conversation);
+        }
         self.db.insert_envelope(&EnvelopeRecord {
             id: env.id(),
             conversation: env.header.conversation,
@@ -2567,6 +2596,7 @@ impl State<'_, '_, '_> {
             // messages (we were away). Keep it until catch-up fills the gap.
             Err(CryptoError::TooFarAhead { .. }) => {
                 self.keep_pending(env)?;
+                self.e.gaps.insert(conv_id);
                 self.catch_up(conv_id);
                 return Ok(if via == Via::Gossip {
                     Verdict::Accept
