@@ -26,8 +26,16 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("frame of {len} bytes exceeds {max}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grown as bytes arrive, not allocated up front: a peer that only
+    // announces a large frame costs nothing.
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
 

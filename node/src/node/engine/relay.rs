@@ -14,6 +14,28 @@ use crate::mailbox::{MAX_DEPOSIT, MailboxId, MailboxRequest, MailboxResponse, Re
 /// An envelope to deposit: its id and bytes.
 type Held = (EnvelopeId, Vec<u8>);
 
+/// Most bytes of envelopes in one deposit (a request frame is at most
+/// 8 MiB).
+const DEPOSIT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Splits envelopes into deposits of at most [`MAX_DEPOSIT`] envelopes and
+/// [`DEPOSIT_BYTES`] bytes (an envelope alone is at most 1 MiB).
+fn deposit_chunks(envelopes: &[Held]) -> Vec<&[Held]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, b)) in envelopes.iter().enumerate() {
+        if i > start && (i - start == MAX_DEPOSIT || bytes + b.len() > DEPOSIT_BYTES) {
+            out.push(&envelopes[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b.len();
+    }
+    if start < envelopes.len() {
+        out.push(&envelopes[start..]);
+    }
+    out
+}
+
 /// Most envelopes fetched per page.
 const FETCH_PAGE: u32 = 512;
 
@@ -187,7 +209,7 @@ impl State<'_, '_, '_> {
                 continue;
             };
             let mailbox = MailboxId::of(&device_id, &relay);
-            for chunk in envelopes.chunks(MAX_DEPOSIT) {
+            for chunk in deposit_chunks(&envelopes) {
                 self.fx.push(Effect::Mailbox {
                     peer: relay,
                     request: MailboxRequest::Deposit {
@@ -222,6 +244,21 @@ impl State<'_, '_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deposits_are_split_by_count_and_bytes() {
+        let small: Vec<Held> = (0..600)
+            .map(|i| (EnvelopeId([i as u8; 16]), vec![0; 10]))
+            .collect();
+        let sizes: Vec<usize> = deposit_chunks(&small).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![256, 256, 88]);
+        let big: Vec<Held> = (0..10)
+            .map(|i| (EnvelopeId([i as u8; 16]), vec![0; 1024 * 1024]))
+            .collect();
+        let sizes: Vec<usize> = deposit_chunks(&big).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+        assert!(deposit_chunks(&[]).is_empty());
+    }
 
     #[test]
     fn relays_are_read_from_circuit_addresses() {

@@ -1,0 +1,228 @@
+//! Durable deposits per second through the real path: encoded
+//! `MailboxRequest::Deposit`s handed to the `Service`, stored by the store
+//! thread (WAL, `synchronous=FULL`, group commit) and acknowledged only
+//! after the commit. Then a device's fetch of a 10,000-envelope backlog.
+//!
+//! `cargo bench -p weft-relay --bench deposit` (no criterion: it prints
+//! its numbers). `DEPOSIT_BENCH_ENVELOPES` and `DEPOSIT_BENCH_CLIENTS`
+//! change the load.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::Mutex;
+use weft_node::mailbox::{MailboxId, MailboxRequest, MailboxResponse};
+use weft_relay::config::Access;
+use weft_relay::metrics::RelayMetrics;
+use weft_relay::service::{Service, ServiceConfig};
+use weft_relay::store::{Store, StoreHandle, StoreLimits};
+
+const ENVELOPE_BYTES: usize = 1024;
+const MAILBOXES: u32 = 64;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn envelope(n: u64) -> Vec<u8> {
+    // Distinct, incompressible-ish bytes (no dedup between them).
+    let mut out = Vec::with_capacity(ENVELOPE_BYTES);
+    let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while out.len() < ENVELOPE_BYTES {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(ENVELOPE_BYTES);
+    out
+}
+
+fn mailbox(n: u32) -> MailboxId {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    MailboxId(id)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let total = env_or("DEPOSIT_BENCH_ENVELOPES", 50_000);
+    let clients = env_or("DEPOSIT_BENCH_CLIENTS", 128);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let limits = StoreLimits {
+        max_envelopes: 1_000_000,
+        max_bytes: 4 * 1024 * 1024 * 1024,
+        ..StoreLimits::default()
+    };
+    let store =
+        Store::open(&dir.path().join("relay.db"), limits).unwrap_or_else(|e| panic!("open: {e}"));
+    let metrics = RelayMetrics::default();
+    let store = StoreHandle::spawn(store, metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let relay = PeerId::random();
+    let devices: Vec<PeerId> = (0..MAILBOXES).map(|_| PeerId::random()).collect();
+    for (n, device) in devices.iter().enumerate() {
+        store
+            .register(mailbox(n as u32), *device, None, weft_node::now_ms())
+            .await
+            .unwrap_or_else(|e| panic!("register: {e}"));
+    }
+    let config = ServiceConfig {
+        access: Access::Open,
+        requests_per_sec: 1e9,
+        request_burst: u32::MAX,
+        allow_private_wakeup: false,
+    };
+    let service = Arc::new(Mutex::new(Service::new(
+        relay,
+        config,
+        store.clone(),
+        metrics.clone(),
+    )));
+
+    for per_request in [1usize, 16] {
+        let requests = total / per_request;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let service = service.clone();
+            tasks.push(tokio::spawn(async move {
+                let depositor = PeerId::random();
+                let mut acked = 0usize;
+                let mut r = c;
+                while r < requests {
+                    let base = (per_request * r) as u64 + (per_request as u64) * 1_000_000_000;
+                    let request = MailboxRequest::Deposit {
+                        mailbox: mailbox((r as u32) % MAILBOXES),
+                        envelopes: (0..per_request as u64)
+                            .map(|i| envelope(base + i))
+                            .collect(),
+                    }
+                    .encode();
+                    let pending = service.lock().await.handle(
+                        depositor,
+                        &request,
+                        Instant::now(),
+                        weft_node::now_ms(),
+                    );
+                    match pending.await.response {
+                        MailboxResponse::Deposited { accepted } => acked += accepted as usize,
+                        other => panic!("deposit refused: {other:?}"),
+                    }
+                    r += clients;
+                }
+                acked
+            }));
+        }
+        let mut acked = 0;
+        for t in tasks {
+            acked += t.await.unwrap_or_else(|e| panic!("client: {e}"));
+        }
+        let took = started.elapsed();
+        println!(
+            "durable deposits ({per_request} envelope(s) of {ENVELOPE_BYTES} B per request, \
+             {clients} clients): {acked} envelopes acknowledged in {:.2} s = {:.0} envelopes/s",
+            took.as_secs_f64(),
+            acked as f64 / took.as_secs_f64()
+        );
+    }
+
+    // A device comes back to a backlog of 10,000 envelopes: fetch in
+    // pages, acknowledge each page.
+    let device = devices[0];
+    let backlog = 10_000usize;
+    let mut deposited = 0;
+    let mut n = 5_000_000_000u64;
+    let other = PeerId::random();
+    let mailbox0 = mailbox(0);
+    // Empty mailbox 0 first.
+    store
+        .ack(device, u64::MAX, weft_node::now_ms())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    while deposited < backlog {
+        let batch: Vec<Vec<u8>> = (0..256.min(backlog - deposited))
+            .map(|_| {
+                n += 1;
+                envelope(n)
+            })
+            .collect();
+        deposited += batch.len();
+        let request = MailboxRequest::Deposit {
+            mailbox: mailbox0,
+            envelopes: batch,
+        }
+        .encode();
+        let pending =
+            service
+                .lock()
+                .await
+                .handle(other, &request, Instant::now(), weft_node::now_ms());
+        assert!(matches!(
+            pending.await.response,
+            MailboxResponse::Deposited { .. }
+        ));
+    }
+    let started = Instant::now();
+    let mut after = 0;
+    let mut fetched = 0;
+    loop {
+        let request = MailboxRequest::Fetch {
+            after,
+            limit: weft_node::mailbox::MAX_FETCH,
+        }
+        .encode();
+        let pending =
+            service
+                .lock()
+                .await
+                .handle(device, &request, Instant::now(), weft_node::now_ms());
+        let response = pending.await.response;
+        // The bytes that would go on the wire.
+        let wire = response.encode();
+        let Some(MailboxResponse::Mail { items, more }) = MailboxResponse::decode(&wire) else {
+            panic!("fetch failed: {response:?}");
+        };
+        fetched += items.len();
+        if let Some((last, _)) = items.last() {
+            after = *last;
+            let ack = MailboxRequest::Ack { up_to: after }.encode();
+            let pending =
+                service
+                    .lock()
+                    .await
+                    .handle(device, &ack, Instant::now(), weft_node::now_ms());
+            assert!(matches!(
+                pending.await.response,
+                MailboxResponse::Acked { .. }
+            ));
+        }
+        if !more {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(fetched, backlog);
+    println!(
+        "backlog fetch: {fetched} envelopes fetched and acknowledged in {:.3} s{}",
+        took.as_secs_f64(),
+        if took < Duration::from_secs(1) {
+            ""
+        } else {
+            " (over 1 s!)"
+        }
+    );
+    store.close().await;
+}

@@ -1,0 +1,30 @@
+//! weft-relay: a community-run Weft relay. A libp2p node that serves
+//! circuit relay v2 (so NATed devices can be reached), AutoNAT, Kademlia
+//! (it doubles as a bootstrap node) and the mailbox protocol
+//! (`/weft/mailbox/1`, `weft_node::mailbox`): store-and-forward
+//! mailboxes for devices that are away, with push wakeups.
+//!
+//! The binary (`main.rs`) is a thin layer over [`Relay`]:
+//!
+//! - [`config`]: the TOML file, environment and flags;
+//! - [`store`]: SQLite mailboxes and mail, on a thread of their own, with
+//!   group commit;
+//! - [`service`]: what each mailbox request gets;
+//! - [`net`]: the swarm task;
+//! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
+//! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
+//! - [`server`]: starting and draining all of it.
+//!
+//! docs/relay.md is the operator's guide.
+
+pub mod config;
+pub mod limiter;
+pub mod metrics;
+pub mod net;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod wakeup;
+
+pub use config::Config;
+pub use server::{Relay, RelayError};
