@@ -94,6 +94,15 @@ pub enum Command {
     /// Show who sees your presence and typing; with `--presence`, change it.
     Privacy(PrivacyArgs),
 
+    /// Relays this device keeps a mailbox at (`weft daemon --relay`).
+    #[command(subcommand)]
+    Relay(RelayCommand),
+
+    /// Push wakeups: relays POST a content-free wakeup to this endpoint
+    /// when mail arrives while this device is away.
+    #[command(subcommand)]
+    Push(PushCommand),
+
     /// Stream events from the running daemon until interrupted.
     Watch,
 
@@ -151,6 +160,23 @@ pub struct TypingArgs {
 
 /// Who may see this user's presence and typing.
 pub const PRESENCE_MODES: [&str; 3] = ["everyone", "contacts", "nobody"];
+
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// List the relays and this device's mailbox state at each.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PushCommand {
+    /// Register a UnifiedPush-compatible endpoint URL with the relays.
+    Register {
+        /// The endpoint (http or https).
+        url: String,
+    },
+    /// Stop push wakeups.
+    Unregister,
+}
 
 #[derive(Debug, Args)]
 pub struct PrivacyArgs {

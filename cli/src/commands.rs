@@ -14,7 +14,8 @@ use weft_node::api::{ConversationView, Request};
 use weft_node::home::Home;
 
 use crate::cli::{
-    Cli, Command, ContactCommand, GroupCommand, InitArgs, PrivacyArgs, SendArgs, TypingArgs,
+    Cli, Command, ContactCommand, GroupCommand, InitArgs, PrivacyArgs, PushCommand, RelayCommand,
+    SendArgs, TypingArgs,
 };
 use crate::error::usage;
 use crate::{client, daemon, demo, output};
@@ -185,6 +186,15 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                 Box::new(move |reply: &Value| output::privacy(reply, changed)),
             )
         }
+        Command::Relay(RelayCommand::List) => (Request::RelayList, Box::new(output::relays)),
+        Command::Push(PushCommand::Register { url }) => (
+            Request::PushRegister { url },
+            done("Push wakeups registered with your relays.".into()),
+        ),
+        Command::Push(PushCommand::Unregister) => (
+            Request::PushUnregister,
+            done("Push wakeups turned off.".into()),
+        ),
         Command::Init(_)
         | Command::Id
         | Command::Daemon(_)

@@ -450,6 +450,31 @@ pub fn typing(value: &Value, target: &str) -> String {
 }
 
 /// `weft privacy`: who sees this user's presence and typing.
+/// `weft relay list`.
+pub fn relays(value: &Value) -> String {
+    let Some(list) = view::<Vec<weft_node::api::RelayView>>(value) else {
+        return pretty(value);
+    };
+    if list.is_empty() {
+        return "No relays: start the daemon with --relay MULTIADDR.".to_string();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                short_peer(&r.peer_id),
+                if r.connected { "connected" } else { "away" }.to_string(),
+                r.mailbox
+                    .as_deref()
+                    .map_or("not registered".to_string(), short),
+                r.fetched.to_string(),
+                r.addr.clone(),
+            ]
+        })
+        .collect();
+    table(&["RELAY", "STATE", "MAILBOX", "FETCHED", "ADDRESS"], &rows)
+}
+
 pub fn privacy(value: &Value, changed: bool) -> String {
     let Some(v) = view::<PrivacyView>(value) else {
         return pretty(value);

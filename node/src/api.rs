@@ -83,6 +83,14 @@ pub enum Request {
         #[serde(default = "yes")]
         typing: bool,
     },
+    /// The relays this device keeps a mailbox at, and their state.
+    RelayList,
+    /// Registers a UnifiedPush-compatible endpoint that relays POST a
+    /// content-free wakeup to when mail arrives while this device is away.
+    PushRegister {
+        url: String,
+    },
+    PushUnregister,
     /// Shows, or with `presence` set changes, who sees this user's
     /// presence and typing: `everyone`, `contacts` or `nobody`.
     Privacy {
@@ -228,6 +236,17 @@ pub struct PresenceView {
     pub online: bool,
     /// When a device of theirs was last heard from (unix ms), if ever.
     pub last_seen: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayView {
+    pub peer_id: String,
+    pub addr: String,
+    pub connected: bool,
+    /// This device's mailbox id there, once registered.
+    pub mailbox: Option<String>,
+    /// Envelopes fetched from it since the daemon started.
+    pub fetched: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -233,6 +233,9 @@ pub(super) struct Engine {
     mail_cursor: HashMap<PeerId, u64>,
     /// Envelopes deposited for a device at its relays.
     deposited: HashSet<(EnvelopeId, PeerId)>,
+    /// Our mailbox at each relay that accepted our registration, and how
+    /// much was fetched from it.
+    mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
     /// Conversations with an envelope waiting for a gap in its sender's
     /// chain to be filled (it came too far ahead).
     gaps: HashSet<ConversationId>,
@@ -347,6 +350,7 @@ impl Engine {
             fetching: HashSet::new(),
             mail_cursor: HashMap::new(),
             deposited: HashSet::new(),
+            mailboxes: HashMap::new(),
             gaps: HashSet::new(),
         };
         engine.load()?;
@@ -604,6 +608,7 @@ impl Engine {
                     fetching: &mut self.fetching,
                     mail_cursor: &mut self.mail_cursor,
                     deposited: &mut self.deposited,
+                    mailboxes: &mut self.mailboxes,
                     gaps: &mut self.gaps,
                 },
                 db: &db,
@@ -918,6 +923,7 @@ struct EngineState<'a> {
     fetching: &'a mut HashSet<PeerId>,
     mail_cursor: &'a mut HashMap<PeerId, u64>,
     deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
+    mailboxes: &'a mut HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
     gaps: &'a mut HashSet<ConversationId>,
 }
 
@@ -1137,6 +1143,9 @@ impl State<'_, '_, '_> {
             Request::Presence { target } => self.presence_of(&target),
             Request::Typing { target, typing } => self.send_typing(&target, typing),
             Request::Privacy { presence } => self.privacy(presence.as_deref()),
+            Request::RelayList => self.relay_list(),
+            Request::PushRegister { url } => self.push_register(Some(url)),
+            Request::PushUnregister => self.push_register(None),
             Request::Watch => Err(ApiError::usage("watch is a stream: use the control socket")),
         }
     }

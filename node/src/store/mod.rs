@@ -181,6 +181,11 @@ impl<'a> Db<'a> {
         })
     }
 
+    pub fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.execute("DELETE FROM meta WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
     pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)

@@ -36,6 +36,9 @@ fn deposit_chunks(envelopes: &[Held]) -> Vec<&[Held]> {
     out
 }
 
+/// Where the push (wakeup) endpoint is kept (`meta` table).
+const META_PUSH_URL: &str = "push_url";
+
 /// Most envelopes fetched per page.
 const FETCH_PAGE: u32 = 512;
 
@@ -82,7 +85,13 @@ impl State<'_, '_, '_> {
         if !self.e.relays.iter().any(|(p, _)| *p == relay) {
             return;
         }
-        let registration = Registration::new(self.e.identity, &relay, now_ms(), None, None);
+        let wakeup = self
+            .db
+            .get_meta(META_PUSH_URL)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok());
+        let registration = Registration::new(self.e.identity, &relay, now_ms(), wakeup, None);
         self.fx.push(Effect::Mailbox {
             peer: relay,
             request: MailboxRequest::Register(Box::new(registration)),
@@ -115,6 +124,8 @@ impl State<'_, '_, '_> {
         match (then, response) {
             (MailboxThen::Registered, Some(MailboxResponse::Registered { mailbox, .. })) => {
                 tracing::debug!(%relay, %mailbox, "mailbox registered");
+                let fetched = self.e.mailboxes.get(&relay).map_or(0, |m| m.1);
+                self.e.mailboxes.insert(relay, (mailbox, fetched));
                 self.fetch_mail(relay);
             }
             (MailboxThen::Fetched, Some(MailboxResponse::Mail { items, more })) => {
@@ -122,6 +133,9 @@ impl State<'_, '_, '_> {
                 let Some(up_to) = items.iter().map(|(c, _)| *c).max() else {
                     return;
                 };
+                if let Some(m) = self.e.mailboxes.get_mut(&relay) {
+                    m.1 += items.len() as u64;
+                }
                 for (_, bytes) in &items {
                     if let Verdict::Reject(why) = self.receive(bytes, Via::Direct, None) {
                         // The relay only stores; whoever deposited it is
@@ -223,6 +237,55 @@ impl State<'_, '_, '_> {
                 });
             }
         }
+    }
+
+    /// `weft relay list`.
+    pub(super) fn relay_list(&mut self) -> ApiResult {
+        let views: Vec<crate::api::RelayView> = self
+            .e
+            .relays
+            .iter()
+            .map(|(peer, addr)| crate::api::RelayView {
+                peer_id: peer.to_string(),
+                addr: addr.to_string(),
+                connected: self.e.connected.contains(peer),
+                mailbox: self.e.mailboxes.get(peer).map(|m| m.0.to_string()),
+                fetched: self.e.mailboxes.get(peer).map_or(0, |m| m.1),
+            })
+            .collect();
+        to_value(&views)
+    }
+
+    /// `weft push register URL` / `weft push unregister`: kept, and sent to
+    /// every connected relay in a fresh registration.
+    pub(super) fn push_register(&mut self, url: Option<String>) -> ApiResult {
+        if let Some(url) = &url
+            && (url.len() > crate::mailbox::MAX_URL
+                || !(url.starts_with("https://") || url.starts_with("http://")))
+        {
+            return Err(ApiError::usage(format!(
+                "not an http(s) URL of at most {} bytes: {url}",
+                crate::mailbox::MAX_URL
+            )));
+        }
+        match &url {
+            Some(u) => self.db.set_meta(META_PUSH_URL, u.as_bytes())?,
+            None => self.db.delete_meta(META_PUSH_URL)?,
+        }
+        let connected: Vec<PeerId> = self
+            .e
+            .relays
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| self.e.connected.contains(p))
+            .collect();
+        for relay in &connected {
+            self.relay_connected(*relay);
+        }
+        to_value(&serde_json::json!({
+            "push": url,
+            "relays_told": connected.len(),
+        }))
     }
 
     /// The circuit addresses through this device's relays, for invites.
