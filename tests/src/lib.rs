@@ -817,3 +817,219 @@ pub mod netns {
         }
     }
 }
+
+/// A real `weft-relay` as a child process, for offline delivery tests.
+pub mod relay {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use anyhow::{Context, anyhow, bail};
+    use serde_json::Value;
+
+    use super::{DEADLINE, lines_of};
+
+    /// The `weft-relay` binary next to the test executable.
+    pub fn relay_bin() -> anyhow::Result<PathBuf> {
+        let exe = std::env::current_exe().context("locating the test executable")?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+        let bin = dir.join(format!("weft-relay{}", std::env::consts::EXE_SUFFIX));
+        if !bin.is_file() {
+            bail!(
+                "{} is missing: build the binaries first: cargo build --workspace",
+                bin.display()
+            );
+        }
+        Ok(bin)
+    }
+
+    /// A running relay (`weft-relay --json`, loopback only, metrics on a
+    /// free port), killed on drop. Its stderr goes to a log file.
+    #[derive(Debug)]
+    pub struct Relay {
+        child: Child,
+        /// The peer id from the ready line.
+        pub peer_id: String,
+        /// Its TCP address with the `/p2p/<peer id>` suffix, for
+        /// `weft daemon --relay`.
+        pub addr: String,
+        /// The listen addresses from the ready line.
+        pub listen: Vec<String>,
+        /// The metrics server's address (`host:port`), if it runs.
+        pub metrics: Option<String>,
+        /// The data directory (`relay.key`, `relay.db`).
+        pub data: PathBuf,
+        /// Further stdout lines (the ready line is consumed).
+        pub lines: mpsc::Receiver<String>,
+        log: PathBuf,
+        _root: tempfile::TempDir,
+        _data: Option<tempfile::TempDir>,
+    }
+
+    impl Relay {
+        /// A relay on a free port with a fresh, temporary data directory.
+        pub fn start() -> anyhow::Result<Self> {
+            let data = tempfile::Builder::new()
+                .prefix("weft-relay-")
+                .tempdir()
+                .context("creating the relay's data directory")?;
+            let path = data.path().to_path_buf();
+            Self::launch("/ip4/127.0.0.1/tcp/0", &path, Some(data))
+        }
+
+        /// A relay on TCP `port` of 127.0.0.1 with the data directory
+        /// `data_dir`, which outlives it: starting another relay there
+        /// later is a restart (same `relay.key`, same database).
+        pub fn start_at(port: u16, data_dir: &Path) -> anyhow::Result<Self> {
+            Self::launch(&format!("/ip4/127.0.0.1/tcp/{port}"), data_dir, None)
+        }
+
+        fn launch(
+            listen: &str,
+            data_dir: &Path,
+            owned: Option<tempfile::TempDir>,
+        ) -> anyhow::Result<Self> {
+            let root = tempfile::Builder::new()
+                .prefix("weft-relay-log-")
+                .tempdir()
+                .context("creating a directory for the relay's log")?;
+            let log = root.path().join("relay.log");
+            let log_file = std::fs::File::create(&log)?;
+            let mut child = Command::new(relay_bin()?)
+                .args(["--json", "--listen", listen, "--metrics", "127.0.0.1:0"])
+                .arg("--data")
+                .arg(data_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log_file))
+                .spawn()
+                .context("starting weft-relay")?;
+            let lines = lines_of(child.stdout.take());
+            let ready = loop {
+                let line = match lines.recv_timeout(DEADLINE) {
+                    Ok(line) => line,
+                    Err(err) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        bail!(
+                            "weft-relay printed no ready line ({err}); its log:\n{}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                };
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["event"] == "ready"
+                {
+                    break v;
+                }
+            };
+            let peer_id = ready["peer_id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no peer_id in {ready}"))?
+                .to_string();
+            let listen: Vec<String> = ready["listen"]
+                .as_array()
+                .ok_or_else(|| anyhow!("no listen in {ready}"))?
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect();
+            let tcp = listen
+                .iter()
+                .find(|a| a.contains("/tcp/"))
+                .ok_or_else(|| anyhow!("no tcp listen address in {ready}"))?;
+            let addr = if tcp.contains("/p2p/") {
+                tcp.clone()
+            } else {
+                format!("{tcp}/p2p/{peer_id}")
+            };
+            let metrics = ready["metrics"].as_str().map(str::to_string);
+            Ok(Self {
+                child,
+                peer_id,
+                addr,
+                listen,
+                metrics,
+                data: data_dir.to_path_buf(),
+                lines,
+                log,
+                _root: root,
+                _data: owned,
+            })
+        }
+
+        /// Kills the relay with SIGKILL (a crash: no drain, nothing
+        /// flushed beyond what it already committed) and waits for it to be
+        /// gone. Returns how it exited.
+        pub fn kill_hard(&mut self) -> anyhow::Result<ExitStatus> {
+            // On Unix, `Child::kill` sends SIGKILL.
+            self.child.kill().context("killing weft-relay")?;
+            self.child
+                .wait()
+                .context("waiting for the killed weft-relay")
+        }
+
+        /// The relay's stderr so far (JSON log lines).
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// `GET /metrics` from the metrics server: the OpenMetrics text.
+        pub fn metrics_text(&self) -> anyhow::Result<String> {
+            let addr = self
+                .metrics
+                .as_deref()
+                .ok_or_else(|| anyhow!("the relay runs no metrics server"))?;
+            let mut stream = TcpStream::connect(addr)
+                .with_context(|| format!("connecting to the metrics server at {addr}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                stream,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow!("not an HTTP response: {response}"))?;
+            if !head.starts_with("HTTP/1.1 200") {
+                bail!("GET /metrics: {head}");
+            }
+            Ok(body.to_string())
+        }
+
+        /// The value of the metric sample `name` (without labels, as
+        /// `weft_relay_stored_envelopes`), if the relay reports it.
+        pub fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+            let text = self.metrics_text()?;
+            for line in text.lines() {
+                if let Some(value) = line
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                {
+                    let value = value
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .parse()
+                        .with_context(|| format!("metric line {line}"))?;
+                    return Ok(Some(value));
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -3,106 +3,11 @@
 //! arrives exactly once, in order, and comes back `delivered`.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
+use weft_e2e::relay::Relay;
 use weft_e2e::{DEADLINE, Weft, wait_until};
-
-/// The `weft-relay` binary next to the test executable.
-fn relay_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path"))?;
-    let bin = dir.join("weft-relay");
-    if !bin.is_file() {
-        bail!(
-            "{} is missing: build the binaries first: cargo build --workspace",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-/// A running relay, killed on drop.
-struct Relay {
-    child: Child,
-    addr: String,
-    _data: tempfile::TempDir,
-}
-
-impl Relay {
-    fn start() -> anyhow::Result<Self> {
-        let data = tempfile::Builder::new().prefix("weft-relay-").tempdir()?;
-        let mut child = Command::new(relay_bin()?)
-            .args([
-                "--json",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--metrics",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(data.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting weft-relay")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let ready = loop {
-            let line = rx
-                .recv_timeout(DEADLINE)
-                .context("weft-relay printed no ready line")?;
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["event"] == "ready"
-            {
-                break v;
-            }
-        };
-        let peer = ready["peer_id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no peer_id in {ready}"))?;
-        let listen = ready["listen"]
-            .as_array()
-            .and_then(|l| {
-                l.iter()
-                    .filter_map(Value::as_str)
-                    .find(|a| a.contains("/tcp/"))
-            })
-            .ok_or_else(|| anyhow!("no tcp listen address in {ready}"))?;
-        let addr = if listen.contains("/p2p/") {
-            listen.to_string()
-        } else {
-            format!("{listen}/p2p/{peer}")
-        };
-        Ok(Self {
-            child,
-            addr,
-            _data: data,
-        })
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn texts_with(ms: &[Value], prefix: &str) -> Vec<String> {
     ms.iter()
