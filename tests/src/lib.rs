@@ -437,6 +437,27 @@ impl Weft {
         }))
     }
 
+    /// Stops `other`'s daemon and waits until this node's daemon no longer
+    /// lists it among its peers.
+    pub fn see_stop(&self, other: &mut Weft) -> anyhow::Result<()> {
+        other.stop_daemon()?;
+        let peer = other.json(&["id"])?["peer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        wait_until(
+            &format!("{} to see {} go", self.name, other.name),
+            DEADLINE,
+            || {
+                let status = self.json(&["status"])?;
+                let still = status["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["peer_id"] == peer.as_str()));
+                Ok((!still).then_some(()))
+            },
+        )
+    }
+
     /// The running daemon.
     pub fn daemon(&self) -> anyhow::Result<&Daemon> {
         self.daemon

@@ -51,18 +51,7 @@ fn offline_delivery_through_a_relay() -> anyhow::Result<()> {
     })?;
 
     // Bob goes away; alice writes and then goes away too.
-    bob.stop_daemon()?;
-    let bob_peer = bob.json(&["id"])?["peer_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    wait_until("alice to see bob go", DEADLINE, || {
-        let status = alice.json(&["status"])?;
-        let still = status["peers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_peer.as_str()));
-        Ok((!still).then_some(()))
-    })?;
+    alice.see_stop(&mut bob)?;
     for i in 0..5 {
         alice.ok(&["send", "bob", &format!("direct-{i}")])?;
         alice.ok(&["send", "pair", &format!("group-{i}")])?;

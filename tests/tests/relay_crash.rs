@@ -111,18 +111,7 @@ impl Crash {
         })?;
 
         // Bob goes away.
-        bob.stop_daemon()?;
-        let bob_peer = bob.json(&["id"])?["peer_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        wait_until("alice to see bob go", DEADLINE, || {
-            let status = alice.json(&["status"])?;
-            let still = status["peers"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_peer.as_str()));
-            Ok((!still).then_some(()))
-        })?;
+        alice.see_stop(bob)?;
 
         // Alice writes; each message turns `relayed` when the relay has
         // answered `Deposited`, which it does only after its commit.

@@ -63,10 +63,16 @@ impl Relay {
                 break v;
             }
         };
-        let peer = ready["peer_id"].as_str().ok_or_else(|| anyhow!("no peer id"))?;
+        let peer = ready["peer_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no peer id"))?;
         let tcp = ready["listen"]
             .as_array()
-            .and_then(|l| l.iter().filter_map(Value::as_str).find(|a| a.contains("/tcp/")))
+            .and_then(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .find(|a| a.contains("/tcp/"))
+            })
             .ok_or_else(|| anyhow!("no tcp address in {ready}"))?;
         Ok(Self {
             addr: format!("{tcp}/p2p/{peer}"),
@@ -146,18 +152,7 @@ fn an_away_device_is_woken_without_content() -> anyhow::Result<()> {
     alice.ok(&["send", "bob", "hello"])?;
     bob.wait_for_message("alice", "hello")?;
 
-    bob.stop_daemon()?;
-    let bob_peer = bob.json(&["id"])?["peer_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    wait_until("alice to see bob go", DEADLINE, || {
-        let status = alice.json(&["status"])?;
-        let still = status["peers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["peer_id"] == bob_peer.as_str()));
-        Ok((!still).then_some(()))
-    })?;
+    alice.see_stop(&mut bob)?;
     // Nothing was posted while bob was here (he was told over his
     // connection instead); drain anything that came before.
     while rx.try_recv().is_ok() {}

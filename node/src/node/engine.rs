@@ -1401,16 +1401,8 @@ impl State<'_, '_, '_> {
             ),
             None => None,
         };
-        let conv_id = self.resolve(target)?;
-        let conv = self
-            .e
-            .convs
-            .get(&conv_id)
-            .cloned()
-            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
-        if !conv.active {
-            return Err(ApiError::usage("you are no longer a member of this group"));
-        }
+        let conv = self.active_conversation(target)?;
+        let conv_id = conv.id;
         let hlc = self.e.clock.now(now_ms().max(0) as u64);
         let sent_at = hlc.ms() as i64;
         let payload = Payload::Text(TextMessage {
@@ -1448,6 +1440,34 @@ impl State<'_, '_, '_> {
             conversation: conv_id.to_string(),
             status: status.as_str().to_string(),
         })
+    }
+
+    /// TARGET's conversation, which this user must still be a member of.
+    fn active_conversation(&mut self, target: &str) -> Result<Conv, ApiError> {
+        let id = self.resolve(target)?;
+        let conv = self
+            .e
+            .convs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are no longer a member of this group"));
+        }
+        Ok(conv)
+    }
+
+    /// The member peers of a conversation that are connected now.
+    fn connected_members(&mut self, conv: &Conv) -> Vec<PeerId> {
+        match self.recipients(conv) {
+            Ok(r) => r
+                .peers
+                .iter()
+                .filter(|p| self.e.connected.contains(p))
+                .copied()
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Member devices of a conversation other than this one, with their DH

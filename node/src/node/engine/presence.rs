@@ -251,23 +251,11 @@ impl State<'_, '_, '_> {
     /// `weft typing TARGET`: tells the connected member devices we share
     /// presence with.
     pub(super) fn send_typing(&mut self, target: &str, typing: bool) -> ApiResult {
-        let conv_id = self.resolve(target)?;
-        let conv = self
-            .e
-            .convs
-            .get(&conv_id)
-            .cloned()
-            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
-        if !conv.active {
-            return Err(ApiError::usage("you are no longer a member of this group"));
-        }
-        let recipients = self.recipients(&conv)?;
+        let conv = self.active_conversation(target)?;
+        let conv_id = conv.id;
         let mut told = 0usize;
-        for peer in recipients.peers.iter() {
-            if !self.e.connected.contains(peer) {
-                continue;
-            }
-            let Some((_, user)) = self.who(peer) else {
+        for peer in self.connected_members(&conv) {
+            let Some((_, user)) = self.who(&peer) else {
                 continue;
             };
             if !self.shares_with(&user) {
@@ -275,7 +263,7 @@ impl State<'_, '_, '_> {
             }
             told += 1;
             self.fx.push(Effect::Notify {
-                peer: *peer,
+                peer,
                 request: DirectRequest::Typing {
                     conversation: conv_id,
                     typing,

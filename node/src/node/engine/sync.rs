@@ -102,15 +102,7 @@ impl State<'_, '_, '_> {
             .cloned()
             .collect();
         for conv in convs {
-            let Ok(r) = self.recipients(&conv) else {
-                continue;
-            };
-            let connected: Vec<PeerId> = r
-                .peers
-                .iter()
-                .filter(|p| self.e.connected.contains(p))
-                .copied()
-                .collect();
+            let connected = self.connected_members(&conv);
             if connected.is_empty() {
                 continue;
             }
@@ -124,16 +116,7 @@ impl State<'_, '_, '_> {
         let Some(c) = self.e.convs.get(&conv).cloned() else {
             return;
         };
-        let Ok(r) = self.recipients(&c) else {
-            return;
-        };
-        let peers: Vec<PeerId> = r
-            .peers
-            .iter()
-            .filter(|p| self.e.connected.contains(p))
-            .copied()
-            .collect();
-        for peer in peers {
+        for peer in self.connected_members(&c) {
             self.start_sync(peer, conv);
         }
     }
