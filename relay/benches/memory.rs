@@ -2,14 +2,18 @@
 //! registered mailboxes each holding an envelope (registered over TCP by
 //! 10,000 device identities, deposited by one depositor).
 //!
-//! `cargo bench -p weft-relay --bench memory` (prints its numbers).
-//! `MEMORY_BENCH_MAILBOXES` changes the count.
+//! `cargo bench -p weft-relay --bench memory` (prints its numbers and
+//! PASS/FAIL against the targets: idle under 30 MB resident, 10,000
+//! registered mailboxes under 100 MB; MB = 10^6 bytes of `VmRSS`).
+//! `MEMORY_BENCH_MAILBOXES` changes the count. Every wait has a deadline
+//! (60 s; 10 minutes for all the registrations); past it the bench panics
+//! and the relay is killed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -22,13 +26,60 @@ use weft_node::mailbox::{
 };
 use weft_node::net::DirectCodec;
 
-fn rss_kib(pid: u32) -> u64 {
+/// The longest a single wait may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The longest all the registrations together may take.
+const REGISTER_DEADLINE: Duration = Duration::from_secs(600);
+const IDLE_TARGET_MB: f64 = 30.0;
+const MAILBOXES_TARGET_MB: f64 = 100.0;
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+fn mb(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The time now, UTC, as `YYYY-MM-DD HH:MM:SS`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
 }
 
 /// Kills the relay if the bench fails before it has exited.
@@ -77,6 +128,7 @@ async fn exchange(
     let n = requests.len();
     let mut requests = Some(requests);
     let mut sent = false;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
     if swarm.is_connected(&relay) {
         for r in requests.take().unwrap_or_default() {
             swarm.behaviour_mut().send_request(&relay, r.encode());
@@ -86,9 +138,9 @@ async fn exchange(
         swarm.dial(addr.clone()).unwrap();
     }
     while out.len() < n {
-        match tokio::time::timeout(Duration::from_secs(60), swarm.select_next_some())
+        match tokio::time::timeout_at(deadline, swarm.select_next_some())
             .await
-            .expect("timed out")
+            .expect("no answer from the relay within the deadline")
         {
             SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay && !sent => {
                 for r in requests.take().unwrap_or_default() {
@@ -124,6 +176,7 @@ async fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    println!("memory bench: {} UTC, load {}", utc_now(), loadavg());
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let config = dir.path().join("relay.toml");
     std::fs::write(
@@ -148,17 +201,38 @@ async fn run() {
         .spawn()
         .unwrap();
     let mut child = Running(child);
+    // The ready line, read on a thread of its own so that the wait for it
+    // has a deadline.
     let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(DEADLINE)
+        .expect("the relay did not print its ready line in time");
     let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
     let relay: PeerId = ready["peer_id"].as_str().unwrap().parse().unwrap();
     let addr: Multiaddr = ready["listen"][0].as_str().unwrap().parse().unwrap();
     let addr = addr.with(libp2p::multiaddr::Protocol::P2p(relay));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("idle relay: {} KiB resident", rss_kib(child.0.id()));
+    let pid = child.0.id();
+    let idle = status_kib(pid, "VmRSS");
+    println!(
+        "idle relay: {idle} KiB resident = {:.1} MB (VmHWM {} KiB)",
+        mb(idle),
+        status_kib(pid, "VmHWM")
+    );
+    println!(
+        "  target: idle < {IDLE_TARGET_MB:.0} MB resident: {:.1} MB {}",
+        mb(idle),
+        verdict(mb(idle) < IDLE_TARGET_MB)
+    );
 
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let register_deadline = tokio::time::Instant::now() + REGISTER_DEADLINE;
     let mut mailboxes = Vec::with_capacity(count);
     let mut tasks = FuturesUnordered::new();
     for n in 0..count {
@@ -182,10 +256,16 @@ async fn run() {
             }
         }));
         if tasks.len() >= 32 {
-            mailboxes.push(tasks.next().await.unwrap().unwrap());
+            let done = tokio::time::timeout_at(register_deadline, tasks.next())
+                .await
+                .expect("the registrations took too long");
+            mailboxes.push(done.unwrap().unwrap());
         }
     }
-    while let Some(m) = tasks.next().await {
+    while let Some(m) = tokio::time::timeout_at(register_deadline, tasks.next())
+        .await
+        .expect("the registrations took too long")
+    {
         mailboxes.push(m.unwrap());
     }
     println!(
@@ -208,13 +288,36 @@ async fn run() {
         );
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let full = status_kib(pid, "VmRSS");
     println!(
-        "relay with {count} registered mailboxes (one 1 KiB envelope each): {} KiB resident",
-        rss_kib(child.0.id())
+        "relay with {count} registered mailboxes (one 1 KiB envelope each): {full} KiB \
+         resident = {:.1} MB (VmHWM {} KiB)",
+        mb(full),
+        status_kib(pid, "VmHWM")
+    );
+    println!(
+        "  target: {count} registered mailboxes < {MAILBOXES_TARGET_MB:.0} MB resident: \
+         {:.1} MB {} (load {})",
+        mb(full),
+        verdict(mb(full) < MAILBOXES_TARGET_MB),
+        loadavg()
     );
     Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    assert!(child.0.wait().unwrap().success());
+    // It drains and exits; the wait for that has a deadline too.
+    let stop_by = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < stop_by,
+            "the relay did not exit within {} s of SIGTERM",
+            DEADLINE.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "the relay exited with {status}");
 }

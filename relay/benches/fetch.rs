@@ -1,0 +1,615 @@
+//! A device comes back to a backlog at its relay and fetches it, over a
+//! real network path (target: 10,000 envelopes in < 1 s).
+//!
+//! The real relay (`weft_relay::Relay::start`, default configuration:
+//! default rate limits and quotas, SQLite on the machine's disk) listens
+//! on loopback TCP, on its own 2-worker runtime as the binary has. The
+//! device and the depositor are libp2p clients on another runtime (TCP,
+//! noise, yamux) speaking `/weft/mailbox/1` with `weft_node::mailbox`
+//! frames and `weft_node::net::DirectCodec`.
+//!
+//! 1. The device (`Identity::from_seed`) connects, registers
+//!    (`Registration::new`) and goes away.
+//! 2. A depositor deposits 10,000 distinct envelopes of 300 random bytes
+//!    into its mailbox (40 deposits of 250, pipelined; the relay checks
+//!    only their size), all acknowledged (durably stored).
+//! 3. The device comes back with a fresh connection and fetches
+//!    everything, acknowledging every page, until the mailbox is empty.
+//!    Timed from the dial until the last `Ack` is answered (the target's
+//!    number), and until a last `Fetch` answers that nothing is left.
+//!
+//! Step 3 runs in two ways, each on a fresh backlog of 10,000:
+//!
+//! - **as weft-node does** (`engine/relay.rs`): pages of 512; when a page
+//!   arrives the `Ack` for it and the `Fetch` for the next page are sent
+//!   together;
+//! - **one request at a time**: pages of 1,024 (`MAX_FETCH`); `Fetch`,
+//!   wait, `Ack`, wait.
+//!
+//! Each is checked: every envelope once, in cursor order, byte for byte
+//! what was deposited (the pipelined deposits may be stored in any order
+//! among themselves), and the relay's store holds nothing for the
+//! mailbox afterwards. Every wait has a deadline (60 s); a run that does
+//! not complete prints why and exits non-zero.
+//!
+//! `cargo bench -p weft-relay --bench fetch` (prints its numbers;
+//! `FETCH_BENCH_ENVELOPES` changes the backlog). Under
+//! `cargo test --benches` (no `--bench` argument) it runs with 1,000 as a
+//! smoke test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, noise, tcp, yamux};
+use weft_node::identity::Identity;
+use weft_node::mailbox::{
+    MAILBOX_PROTOCOL, MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse,
+    Registration,
+};
+use weft_node::net::DirectCodec;
+use weft_relay::store::StoreHandle;
+use weft_relay::{Config, Relay};
+
+/// The longest any wait may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+const TARGET: Duration = Duration::from_secs(1);
+const ENVELOPE_BYTES: usize = 300;
+/// Envelopes per deposit while setting up the backlog.
+const DEPOSIT_BATCH: usize = 250;
+/// weft-node's page size (`FETCH_PAGE` in `node/src/node/engine/relay.rs`).
+const NODE_PAGE: u32 = 512;
+
+const _: () = assert!(DEPOSIT_BATCH <= MAX_DEPOSIT);
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The time now, UTC, as `YYYY-MM-DD HH:MM:SS`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+/// `n` distinct envelopes of random-looking bytes (xorshift64*; no two
+/// alike, so none is deduplicated away).
+fn envelopes(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    (0..n as u64)
+        .map(|i| {
+            let mut x = (seed << 32 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut e = Vec::with_capacity(ENVELOPE_BYTES + 8);
+            while e.len() < ENVELOPE_BYTES {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                e.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+            }
+            e.truncate(ENVELOPE_BYTES);
+            e
+        })
+        .collect()
+}
+
+/// A device or depositor on one connection to the relay.
+struct Client {
+    swarm: Swarm<request_response::Behaviour<DirectCodec>>,
+    relay: PeerId,
+    wakeups: u32,
+}
+
+impl Client {
+    /// Dials the relay and returns once the connection is up.
+    async fn connect(
+        key: libp2p::identity::Keypair,
+        relay: PeerId,
+        addr: &Multiaddr,
+    ) -> Result<Self> {
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    DirectCodec,
+                    [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(DEADLINE),
+                )
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(DEADLINE))
+            .build();
+        let mut client = Client {
+            swarm,
+            relay,
+            wakeups: 0,
+        };
+        client.swarm.dial(addr.clone())?;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !client.swarm.is_connected(&relay) {
+            client.next(deadline).await?;
+        }
+        Ok(client)
+    }
+
+    /// Handles one swarm event: answers the relay's wakeups, fails on a
+    /// failed request or dial, returns a response.
+    async fn next(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<(OutboundRequestId, MailboxResponse)>> {
+        let event = tokio::time::timeout_at(deadline, self.swarm.select_next_some())
+            .await
+            .map_err(|_| anyhow!("deadline ({} s) passed", DEADLINE.as_secs()))?;
+        match event {
+            SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        ensure!(
+                            MailboxRequest::decode(&request) == Some(MailboxRequest::Wakeup),
+                            "the relay sent something other than a wakeup"
+                        );
+                        self.wakeups += 1;
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .send_response(channel, MailboxResponse::Ok.encode());
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        let response =
+                            MailboxResponse::decode(&response).context("malformed response")?;
+                        return Ok(Some((request_id, response)));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                bail!("request failed: {error}")
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => bail!("dial failed: {error}"),
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == self.relay => {
+                bail!("the relay closed the connection: {cause:?}")
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn send(&mut self, request: &MailboxRequest) -> OutboundRequestId {
+        let relay = self.relay;
+        self.swarm
+            .behaviour_mut()
+            .send_request(&relay, request.encode())
+    }
+
+    async fn call(&mut self, request: &MailboxRequest) -> Result<MailboxResponse> {
+        let id = self.send(request);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match self.next(deadline).await? {
+                Some((r, response)) if r == id => return Ok(response),
+                Some((_, response)) => bail!("an answer to nothing asked: {response:?}"),
+                None => {}
+            }
+        }
+    }
+
+    /// Sends all `requests` at once; returns their answers in order.
+    async fn call_all(&mut self, requests: &[MailboxRequest]) -> Result<Vec<MailboxResponse>> {
+        let ids: Vec<OutboundRequestId> = requests.iter().map(|r| self.send(r)).collect();
+        let mut answers: Vec<Option<MailboxResponse>> = vec![None; ids.len()];
+        let mut left = ids.len();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while left > 0 {
+            if let Some((id, response)) = self.next(deadline).await? {
+                let i = ids
+                    .iter()
+                    .position(|r| *r == id)
+                    .ok_or_else(|| anyhow!("an answer to nothing asked: {response:?}"))?;
+                ensure!(answers[i].is_none(), "two answers to one request");
+                answers[i] = Some(response);
+                left -= 1;
+            }
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Pattern {
+    /// Pages of 512; the ack of a page and the next fetch sent together.
+    LikeNode,
+    /// Pages of 1,024; fetch, wait, ack, wait.
+    OneAtATime,
+}
+
+impl Pattern {
+    fn name(self) -> &'static str {
+        match self {
+            Pattern::LikeNode => "as weft-node does (pages of 512, ack + next fetch together)",
+            Pattern::OneAtATime => "one request at a time (pages of 1,024: fetch, wait, ack, wait)",
+        }
+    }
+}
+
+struct Measured {
+    pattern: Pattern,
+    load: String,
+    deposit: Duration,
+    connect: Duration,
+    /// Dial until the last ack was answered.
+    acked: Duration,
+    /// Dial until a final fetch answered that nothing is left.
+    empty: Duration,
+    pages: u32,
+    fetched: usize,
+    deleted: u64,
+    /// Live wakeups the device got meanwhile (none expected: the mail
+    /// was deposited while it was away).
+    wakeups: u32,
+}
+
+/// What one fetch pass collected.
+#[derive(Default)]
+struct Pass {
+    items: Vec<(u64, Vec<u8>)>,
+    pages: u32,
+    deleted: u64,
+}
+
+fn take_page(pass: &mut Pass, response: MailboxResponse) -> Result<(Option<u64>, bool)> {
+    let MailboxResponse::Mail { items, more } = response else {
+        bail!("fetch refused: {response:?}");
+    };
+    pass.pages += 1;
+    let up_to = items.last().map(|(c, _)| *c);
+    pass.items.extend(items);
+    Ok((up_to, more))
+}
+
+fn take_ack(pass: &mut Pass, response: MailboxResponse) -> Result<()> {
+    let MailboxResponse::Acked { deleted } = response else {
+        bail!("ack refused: {response:?}");
+    };
+    pass.deleted += u64::from(deleted);
+    Ok(())
+}
+
+/// weft-node's way: when a page arrives, its ack and the next fetch go
+/// out together.
+async fn fetch_like_node(device: &mut Client) -> Result<Pass> {
+    let mut pass = Pass::default();
+    let mut fetch = Some(device.send(&MailboxRequest::Fetch {
+        after: 0,
+        limit: NODE_PAGE,
+    }));
+    let mut acks = HashSet::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while fetch.is_some() || !acks.is_empty() {
+        let Some((id, response)) = device.next(deadline).await? else {
+            continue;
+        };
+        if fetch == Some(id) {
+            fetch = None;
+            let (up_to, more) = take_page(&mut pass, response)?;
+            if let Some(up_to) = up_to {
+                acks.insert(device.send(&MailboxRequest::Ack { up_to }));
+                if more {
+                    fetch = Some(device.send(&MailboxRequest::Fetch {
+                        after: up_to,
+                        limit: NODE_PAGE,
+                    }));
+                }
+            }
+        } else if acks.remove(&id) {
+            take_ack(&mut pass, response)?;
+        } else {
+            bail!("an answer to nothing asked: {response:?}");
+        }
+    }
+    Ok(pass)
+}
+
+async fn fetch_one_at_a_time(device: &mut Client) -> Result<Pass> {
+    let mut pass = Pass::default();
+    let mut after = 0;
+    loop {
+        let response = device
+            .call(&MailboxRequest::Fetch {
+                after,
+                limit: MAX_FETCH,
+            })
+            .await?;
+        let (up_to, more) = take_page(&mut pass, response)?;
+        if let Some(up_to) = up_to {
+            let response = device.call(&MailboxRequest::Ack { up_to }).await?;
+            take_ack(&mut pass, response)?;
+            after = up_to;
+        }
+        if !more {
+            return Ok(pass);
+        }
+    }
+}
+
+async fn mailbox_count(store: &StoreHandle, mailbox: MailboxId) -> Result<u64> {
+    let info = tokio::time::timeout(DEADLINE, store.mailbox(mailbox))
+        .await
+        .map_err(|_| anyhow!("the store did not answer within {} s", DEADLINE.as_secs()))??
+        .ok_or_else(|| anyhow!("the mailbox is gone"))?;
+    Ok(info.envelopes)
+}
+
+/// The relay, the device and its mailbox there.
+struct Setup {
+    relay: PeerId,
+    addr: Multiaddr,
+    store: StoreHandle,
+    device: Identity,
+    mailbox: MailboxId,
+    backlog: usize,
+}
+
+async fn measure(setup: &Setup, pattern: Pattern, seed: u64) -> Result<Measured> {
+    let Setup {
+        relay,
+        ref addr,
+        ref store,
+        ref device,
+        mailbox,
+        backlog,
+    } = *setup;
+    // The backlog, deposited while the device is away.
+    let sent = envelopes(seed, backlog);
+    let started = Instant::now();
+    let mut depositor =
+        Client::connect(libp2p::identity::Keypair::generate_ed25519(), relay, addr).await?;
+    let deposits: Vec<MailboxRequest> = sent
+        .chunks(DEPOSIT_BATCH)
+        .map(|chunk| MailboxRequest::Deposit {
+            mailbox,
+            envelopes: chunk.to_vec(),
+        })
+        .collect();
+    let answers = depositor.call_all(&deposits).await?;
+    for (request, answer) in deposits.iter().zip(&answers) {
+        let MailboxRequest::Deposit { envelopes, .. } = request else {
+            unreachable!()
+        };
+        ensure!(
+            *answer
+                == MailboxResponse::Deposited {
+                    accepted: envelopes.len() as u32
+                },
+            "deposit not accepted: {answer:?}"
+        );
+    }
+    let deposit = started.elapsed();
+    drop(depositor);
+    let held = mailbox_count(store, mailbox).await?;
+    ensure!(
+        held == backlog as u64,
+        "the relay holds {held} envelopes, not {backlog}"
+    );
+
+    // The device comes back.
+    let load = loadavg();
+    let key = device.libp2p_keypair()?;
+    let started = Instant::now();
+    let mut client = Client::connect(key, relay, addr).await?;
+    let connect = started.elapsed();
+    let pass = match pattern {
+        Pattern::LikeNode => fetch_like_node(&mut client).await?,
+        Pattern::OneAtATime => fetch_one_at_a_time(&mut client).await?,
+    };
+    let acked = started.elapsed();
+    let last = client
+        .call(&MailboxRequest::Fetch {
+            after: 0,
+            limit: MAX_FETCH,
+        })
+        .await?;
+    let empty = started.elapsed();
+    ensure!(
+        last == MailboxResponse::Mail {
+            items: Vec::new(),
+            more: false
+        },
+        "the mailbox is not empty after the fetch: {last:?}"
+    );
+    let wakeups = client.wakeups;
+
+    // Everything once, in order, as deposited; nothing left at the relay.
+    ensure!(
+        pass.items.len() == backlog,
+        "fetched {} envelopes, not {backlog}",
+        pass.items.len()
+    );
+    ensure!(
+        pass.items.windows(2).all(|w| w[0].0 < w[1].0),
+        "cursors out of order"
+    );
+    // The pipelined deposits may be stored in any order among themselves.
+    let mut got: Vec<&Vec<u8>> = pass.items.iter().map(|(_, e)| e).collect();
+    let mut want: Vec<&Vec<u8>> = sent.iter().collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    ensure!(
+        got == want,
+        "fetched envelopes differ from the deposited ones"
+    );
+    ensure!(
+        pass.deleted == backlog as u64,
+        "acks deleted {}, not {backlog}",
+        pass.deleted
+    );
+    let held = mailbox_count(store, mailbox).await?;
+    ensure!(held == 0, "the relay still holds {held} envelopes");
+    drop(client);
+    Ok(Measured {
+        pattern,
+        load,
+        deposit,
+        connect,
+        acked,
+        empty,
+        pages: pass.pages,
+        fetched: pass.items.len(),
+        deleted: pass.deleted,
+        wakeups,
+    })
+}
+
+async fn run(relay: PeerId, addr: Multiaddr, store: StoreHandle, backlog: usize) -> Result<()> {
+    let device = Identity::from_seed(b"weft-relay fetch bench device", weft_node::now_ms())?;
+    let mailbox = {
+        let mut client = Client::connect(device.libp2p_keypair()?, relay, &addr).await?;
+        let registration = Registration::new(&device, &relay, weft_node::now_ms(), None, None);
+        match client
+            .call(&MailboxRequest::Register(Box::new(registration)))
+            .await?
+        {
+            MailboxResponse::Registered { mailbox, .. } => mailbox,
+            other => bail!("registration refused: {other:?}"),
+        }
+        // The device goes away.
+    };
+    ensure!(mailbox == MailboxId::of(&device.device_id(), &relay));
+    let setup = Setup {
+        relay,
+        addr,
+        store,
+        device,
+        mailbox,
+        backlog,
+    };
+    let mut failed = false;
+    for (n, pattern) in [Pattern::LikeNode, Pattern::OneAtATime]
+        .into_iter()
+        .enumerate()
+    {
+        let m = measure(&setup, pattern, n as u64)
+            .await
+            .with_context(|| pattern.name())?;
+        let ok = m.acked < TARGET;
+        failed |= !ok;
+        println!("backlog fetch, {} (load {}):", m.pattern.name(), m.load);
+        println!(
+            "  setup: {backlog} envelopes of {ENVELOPE_BYTES} B deposited and acknowledged in {:.0} ms",
+            ms(m.deposit)
+        );
+        println!(
+            "  {} envelopes in {} pages, {} deleted by acks; dial -> connected {:.1} ms, \
+             -> all acknowledged {:.1} ms, -> confirmed empty {:.1} ms",
+            m.fetched,
+            m.pages,
+            m.deleted,
+            ms(m.connect),
+            ms(m.acked),
+            ms(m.empty)
+        );
+        if m.wakeups > 0 {
+            println!("  (the device got {} live wakeup(s) meanwhile)", m.wakeups);
+        }
+        println!(
+            "  target: {backlog} fetched and acknowledged in < {} ms (from the dial): {:.1} ms {}",
+            TARGET.as_millis(),
+            ms(m.acked),
+            verdict(ok)
+        );
+    }
+    if failed {
+        println!("backlog fetch: FAIL (see above)");
+    }
+    Ok(())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let backlog = std::env::var("FETCH_BENCH_ENVELOPES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benchmarking { 10_000 } else { 1_000 });
+    if !benchmarking {
+        println!("smoke test (no --bench): {backlog} envelopes, not a measurement");
+    }
+    println!(
+        "fetch bench: {} UTC, load {}, backlog {backlog}",
+        utc_now(),
+        loadavg()
+    );
+    let relay_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = Config {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        metrics: "off".into(),
+        ..Config::default()
+    };
+    let relay = relay_rt
+        .block_on(async { tokio::time::timeout(DEADLINE, Relay::start(&config, dir.path())).await })
+        .expect("the relay did not start within the deadline")
+        .expect("the relay did not start");
+    let addr = relay.listen()[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(relay.peer_id()));
+    let result = client_rt.block_on(run(relay.peer_id(), addr, relay.store().clone(), backlog));
+    let stopped =
+        relay_rt.block_on(async { tokio::time::timeout(DEADLINE, relay.shutdown()).await });
+    if let Err(e) = result {
+        println!("backlog fetch: FAIL, did not complete: {e:#}");
+        std::process::exit(1);
+    }
+    if stopped.is_err() {
+        println!("the relay did not stop within {} s", DEADLINE.as_secs());
+        std::process::exit(1);
+    }
+}
