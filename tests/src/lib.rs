@@ -1054,3 +1054,193 @@ pub mod relay {
         }
     }
 }
+
+/// Three network namespaces in a star, for NAT-like tests: a hub `R` and
+/// two spokes `A` and `B`, each joined to the hub by its own veth pair and
+/// subnet. The hub has one more address, [`Hub::service`] (a /32 on its
+/// loopback), which both spokes reach through their default route via the
+/// hub; the hub forwards nothing (`ip_forward=0`), so the spokes cannot
+/// reach each other. Needs root and iproute2.
+pub mod netns_hub {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use anyhow::{Context, bail};
+
+    use crate::netns::ip;
+
+    /// Namespaces made by this process so far (names stay unique).
+    static MADE: AtomicU32 = AtomicU32::new(0);
+
+    /// Index of the hub in [`Hub::names`].
+    pub const HUB: usize = 0;
+    /// Index of spoke A.
+    pub const A: usize = 1;
+    /// Index of spoke B.
+    pub const B: usize = 2;
+
+    /// The three namespaces, deleted (with their veths) on drop.
+    #[derive(Debug)]
+    pub struct Hub {
+        /// Namespace names: hub, A, B.
+        pub names: [String; 3],
+        /// The address of each namespace on its link: for the hub its
+        /// address towards A; for A and B their own (no prefix length).
+        pub addrs: [String; 3],
+        /// The hub's address towards B.
+        pub hub_b_addr: String,
+        /// The hub's address both spokes reach.
+        pub service: String,
+        veths: Vec<String>,
+    }
+
+    impl Hub {
+        /// Creates the namespaces, links, addresses and routes.
+        pub fn create() -> anyhow::Result<Self> {
+            let made = MADE.fetch_add(1, Ordering::Relaxed);
+            let tag = format!(
+                "{:x}",
+                (u64::from(std::process::id()) << 8) | u64::from(made & 0xff)
+            );
+            let names = [
+                format!("weft-r-{tag}"),
+                format!("weft-a-{tag}"),
+                format!("weft-b-{tag}"),
+            ];
+            // Hub end first, then spoke end, per pair.
+            let veths = vec![
+                format!("hra{tag}"),
+                format!("ha{tag}"),
+                format!("hrb{tag}"),
+                format!("hb{tag}"),
+            ];
+            let hub = Hub {
+                names: names.clone(),
+                addrs: [
+                    "10.214.1.1".into(),
+                    "10.214.1.2".into(),
+                    "10.214.2.2".into(),
+                ],
+                hub_b_addr: "10.214.2.1".into(),
+                service: "10.214.0.1".into(),
+                veths: veths.clone(),
+            };
+            for n in &names {
+                ip(&["netns", "add", n])?;
+                ip(&["-n", n, "link", "set", "lo", "up"])?;
+            }
+            let pairs = [
+                (A, &veths[0], &veths[1], &hub.addrs[HUB], &hub.addrs[A]),
+                (B, &veths[2], &veths[3], &hub.hub_b_addr, &hub.addrs[B]),
+            ];
+            for (spoke, hub_end, spoke_end, hub_addr, spoke_addr) in pairs {
+                ip(&[
+                    "link", "add", hub_end, "type", "veth", "peer", "name", spoke_end,
+                ])?;
+                ip(&["link", "set", hub_end, "netns", &names[HUB]])?;
+                ip(&["link", "set", spoke_end, "netns", &names[spoke]])?;
+                let (h, s) = (&names[HUB], &names[spoke]);
+                ip(&[
+                    "-n",
+                    h,
+                    "addr",
+                    "add",
+                    &format!("{hub_addr}/24"),
+                    "dev",
+                    hub_end,
+                ])?;
+                ip(&[
+                    "-n",
+                    s,
+                    "addr",
+                    "add",
+                    &format!("{spoke_addr}/24"),
+                    "dev",
+                    spoke_end,
+                ])?;
+                ip(&["-n", h, "link", "set", hub_end, "up"])?;
+                ip(&["-n", s, "link", "set", spoke_end, "up"])?;
+                ip(&["-n", s, "route", "add", "default", "via", hub_addr])?;
+            }
+            ip(&[
+                "-n",
+                &names[HUB],
+                "addr",
+                "add",
+                &format!("{}/32", hub.service),
+                "dev",
+                "lo",
+            ])?;
+            hub.sysctl(HUB, "net.ipv4.ip_forward", "0")?;
+            Ok(hub)
+        }
+
+        /// [`Hub::create`], or `None` after saying why `test` skips where
+        /// namespaces cannot be made; under CI (`CI` set) an error.
+        pub fn create_or_skip(test: &str, what: &str) -> anyhow::Result<Option<Self>> {
+            match Self::create() {
+                Ok(hub) => Ok(Some(hub)),
+                Err(e) if std::env::var_os("CI").is_none() => {
+                    eprintln!(
+                        "skipping {test}: cannot create network namespaces ({e:#}); it needs root and iproute2"
+                    );
+                    Ok(None)
+                }
+                Err(e) => Err(e.context(format!(
+                    "CI must run {what}: cannot create network namespaces"
+                ))),
+            }
+        }
+
+        /// Sets a sysctl inside namespace `ns` only.
+        pub fn sysctl(&self, ns: usize, key: &str, value: &str) -> anyhow::Result<()> {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.names[ns], "sh", "-c"])
+                .arg(r#"printf '%s\n' "$2" > "$1""#)
+                .args(["sh", &path, value])
+                .output()
+                .context("running ip netns exec sh")?;
+            if !out.status.success() {
+                bail!(
+                    "{}: setting {key} = {value}: {}",
+                    self.names[ns],
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        }
+
+        /// Whether a TCP connection from namespace `ns` to `addr:port`
+        /// succeeds within 3 seconds (bash's `/dev/tcp`).
+        pub fn tcp_reachable(&self, ns: usize, addr: &str, port: u16) -> anyhow::Result<bool> {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.names[ns],
+                    "timeout",
+                    "3",
+                    "bash",
+                    "-c",
+                ])
+                .arg(r#"exec 3<>"/dev/tcp/$1/$2""#)
+                .args(["bash", addr, &port.to_string()])
+                .output()
+                .context("running ip netns exec timeout bash")?;
+            Ok(out.status.success())
+        }
+    }
+
+    impl Drop for Hub {
+        fn drop(&mut self) {
+            for n in &self.names {
+                let _ = ip(&["netns", "del", n]);
+            }
+            // Only there if creation failed before moving them.
+            for v in &self.veths {
+                let _ = Command::new("ip").args(["link", "del", v]).output();
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The network task: owns the libp2p swarm (TCP/QUIC or an in-memory
-//! transport, noise, yamux, identify, ping, gossipsub, Kademlia and the
-//! direct request-response protocol) and LAN discovery through mdns-sd.
+//! transport, noise, yamux, identify, ping, gossipsub, Kademlia, the
+//! direct request-response protocol, the circuit relay v2 client and
+//! DCUtR) and LAN discovery through mdns-sd.
 //!
 //! It knows nothing of conversations or crypto: the node task tells it
 //! what to publish, send and dial through a [`NetHandle`], and it reports
@@ -9,9 +10,18 @@
 //! reports accept, ignore or reject. Known peers (bootstrap, discovered,
 //! asked for) are redialed while disconnected, with jittered exponential
 //! backoff.
+//!
+//! Circuit relays: the relay client transport is composed with the
+//! node's own, so circuit addresses
+//! (`<relay addr>/p2p/<relay>/p2p-circuit/p2p/<peer>`) can be dialed like
+//! any other; and the node listens through every configured relay once it
+//! is connected to it (see `relay_client`), so that it is reachable there
+//! whether or not it is directly. Over a relayed connection DCUtR tries to
+//! punch a hole to a direct one; the relayed connection stays either way.
 
 mod codec;
 mod mdns;
+mod relay_client;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +33,9 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, kad, noise, ping, relay, tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot};
 
 pub use codec::{DIRECT_PROTOCOL, DirectCodec, MAX_DIRECT_REQUEST, MAX_DIRECT_RESPONSE};
@@ -74,7 +86,9 @@ pub struct NetConfig {
     /// Peers to dial at start and keep dialing (multiaddrs with /p2p/).
     pub bootstrap: Vec<Multiaddr>,
     /// Relays (multiaddrs with /p2p/): kept connected like bootstrap peers;
-    /// the node keeps a mailbox at each.
+    /// the node keeps a mailbox at each and, once connected, listens
+    /// through each (circuit relay v2), so that it is reachable at
+    /// `<relay addr>/p2p-circuit/p2p/<node>`.
     pub relays: Vec<Multiaddr>,
     /// Advertise and browse `_weft._udp.local.` with mdns-sd.
     pub mdns: bool,
@@ -151,6 +165,9 @@ pub struct ConnectedPeer {
 
 #[derive(Clone, Debug, Default)]
 pub struct NetStatus {
+    /// Where the node listens, without its own `/p2p/` suffix: direct
+    /// addresses first, then circuit addresses through relays
+    /// (`<relay addr>/p2p/<relay>/p2p-circuit`).
     pub listen: Vec<Multiaddr>,
     pub peers: Vec<ConnectedPeer>,
 }
@@ -279,6 +296,8 @@ struct Behaviour {
     ping: ping::Behaviour,
     direct: request_response::Behaviour<DirectCodec>,
     mailbox: request_response::Behaviour<DirectCodec>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
@@ -300,6 +319,7 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
 
 fn build_behaviour(
     key: &libp2p::identity::Keypair,
+    relay_client: relay::client::Behaviour,
     config: &NetConfig,
 ) -> Result<Behaviour, NetError> {
     let peer_id = key.public().to_peer_id();
@@ -360,6 +380,8 @@ fn build_behaviour(
         ),
         direct,
         mailbox,
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
     })
 }
 
@@ -408,7 +430,9 @@ fn build_swarm(
             )
             .map_err(|e| err(&e))?
             .with_quic()
-            .with_behaviour(|key| build_behaviour(key, config).map_err(boxed))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| err(&e))?
+            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
             .map_err(|e| err(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
             .build()),
@@ -425,7 +449,9 @@ fn build_swarm(
                 )
             })
             .map_err(|e| err(&e))?
-            .with_behaviour(|key| build_behaviour(key, config).map_err(boxed))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| err(&e))?
+            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
             .map_err(|e| err(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
             .build()),
@@ -460,8 +486,11 @@ pub fn spawn(
         tx: cmd_tx.clone(),
         peer_id,
     };
+    let relay_listeners =
+        relay_client::RelayListeners::new(&config.relays, tokio::time::Instant::now());
     let task = NetworkTask {
         swarm,
+        relay_listeners,
         commands: cmd_rx,
         events: event_tx,
         self_commands: cmd_tx,
@@ -510,6 +539,8 @@ struct NetworkTask {
     kad_ready: bool,
     /// Peers being looked up in the DHT (bounded).
     dht_lookups: HashMap<kad::QueryId, PeerId>,
+    /// The circuit listeners at the configured relays.
+    relay_listeners: relay_client::RelayListeners,
 }
 
 /// A peer the task keeps redialing while it is disconnected.
@@ -591,6 +622,7 @@ impl NetworkTask {
                 _ = redial.tick() => {
                     self.unban_expired();
                     self.redial();
+                    self.listen_via_relays();
                 }
             }
         }
@@ -602,6 +634,31 @@ impl NetworkTask {
         }
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
+        }
+        for id in self.relay_listeners.listeners() {
+            self.swarm.remove_listener(id);
+        }
+    }
+
+    /// Listens through each configured relay that is connected and has no
+    /// circuit listener yet (its reservation there).
+    fn listen_via_relays(&mut self) {
+        let now = tokio::time::Instant::now();
+        let swarm = &self.swarm;
+        let due = self.relay_listeners.due(now, |p| swarm.is_connected(p));
+        let (base, max) = (self.config.redial_base, self.config.redial_max);
+        for (relay, circuit) in due {
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::debug!(%relay, "listening through relay at {circuit}");
+                    self.relay_listeners.opened(&relay, id);
+                }
+                Err(e) => {
+                    tracing::warn!(%relay, "cannot listen through relay at {circuit}: {e}");
+                    self.relay_listeners
+                        .failed(&relay, now, |n| redial_delay(base, max, n, jitter()));
+                }
+            }
         }
     }
 
@@ -807,8 +864,9 @@ impl NetworkTask {
                 self.dial(peer, source);
             }
             NetCommand::Status(reply) => {
+                let me = *self.swarm.local_peer_id();
                 let status = NetStatus {
-                    listen: self.swarm.listeners().cloned().collect(),
+                    listen: relay_client::normalize_listen(self.swarm.listeners().cloned(), &me),
                     peers: self.peers.values().cloned().collect(),
                 };
                 let _ = reply.send(status);
@@ -823,11 +881,37 @@ impl NetworkTask {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!("listening on {address}");
-                if self.config.mdns && self.mdns.is_none() {
+                let circuit = relay_client::is_circuit(&address);
+                if self.config.mdns && self.mdns.is_none() && !circuit {
                     self.start_mdns(&address);
                 }
                 self.reset_backoff();
-                self.emit(NetEvent::Listening { addr: address }).await?;
+                let me = *self.swarm.local_peer_id();
+                let addr = relay_client::normalize_listen([address], &me)
+                    .pop()
+                    .unwrap_or_else(Multiaddr::empty);
+                self.emit(NetEvent::Listening { addr }).await?;
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let now = tokio::time::Instant::now();
+                let (base, max) = (self.config.redial_base, self.config.redial_max);
+                if let Some(relay) =
+                    self.relay_listeners
+                        .closed(listener_id, reason.is_err(), now, |n| {
+                            redial_delay(base, max, n, jitter())
+                        })
+                {
+                    match reason {
+                        Ok(()) => tracing::info!(%relay, "no longer listening through relay"),
+                        Err(e) => tracing::warn!(%relay, "listening through relay failed: {e}"),
+                    }
+                    // Connected still: listen again as soon as allowed.
+                    self.listen_via_relays();
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -862,6 +946,9 @@ impl NetworkTask {
                 });
                 if !entry.addrs.contains(&addr) && entry.addrs.len() < 8 {
                     entry.addrs.push(addr.clone());
+                }
+                if self.relay_listeners.is_relay(&peer_id) && !endpoint.is_relayed() {
+                    self.listen_via_relays();
                 }
                 if num_established.get() == 1 {
                     self.emit(NetEvent::Connected {
@@ -962,11 +1049,13 @@ impl NetworkTask {
                     }
                 }
             }
+            // A peer that does not speak ping (a bare relay, say) is not
+            // a dead connection.
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
                 result: Err(error),
-            }) => {
+            }) if !matches!(error, ping::Failure::Unsupported) => {
                 tracing::debug!(%peer, "ping failed, closing the connection: {error}");
                 self.swarm.close_connection(connection);
             }
@@ -1044,6 +1133,33 @@ impl NetworkTask {
                     let _ = reply.send(Err(NetError::Direct(error.to_string())));
                 }
             }
+            BehaviourEvent::RelayClient(event) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                } => {
+                    if !renewal {
+                        tracing::info!(relay = %relay_peer_id, "reservation accepted: reachable through the relay");
+                    }
+                    self.relay_listeners.reserved(&relay_peer_id);
+                }
+                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                    tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
+                }
+                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                    tracing::debug!(peer = %src_peer_id, "inbound circuit established");
+                }
+            },
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: direct connection"),
+                Err(e) => {
+                    tracing::debug!(peer = %remote_peer_id, "hole punching failed: {e}")
+                }
+            },
             _ => {}
         }
         Ok(())
@@ -1152,6 +1268,162 @@ mod tests {
         // Same identity, same address: b redials it on its own.
         let (_a, _a_events, _) = spawn(a_key, a_config).unwrap();
         wait_for(&mut b_events, a_peer, true, deadline).await;
+    }
+
+    /// A bare circuit relay v2 server on the memory transport (no ping, no
+    /// identify), running until the returned sender is used or dropped.
+    fn relay_server(key: libp2p::identity::Keypair, port: u64) -> (Multiaddr, oneshot::Sender<()>) {
+        use libp2p::core::transport::Transport as _;
+        use libp2p::core::upgrade::Version;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                libp2p::core::transport::MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key).unwrap())
+                    .multiplex(yamux::Config::default())
+            })
+            .unwrap()
+            .with_behaviour(|key| {
+                relay::Behaviour::new(key.public().to_peer_id(), Default::default())
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let addr = Multiaddr::empty().with(Protocol::Memory(port));
+        let listener = swarm.listen_on(addr.clone()).unwrap();
+        // What reservations hand out.
+        swarm.add_external_address(addr.clone());
+        let peer = *swarm.local_peer_id();
+        let (stop, mut stopped) = oneshot::channel();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = swarm.select_next_some() => {}
+                }
+            }
+            // Frees the memory port (dropping the swarm would not).
+            swarm.remove_listener(listener);
+        });
+        (addr.with(Protocol::P2p(peer)), stop)
+    }
+
+    /// The next `Listening` address of `events`, failing at `deadline`.
+    async fn next_listening(
+        events: &mut mpsc::Receiver<NetEvent>,
+        deadline: tokio::time::Instant,
+    ) -> Multiaddr {
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("timed out")
+                .expect("network task stopped");
+            if let NetEvent::Listening { addr } = ev {
+                return addr;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_listens_through_its_relay_again_after_the_relay_restarts() {
+        let port = 1_300_000 + u64::from(std::process::id() % 1000) * 10;
+        let relay_key = libp2p::identity::Keypair::generate_ed25519();
+        let relay_peer = relay_key.public().to_peer_id();
+        let (relay_addr, relay) = relay_server(relay_key.clone(), port);
+        let mut config = NetConfig::memory(port + 1);
+        config.relays = vec![relay_addr.clone()];
+        config.redial_base = Duration::from_millis(100);
+        let (a, mut events, _) =
+            spawn(libp2p::identity::Keypair::generate_ed25519(), config).unwrap();
+        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while next_listening(&mut events, deadline).await != circuit {}
+        drop(relay);
+        wait_for(&mut events, relay_peer, false, deadline).await;
+        // The circuit listener is gone with the connection.
+        loop {
+            let listen = a.status().await.unwrap().listen;
+            if !listen.contains(&circuit) {
+                assert_eq!(listen.len(), 1, "{listen:?}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still {listen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Back (same key, same address): redialed, and listened through.
+        let (_, _relay) = relay_server(relay_key, port);
+        while next_listening(&mut events, deadline).await != circuit {}
+        let listen = a.status().await.unwrap().listen;
+        assert_eq!(listen.len(), 2, "{listen:?}");
+        assert_eq!(listen[1], circuit, "direct addresses first");
+    }
+
+    #[tokio::test]
+    async fn a_node_listens_through_its_relay_and_is_reached_there() {
+        let port = 1_200_000 + u64::from(std::process::id() % 1000) * 10;
+        let (relay_addr, _relay) =
+            relay_server(libp2p::identity::Keypair::generate_ed25519(), port);
+        let a_key = libp2p::identity::Keypair::generate_ed25519();
+        let a_peer = a_key.public().to_peer_id();
+        // Listening nowhere but through the relay: only a circuit reaches it.
+        let mut a_config = NetConfig::memory(port + 1);
+        a_config.listen.clear();
+        a_config.relays = vec![relay_addr.clone()];
+        let (a, mut a_events, _) = spawn(a_key, a_config).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let listening = next_listening(&mut a_events, deadline).await;
+        assert_eq!(listening, relay_addr.clone().with(Protocol::P2pCircuit));
+        let status = a.status().await.unwrap();
+        assert_eq!(status.listen, vec![listening]);
+
+        let (b, mut b_events, _) = spawn(
+            libp2p::identity::Keypair::generate_ed25519(),
+            NetConfig::memory(port + 2),
+        )
+        .unwrap();
+        let circuit = relay_addr
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(a_peer));
+        b.send(NetCommand::Dial {
+            peer: a_peer,
+            addrs: vec![circuit.clone()],
+            source: PeerSource::Manual,
+        })
+        .await
+        .unwrap();
+        loop {
+            let ev = tokio::time::timeout_at(deadline, b_events.recv())
+                .await
+                .expect("timed out")
+                .unwrap();
+            if let NetEvent::Connected { peer, addr } = ev
+                && peer == a_peer
+            {
+                assert_eq!(addr, circuit);
+                break;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        b.send(NetCommand::Direct {
+            peer: a_peer,
+            data: b"through the relay".to_vec(),
+            reply: tx,
+        })
+        .await
+        .unwrap();
+        loop {
+            let ev = tokio::time::timeout_at(deadline, a_events.recv())
+                .await
+                .expect("timed out")
+                .unwrap();
+            if let NetEvent::Direct { data, reply, .. } = ev {
+                assert_eq!(data, b"through the relay");
+                reply.send(b"ok".to_vec()).unwrap();
+                break;
+            }
+        }
+        assert_eq!(rx.await.unwrap().unwrap(), b"ok");
     }
 
     #[tokio::test]

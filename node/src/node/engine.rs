@@ -1160,7 +1160,13 @@ impl State<'_, '_, '_> {
             })
             .map(|a| a.with(Protocol::P2p(peer)).to_string())
             .chain(self.relay_addrs())
-            .collect();
+            .fold(Vec::new(), |mut seen: Vec<String>, a| {
+                // A relay may announce the circuit address we also build.
+                if !seen.contains(&a) {
+                    seen.push(a);
+                }
+                seen
+            });
         let invite = self
             .e
             .identity
