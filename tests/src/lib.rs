@@ -177,6 +177,30 @@ fn wait_for(
 }
 
 /// Sends the lines of a pipe to a channel, on a thread.
+/// Waits for a started `weft` command (killed after [`COMMAND_TIMEOUT`])
+/// and collects what it printed.
+fn finish(mut child: Child, who: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{who}: weft {args:?} hung for {COMMAND_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 fn lines_of<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -256,25 +280,7 @@ impl Weft {
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(text.as_bytes())?;
         }
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("{}: weft {args:?} hung for {COMMAND_TIMEOUT:?}", self.name);
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        Ok(Output {
-            code: status.code(),
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-        })
+        finish(child, &self.name, args)
     }
 
     /// Starts a long-running command (`watch`), streaming its output.
@@ -534,7 +540,7 @@ pub struct Cli {
 impl Cli {
     /// Runs `weft --home HOME ARGS...` to completion (killed after 60 s).
     pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut child = Command::new(&self.bin)
+        let child = Command::new(&self.bin)
             .arg("--home")
             .arg(&self.home)
             .args(args)
@@ -544,25 +550,7 @@ impl Cli {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running weft {args:?}"))?;
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("{}: weft {args:?} hung for {COMMAND_TIMEOUT:?}", self.name);
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        Ok(Output {
-            code: status.code(),
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-        })
+        finish(child, &self.name, args)
     }
 }
 
