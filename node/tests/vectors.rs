@@ -13,6 +13,7 @@ use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
+use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
 use weft_node::payload::{Payload, Receipt, ReceiptKind, TextMessage};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -83,8 +84,16 @@ fn sync_request() -> DirectRequest {
     })
 }
 
+fn deposit_request() -> MailboxRequest {
+    MailboxRequest::Deposit {
+        mailbox: MailboxId([0xcc; 16]),
+        envelopes: vec![vec![1, 2, 3]],
+    }
+}
+
 fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
+        ("mailbox-deposit-v1", deposit_request().encode()),
         ("payload-text-v1", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
         (
@@ -110,6 +119,10 @@ fn payload_and_direct_vectors_match_and_decode() {
     assert_eq!(
         Payload::decode(&documented("payload-receipt-v1")),
         Some(receipt_payload())
+    );
+    assert_eq!(
+        MailboxRequest::decode(&documented("mailbox-deposit-v1")),
+        Some(deposit_request())
     );
     let decoded: DirectRequest = postcard::from_bytes(&documented("direct-sync-v1")).unwrap();
     assert_eq!(
