@@ -18,6 +18,10 @@
 //!
 //! [receipts]
 //! read_receipts_max_group = 256  # larger groups send no read receipts
+//!
+//! [relays]
+//! target = 2                   # relays to use; more are looked for in the
+//!                              # DHT while fewer are configured (0: never)
 //! ```
 
 use std::path::Path;
@@ -42,6 +46,34 @@ struct FileConfig {
     outbox: OutboxSection,
     sync: SyncSection,
     receipts: ReceiptsSection,
+    relays: RelaysSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RelaysSection {
+    target: Option<usize>,
+}
+
+/// Most relays a device may aim for (each holds a reservation and a
+/// mailbox).
+const MAX_RELAY_TARGET: usize = 8;
+
+/// What `config.toml` sets.
+#[derive(Clone, Debug)]
+pub struct FileSettings {
+    pub node: Settings,
+    /// Relays to use in all (see `NetConfig::relay_target`).
+    pub relay_target: usize,
+}
+
+impl Default for FileSettings {
+    fn default() -> Self {
+        Self {
+            node: Settings::default(),
+            relay_target: weft_node::NetConfig::new(Vec::new()).relay_target,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,12 +105,12 @@ struct ReceiptsSection {
 
 /// The settings of the node in `home`: `home/config.toml` applied over the
 /// defaults, or the defaults if there is no such file.
-pub fn load(home: &Path) -> anyhow::Result<Settings> {
+pub fn load(home: &Path) -> anyhow::Result<FileSettings> {
     let path = home.join(FILE_NAME);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Settings::default());
+            return Ok(FileSettings::default());
         }
         Err(err) => {
             return Err(err).with_context(|| format!("could not read {}", path.display()));
@@ -88,7 +120,7 @@ pub fn load(home: &Path) -> anyhow::Result<Settings> {
 }
 
 /// The settings a `config.toml` text describes.
-pub fn parse(text: &str) -> anyhow::Result<Settings> {
+pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
     let file: FileConfig = toml::from_str(text).map_err(|err| anyhow!(describe(&err, text)))?;
     let mut s = Settings::default();
     let secs = |key: &str, value: Option<u64>, default: Duration| -> anyhow::Result<Duration> {
@@ -144,7 +176,17 @@ pub fn parse(text: &str) -> anyhow::Result<Settings> {
     if let Some(max) = file.receipts.read_receipts_max_group {
         s.read_receipts_max_group = max;
     }
-    Ok(s)
+    let mut out = FileSettings {
+        node: s,
+        ..FileSettings::default()
+    };
+    if let Some(target) = file.relays.target {
+        if target > MAX_RELAY_TARGET {
+            bail!("relays.target = {target}: must be at most {MAX_RELAY_TARGET}");
+        }
+        out.relay_target = target;
+    }
+    Ok(out)
 }
 
 /// A TOML or schema error as one message: what is wrong, and where (line
@@ -202,7 +244,7 @@ mod tests {
 
     #[test]
     fn empty_file_is_the_defaults() -> anyhow::Result<()> {
-        let s = parse("")?;
+        let s = parse("")?.node;
         let d = Settings::default();
         assert_eq!(s.heartbeat, d.heartbeat);
         assert_eq!(s.read_receipts_max_group, d.read_receipts_max_group);
@@ -214,8 +256,11 @@ mod tests {
         let s = parse(
             "# timings\n[presence]\nheartbeat_secs = 10\ntyping_secs = 3\n\n[outbox]\n\
              expiry_days = 7\nretry_base_secs = 1\nretry_max_secs = 120\n\n[sync]\n\
-             interval_secs = 15\n\n[receipts]\nread_receipts_max_group = 50\n",
+             interval_secs = 15\n\n[receipts]\nread_receipts_max_group = 50\n\n\
+             [relays]\ntarget = 3\n",
         )?;
+        assert_eq!(s.relay_target, 3);
+        let s = s.node;
         assert_eq!(s.heartbeat, Duration::from_secs(10));
         assert_eq!(s.typing_ttl, Duration::from_secs(3));
         assert_eq!(s.outbox_expiry, Duration::from_secs(7 * 24 * 3600));
@@ -228,7 +273,7 @@ mod tests {
 
     #[test]
     fn partial_file_keeps_other_defaults() -> anyhow::Result<()> {
-        let s = parse("[sync]\ninterval_secs = 5\n")?;
+        let s = parse("[sync]\ninterval_secs = 5\n")?.node;
         assert_eq!(s.sync_interval, Duration::from_secs(5));
         assert_eq!(s.heartbeat, Settings::default().heartbeat);
         Ok(())
@@ -236,7 +281,7 @@ mod tests {
 
     fn error(text: &str) -> String {
         match parse(text) {
-            Ok(s) => panic!("accepted {text:?}: {s:?}"),
+            Ok(s) => panic!("accepted {text:?}: {:?}", s.node),
             Err(err) => format!("{err:#}"),
         }
     }
@@ -260,6 +305,8 @@ mod tests {
         assert!(err.contains("presence.heartbeat_secs"), "{err}");
         let err = error("[outbox]\nretry_base_secs = 900\n");
         assert!(err.contains("retry_base_secs"), "{err}");
+        let err = error("[relays]\ntarget = 9\n");
+        assert!(err.contains("relays.target"), "{err}");
         let err = error("[sync\ninterval_secs = 1\n");
         assert!(err.contains("line 1"), "{err}");
     }
@@ -268,7 +315,7 @@ mod tests {
     fn missing_file_is_the_defaults() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let s = load(dir.path())?;
-        assert_eq!(s.sync_interval, Settings::default().sync_interval);
+        assert_eq!(s.node.sync_interval, Settings::default().sync_interval);
         std::fs::write(dir.path().join(FILE_NAME), "[sync]\nbogus = 1\n")?;
         let err = format!(
             "{:#}",

@@ -39,7 +39,8 @@ pub fn parse_addrs(flag: &str, values: &[String]) -> anyhow::Result<Vec<Multiadd
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()> {
     client::require_initialized(home)?;
-    let settings = config::load(home.dir())?;
+    let file = config::load(home.dir())?;
+    let (settings, relay_target) = (file.node, file.relay_target);
     let listen = if args.listen.is_empty() {
         DEFAULT_LISTEN.iter().map(|a| a.to_string()).collect()
     } else {
@@ -61,6 +62,7 @@ pub async fn run(home: &Home, args: DaemonArgs, json: bool) -> anyhow::Result<()
         let mut net = NetConfig::new(listen.clone());
         net.bootstrap = bootstrap.clone();
         net.relays = relays.clone();
+        net.relay_target = relay_target;
         net.mdns = mdns;
         net
     };

@@ -456,7 +456,7 @@ pub fn relays(value: &Value) -> String {
         return pretty(value);
     };
     if list.is_empty() {
-        return "No relays: start the daemon with --relay MULTIADDR.".to_string();
+        return "No relays: start the daemon with --relay MULTIADDR, or --bootstrap a peer of a network with relays.".to_string();
     }
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -468,11 +468,15 @@ pub fn relays(value: &Value) -> String {
                     .as_deref()
                     .map_or("not registered".to_string(), short),
                 r.fetched.to_string(),
+                r.found.clone(),
                 r.addr.clone(),
             ]
         })
         .collect();
-    table(&["RELAY", "STATE", "MAILBOX", "FETCHED", "ADDRESS"], &rows)
+    table(
+        &["RELAY", "STATE", "MAILBOX", "FETCHED", "FROM", "ADDRESS"],
+        &rows,
+    )
 }
 
 pub fn privacy(value: &Value, changed: bool) -> String {

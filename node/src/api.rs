@@ -242,6 +242,8 @@ pub struct PresenceView {
 pub struct RelayView {
     pub peer_id: String,
     pub addr: String,
+    /// How the device came to use it: `config` (`--relay`) or `dht`.
+    pub found: String,
     pub connected: bool,
     /// This device's mailbox id there, once registered.
     pub mailbox: Option<String>,

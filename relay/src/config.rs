@@ -170,6 +170,24 @@ impl Default for AutonatConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct DhtConfig {
+    /// Announce this relay in the DHT, so that nodes find it.
+    pub advertise: bool,
+    /// Peers (other relays, with `/p2p/`) to join the DHT through.
+    pub bootstrap: Vec<String>,
+}
+
+impl Default for DhtConfig {
+    fn default() -> Self {
+        Self {
+            advertise: true,
+            bootstrap: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WakeupConfig {
     /// POST to UnifiedPush endpoints (live wakeups are always on).
     pub http: bool,
@@ -210,6 +228,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub circuit_relay: CircuitRelayConfig,
     pub autonat: AutonatConfig,
+    pub dht: DhtConfig,
     pub wakeup: WakeupConfig,
 }
 
@@ -235,6 +254,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             circuit_relay: CircuitRelayConfig::default(),
             autonat: AutonatConfig::default(),
+            dht: DhtConfig::default(),
             wakeup: WakeupConfig::default(),
         }
     }
@@ -337,6 +357,17 @@ enabled = true
 # Only dial back peers observed at global IP addresses.
 only_global_ips = true
 
+[dht]
+# Kademlia (/weft/kad/1.0.0) runs in server mode: the relay is a bootstrap
+# node. With advertise, it also announces itself as a relay in the DHT, so
+# that nodes find it without being told its address. (env
+# WEFT_RELAY_ADVERTISE = true or false)
+advertise = true
+# Other relays to join the DHT through (multiaddrs ending with /p2p/),
+# so that a community's relays know each other. (env WEFT_RELAY_BOOTSTRAP,
+# comma-separated)
+bootstrap = []
+
 [wakeup]
 # POST a content-free wakeup to a device's UnifiedPush endpoint when mail
 # arrives while it is not connected. (A connected device is told over its
@@ -414,6 +445,16 @@ impl Config {
         if let Some(v) = env("WEFT_RELAY_EXTERNAL") {
             self.external_addresses = split_list(&v);
         }
+        if let Some(v) = env("WEFT_RELAY_BOOTSTRAP") {
+            self.dht.bootstrap = split_list(&v);
+        }
+        if let Some(v) = env("WEFT_RELAY_ADVERTISE") {
+            self.dht.advertise = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(invalid("WEFT_RELAY_ADVERTISE", "true or false")),
+            };
+        }
         if let Some(v) = env("WEFT_RELAY_DATA") {
             self.data = Some(PathBuf::from(v));
         }
@@ -462,6 +503,7 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         self.listen_addrs()?;
         self.external_addrs()?;
+        self.bootstrap_addrs()?;
         self.metrics_addr()?;
         self.access()?;
         if self.listen.is_empty() {
@@ -507,6 +549,20 @@ impl Config {
 
     pub fn external_addrs(&self) -> Result<Vec<Multiaddr>, ConfigError> {
         parse_addrs("external_addresses", &self.external_addresses)
+    }
+
+    /// The DHT bootstrap peers, each with its peer id.
+    pub fn bootstrap_addrs(&self) -> Result<Vec<(libp2p::PeerId, Multiaddr)>, ConfigError> {
+        parse_addrs("dht.bootstrap", &self.dht.bootstrap)?
+            .into_iter()
+            .map(|addr| match addr.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, addr)),
+                _ => Err(invalid(
+                    "dht.bootstrap",
+                    format!("{addr} does not end with /p2p/<peer id>"),
+                )),
+            })
+            .collect()
     }
 
     /// The metrics address, or `None` when off.

@@ -2,7 +2,9 @@
 //! transport in tests) with noise and yamux; identify (`/weft/1.0.0`),
 //! ping, Kademlia (`/weft/kad/1.0.0`, server mode: the relay doubles as a
 //! bootstrap node), circuit relay v2, AutoNAT (v1 and v2 servers), the
-//! mailbox protocol (`/weft/mailbox/1`) and connection limits.
+//! mailbox protocol (`/weft/mailbox/1`) and connection limits. It
+//! announces itself in the DHT as a provider of the relay key, so that
+//! nodes find relays without being given one.
 //!
 //! The task owns the swarm and the [`Service`]: it hands each mailbox
 //! request to the service, polls the futures it returns and sends each
@@ -29,7 +31,7 @@ use libp2p::{
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use weft_node::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
-use weft_node::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use weft_node::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVIDER_KEY};
 
 use crate::config::Config;
 use crate::limiter::TokenBucket;
@@ -283,6 +285,16 @@ pub async fn start(
     for addr in &external {
         swarm.add_external_address(addr.clone());
     }
+    let bootstrap = config
+        .bootstrap_addrs()
+        .map_err(|e| NetError::Transport(e.to_string()))?;
+    for (peer, addr) in &bootstrap {
+        swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+    }
+    if !bootstrap.is_empty() {
+        // Errors only without peers, and there are some.
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
     let libp2p_metrics = Metrics::new(registry);
     let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -302,6 +314,7 @@ pub async fn start(
         ready: Some(ready_tx),
         announce_listen: external.is_empty(),
         announce_local: listen.iter().all(is_local),
+        advertise: config.dht.advertise,
         live: Coalescer::new(Duration::from_millis(w.live_min_interval_ms)),
         http: Coalescer::new(Duration::from_secs(w.min_interval_secs)),
         http_bucket: TokenBucket::new(f64::from(w.max_per_sec), w.max_per_sec, now),
@@ -348,6 +361,8 @@ struct NetTask {
     announce_listen: bool,
     /// Listening on loopback or memory only: announce those too.
     announce_local: bool,
+    /// Announce this relay in the DHT (once listening).
+    advertise: bool,
     live: Coalescer,
     http: Coalescer,
     http_bucket: TokenBucket,
@@ -476,6 +491,17 @@ impl NetTask {
         }
     }
 
+    /// Provides [`RELAY_PROVIDER_KEY`] in the DHT: the record lives here
+    /// (answering lookups that reach this relay) and at the peers closest
+    /// to the key; Kademlia republishes it periodically.
+    fn advertise(&mut self) {
+        let key = kad::RecordKey::new(&RELAY_PROVIDER_KEY);
+        match self.swarm.behaviour_mut().kad.start_providing(key) {
+            Ok(_) => tracing::info!("announcing this relay in the DHT"),
+            Err(e) => tracing::warn!("cannot announce this relay in the DHT: {e}"),
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.libp2p_metrics.record(&event);
         match event {
@@ -491,6 +517,9 @@ impl NetTask {
                 if self.awaiting.is_empty()
                     && let Some(ready) = self.ready.take()
                 {
+                    if self.advertise {
+                        self.advertise();
+                    }
                     let _ = ready.send(Ok(self.swarm.listeners().cloned().collect()));
                 }
             }

@@ -4,7 +4,10 @@
 //! that only let them out to the relay). Each daemon is given the relay
 //! (`--relay`), reserves a slot there and listens on a relayed address;
 //! their invites carry circuit addresses through the relay; they connect
-//! through it and exchange messages both ways.
+//! through it and exchange messages both ways. The relay's circuits are
+//! cut short (32 KiB, where the default is 128 KiB or 2 minutes): a burst
+//! larger than that ends the circuit, and the nodes carry on through a
+//! new one, losing nothing.
 //!
 //! Needs root, `ip` (iproute2), bash and timeout. Where namespaces cannot
 //! be created the test says so and skips, except under CI (`CI` set),
@@ -23,6 +26,8 @@ use weft_e2e::{DEADLINE, Weft, wait_until};
 
 /// How long each step may take.
 const STEP: Duration = Duration::from_secs(60);
+/// Bytes a circuit through the relay may carry before the relay ends it.
+const CIRCUIT_BYTES: usize = 32 * 1024;
 
 /// `weft-relay` running in the hub namespace, killed on drop.
 struct NsRelay {
@@ -41,6 +46,11 @@ impl NsRelay {
             .prefix("weft-nat-relay-")
             .tempdir()?;
         let data = dir.path().join("data");
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            format!("[circuit_relay]\nmax_circuit_bytes = {CIRCUIT_BYTES}\n"),
+        )?;
         let log = dir.path().join("relay.log");
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
@@ -48,6 +58,8 @@ impl NsRelay {
             .args(["--json", "--listen", listen, "--metrics", "127.0.0.1:0"])
             .arg("--data")
             .arg(&data)
+            .arg("--config")
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log)?))
@@ -351,6 +363,38 @@ fn run(hub: &Hub, relay: &NsRelay, alice: &mut Weft, bob: &mut Weft) -> anyhow::
     eprintln!(
         "both messages arrived {:.1} s after the first was sent ({:.1} s after start)",
         sent_at.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // A burst well over the circuit's byte limit: the relay ends the
+    // circuit midway; the nodes connect again through a new one (or the
+    // relay's mailbox holds what was in flight), and all of it arrives.
+    let watch = bob.spawn(&["watch", "--json"])?;
+    let filler = "x".repeat(1000);
+    let burst = 48;
+    for i in 0..burst {
+        alice.ok(&["send", "bob", &format!("burst-{i} {filler}")])?;
+    }
+    let gone = format!("\"peer_id\":\"{alice_peer}\"");
+    watch.wait_for_line("the circuit to end", |l| {
+        l.contains(&gone) && l.contains("\"connected\":false")
+    })?;
+    let texts = wait_until("bob to get the whole burst", STEP, || {
+        let texts: Vec<String> = bob
+            .messages("alice")?
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .filter(|t| t.starts_with("burst-"))
+            .map(|t| t.split(' ').next().unwrap_or_default().to_string())
+            .collect();
+        Ok((texts.len() >= burst).then_some(texts))
+    })?;
+    let expected: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
+    assert_eq!(texts, expected, "the burst, once each, in order");
+    bob.ok(&["send", "alice", "after the circuit ended"])?;
+    wait_for_text(alice, "bob", "after the circuit ended")?;
+    eprintln!(
+        "the burst crossed an ended circuit; all done {:.1} s after start",
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -99,3 +99,104 @@ fn offline_delivery_through_a_relay() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The relays `node` uses, once there are `n` with a mailbox registered.
+fn registered_relays(node: &Weft, n: usize) -> anyhow::Result<Vec<Value>> {
+    wait_until(&format!("{n} relays with a mailbox"), DEADLINE, || {
+        let list = node.json(&["relay", "list"])?;
+        let list = list.as_array().cloned().unwrap_or_default();
+        let registered = list.iter().filter(|r| r["mailbox"].is_string()).count();
+        Ok((list.len() == n && registered == n).then_some(list))
+    })
+}
+
+#[test]
+fn a_relay_found_in_the_dht_and_a_configured_one_both_hold_mail_nothing_doubles()
+-> anyhow::Result<()> {
+    // `found` is only a bootstrap peer here: the nodes learn that it is a
+    // relay from the DHT, where it announces itself.
+    let found = Relay::start()?;
+    let configured = Relay::start()?;
+    let mut alice = Weft::new("alice")?;
+    let mut bob = Weft::new("bob")?;
+    alice.init()?;
+    bob.init()?;
+    let args = [
+        "--relay",
+        configured.addr.as_str(),
+        "--bootstrap",
+        found.addr.as_str(),
+    ];
+    alice.start_daemon(&args)?;
+    bob.start_daemon(&args)?;
+    for node in [&alice, &bob] {
+        let relays = registered_relays(node, 2)?;
+        let from = |peer: &str| {
+            relays
+                .iter()
+                .find(|r| r["peer_id"] == peer)
+                .map(|r| r["found"].clone())
+        };
+        assert_eq!(from(&found.peer_id), Some(Value::from("dht")), "{relays:?}");
+        assert_eq!(from(&configured.peer_id), Some(Value::from("config")));
+    }
+    alice.add_contact(&bob)?;
+    bob.add_contact(&alice)?;
+    alice.ok(&["send", "bob", "hello"])?;
+    bob.wait_for_message("alice", "hello")?;
+
+    alice.see_stop(&mut bob)?;
+    for i in 0..5 {
+        alice.ok(&["send", "bob", &format!("twice-held-{i}")])?;
+    }
+    wait_until("twice-held-* relayed", DEADLINE, || {
+        let s = statuses(&alice, "bob", "twice-held-")?;
+        Ok((s.len() == 5 && s.iter().all(|s| s == "relayed")).then_some(()))
+    })?;
+    // Both relays hold all five for bob.
+    for relay in [&found, &configured] {
+        wait_until("the deposits at both relays", DEADLINE, || {
+            let n = relay.metric("weft_relay_stored_envelopes")?.unwrap_or(0.0);
+            Ok((n >= 5.0).then_some(()))
+        })?;
+    }
+    alice.stop_daemon()?;
+
+    // Bob, back, fetches from both (the found relay is remembered); each
+    // message is stored once.
+    bob.start_daemon(&args)?;
+    let ms = wait_until("bob to get twice-held-*", Duration::from_secs(60), || {
+        let ms = bob.messages("alice")?;
+        Ok((texts_with(&ms, "twice-held-").len() >= 5).then_some(ms))
+    })?;
+    let expected: Vec<String> = (0..5).map(|i| format!("twice-held-{i}")).collect();
+    assert_eq!(
+        texts_with(&ms, "twice-held-"),
+        expected,
+        "once each, in order"
+    );
+    // Bob got the five from each relay (and acknowledged them there).
+    wait_until("bob to fetch from both relays", DEADLINE, || {
+        let list = bob.json(&["relay", "list"])?;
+        let fetched: Vec<u64> = list
+            .as_array()
+            .map(|l| l.iter().filter_map(|r| r["fetched"].as_u64()).collect())
+            .unwrap_or_default();
+        Ok((fetched.len() == 2 && fetched.iter().all(|f| *f >= 5)).then_some(()))
+    })?;
+    for relay in [&found, &configured] {
+        wait_until("the relay to hand out the five", DEADLINE, || {
+            let n = relay
+                .metric("weft_relay_fetched_envelopes_total")?
+                .unwrap_or(0.0);
+            Ok((n >= 5.0).then_some(()))
+        })?;
+    }
+    let again = bob.messages("alice")?;
+    assert_eq!(
+        texts_with(&again, "twice-held-"),
+        expected,
+        "still once each"
+    );
+    Ok(())
+}

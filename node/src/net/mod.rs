@@ -22,6 +22,9 @@
 mod codec;
 mod mdns;
 mod relay_client;
+mod relay_discovery;
+
+pub use relay_discovery::{HOP_PROTOCOL, RELAY_PROVIDER_KEY};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -90,6 +93,10 @@ pub struct NetConfig {
     /// through each (circuit relay v2), so that it is reachable at
     /// `<relay addr>/p2p-circuit/p2p/<node>`.
     pub relays: Vec<Multiaddr>,
+    /// Relays to use in all: while fewer are in use (configured ones
+    /// count), the node looks for more in the DHT, where relays announce
+    /// themselves. 0: none are looked for.
+    pub relay_target: usize,
     /// Advertise and browse `_weft._udp.local.` with mdns-sd.
     pub mdns: bool,
     pub transport: TransportKind,
@@ -109,6 +116,7 @@ impl NetConfig {
             listen,
             bootstrap: Vec::new(),
             relays: Vec::new(),
+            relay_target: 2,
             mdns: false,
             transport: TransportKind::Network,
             dht_server: true,
@@ -247,6 +255,18 @@ pub enum NetEvent {
     },
     Listening {
         addr: Multiaddr,
+    },
+    /// A relay found through the DHT (and confirmed by what it speaks) is
+    /// now used like a configured one: `addr` ends with `/p2p/<relay>`.
+    RelayFound {
+        relay: PeerId,
+        addr: Multiaddr,
+    },
+    /// A connected peer's listen addresses (circuit ones included), each
+    /// ending with `/p2p/<peer>`, as it announced them (at most 16).
+    PeerAddrs {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
     },
 }
 
@@ -394,6 +414,19 @@ fn redial_delay(base: Duration, max: Duration, attempts: u32, jitter: f64) -> Du
     Duration::try_from_secs_f64(capped.as_secs_f64() * jitter.clamp(0.5, 1.5)).unwrap_or(max)
 }
 
+/// `addr` ending with `/p2p/<peer>` (added if missing; `None` if it names
+/// another peer).
+fn with_peer(mut addr: Multiaddr, peer: PeerId) -> Option<Multiaddr> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) if p == peer => Some(addr),
+        Some(Protocol::P2p(_)) => None,
+        _ => {
+            addr.push(Protocol::P2p(peer));
+            Some(addr)
+        }
+    }
+}
+
 /// A random factor in [0.5, 1.5) for [`redial_delay`].
 fn jitter() -> f64 {
     let sample = getrandom::u32().unwrap_or(u32::MAX / 2);
@@ -488,9 +521,12 @@ pub fn spawn(
     };
     let relay_listeners =
         relay_client::RelayListeners::new(&config.relays, tokio::time::Instant::now());
+    let relay_discovery =
+        relay_discovery::RelayDiscovery::new(config.relay_target, relay_listeners.relays());
     let task = NetworkTask {
         swarm,
         relay_listeners,
+        relay_discovery,
         commands: cmd_rx,
         events: event_tx,
         self_commands: cmd_tx,
@@ -539,8 +575,10 @@ struct NetworkTask {
     kad_ready: bool,
     /// Peers being looked up in the DHT (bounded).
     dht_lookups: HashMap<kad::QueryId, PeerId>,
-    /// The circuit listeners at the configured relays.
+    /// The circuit listeners at the relays in use.
     relay_listeners: relay_client::RelayListeners,
+    /// Relays looked for in the DHT.
+    relay_discovery: relay_discovery::RelayDiscovery,
 }
 
 /// A peer the task keeps redialing while it is disconnected.
@@ -623,6 +661,7 @@ impl NetworkTask {
                     self.unban_expired();
                     self.redial();
                     self.listen_via_relays();
+                    self.discover_relays();
                 }
             }
         }
@@ -660,6 +699,28 @@ impl NetworkTask {
                 }
             }
         }
+    }
+
+    /// Asks the DHT for relays when more are wanted.
+    fn discover_relays(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.relay_discovery.due(now, self.kad_ready) {
+            let query = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .get_providers(relay_discovery::relay_key());
+            self.relay_discovery.started(query);
+        }
+    }
+
+    /// Uses a relay found through the DHT like a configured one.
+    async fn adopt_relay(&mut self, relay: PeerId, addr: Multiaddr) -> Result<(), ()> {
+        tracing::info!(%relay, "using relay {addr} found through the DHT");
+        self.relay_listeners.add(&addr, tokio::time::Instant::now());
+        self.remember(relay, vec![addr.clone()], PeerSource::Relay);
+        self.listen_via_relays();
+        self.emit(NetEvent::RelayFound { relay, addr }).await
     }
 
     fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: PeerSource) {
@@ -964,6 +1025,7 @@ impl NetworkTask {
                 ..
             } => {
                 self.peers.remove(&peer_id);
+                self.relay_discovery.gone(&peer_id);
                 self.back_off(peer_id);
                 self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
             }
@@ -972,6 +1034,7 @@ impl NetworkTask {
                 if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
                 {
+                    self.relay_discovery.gone(&peer);
                     self.back_off(peer);
                 }
             }
@@ -1014,15 +1077,38 @@ impl NetworkTask {
                 })
                 .await?;
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
-                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
-            {
-                for addr in info.listen_addrs.iter().take(16) {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, addr.clone());
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let listen: Vec<Multiaddr> = info.listen_addrs.into_iter().take(16).collect();
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+                    for addr in &listen {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
                 }
+                let connected_at = self
+                    .peers
+                    .get(&peer_id)
+                    .map(|p| p.addrs.clone())
+                    .unwrap_or_default();
+                if let Some((relay, addr)) = self.relay_discovery.identified(
+                    peer_id,
+                    &info.protocols,
+                    &listen,
+                    &connected_at,
+                ) {
+                    self.adopt_relay(relay, addr).await?;
+                }
+                let addrs = listen
+                    .into_iter()
+                    .filter_map(|a| with_peer(a, peer_id))
+                    .collect();
+                self.emit(NetEvent::PeerAddrs {
+                    peer: peer_id,
+                    addrs,
+                })
+                .await?;
             }
             BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
                 match message {
@@ -1084,6 +1170,28 @@ impl NetworkTask {
                     if step.last {
                         self.dht_lookups.remove(&id);
                     }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) if self.relay_discovery.is_query(&id) => {
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    let me = *self.swarm.local_peer_id();
+                    let (adopted, dial) = self.relay_discovery.providers(providers, &me);
+                    for (relay, addr) in adopted {
+                        self.adopt_relay(relay, addr).await?;
+                    }
+                    for peer in dial {
+                        // Addresses come from the query (Kademlia hands
+                        // them to the dial); identify then confirms.
+                        self.dial(peer, PeerSource::Dht);
+                    }
+                }
+                if step.last {
+                    self.relay_discovery.finished(tokio::time::Instant::now());
                 }
             }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {

@@ -59,19 +59,38 @@ impl RelayListeners {
     /// The relays of `relays` (multiaddrs with `/p2p/<relay>`); others are
     /// ignored.
     pub(super) fn new(relays: &[Multiaddr], now: Instant) -> Self {
-        let mut entries = HashMap::new();
+        let mut listeners = Self::default();
         for addr in relays {
-            if let Some((relay, circuit)) = circuit_listen_addr(addr) {
-                entries.entry(relay).or_insert(Entry {
-                    circuit,
-                    listener: None,
-                    reserved: false,
-                    attempts: 0,
-                    next_at: now,
-                });
-            }
+            listeners.add(addr, now);
         }
-        Self { entries }
+        listeners
+    }
+
+    /// Adds a relay (an address with `/p2p/<relay>`); false if it is not
+    /// such an address or the relay is known already.
+    pub(super) fn add(&mut self, addr: &Multiaddr, now: Instant) -> bool {
+        let Some((relay, circuit)) = circuit_listen_addr(addr) else {
+            return false;
+        };
+        if self.entries.contains_key(&relay) {
+            return false;
+        }
+        self.entries.insert(
+            relay,
+            Entry {
+                circuit,
+                listener: None,
+                reserved: false,
+                attempts: 0,
+                next_at: now,
+            },
+        );
+        true
+    }
+
+    /// The relays, by peer id.
+    pub(super) fn relays(&self) -> Vec<PeerId> {
+        self.entries.keys().copied().collect()
     }
 
     pub(super) fn is_relay(&self, peer: &PeerId) -> bool {

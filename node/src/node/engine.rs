@@ -21,6 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod presence;
 mod receipts;
 mod relay;
+pub(super) use relay::found_relays;
 mod sync;
 
 pub use presence::Share;
@@ -225,8 +226,10 @@ pub(super) struct Engine {
     syncing: HashMap<(PeerId, ConversationId), u32>,
     /// Makes a commit durable off this thread (none for a store in memory).
     wal: Option<crate::store::WalSyncer>,
-    /// Configured relays (peer id, address with /p2p/).
+    /// Relays in use, configured and found (peer id, address with /p2p/).
     relays: Vec<(PeerId, Multiaddr)>,
+    /// Those of `relays` found through the DHT.
+    found_relays: HashSet<PeerId>,
     /// Relays a fetch is in flight from.
     fetching: HashSet<PeerId>,
     /// The last mail cursor acknowledged per relay.
@@ -295,12 +298,24 @@ impl Engine {
         wal: Option<crate::store::WalSyncer>,
         relays: Vec<Multiaddr>,
     ) -> Result<Self, NodeError> {
-        let relays = relays
+        let found: HashSet<PeerId> = relay::found_relays(&store.db())
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let mut relays: Vec<(PeerId, Multiaddr)> = relays
             .into_iter()
             .filter_map(|a| match a.iter().last() {
                 Some(Protocol::P2p(p)) => Some((p, a)),
                 _ => None,
             })
+            .collect();
+        relays.dedup_by_key(|(p, _)| *p);
+        let found_relays = found
+            .into_iter()
+            .filter(|p| relays.iter().any(|(r, _)| r == p))
             .collect();
         let clock = Clock::resume(Hlc(store.db().max_hlc()?));
         let share = store
@@ -347,6 +362,7 @@ impl Engine {
             syncing: HashMap::new(),
             wal,
             relays,
+            found_relays,
             fetching: HashSet::new(),
             mail_cursor: HashMap::new(),
             deposited: HashSet::new(),
@@ -604,7 +620,8 @@ impl Engine {
                     presence: &mut self.presence,
                     typing: &mut self.typing,
                     syncing: &mut self.syncing,
-                    relays: &self.relays,
+                    relays: &mut self.relays,
+                    found_relays: &mut self.found_relays,
                     fetching: &mut self.fetching,
                     mail_cursor: &mut self.mail_cursor,
                     deposited: &mut self.deposited,
@@ -919,7 +936,8 @@ struct EngineState<'a> {
     presence: &'a mut HashMap<UserId, presence::Presence>,
     typing: &'a mut HashMap<(ConversationId, UserId), tokio::time::Instant>,
     syncing: &'a mut HashMap<(PeerId, ConversationId), u32>,
-    relays: &'a [(PeerId, Multiaddr)],
+    relays: &'a mut Vec<(PeerId, Multiaddr)>,
+    found_relays: &'a mut HashSet<PeerId>,
     fetching: &'a mut HashSet<PeerId>,
     mail_cursor: &'a mut HashMap<PeerId, u64>,
     deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
@@ -2295,6 +2313,8 @@ impl State<'_, '_, '_> {
                 }
             }
             NetEvent::Listening { .. } => {}
+            NetEvent::RelayFound { relay, addr } => self.relay_found(relay, addr),
+            NetEvent::PeerAddrs { peer, addrs } => self.peer_addrs(peer, addrs),
             NetEvent::MailWaiting { relay } => {
                 if self.e.relays.iter().any(|(p, _)| *p == relay) {
                     self.fetch_mail(relay);

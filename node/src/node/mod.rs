@@ -222,12 +222,22 @@ impl Node {
             .enable_all()
             .build()?;
         let context = runtime.enter();
-        let relays = config
-            .network
+        // Relays found through the DHT before are used again from the
+        // start: mail may wait there.
+        let network = config.network.map(|mut net| {
+            for addr in engine::found_relays(&store.db()) {
+                let relay = addr.iter().last();
+                if !net.relays.iter().any(|r| r.iter().last() == relay) {
+                    net.relays.push(addr);
+                }
+            }
+            net
+        });
+        let relays = network
             .as_ref()
             .map(|n| n.relays.clone())
             .unwrap_or_default();
-        let (net, net_events) = match config.network {
+        let (net, net_events) = match network {
             Some(net_config) => {
                 let (handle, events, _join) =
                     crate::net::spawn(identity.libp2p_keypair()?, net_config)?;

@@ -2,6 +2,9 @@
 //! relay (register, fetch, acknowledge after storing), and depositing
 //! envelopes at the relays of member devices that are away.
 //!
+//! Relays found through the DHT are kept in the `meta` table, so that the
+//! mailboxes there are still fetched after a restart.
+//!
 //! A device's relays are learned from its addresses: a circuit address
 //! `<relay addr>/p2p/<relay>/p2p-circuit/p2p/<device>` (invites carry
 //! them) names a relay where the device keeps a mailbox.
@@ -38,6 +41,41 @@ fn deposit_chunks(envelopes: &[Held]) -> Vec<&[Held]> {
 
 /// Where the push (wakeup) endpoint is kept (`meta` table).
 const META_PUSH_URL: &str = "push_url";
+
+/// Relays found through the DHT (`meta` table): lines `<seen ms> <addr>`.
+const META_RELAYS_FOUND: &str = "relays_found";
+/// Found relays kept.
+const MAX_FOUND_RELAYS: usize = 8;
+/// A found relay not reached for this long is forgotten: mail there has
+/// expired by then (relays keep it 14 days by default).
+const FOUND_RELAY_MAX_AGE_MS: i64 = 14 * 24 * 3600 * 1000;
+
+/// The relays found through the DHT, newest first, with when each was
+/// last reached; those not reached for too long are left out.
+fn read_found(db: &crate::store::Db<'_>, now: i64) -> Vec<(i64, Multiaddr)> {
+    let Ok(Some(bytes)) = db.get_meta(META_RELAYS_FOUND) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i64, Multiaddr)> = String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|line| {
+            let (seen, addr) = line.split_once(' ')?;
+            Some((seen.parse().ok()?, addr.parse().ok()?))
+        })
+        .filter(|(seen, _)| now.saturating_sub(*seen) < FOUND_RELAY_MAX_AGE_MS)
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found.truncate(MAX_FOUND_RELAYS);
+    found
+}
+
+/// The relays found through the DHT earlier that are still worth using.
+pub(in crate::node) fn found_relays(db: &crate::store::Db<'_>) -> Vec<Multiaddr> {
+    read_found(db, now_ms())
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect()
+}
 
 /// Most envelopes fetched per page.
 const FETCH_PAGE: u32 = 512;
@@ -80,6 +118,54 @@ fn relays_in(addrs: &[String], device: &PeerId) -> Vec<(PeerId, Multiaddr)> {
 }
 
 impl State<'_, '_, '_> {
+    /// The network adopted a relay found through the DHT: keep a mailbox
+    /// there too, and remember it.
+    pub(super) fn relay_found(&mut self, relay: PeerId, addr: Multiaddr) {
+        if !self.e.relays.iter().any(|(p, _)| *p == relay) {
+            self.e.relays.push((relay, addr.clone()));
+        }
+        self.e.found_relays.insert(relay);
+        self.note_found_relay(&addr);
+        if self.e.connected.contains(&relay) {
+            self.relay_connected(relay);
+        }
+    }
+
+    /// Records that a found relay was reached now.
+    fn note_found_relay(&mut self, addr: &Multiaddr) {
+        let now = now_ms();
+        let mut found = read_found(self.db, now);
+        found.retain(|(_, a)| a != addr);
+        found.insert(0, (now, addr.clone()));
+        found.truncate(MAX_FOUND_RELAYS);
+        let text: String = found
+            .iter()
+            .map(|(seen, a)| format!("{seen} {a}\n"))
+            .collect();
+        if let Err(e) = self.db.set_meta(META_RELAYS_FOUND, text.as_bytes()) {
+            tracing::warn!("cannot remember the relays found: {e}");
+        }
+    }
+
+    /// A connected peer announced its addresses: kept for a known device,
+    /// so that its relays (circuit addresses) are known when it is away,
+    /// even if they are newer than its invite.
+    pub(super) fn peer_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == self.e.identity.peer_id() || self.who(&peer).is_none() {
+            return;
+        }
+        let now = now_ms();
+        for addr in addrs.iter().take(16) {
+            if let Err(e) = self
+                .db
+                .upsert_peer_addr(&peer.to_string(), &addr.to_string(), now)
+            {
+                tracing::warn!("cannot record an address of {peer}: {e}");
+                return;
+            }
+        }
+    }
+
     /// A configured relay connected: (re)register, then fetch.
     pub(super) fn relay_connected(&mut self, relay: PeerId) {
         if !self.e.relays.iter().any(|(p, _)| *p == relay) {
@@ -124,6 +210,12 @@ impl State<'_, '_, '_> {
         match (then, response) {
             (MailboxThen::Registered, Some(MailboxResponse::Registered { mailbox, .. })) => {
                 tracing::debug!(%relay, %mailbox, "mailbox registered");
+                if self.e.found_relays.contains(&relay)
+                    && let Some((_, addr)) = self.e.relays.iter().find(|(p, _)| *p == relay)
+                {
+                    let addr = addr.clone();
+                    self.note_found_relay(&addr);
+                }
                 let fetched = self.e.mailboxes.get(&relay).map_or(0, |m| m.1);
                 self.e.mailboxes.insert(relay, (mailbox, fetched));
                 self.fetch_mail(relay);
@@ -248,6 +340,12 @@ impl State<'_, '_, '_> {
             .map(|(peer, addr)| crate::api::RelayView {
                 peer_id: peer.to_string(),
                 addr: addr.to_string(),
+                found: if self.e.found_relays.contains(peer) {
+                    "dht"
+                } else {
+                    "config"
+                }
+                .to_string(),
                 connected: self.e.connected.contains(peer),
                 mailbox: self.e.mailboxes.get(peer).map(|m| m.0.to_string()),
                 fetched: self.e.mailboxes.get(peer).map_or(0, |m| m.1),
