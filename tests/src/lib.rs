@@ -1232,3 +1232,60 @@ pub mod netns_hub {
         }
     }
 }
+
+/// Reading invites as bytes (`weft1` + base32), in which their addresses
+/// appear as plain strings.
+pub mod invite {
+    use anyhow::anyhow;
+
+    /// RFC 4648 base32 without padding, lower or upper case.
+    pub fn base32_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+        let mut out = Vec::with_capacity(text.len() * 5 / 8);
+        let (mut buffer, mut bits) = (0u64, 0u32);
+        for c in text.bytes() {
+            let c = c.to_ascii_lowercase();
+            let value = ALPHABET
+                .iter()
+                .position(|a| *a == c)
+                .ok_or_else(|| anyhow!("not base32: {:?}", c as char))?;
+            buffer = (buffer << 5) | value as u64;
+            bits += 5;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buffer >> bits) as u8);
+                buffer &= (1 << bits) - 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes of an invite (`weft1` + base32), in which its addresses
+    /// appear as plain strings.
+    pub fn invite_bytes(invite: &str) -> anyhow::Result<Vec<u8>> {
+        let compact: String = invite.chars().filter(|c| !c.is_whitespace()).collect();
+        let body = compact
+            .strip_prefix("weft1")
+            .ok_or_else(|| anyhow!("not an invite: {invite}"))?;
+        base32_decode(body)
+    }
+
+    /// Whether `haystack` contains `needle`.
+    pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn base32_round_trip() -> anyhow::Result<()> {
+            // "foobar" in RFC 4648 base32, without padding.
+            assert_eq!(base32_decode("MZXW6YTBOI")?, b"foobar");
+            assert_eq!(base32_decode("mzxw6ytboi")?, b"foobar");
+            assert!(base32_decode("mzxw1").is_err());
+            Ok(())
+        }
+    }
+}

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
+use weft_e2e::invite::{contains, invite_bytes};
 use weft_e2e::netns_hub::{A, B, HUB, Hub};
 use weft_e2e::relay::relay_bin;
 use weft_e2e::{DEADLINE, Weft, wait_until};
@@ -144,43 +145,6 @@ fn port_of(addr: &str) -> anyhow::Result<u16> {
         .next()
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| anyhow!("no tcp port in {addr}"))
-}
-
-/// RFC 4648 base32 without padding, lower or upper case.
-fn base32_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut out = Vec::with_capacity(text.len() * 5 / 8);
-    let (mut buffer, mut bits) = (0u64, 0u32);
-    for c in text.bytes() {
-        let c = c.to_ascii_lowercase();
-        let value = ALPHABET
-            .iter()
-            .position(|a| *a == c)
-            .ok_or_else(|| anyhow!("not base32: {:?}", c as char))?;
-        buffer = (buffer << 5) | value as u64;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
-}
-
-/// The bytes of an invite (`weft1` + base32), in which its addresses
-/// appear as plain strings.
-fn invite_bytes(invite: &str) -> anyhow::Result<Vec<u8>> {
-    let compact: String = invite.chars().filter(|c| !c.is_whitespace()).collect();
-    let body = compact
-        .strip_prefix("weft1")
-        .ok_or_else(|| anyhow!("not an invite: {invite}"))?;
-    base32_decode(body)
-}
-
-/// Whether `haystack` contains `needle`.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The addresses `node`'s status lists for its connection to `peer_id`,
@@ -397,14 +361,5 @@ fn run(hub: &Hub, relay: &NsRelay, alice: &mut Weft, bob: &mut Weft) -> anyhow::
         "the burst crossed an ended circuit; all done {:.1} s after start",
         t0.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-#[test]
-fn base32_round_trip() -> anyhow::Result<()> {
-    // "foobar" in RFC 4648 base32, without padding.
-    assert_eq!(base32_decode("MZXW6YTBOI")?, b"foobar");
-    assert_eq!(base32_decode("mzxw6ytboi")?, b"foobar");
-    assert!(base32_decode("mzxw1").is_err());
     Ok(())
 }

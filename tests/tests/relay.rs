@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
+use weft_e2e::invite::{contains, invite_bytes};
 use weft_e2e::relay::Relay;
 use weft_e2e::{DEADLINE, Weft, wait_until};
 
@@ -161,6 +162,15 @@ fn a_relay_found_in_the_dht_and_a_configured_one_both_hold_mail_nothing_doubles(
         })?;
     }
     alice.stop_daemon()?;
+    // An invite made now, with no daemon, still names both relays.
+    let invite = invite_bytes(&alice.invite()?)?;
+    for relay in [&found, &configured] {
+        let circuit = format!("/p2p/{}/p2p-circuit/p2p/", relay.peer_id);
+        assert!(
+            contains(&invite, circuit.as_bytes()),
+            "the offline invite lacks {circuit}"
+        );
+    }
 
     // Bob, back, fetches from both (the found relay is remembered); each
     // message is stored once.

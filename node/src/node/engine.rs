@@ -298,6 +298,14 @@ impl Engine {
         wal: Option<crate::store::WalSyncer>,
         relays: Vec<Multiaddr>,
     ) -> Result<Self, NodeError> {
+        // Offline, the relays of the last daemon still name this device's
+        // mailboxes (for invites made now); online, they are recorded.
+        let relays = if net.is_some() {
+            relay::remember_relays(&store.db(), &relays);
+            relays
+        } else {
+            relay::last_relays(&store.db())
+        };
         let found: HashSet<PeerId> = relay::found_relays(&store.db())
             .iter()
             .filter_map(|a| match a.iter().last() {

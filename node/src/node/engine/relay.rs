@@ -77,6 +77,43 @@ pub(in crate::node) fn found_relays(db: &crate::store::Db<'_>) -> Vec<Multiaddr>
         .collect()
 }
 
+/// The relays the last daemon was started with (`meta` table), one
+/// address per line: what an invite made offline names.
+const META_RELAYS_USED: &str = "relays_used";
+
+/// Records the relays a daemon starts with.
+pub(in crate::node) fn remember_relays(db: &crate::store::Db<'_>, relays: &[Multiaddr]) {
+    let text: String = relays
+        .iter()
+        .take(MAX_FOUND_RELAYS * 2)
+        .map(|a| format!("{a}\n"))
+        .collect();
+    if let Err(e) = db.set_meta(META_RELAYS_USED, text.as_bytes()) {
+        tracing::warn!("cannot record the relays in use: {e}");
+    }
+}
+
+/// The relays the last daemon used, and those found since.
+pub(in crate::node) fn last_relays(db: &crate::store::Db<'_>) -> Vec<Multiaddr> {
+    let mut relays: Vec<Multiaddr> = db
+        .get_meta(META_RELAYS_USED)
+        .ok()
+        .flatten()
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for addr in found_relays(db) {
+        if !relays.contains(&addr) {
+            relays.push(addr);
+        }
+    }
+    relays
+}
+
 /// Most envelopes fetched per page.
 const FETCH_PAGE: u32 = 512;
 
