@@ -75,6 +75,32 @@ pub enum Command {
     /// Print the messages of a conversation, oldest first.
     Messages(MessagesArgs),
 
+    /// Replace the text of one of your messages, for everyone.
+    Edit {
+        /// The message id (`weft messages TARGET --json` shows ids).
+        id: String,
+        /// The new text.
+        text: String,
+    },
+
+    /// Delete a message for everyone: yours, or any in a group you
+    /// administer. Its text is removed from every device; a tombstone stays.
+    Delete {
+        /// The message id.
+        id: String,
+    },
+
+    /// React to a message with an emoji (again with --remove to take it back).
+    React {
+        /// The message id.
+        id: String,
+        /// One emoji (at most 32 bytes).
+        emoji: String,
+        /// Take the reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
+
     /// Mark a conversation read and send read receipts.
     Read {
         /// Contact alias, group name, user id or conversation id.

@@ -160,6 +160,25 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                 Box::new(move |reply: &Value| output::messages(reply, ids)),
             )
         }
+        Command::Edit { id, text } => (
+            Request::Edit {
+                id: id.clone(),
+                text: text.clone(),
+            },
+            Box::new(|reply: &Value| output::changed(reply, "Edited")),
+        ),
+        Command::Delete { id } => (
+            Request::Delete { id: id.clone() },
+            Box::new(|reply: &Value| output::changed(reply, "Deleted")),
+        ),
+        Command::React { id, emoji, remove } => (
+            Request::React {
+                id: id.clone(),
+                emoji: emoji.clone(),
+                remove,
+            },
+            Box::new(|reply: &Value| output::changed(reply, "Reactions updated")),
+        ),
         Command::Read { target } => (
             Request::Read {
                 target: target.clone(),

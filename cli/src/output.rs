@@ -392,6 +392,14 @@ pub fn messages(value: &Value, with_ids: bool) -> String {
     text
 }
 
+/// `weft edit`, `delete`, `react`: the message as it is now.
+pub fn changed(value: &Value, what: &str) -> String {
+    match view::<MessageView>(value) {
+        Some(m) => format!("{what}: {}", message_line(&m)),
+        None => pretty(value),
+    }
+}
+
 /// `weft read`: how many messages were marked read.
 pub fn marked_read(value: &Value, target: &str) -> String {
     let Some(read) = value.get("read").and_then(Value::as_u64) else {
@@ -591,6 +599,10 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
     match str_of("type") {
         "message" => match view::<MessageView>(event) {
             Some(m) => format!("{}  {}", conv(&m.conversation), message_line(&m)),
+            None => event.to_string(),
+        },
+        "updated" => match view::<MessageView>(event) {
+            Some(m) => format!("{}  changed: {}", conv(&m.conversation), message_line(&m)),
             None => event.to_string(),
         },
         "status" | "presence" | "typing" => match view::<Event>(event) {

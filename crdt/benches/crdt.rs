@@ -68,7 +68,7 @@ fn apply_all(changes: &[Vec<u8>]) -> Annotations {
 type Saved = Vec<(ShardKey, Vec<u8>)>;
 
 fn year_of_messages() -> (Saved, Vec<[u8; 16]>) {
-    let conv = [7u8; 16];
+    let conv = [7u8; 32];
     let start = 1_700_000_000_000u64;
     let step = 365 * 24 * 3600 * 1000 / 100_000; // ~5 minutes
     let mut shards: Vec<(ShardKey, Annotations)> = Vec::new();

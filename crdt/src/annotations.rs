@@ -41,14 +41,14 @@ pub const MAX_EMOJI: usize = 32;
 /// Which document an annotation belongs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardKey {
-    pub conversation: [u8; 16],
+    pub conversation: [u8; 32],
     /// `hlc wall ms / PERIOD_MS`, or `u64::MAX` for the meta shard.
     pub period: u64,
 }
 
 impl ShardKey {
     /// The shard of a message whose HLC wall clock is `hlc_ms`.
-    pub fn of_message(conversation: [u8; 16], hlc_ms: u64) -> Self {
+    pub fn of_message(conversation: [u8; 32], hlc_ms: u64) -> Self {
         Self {
             conversation,
             period: hlc_ms / PERIOD_MS,
@@ -56,7 +56,7 @@ impl ShardKey {
     }
 
     /// The shard of the conversation's group metadata.
-    pub fn meta(conversation: [u8; 16]) -> Self {
+    pub fn meta(conversation: [u8; 32]) -> Self {
         Self {
             conversation,
             period: u64::MAX,
@@ -302,6 +302,11 @@ impl Annotations {
         self.doc.apply(change)
     }
 
+    /// Whether `change` can apply now (its dependencies are here).
+    pub fn ready(&mut self, change: &Inspected) -> bool {
+        self.doc.has_deps_of(change)
+    }
+
     /// Applies many checked changes in one pass; returns how many were new.
     pub fn apply_batch(&mut self, changes: Vec<Inspected>) -> Result<usize, CrdtError> {
         self.doc.apply_batch(changes)
@@ -372,7 +377,8 @@ impl Annotations {
     }
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// The bytes of a key's hex id.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -498,7 +504,7 @@ mod tests {
         let v = a.view();
         assert_eq!(v.group.name.as_deref(), Some("hikers"));
         assert!(v.messages[&hex(M1)].pinned);
-        let conv = [7; 16];
+        let conv = [7; 32];
         assert_eq!(
             ShardKey::of_message(conv, PERIOD_MS * 3 + 1),
             ShardKey {

@@ -226,6 +226,16 @@ impl FlatDoc {
         Ok(self.doc.get_changes(&[]).len().saturating_sub(before))
     }
 
+    /// Whether the document holds every change `change` depends on (else
+    /// automerge would keep it aside, in memory only, until they come).
+    pub fn has_deps_of(&mut self, change: &Inspected) -> bool {
+        change
+            .change
+            .deps()
+            .iter()
+            .all(|d| self.doc.get_change_by_hash(d).is_some())
+    }
+
     /// Changes the document depends on but lacks (applied changes wait
     /// for them).
     pub fn missing(&mut self) -> Vec<ChangeHash> {

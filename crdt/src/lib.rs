@@ -24,7 +24,7 @@ mod flat;
 pub use account::{AccountState, AccountView, ContactEntry, ConversationSettings};
 pub use annotations::{
     Annotation, Annotations, AnnotationsView, EditRef, GroupMeta, MAX_EMOJI, MessageAnnotations,
-    PERIOD_MS, ShardKey,
+    PERIOD_MS, ShardKey, unhex,
 };
 pub use automerge::sync::State as SyncState;
 pub use flat::{FlatDoc, Inspected, Touch, TouchKind};

@@ -73,6 +73,23 @@ pub enum Request {
     Read {
         target: String,
     },
+    /// Replace the text of one of this user's messages.
+    Edit {
+        id: String,
+        text: String,
+    },
+    /// Delete a message (this user's own, or any in a group this user
+    /// administers) for everyone: its text goes, a tombstone stays.
+    Delete {
+        id: String,
+    },
+    /// Add (or, with `remove`, take back) a reaction.
+    React {
+        id: String,
+        emoji: String,
+        #[serde(default)]
+        remove: bool,
+    },
     /// Whether a contact is online, and when they were last seen.
     Presence {
         target: String,
@@ -310,6 +327,8 @@ pub struct MemberView {
 pub enum Event {
     /// A message was stored (received, or sent from this device).
     Message(MessageView),
+    /// A stored message changed: edited, deleted, or its reactions.
+    Updated(MessageView),
     /// A message's status changed (for this user's own messages, also
     /// when a recipient acknowledged it).
     Status {

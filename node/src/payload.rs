@@ -28,6 +28,32 @@ pub enum Payload {
     /// Messages this device has stored (delivered) or its user has read
     /// (chain-sealed, to the whole conversation).
     Receipt(Receipt),
+    /// A change of one of the conversation's annotation shards (an edit,
+    /// a deletion, a reaction; chain-sealed, to the whole conversation).
+    Annotate(Annotate),
+}
+
+/// Longest automerge change an [`Annotate`] carries.
+pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Annotate {
+    /// The message the change is about.
+    pub message: MessageId,
+    /// The shard: the 30-day period of the message's HLC
+    /// (`weft_crdt::ShardKey`).
+    pub period: u64,
+    /// One automerge change of that shard, written by the sending device
+    /// (its actor is the device id).
+    pub change: Vec<u8>,
+    /// For an edit: the new text and the id the change refers to it by.
+    pub edit: Option<EditText>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditText {
+    pub id: [u8; 16],
+    pub text: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

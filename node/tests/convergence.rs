@@ -2,9 +2,10 @@
 //! receives the same envelopes, it ends with the identical history.
 //!
 //! Real nodes (alice, carol) write a group conversation and a one-to-one
-//! one to bob; bob's envelopes are then taken from his store and fed to
-//! fresh copies of bob (same keys, empty store, offline) shuffled,
-//! duplicated and split into delayed chunks.
+//! one to bob, and edit, delete and react to some of it; bob's envelopes
+//! are then taken from his store and fed to fresh copies of bob (same
+//! keys, empty store, offline) shuffled, duplicated and split into delayed
+//! chunks (so an edit often comes before its message).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,8 +23,9 @@ use weft_node::{Node, NodeConfig};
 
 const SEED: u64 = 41;
 
-/// One message as compared: id, sender, text and order key.
-type Line = (String, String, String, u64);
+/// One message as compared: id, sender, text, order key, and edited,
+/// deleted and reactions (as JSON).
+type Line = (String, String, String, u64, String);
 /// Every conversation's history, by conversation id.
 type Histories = Vec<(String, Vec<Line>)>;
 
@@ -36,6 +38,7 @@ fn history(ms: &[Value]) -> Vec<Line> {
                 m["sender"].as_str().unwrap().to_string(),
                 m["text"].as_str().unwrap().to_string(),
                 m["hlc"].as_u64().unwrap(),
+                serde_json::json!([m["edited"], m["deleted"], m["reactions"]]).to_string(),
             )
         })
         .collect()
@@ -72,6 +75,43 @@ fn record() -> Recorded {
         }
         bob.expect_text("trio", "c5").await;
         bob.expect_text("alice", "direct 5").await;
+        // Annotations by alice and carol.
+        let ids: Vec<(String, String)> = bob
+            .messages("trio")
+            .await
+            .iter()
+            .map(|m| {
+                (
+                    m["text"].as_str().unwrap().to_string(),
+                    m["id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let id = |text: &str| ids.iter().find(|(t, _)| t == text).unwrap().1.clone();
+        let edit = |id: String, text: &str| Request::Edit {
+            id,
+            text: text.into(),
+        };
+        let react = |id: String, emoji: &str| Request::React {
+            id,
+            emoji: emoji.into(),
+            remove: false,
+        };
+        alice.call(edit(id("a0"), "a0 edited")).await;
+        alice.call(edit(id("a0"), "a0 edited twice")).await;
+        alice.call(Request::Delete { id: id("a2") }).await;
+        alice.call(react(id("c1"), "🎉")).await;
+        carol.call(edit(id("c0"), "c0 edited")).await;
+        carol.call(react(id("a1"), "👍")).await;
+        bob.wait_messages("trio", "the annotations", |ms| {
+            let by = |text: &str| ms.iter().find(|m| m["id"] == id(text)).unwrap();
+            by("a0")["text"] == "a0 edited twice"
+                && by("a2")["deleted"] == true
+                && by("c1")["reactions"]["🎉"].is_array()
+                && by("c0")["text"] == "c0 edited"
+                && by("a1")["reactions"]["👍"].is_array()
+        })
+        .await;
         let mut expected = Vec::new();
         for conv in bob.call(Request::Conversations).await.as_array().unwrap() {
             let id = conv["id"].as_str().unwrap().to_string();

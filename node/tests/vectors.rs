@@ -15,7 +15,7 @@ use weft_node::hlc::Hlc;
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
-use weft_node::payload::{Payload, Receipt, ReceiptKind, TextMessage};
+use weft_node::payload::{Annotate, EditText, Payload, Receipt, ReceiptKind, TextMessage};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const SENDER_SEED: [u8; 32] = [0x11; 32];
@@ -72,6 +72,18 @@ fn receipt_payload() -> Payload {
     })
 }
 
+fn annotate_payload() -> Payload {
+    Payload::Annotate(Annotate {
+        message: EnvelopeId([0xaa; 16]),
+        period: 654,
+        change: vec![1, 2, 3],
+        edit: Some(EditText {
+            id: [0xbb; 16],
+            text: "hi".into(),
+        }),
+    })
+}
+
 fn sync_request() -> DirectRequest {
     DirectRequest::Sync(SyncRequest {
         conversation: ConversationId(CONVERSATION),
@@ -96,6 +108,7 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
         ("mailbox-deposit-v1", deposit_request().encode()),
         ("payload-text-v1", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
+        ("payload-annotate-v1", annotate_payload().encode()),
         (
             "direct-sync-v1",
             postcard::to_stdvec(&sync_request()).unwrap(),
@@ -119,6 +132,10 @@ fn payload_and_direct_vectors_match_and_decode() {
     assert_eq!(
         Payload::decode(&documented("payload-receipt-v1")),
         Some(receipt_payload())
+    );
+    assert_eq!(
+        Payload::decode(&documented("payload-annotate-v1")),
+        Some(annotate_payload())
     );
     assert_eq!(
         MailboxRequest::decode(&documented("mailbox-deposit-v1")),

@@ -442,3 +442,57 @@ fn two_daemons_over_quic() -> anyhow::Result<()> {
     anyhow::ensure!(via_quic, "bob is not connected over QUIC: {status}");
     Ok(())
 }
+
+#[test]
+fn edit_react_and_delete_through_the_cli() -> anyhow::Result<()> {
+    let mut alice = Weft::new("alice")?;
+    let mut bob = Weft::new("bob")?;
+    alice.init()?;
+    bob.init()?;
+    alice.start_daemon(&[])?;
+    let alice_addr = alice.daemon()?.dial_addr()?;
+    bob.start_daemon(&["--bootstrap", &alice_addr])?;
+    befriend(&alice, &bob)?;
+    let sent = alice.json(&["send", "bob", "lunch at 12?"])?;
+    let id = sent["id"].as_str().unwrap_or_default().to_string();
+    bob.wait_for_message("alice", "lunch at 12?")?;
+
+    let edited = alice.json(&["edit", &id, "lunch at 1?"])?;
+    assert_eq!(edited["text"], "lunch at 1?");
+    assert_eq!(edited["edited"], true);
+    bob.ok(&["react", &id, "👍"])?;
+    let find = |node: &Weft, target: &str| -> anyhow::Result<Option<Value>> {
+        Ok(node
+            .messages(target)?
+            .into_iter()
+            .find(|m| m["id"] == id.as_str()))
+    };
+    for (node, target) in [(&alice, "bob"), (&bob, "alice")] {
+        wait_until("the edit and the reaction", DEADLINE, || {
+            Ok(find(node, target)?.filter(|m| {
+                m["text"] == "lunch at 1?"
+                    && m["reactions"]["👍"]
+                        .as_array()
+                        .is_some_and(|u| u.len() == 1)
+            }))
+        })?;
+    }
+    // Only the sender edits: bad usage, exit 2.
+    bob.run(&["edit", &id, "no"])?
+        .expect_code(2, "bob edits alice's message")?;
+    alice
+        .run(&["react", &id, ""])?
+        .expect_code(2, "an empty reaction")?;
+
+    alice.ok(&["delete", &id])?;
+    for (node, target) in [(&alice, "bob"), (&bob, "alice")] {
+        let m = wait_until("the deletion", DEADLINE, || {
+            Ok(find(node, target)?.filter(|m| m["deleted"] == true))
+        })?;
+        assert_eq!(m["text"], "");
+        assert_eq!(m["reactions"], serde_json::json!({}));
+    }
+    let human = bob.ok(&["messages", "alice"])?;
+    assert!(human.contains("(message deleted)"), "{human}");
+    Ok(())
+}

@@ -18,6 +18,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+mod annotations;
 mod presence;
 mod receipts;
 mod relay;
@@ -242,6 +243,10 @@ pub(super) struct Engine {
     /// Conversations with an envelope waiting for a gap in its sender's
     /// chain to be filled (it came too far ahead).
     gaps: HashSet<ConversationId>,
+    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
+    shards: HashMap<annotations::ShardId, weft_crdt::Annotations>,
+    /// Those changed in the batch in progress.
+    dirty_shards: HashSet<annotations::ShardId>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -376,6 +381,8 @@ impl Engine {
             deposited: HashSet::new(),
             mailboxes: HashMap::new(),
             gaps: HashSet::new(),
+            shards: HashMap::new(),
+            dirty_shards: HashSet::new(),
         };
         engine.load()?;
         Ok(engine)
@@ -635,6 +642,8 @@ impl Engine {
                     deposited: &mut self.deposited,
                     mailboxes: &mut self.mailboxes,
                     gaps: &mut self.gaps,
+                    shards: &mut self.shards,
+                    dirty_shards: &mut self.dirty_shards,
                 },
                 db: &db,
                 fx: &mut fx,
@@ -648,6 +657,7 @@ impl Engine {
             }
             state.fill_gaps();
             state.flush_delivered();
+            state.save_shards();
             durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
                 // Envelopes went out before the commit: let the network task
@@ -676,6 +686,9 @@ impl Engine {
             }
             self.sending.clear();
             self.receiving.clear();
+            // They may hold changes the disk does not.
+            self.shards.clear();
+            self.dirty_shards.clear();
             return;
         }
         if durability == Durability::Full {
@@ -951,6 +964,8 @@ struct EngineState<'a> {
     deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
     mailboxes: &'a mut HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
     gaps: &'a mut HashSet<ConversationId>,
+    shards: &'a mut HashMap<annotations::ShardId, weft_crdt::Annotations>,
+    dirty_shards: &'a mut HashSet<annotations::ShardId>,
 }
 
 struct State<'s, 'a, 'd> {
@@ -1166,6 +1181,9 @@ impl State<'_, '_, '_> {
                 let conv = self.resolve(&target)?;
                 self.mark_read(conv)
             }
+            Request::Edit { id, text } => self.edit_message(&id, text),
+            Request::Delete { id } => self.delete_message(&id),
+            Request::React { id, emoji, remove } => self.react(&id, &emoji, !remove),
             Request::Presence { target } => self.presence_of(&target),
             Request::Typing { target, typing } => self.send_typing(&target, typing),
             Request::Privacy { presence } => self.privacy(presence.as_deref()),
@@ -2223,7 +2241,13 @@ impl State<'_, '_, '_> {
             reply_to: r.reply_to.map(|m| m.to_string()),
             edited: r.edited,
             deleted: r.deleted,
-            reactions: Default::default(),
+            reactions: {
+                let mut by_emoji = std::collections::BTreeMap::<String, Vec<String>>::new();
+                for (user, emoji) in self.db.reactions(&r.id)? {
+                    by_emoji.entry(emoji).or_default().push(user.to_string());
+                }
+                by_emoji
+            },
             receipts,
             progress,
             hlc: r.hlc,
@@ -2446,7 +2470,7 @@ impl State<'_, '_, '_> {
         match payload {
             Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
             Payload::Group(state) => self.receive_group(env, state),
-            Payload::Text(_) | Payload::Receipt(_) => {
+            Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
             }
         }
@@ -2686,6 +2710,19 @@ impl State<'_, '_, '_> {
                 }
                 return Ok(Verdict::Accept);
             }
+            Payload::Annotate(a) => {
+                self.advance_chain(key, after)?;
+                self.store_envelope(env, epoch, counter)?;
+                if blocked {
+                    return Ok(Verdict::Accept);
+                }
+                return Ok(
+                    match self.receive_annotation(&conv, user, env.header.sender, a) {
+                        Ok(()) => Verdict::Accept,
+                        Err(why) => Verdict::Reject(why),
+                    },
+                );
+            }
             _ => return Ok(Verdict::Reject("unexpected chain-sealed payload")),
         };
         let now = now_ms();
@@ -2726,6 +2763,7 @@ impl State<'_, '_, '_> {
             if user != self.e.my_user {
                 self.delivered.push((conv_id, record.id));
             }
+            self.annotations_waiting(&conv, &record.id);
         }
         Ok(Verdict::Accept)
     }

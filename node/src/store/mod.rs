@@ -5,6 +5,7 @@
 //! the node writes SQL. Queries live on [`Db`], a borrowed view that works
 //! the same on the bare connection and inside a [`Txn`].
 
+mod annotations;
 mod chains;
 mod conversations;
 mod envelopes;
@@ -24,6 +25,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, Row, Tran
 
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 
+pub use annotations::PendingAnnotation;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use messages::{MessageRecord, MessageStatus};
@@ -36,6 +38,7 @@ pub use wal_sync::WalSyncer;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_reliable_delivery.sql")),
+    (3, include_str!("migrations/0003_annotations.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.
@@ -380,7 +383,7 @@ fn sql_limit(limit: usize) -> i64 {
 }
 
 #[cfg(test)]
-mod test_support {
+pub(crate) mod test_support {
     use super::{ConversationKind, ConversationRecord, Store, StoreError};
     use crate::ids::ConversationId;
 
@@ -401,7 +404,7 @@ mod test_support {
     }
 
     /// An in-memory store holding `conversation(n)` for each of `ns`.
-    pub(super) fn store_with(ns: &[u8]) -> Result<Store, StoreError> {
+    pub(crate) fn store_with(ns: &[u8]) -> Result<Store, StoreError> {
         let store = Store::open_in_memory()?;
         for &n in ns {
             store.db().insert_conversation(&conversation(n))?;

@@ -1,0 +1,383 @@
+//! Edits, deletions and reactions, from the engine's side: the
+//! conversation's annotation shards (`weft-crdt`), the commands that
+//! change them, the changes that arrive in envelopes, and their effect on
+//! the `messages` and `reactions` tables.
+//!
+//! A change arrives chain-sealed like a message, so its device is
+//! authenticated; it is applied only if its actor is that device and the
+//! author may make every write in it (only a message's sender edits it;
+//! the sender or a group admin deletes it; a user reacts only as
+//! themselves). A change about a message not here yet waits for it.
+
+use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations, ShardKey};
+
+use super::*;
+use crate::payload::{Annotate, EditText, MAX_CHANGE_BYTES};
+use crate::store::PendingAnnotation;
+
+/// Shards kept loaded (each is saved when changed, so any may go).
+pub(super) const SHARD_CACHE: usize = 64;
+
+/// A shard's place: conversation and period.
+pub(super) type ShardId = (ConversationId, u64);
+
+fn crdt_err(e: CrdtError) -> ApiError {
+    match e {
+        CrdtError::Refused(why) => ApiError::usage(why),
+        other => ApiError::failed(other.to_string()),
+    }
+}
+
+/// What a change waiting for a shard's earlier changes is kept under.
+fn shard_key_bytes((conv, period): ShardId) -> Vec<u8> {
+    let mut key = conv.0.to_vec();
+    key.extend_from_slice(&period.to_be_bytes());
+    key
+}
+
+/// The shard period of a message.
+fn period_of(conv: &ConversationId, hlc: u64) -> u64 {
+    ShardKey::of_message(conv.0, Hlc(hlc).ms()).period
+}
+
+impl State<'_, '_, '_> {
+    /// The shard, loaded from the store (or new) if not cached.
+    fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, ApiError> {
+        if !self.e.shards.contains_key(&id) {
+            if self.e.shards.len() >= SHARD_CACHE {
+                // Saved already (dirty ones are saved before eviction).
+                self.save_shards();
+                self.e.shards.clear();
+            }
+            let device = self.e.my_device.0;
+            let shard = match self.db.shard(&id.0, id.1)? {
+                Some(bytes) => Annotations::load(&bytes, &device).map_err(crdt_err)?,
+                None => Annotations::new(&device),
+            };
+            self.e.shards.insert(id, shard);
+        }
+        self.e
+            .shards
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::failed("shard vanished"))
+    }
+
+    /// Writes the shards changed in this batch (before its commit).
+    pub(super) fn save_shards(&mut self) {
+        for id in std::mem::take(self.e.dirty_shards) {
+            if let Some(shard) = self.e.shards.get_mut(&id) {
+                let bytes = shard.save();
+                if let Err(e) = self.db.put_shard(&id.0, id.1, &bytes) {
+                    tracing::error!("cannot save an annotation shard: {e}");
+                }
+            }
+        }
+    }
+
+    /// A message of this user's, for changing it.
+    fn message_for_change(&mut self, id: &str) -> Result<(MessageRecord, Conv), ApiError> {
+        let id = id
+            .parse::<MessageId>()
+            .map_err(|_| ApiError::usage(format!("not a message id: {id}")))?;
+        let m = self
+            .db
+            .message(&id)?
+            .ok_or_else(|| ApiError::usage(format!("no such message: {id}")))?;
+        if m.deleted {
+            return Err(ApiError::usage("the message is deleted"));
+        }
+        let conv = self
+            .e
+            .convs
+            .get(&m.conversation)
+            .cloned()
+            .ok_or_else(|| ApiError::failed("the message's conversation is gone"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are no longer a member of this group"));
+        }
+        Ok((m, conv))
+    }
+
+    fn is_admin(conv: &Conv, user: &UserId) -> bool {
+        match &conv.group {
+            Some(g) => g.is_admin(user),
+            // Both people administer a direct conversation.
+            None => true,
+        }
+    }
+
+    /// `weft edit MSGID TEXT`.
+    pub(super) fn edit_message(&mut self, id: &str, text: String) -> ApiResult {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(ApiError::usage(format!(
+                "the text is {} bytes; the limit is {MAX_TEXT_BYTES}",
+                text.len()
+            )));
+        }
+        if text.trim().is_empty() {
+            return Err(ApiError::usage(
+                "the text is empty (delete the message instead)",
+            ));
+        }
+        let (m, conv) = self.message_for_change(id)?;
+        if m.sender_user != self.e.my_user {
+            return Err(ApiError::usage("only the sender may edit a message"));
+        }
+        let edit_id: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
+        let hlc = self.e.clock.now(now_ms().max(0) as u64);
+        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let change = self
+            .shard(shard_id)?
+            .edit(
+                &m.id.0,
+                EditRef {
+                    hlc: hlc.0,
+                    edit: edit_id.to_vec(),
+                },
+            )
+            .map_err(crdt_err)?;
+        self.db.add_edit(&edit_id, &m.id, &text)?;
+        let edit = Some(EditText { id: edit_id, text });
+        self.send_annotation(&conv, &m, shard_id, change, edit)
+    }
+
+    /// `weft delete MSGID`.
+    pub(super) fn delete_message(&mut self, id: &str) -> ApiResult {
+        let (m, conv) = self.message_for_change(id)?;
+        if m.sender_user != self.e.my_user && !Self::is_admin(&conv, &self.e.my_user) {
+            return Err(ApiError::usage(
+                "only the sender, or an admin of the group, may delete a message",
+            ));
+        }
+        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let change = self.shard(shard_id)?.delete(&m.id.0).map_err(crdt_err)?;
+        self.send_annotation(&conv, &m, shard_id, change, None)
+    }
+
+    /// `weft react MSGID EMOJI [--remove]`.
+    pub(super) fn react(&mut self, id: &str, emoji: &str, on: bool) -> ApiResult {
+        let (m, conv) = self.message_for_change(id)?;
+        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let me = self.e.my_user;
+        let already = self
+            .db
+            .reactions(&m.id)?
+            .iter()
+            .any(|(u, e)| *u == me && e == emoji);
+        if already == on {
+            // Nothing to change: say how it is.
+            return to_value(&self.message_view(&m, false)?);
+        }
+        let change = self
+            .shard(shard_id)?
+            .react(&m.id.0, &me.0, emoji, on)
+            .map_err(crdt_err)?;
+        self.send_annotation(&conv, &m, shard_id, change, None)
+    }
+
+    /// Seals and sends a change made here, and shows its effect.
+    fn send_annotation(
+        &mut self,
+        conv: &Conv,
+        m: &MessageRecord,
+        shard_id: ShardId,
+        change: Vec<u8>,
+        edit: Option<EditText>,
+    ) -> ApiResult {
+        self.e.dirty_shards.insert(shard_id);
+        let payload = Payload::Annotate(Annotate {
+            message: m.id,
+            period: shard_id.1,
+            change,
+            edit,
+        });
+        let (env, counter, early) = self.seal_chain_message(conv, &payload.encode())?;
+        self.send_envelope(conv, &env, conv.epoch, counter, early, Ack::Publish)?;
+        self.materialize(shard_id, &m.id)?;
+        let m = self.db.message(&m.id)?.unwrap_or_else(|| m.clone());
+        to_value(&self.message_view(&m, false)?)
+    }
+
+    /// A member's change arrived (chain-sealed, authenticated as `device`
+    /// of `user`). `Err` for a change to refuse (and penalise).
+    pub(super) fn receive_annotation(
+        &mut self,
+        conv: &Conv,
+        user: UserId,
+        device: DeviceId,
+        a: Annotate,
+    ) -> Result<(), &'static str> {
+        if a.change.len() > MAX_CHANGE_BYTES {
+            return Err("annotation change too large");
+        }
+        if a.edit
+            .as_ref()
+            .is_some_and(|e| e.text.len() > MAX_TEXT_BYTES)
+        {
+            return Err("edit text too long");
+        }
+        let (inspected, what) =
+            Annotations::inspect(&a.change).map_err(|_| "malformed annotation change")?;
+        if inspected.actor != device.0 {
+            return Err("annotation change not by its sending device");
+        }
+        let target = weft_crdt::hex(&a.message.0);
+        let me = weft_crdt::hex(&user.0);
+        let mut edits = false;
+        for w in &what {
+            let about = match w {
+                Annotation::Edit { message } => {
+                    edits = true;
+                    Some(message)
+                }
+                Annotation::Delete { message } | Annotation::Pin { message } => Some(message),
+                Annotation::React { message, user, .. } => {
+                    if *user != me {
+                        return Err("a reaction in another user's name");
+                    }
+                    Some(message)
+                }
+                Annotation::Group { .. } => None,
+            };
+            if about.is_some_and(|m| *m != target) {
+                return Err("an annotation change about another message");
+            }
+        }
+        let m = match self.db.message(&a.message) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                // Its message is not here yet (or was never sent to us):
+                // keep the change until it is.
+                self.keep_annotation(&a.message.0, user, device, &a);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!("message lookup: {e}");
+                return Ok(());
+            }
+        };
+        if m.conversation != conv.id {
+            return Err("an annotation of another conversation's message");
+        }
+        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        if a.period != shard_id.1 {
+            return Err("an annotation for the wrong shard");
+        }
+        let admin = Self::is_admin(conv, &user);
+        for w in &what {
+            let allowed = match w {
+                Annotation::Edit { .. } => m.sender_user == user,
+                Annotation::Delete { .. } => m.sender_user == user || admin,
+                Annotation::React { .. } => true,
+                Annotation::Pin { .. } | Annotation::Group { .. } => admin,
+            };
+            if !allowed {
+                return Err("an annotation its author may not make");
+            }
+        }
+        if let Some(edit) = &a.edit
+            && edits
+            && let Err(e) = self.db.add_edit(&edit.id, &m.id, &edit.text)
+        {
+            tracing::warn!("cannot store an edit: {e}");
+            return Ok(());
+        }
+        let shard = self
+            .shard(shard_id)
+            .map_err(|_| "annotation shard unreadable")?;
+        if !shard.ready(&inspected) {
+            // It builds on changes of this shard not here yet: it waits
+            // for the shard to move (kept on disk, not in automerge's
+            // memory-only queue).
+            self.keep_annotation(&shard_key_bytes(shard_id), user, device, &a);
+            return Ok(());
+        }
+        let applied = shard
+            .apply(inspected)
+            .map_err(|_| "annotation change not applicable")?;
+        if let Err(e) = self.materialize(shard_id, &m.id) {
+            tracing::warn!("cannot show an annotation: {e:?}");
+        }
+        if applied {
+            self.e.dirty_shards.insert(shard_id);
+            // Changes that waited for this shard to move may apply now.
+            self.retry_pending(conv, &shard_key_bytes(shard_id));
+        }
+        Ok(())
+    }
+
+    fn keep_annotation(
+        &mut self,
+        waits_for: &[u8],
+        author: UserId,
+        device: DeviceId,
+        a: &Annotate,
+    ) {
+        let pending = PendingAnnotation {
+            author,
+            device,
+            payload: Payload::Annotate(a.clone()).encode(),
+        };
+        if let Err(e) = self
+            .db
+            .add_pending_annotation(waits_for, &pending, now_ms())
+        {
+            tracing::warn!("cannot keep an annotation for later: {e}");
+        }
+    }
+
+    /// Tries again the changes that waited for `waits_for`.
+    fn retry_pending(&mut self, conv: &Conv, waits_for: &[u8]) {
+        let pending = match self.db.take_pending_annotations(waits_for) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("pending annotations: {e}");
+                return;
+            }
+        };
+        for p in pending {
+            if let Some(Payload::Annotate(a)) = Payload::decode(&p.payload)
+                && let Err(why) = self.receive_annotation(conv, p.author, p.device, a)
+            {
+                tracing::debug!("a waiting annotation is refused: {why}");
+            }
+        }
+    }
+
+    /// Changes that waited for `message`, now that it is stored.
+    pub(super) fn annotations_waiting(&mut self, conv: &Conv, message: &MessageId) {
+        self.retry_pending(conv, &message.0);
+    }
+
+    /// Brings the store's view of `message` in line with its shard, and
+    /// tells `watch` if it changed.
+    fn materialize(&mut self, shard_id: ShardId, message: &MessageId) -> Result<(), ApiError> {
+        let ann: MessageAnnotations = self.shard(shard_id)?.message(&message.0);
+        let mut changed = false;
+        if ann.deleted {
+            changed |= self.db.erase_message(message)?;
+        } else {
+            if let Some(edit) = &ann.edit
+                && let Some(text) = self.db.edit_text(&edit.edit)?
+            {
+                changed |= self.db.show_edit(message, &text)?;
+            }
+            let mut reactions = Vec::new();
+            for (emoji, users) in &ann.reactions {
+                for user in users {
+                    if let Some(bytes) = weft_crdt::unhex(user)
+                        && let Ok(user) = <[u8; 32]>::try_from(bytes.as_slice())
+                    {
+                        reactions.push((UserId(user), emoji.clone()));
+                    }
+                }
+            }
+            changed |= self.db.set_reactions(message, &reactions)?;
+        }
+        if changed && let Some(m) = self.db.message(message)? {
+            let view = self.message_view(&m, false)?;
+            self.fx.push(Effect::Event(Event::Updated(view)));
+        }
+        Ok(())
+    }
+}

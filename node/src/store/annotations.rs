@@ -1,0 +1,264 @@
+//! Annotations in the store: the automerge shards (as bytes), the texts
+//! of edits, reactions as shown, and changes waiting for their message.
+
+use rusqlite::params;
+
+use super::{Db, StoreError, id_at, sql_limit};
+use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
+
+/// Changes kept while their message has not arrived; the oldest go first.
+const MAX_PENDING: usize = 10_000;
+
+/// A change that waits for its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAnnotation {
+    pub author: UserId,
+    pub device: DeviceId,
+    pub payload: Vec<u8>,
+}
+
+impl Db<'_> {
+    /// The saved shard, if any. `period` `u64::MAX` is the meta shard.
+    pub fn shard(&self, conv: &ConversationId, period: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.query_opt(
+            "SELECT doc FROM shards WHERE conversation = ?1 AND period = ?2",
+            params![conv.0, period as i64],
+            |row| Ok(row.get(0)?),
+        )
+    }
+
+    pub fn put_shard(
+        &self,
+        conv: &ConversationId,
+        period: u64,
+        doc: &[u8],
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO shards (conversation, period, doc) VALUES (?1, ?2, ?3)
+             ON CONFLICT (conversation, period) DO UPDATE SET doc = excluded.doc",
+            params![conv.0, period as i64, doc],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps an edit's text (once per edit id).
+    pub fn add_edit(&self, id: &[u8], message: &MessageId, text: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO edits (id, message, text) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO NOTHING",
+            params![id, message.0, text],
+        )?;
+        Ok(())
+    }
+
+    pub fn edit_text(&self, id: &[u8]) -> Result<Option<String>, StoreError> {
+        self.query_opt("SELECT text FROM edits WHERE id = ?1", [id], |row| {
+            Ok(row.get(0)?)
+        })
+    }
+
+    /// Shows `text` for the message (an edit), keeping the original once.
+    /// Nothing happens to a deleted message.
+    pub fn show_edit(&self, message: &MessageId, text: &str) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE messages SET original_text = coalesce(original_text, text), text = ?2,
+                                 edited = 1
+             WHERE id = ?1 AND deleted = 0 AND (text != ?2 OR edited = 0)",
+            params![message.0, text],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Deletes the message's content (its text, original text, edits and
+    /// reactions), leaving a tombstone. Returns whether it was there and
+    /// not deleted yet.
+    pub fn erase_message(&self, message: &MessageId) -> Result<bool, StoreError> {
+        self.atomically(|| {
+            let changed = self.execute(
+                "UPDATE messages SET text = '', original_text = NULL, edited = 0, deleted = 1
+                 WHERE id = ?1 AND deleted = 0",
+                [message.0],
+            )?;
+            self.execute("DELETE FROM edits WHERE message = ?1", [message.0])?;
+            self.execute("DELETE FROM reactions WHERE message = ?1", [message.0])?;
+            Ok(changed > 0)
+        })
+    }
+
+    /// Replaces the message's reactions; returns whether they changed.
+    pub fn set_reactions(
+        &self,
+        message: &MessageId,
+        reactions: &[(UserId, String)],
+    ) -> Result<bool, StoreError> {
+        let before = self.reactions(message)?;
+        let mut after = reactions.to_vec();
+        after.sort();
+        if before == after {
+            return Ok(false);
+        }
+        self.atomically(|| {
+            self.execute("DELETE FROM reactions WHERE message = ?1", [message.0])?;
+            for (user, emoji) in &after {
+                self.execute(
+                    "INSERT INTO reactions (message, user_id, emoji) VALUES (?1, ?2, ?3)",
+                    params![message.0, user.0, emoji],
+                )?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// (user, emoji) pairs, sorted.
+    pub fn reactions(&self, message: &MessageId) -> Result<Vec<(UserId, String)>, StoreError> {
+        self.query_vec(
+            "SELECT user_id, emoji FROM reactions WHERE message = ?1 ORDER BY user_id, emoji",
+            [message.0],
+            |row| Ok((id_at(row, 0)?, row.get(1)?)),
+        )
+    }
+
+    /// Keeps a change until what it `waits_for` (a message id, or a
+    /// shard's key) is here.
+    pub fn add_pending_annotation(
+        &self,
+        waits_for: &[u8],
+        pending: &PendingAnnotation,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.atomically(|| {
+            self.execute(
+                "INSERT INTO pending_annotations (waits_for, author, device, payload, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    waits_for,
+                    pending.author.0,
+                    pending.device.0,
+                    pending.payload,
+                    now_ms
+                ],
+            )?;
+            self.execute(
+                "DELETE FROM pending_annotations WHERE rowid_ NOT IN
+                 (SELECT rowid_ FROM pending_annotations ORDER BY rowid_ DESC LIMIT ?1)",
+                [sql_limit(MAX_PENDING)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The changes that waited for `waits_for`, removed from the store.
+    pub fn take_pending_annotations(
+        &self,
+        waits_for: &[u8],
+    ) -> Result<Vec<PendingAnnotation>, StoreError> {
+        let found = self.query_vec(
+            "SELECT author, device, payload FROM pending_annotations
+             WHERE waits_for = ?1 ORDER BY rowid_",
+            [waits_for],
+            |row| {
+                Ok(PendingAnnotation {
+                    author: id_at(row, 0)?,
+                    device: id_at(row, 1)?,
+                    payload: row.get(2)?,
+                })
+            },
+        )?;
+        if !found.is_empty() {
+            self.execute(
+                "DELETE FROM pending_annotations WHERE waits_for = ?1",
+                [waits_for],
+            )?;
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::store_with;
+    use crate::store::{MessageRecord, MessageStatus};
+
+    /// Conversation 1 with one message from user 7.
+    fn conversation_with_message(db: &Db<'_>) -> Result<(ConversationId, MessageId), StoreError> {
+        let conv = ConversationId([1; 32]);
+        let id = crate::ids::EnvelopeId([9; 16]);
+        db.insert_message(&MessageRecord {
+            id,
+            conversation: conv,
+            sender_user: UserId([7; 32]),
+            sender_device: DeviceId([8; 32]),
+            sent_at_ms: 1,
+            received_at_ms: 2,
+            hlc: 1 << 16,
+            text: "first".into(),
+            reply_to: None,
+            status: MessageStatus::Delivered,
+            edited: false,
+            deleted: false,
+        })?;
+        Ok((conv, id))
+    }
+
+    #[test]
+    fn edits_show_and_a_deletion_erases_everything() -> Result<(), StoreError> {
+        let store = store_with(&[1])?;
+        let db = store.db();
+        let (conv, message) = conversation_with_message(&db)?;
+        db.add_edit(&[1; 16], &message, "better")?;
+        assert!(db.show_edit(&message, "better")?);
+        assert!(
+            !db.show_edit(&message, "better")?,
+            "no change the second time"
+        );
+        db.set_reactions(&message, &[(UserId([2; 32]), "👍".into())])?;
+        assert_eq!(db.reactions(&message)?.len(), 1);
+        let m = db
+            .message(&message)?
+            .ok_or(StoreError::Corrupt("gone".into()))?;
+        assert_eq!((m.text.as_str(), m.edited), ("better", true));
+
+        assert!(db.erase_message(&message)?);
+        assert!(!db.erase_message(&message)?);
+        let m = db
+            .message(&message)?
+            .ok_or(StoreError::Corrupt("gone".into()))?;
+        assert_eq!((m.text.as_str(), m.edited, m.deleted), ("", false, true));
+        assert!(
+            db.edit_text(&[1; 16])?.is_none(),
+            "the edit's text is gone too"
+        );
+        assert!(db.reactions(&message)?.is_empty());
+        assert!(!db.show_edit(&message, "again")?, "a tombstone stays one");
+        let original: Option<Option<String>> = db.query_opt(
+            "SELECT original_text FROM messages WHERE id = ?1",
+            [message.0],
+            |row| Ok(row.get(0)?),
+        )?;
+        assert_eq!(original, Some(None), "the original text is gone");
+
+        db.put_shard(&conv, u64::MAX, b"meta")?;
+        db.put_shard(&conv, 3, b"three")?;
+        assert_eq!(db.shard(&conv, u64::MAX)?.as_deref(), Some(&b"meta"[..]));
+        assert_eq!(db.shard(&conv, 3)?.as_deref(), Some(&b"three"[..]));
+        assert_eq!(db.shard(&conv, 4)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn pending_changes_wait_for_their_message_and_are_bounded() -> Result<(), StoreError> {
+        let store = store_with(&[])?;
+        let db = store.db();
+        let m = crate::ids::EnvelopeId([5; 16]);
+        let p = PendingAnnotation {
+            author: UserId([1; 32]),
+            device: DeviceId([2; 32]),
+            payload: vec![1, 2, 3],
+        };
+        db.add_pending_annotation(&m.0, &p, 1)?;
+        assert_eq!(db.take_pending_annotations(&m.0)?, vec![p]);
+        assert!(db.take_pending_annotations(&m.0)?.is_empty());
+        Ok(())
+    }
+}
