@@ -124,6 +124,10 @@ pub enum Command {
     #[command(subcommand)]
     Relay(RelayCommand),
 
+    /// This account's devices: link a new one, list them.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+
     /// Push wakeups: relays POST a content-free wakeup to this endpoint
     /// when mail arrives while this device is away.
     #[command(subcommand)]
@@ -186,6 +190,21 @@ pub struct TypingArgs {
 
 /// Who may see this user's presence and typing.
 pub const PRESENCE_MODES: [&str; 3] = ["everyone", "contacts", "nobody"];
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Print a one-time code (and QR) for a new device, then wait until it
+    /// has joined (`weft init --link CODE` there). Needs the daemon.
+    Link,
+    /// List this account's devices.
+    List,
+    /// Revoke a device: it gets nothing sent after, and cannot act for
+    /// the account.
+    Revoke {
+        /// The device id (`weft devices list`).
+        device_id: String,
+    },
+}
 
 #[derive(Debug, Subcommand)]
 pub enum RelayCommand {

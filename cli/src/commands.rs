@@ -14,8 +14,8 @@ use weft_node::api::{ConversationView, Request};
 use weft_node::home::Home;
 
 use crate::cli::{
-    Cli, Command, ContactCommand, GroupCommand, InitArgs, PrivacyArgs, PushCommand, RelayCommand,
-    SendArgs, TypingArgs,
+    Cli, Command, ContactCommand, DevicesCommand, GroupCommand, InitArgs, PrivacyArgs, PushCommand,
+    RelayCommand, SendArgs, TypingArgs,
 };
 use crate::error::usage;
 use crate::{client, daemon, demo, output};
@@ -34,7 +34,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             output::out(&String::from_utf8_lossy(&buffer))
         }
         Command::Demo => demo::run(json).await,
-        Command::Init(args) => init(&home(cli.global.home)?, args, json),
+        Command::Init(args) => init(&home(cli.global.home)?, args, json).await,
+        Command::Devices(DevicesCommand::Link) => devices_link(&home(cli.global.home)?, json).await,
         Command::Id => id(&home(cli.global.home)?, json).await,
         Command::Daemon(args) => daemon::run(&home(cli.global.home)?, args, json).await,
         Command::Watch => watch(&home(cli.global.home)?, json).await,
@@ -206,6 +207,10 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
             )
         }
         Command::Relay(RelayCommand::List) => (Request::RelayList, Box::new(output::relays)),
+        Command::Devices(DevicesCommand::List) => (Request::DevicesList, Box::new(output::devices)),
+        Command::Devices(DevicesCommand::Revoke { .. }) => bail!(
+            "revoking a device is not supported yet: this version can link and list devices only"
+        ),
         Command::Push(PushCommand::Register { url }) => (
             Request::PushRegister { url },
             done("Push wakeups registered with your relays.".into()),
@@ -215,6 +220,7 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
             done("Push wakeups turned off.".into()),
         ),
         Command::Init(_)
+        | Command::Devices(DevicesCommand::Link)
         | Command::Id
         | Command::Daemon(_)
         | Command::Watch
@@ -245,9 +251,25 @@ fn read_stdin() -> anyhow::Result<String> {
 }
 
 /// `weft init`.
-fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
-    if args.link.is_some() {
-        bail!("linking a device (`weft init --link`) is not supported yet");
+async fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
+    if let Some(code) = &args.link {
+        let mut net = weft_node::NetConfig::new(Vec::new());
+        net.relay_target = 0;
+        net.dht_server = false;
+        let view = weft_node::link_device(home, code, args.name.as_deref(), net)
+            .await
+            .map_err(client::node_error)?;
+        if json {
+            return output::out_json(&view);
+        }
+        let value = serde_json::to_value(&view)?;
+        return output::out(&format!(
+            "Linked this device to the account of {} in {}.\n\n{}\nNext: run `weft daemon`: \
+             the account's history comes from its other devices.",
+            view.name,
+            home.dir().display(),
+            output::id(&value)
+        ));
     }
     let name = args.name.ok_or_else(|| usage("--name NAME is required"))?;
     let view = home.init(&name).map_err(client::node_error)?;
@@ -262,6 +284,65 @@ fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
         home.dir().display(),
         output::id(&value)
     ))
+}
+
+/// `weft devices link`: prints a one-time code, then waits until the new
+/// device has joined.
+async fn devices_link(home: &Home, json: bool) -> anyhow::Result<()> {
+    client::require_initialized(home)?;
+    let Some(mut watcher) = client::connect_daemon(home).await else {
+        bail!(
+            "no daemon is running for {}: start it with `weft daemon`; it answers the new device",
+            home.dir().display()
+        );
+    };
+    // Watch first, so that the join cannot be missed.
+    watcher.watch().await.map_err(client::node_error)?;
+    let reply = client::call(home, Request::DevicesLink).await?;
+    let code = reply
+        .get("code")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the daemon returned no code"))?
+        .to_string();
+    if json {
+        output::out_json(&serde_json::json!({ "code": code, "expires_at": reply["expires_at"] }))?;
+    } else {
+        let mut text = format!(
+            "On the new device, run:\n\n  weft init --link {code}\n\nThe code works once, for 10 minutes.\n"
+        );
+        if output::stdout_is_terminal()
+            && let Some(qr) = output::qr(&code.to_ascii_uppercase())
+        {
+            text.push('\n');
+            text.push_str(&qr);
+        }
+        output::out(&text)?;
+    }
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(weft_node::link::CODE_LIFETIME_MS as u64);
+    loop {
+        let next = tokio::time::timeout_at(deadline, watcher.next_event()).await;
+        match next {
+            Err(_) => bail!("no device joined within 10 minutes; the code has expired"),
+            Ok(Err(err)) => {
+                return Err(client::node_error(err)).context("lost the connection to the daemon");
+            }
+            Ok(Ok(None)) => bail!("the daemon stopped before a device joined"),
+            Ok(Ok(Some(event))) => {
+                let value = serde_json::to_value(&event)?;
+                if value["type"] == "device" && value["event"] == "linked" {
+                    let device = value["device_id"].as_str().unwrap_or_default().to_string();
+                    return if json {
+                        output::out_json(
+                            &serde_json::json!({"event": "linked", "device_id": device}),
+                        )
+                    } else {
+                        output::out(&format!("Device {device} joined the account."))
+                    };
+                }
+            }
+        }
+    }
 }
 
 /// `weft id`: the ids, the invite and, on a terminal, its QR code.

@@ -392,6 +392,33 @@ pub fn messages(value: &Value, with_ids: bool) -> String {
     text
 }
 
+/// `weft devices list`.
+pub fn devices(value: &Value) -> String {
+    let Some(list) = value.as_array() else {
+        return pretty(value);
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let s = |k: &str| {
+                d.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let state = if d["current"] == true {
+                "this device"
+            } else if d["connected"] == true {
+                "connected"
+            } else {
+                "away"
+            };
+            vec![s("device_id"), state.to_string(), s("peer_id")]
+        })
+        .collect();
+    table(&["DEVICE", "STATE", "PEER"], &rows)
+}
+
 /// `weft edit`, `delete`, `react`: the message as it is now.
 pub fn changed(value: &Value, what: &str) -> String {
     match view::<MessageView>(value) {

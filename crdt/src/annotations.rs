@@ -302,6 +302,11 @@ impl Annotations {
         self.doc.apply(change)
     }
 
+    /// Merges in the same shard as another device of the account saved it.
+    pub fn merge_saved(&mut self, bytes: &[u8]) -> Result<(), CrdtError> {
+        self.doc.merge_saved(bytes)
+    }
+
     /// Whether `change` can apply now (its dependencies are here).
     pub fn ready(&mut self, change: &Inspected) -> bool {
         self.doc.has_deps_of(change)

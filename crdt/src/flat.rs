@@ -226,6 +226,14 @@ impl FlatDoc {
         Ok(self.doc.get_changes(&[]).len().saturating_sub(before))
     }
 
+    /// Merges in another replica's saved document (from the account's own
+    /// device: its changes are not checked one by one).
+    pub fn merge_saved(&mut self, bytes: &[u8]) -> Result<(), CrdtError> {
+        let mut other = FlatDoc::load(bytes, b"merge")?;
+        self.doc.merge(&mut other.doc)?;
+        Ok(())
+    }
+
     /// Whether the document holds every change `change` depends on (else
     /// automerge would keep it aside, in memory only, until they come).
     pub fn has_deps_of(&mut self, change: &Inspected) -> bool {

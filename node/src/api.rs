@@ -73,6 +73,10 @@ pub enum Request {
     Read {
         target: String,
     },
+    /// A one-time code that links a new device to this account.
+    DevicesLink,
+    /// This account's devices.
+    DevicesList,
     /// Replace the text of one of this user's messages.
     Edit {
         id: String,
@@ -364,6 +368,8 @@ pub enum Event {
     },
     /// A peer connected or disconnected.
     Peer { peer_id: String, connected: bool },
+    /// A device joined this account (`event` is `linked`).
+    Device { event: String, device_id: String },
 }
 
 #[cfg(test)]

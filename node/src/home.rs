@@ -83,6 +83,26 @@ impl Home {
         name: &str,
     ) -> Result<crate::api::IdView, NodeError> {
         validate_name(name)?;
+        self.write_key_file(identity)?;
+        let store = Store::open(&self.db_path())?;
+        store.db().set_meta(META_NAME, name.as_bytes())?;
+        let invite = identity.invite(
+            name,
+            vec![identity.certificate().clone()],
+            Vec::new(),
+            crate::node::now_ms(),
+        )?;
+        Ok(crate::api::IdView {
+            user_id: identity.user_id().to_string(),
+            device_id: identity.device_id().to_string(),
+            peer_id: identity.peer_id().to_string(),
+            name: name.to_string(),
+            invite,
+        })
+    }
+
+    /// Writes the key file (0600, never over an existing one).
+    fn write_key_file(&self, identity: &Identity) -> Result<(), NodeError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -109,20 +129,31 @@ impl Home {
         };
         file.write_all(&bytes)?;
         file.sync_all()?;
+        Ok(())
+    }
+
+    /// Creates the home of a device linked to an existing account: it has
+    /// no user key, and shows the account's `invite` (signed by the user
+    /// key on the linking device).
+    pub fn init_linked(
+        &self,
+        identity: &Identity,
+        name: &str,
+        invite: &str,
+    ) -> Result<crate::api::IdView, NodeError> {
+        validate_name(name)?;
+        self.write_key_file(identity)?;
         let store = Store::open(&self.db_path())?;
         store.db().set_meta(META_NAME, name.as_bytes())?;
-        let invite = identity.invite(
-            name,
-            vec![identity.certificate().clone()],
-            Vec::new(),
-            crate::node::now_ms(),
-        )?;
+        store
+            .db()
+            .set_meta(crate::node::META_ACCOUNT_INVITE, invite.as_bytes())?;
         Ok(crate::api::IdView {
             user_id: identity.user_id().to_string(),
             device_id: identity.device_id().to_string(),
             peer_id: identity.peer_id().to_string(),
             name: name.to_string(),
-            invite,
+            invite: invite.to_string(),
         })
     }
 

@@ -54,6 +54,8 @@ pub enum IdentityError {
     Malformed(&'static str),
     #[error("the operating system's random number generator failed")]
     Random,
+    #[error("not a valid link code: {0}")]
+    LinkCode(&'static str),
 }
 
 /// Fills a buffer from the OS CSPRNG.
@@ -202,6 +204,24 @@ impl Identity {
 
     pub fn peer_id(&self) -> PeerId {
         peer_id_of(&self.device_id())
+    }
+
+    /// Whether this device holds the user key (it can certify devices).
+    pub fn holds_user_key(&self) -> bool {
+        self.user_key.is_some()
+    }
+
+    /// Certifies another device of this account. Needs the user key.
+    pub fn certify(
+        &self,
+        device: &DeviceId,
+        dh: [u8; 32],
+        now_ms: i64,
+    ) -> Result<DeviceCertificate, IdentityError> {
+        let user_key = self.user_key.as_ref().ok_or(IdentityError::Malformed(
+            "this device does not hold the user key",
+        ))?;
+        Ok(DeviceCertificate::issue(user_key, device, dh, now_ms))
     }
 
     /// Signs an invite for this account with the given name, device

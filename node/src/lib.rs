@@ -13,6 +13,7 @@ pub mod hlc;
 pub mod home;
 pub mod identity;
 pub mod ids;
+pub mod link;
 pub mod mailbox;
 pub mod net;
 pub mod node;
@@ -21,4 +22,4 @@ pub mod store;
 
 pub use libp2p::{Multiaddr, PeerId};
 pub use net::NetConfig;
-pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, now_ms};
+pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, link_device, now_ms};

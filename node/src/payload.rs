@@ -31,6 +31,9 @@ pub enum Payload {
     /// A change of one of the conversation's annotation shards (an edit,
     /// a deletion, a reaction; chain-sealed, to the whole conversation).
     Annotate(Annotate),
+    /// The sending account's devices, each certified by its user key
+    /// (sealed to the conversation's member devices).
+    Devices(Vec<DeviceCertificate>),
 }
 
 /// Longest automerge change an [`Annotate`] carries.

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod annotations;
+mod devices;
 mod presence;
 mod receipts;
 mod relay;
+pub(crate) use devices::{META_ACCOUNT_INVITE, META_HISTORY_NEEDED};
 pub(super) use relay::found_relays;
 mod sync;
 
@@ -82,6 +84,10 @@ pub enum DirectRequest {
         conversation: ConversationId,
         typing: bool,
     },
+    /// A new device brings a link code (`crate::link`).
+    Link(crate::link::LinkRequest),
+    /// Another device of the account asks for history.
+    History(devices::HistoryRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +102,10 @@ pub enum DirectResponse {
         envelopes: Vec<Vec<u8>>,
         more: bool,
     },
+    /// The answer to `Link`: the new device's certificate.
+    Linked(Box<crate::link::LinkGrant>),
+    /// The answer to `History`.
+    History(Box<devices::HistoryPage>),
 }
 
 /// A conversation as the engine keeps it in memory.
@@ -145,6 +155,12 @@ enum Effect {
         peer: PeerId,
         request: DirectRequest,
     },
+    /// A history request to another device of the account; its answer
+    /// comes back as [`Internal::History`].
+    History {
+        peer: PeerId,
+        request: devices::HistoryRequest,
+    },
 }
 
 /// Results of direct sends, fed back into the engine.
@@ -165,6 +181,10 @@ enum Internal {
         relay: PeerId,
         then: relay::MailboxThen,
         response: Option<crate::mailbox::MailboxResponse>,
+    },
+    History {
+        peer: PeerId,
+        response: Option<DirectResponse>,
     },
 }
 
@@ -247,6 +267,10 @@ pub(super) struct Engine {
     shards: HashMap<annotations::ShardId, weft_crdt::Annotations>,
     /// Those changed in the batch in progress.
     dirty_shards: HashSet<annotations::ShardId>,
+    /// Link codes issued and not used yet.
+    link_codes: Vec<devices::LinkSecret>,
+    /// The device a history transfer is coming from.
+    history_peer: Option<PeerId>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -383,6 +407,8 @@ impl Engine {
             gaps: HashSet::new(),
             shards: HashMap::new(),
             dirty_shards: HashSet::new(),
+            link_codes: Vec::new(),
+            history_peer: None,
         };
         engine.load()?;
         Ok(engine)
@@ -644,6 +670,8 @@ impl Engine {
                     gaps: &mut self.gaps,
                     shards: &mut self.shards,
                     dirty_shards: &mut self.dirty_shards,
+                    link_codes: &mut self.link_codes,
+                    history_peer: &mut self.history_peer,
                 },
                 db: &db,
                 fx: &mut fx,
@@ -783,6 +811,27 @@ impl Outlets {
 }
 
 impl Outlets {
+    /// Sends a history request; the page (or its absence) comes back to
+    /// the engine.
+    fn history(&self, peer: PeerId, request: devices::HistoryRequest) {
+        let internal = self.internal_tx.clone();
+        let Some(rx) = self.request(peer, &DirectRequest::History(request)) else {
+            let _ = internal.try_send(Internal::History {
+                peer,
+                response: None,
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let response = rx
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok());
+            let _ = internal.send(Internal::History { peer, response }).await;
+        });
+    }
+
     /// Sends a catch-up request; the answer (or its absence) comes back to
     /// the engine.
     fn sync(&self, peer: PeerId, conv: ConversationId, request: &DirectRequest) {
@@ -896,6 +945,7 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
                 // The answer does not matter; dropping its receiver is fine.
                 let _ = outlets.request(peer, &request);
             }
+            Effect::History { peer, request } => outlets.history(peer, request),
         }
     }
 }
@@ -966,6 +1016,8 @@ struct EngineState<'a> {
     gaps: &'a mut HashSet<ConversationId>,
     shards: &'a mut HashMap<annotations::ShardId, weft_crdt::Annotations>,
     dirty_shards: &'a mut HashSet<annotations::ShardId>,
+    link_codes: &'a mut Vec<devices::LinkSecret>,
+    history_peer: &'a mut Option<PeerId>,
 }
 
 struct State<'s, 'a, 'd> {
@@ -1051,6 +1103,9 @@ impl State<'_, '_, '_> {
                 conv,
                 response,
             }) => self.on_synced(peer, conv, response),
+            Input::Internal(Internal::History { peer, response }) => {
+                self.on_history(peer, response)
+            }
             Input::Tick => {
                 self.retry();
                 self.expire_presence();
@@ -1181,6 +1236,8 @@ impl State<'_, '_, '_> {
                 let conv = self.resolve(&target)?;
                 self.mark_read(conv)
             }
+            Request::DevicesLink => self.devices_link(listen),
+            Request::DevicesList => self.devices_list(),
             Request::Edit { id, text } => self.edit_message(&id, text),
             Request::Delete { id } => self.delete_message(&id),
             Request::React { id, emoji, remove } => self.react(&id, &emoji, !remove),
@@ -1211,16 +1268,7 @@ impl State<'_, '_, '_> {
                 }
                 seen
             });
-        let invite = self
-            .e
-            .identity
-            .invite(
-                self.e.name.as_str(),
-                vec![self.e.identity.certificate().clone()],
-                addrs,
-                now_ms(),
-            )
-            .map_err(|e| ApiError::failed(e.to_string()))?;
+        let invite = self.account_invite(addrs)?;
         to_value(&IdView {
             user_id: self.e.my_user.to_string(),
             device_id: self.e.my_device.to_string(),
@@ -1562,6 +1610,16 @@ impl State<'_, '_, '_> {
                 for d in &m.devices {
                     if d.device != self.e.my_device {
                         out.push((d.device, d.dh));
+                    }
+                }
+                // Devices the member's account announced since the group
+                // state was made.
+                for d in self.db.devices_of_user(&m.user)? {
+                    if d.device_id != self.e.my_device
+                        && !out.iter().any(|(id, _)| *id == d.device_id)
+                        && let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert)
+                    {
+                        out.push((cert.device, cert.dh));
                     }
                 }
             }
@@ -2271,6 +2329,8 @@ impl State<'_, '_, '_> {
             NetEvent::Direct { peer, data, reply } => {
                 let response = match postcard::from_bytes::<DirectRequest>(&data) {
                     Ok(DirectRequest::Sync(request)) => self.answer_sync(peer, request),
+                    Ok(DirectRequest::Link(request)) => self.answer_link(peer, request),
+                    Ok(DirectRequest::History(request)) => self.answer_history(peer, request),
                     Ok(DirectRequest::Presence { interval_ms }) => {
                         self.on_presence(peer, interval_ms);
                         DirectResponse::Ack { accepted: 1 }
@@ -2319,6 +2379,7 @@ impl State<'_, '_, '_> {
                 self.heartbeat_to(peer);
                 self.sync_with(peer);
                 self.relay_connected(peer);
+                self.history_from(peer);
             }
             NetEvent::Disconnected { peer } => {
                 self.e.connected.remove(&peer);
@@ -2469,6 +2530,7 @@ impl State<'_, '_, '_> {
         };
         match payload {
             Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
+            Payload::Devices(certs) => self.receive_devices(env, certs),
             Payload::Group(state) => self.receive_group(env, state),
             Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))

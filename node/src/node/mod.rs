@@ -7,8 +7,11 @@
 //! answered through a oneshot once their writes are committed.
 
 mod engine;
+mod join;
 
+pub(crate) use engine::META_ACCOUNT_INVITE;
 pub use engine::{ChainHave, DirectRequest, DirectResponse, Share, SyncRequest};
+pub use join::link_device;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -148,7 +151,9 @@ impl NodeHandle {
     /// Runs one API request; returns its reply's data.
     pub async fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
         let listen = match (&request, &self.net) {
-            (Request::Id | Request::Status, Some(_)) => self.listen_addrs().await,
+            (Request::Id | Request::Status | Request::DevicesLink, Some(_)) => {
+                self.listen_addrs().await
+            }
             _ => Vec::new(),
         };
         let status_peers = match (&request, &self.net) {

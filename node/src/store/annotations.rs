@@ -41,6 +41,15 @@ impl Db<'_> {
         Ok(())
     }
 
+    /// Every shard's place, in a stable order.
+    pub fn shard_ids(&self) -> Result<Vec<(ConversationId, u64)>, StoreError> {
+        self.query_vec(
+            "SELECT conversation, period FROM shards ORDER BY conversation, period",
+            [],
+            |row| Ok((id_at(row, 0)?, row.get::<_, i64>(1)? as u64)),
+        )
+    }
+
     /// Keeps an edit's text (once per edit id).
     pub fn add_edit(&self, id: &[u8], message: &MessageId, text: &str) -> Result<(), StoreError> {
         self.execute(

@@ -210,6 +210,28 @@ impl Db<'_> {
         Ok(page)
     }
 
+    /// Messages of every conversation in (hlc, id) order after `after`,
+    /// sent at or after `since_ms`, at most `limit`: history for another
+    /// device of the account.
+    pub fn messages_after(
+        &self,
+        after: Option<(u64, MessageId)>,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let (hlc, id) = match after {
+            Some((hlc, id)) => (super::to_sql_int(hlc, "hlc")?, id.0.to_vec()),
+            None => (-1, Vec::new()),
+        };
+        self.query_vec(
+            select_messages!(
+                "WHERE (hlc, id) > (?1, ?2) AND sent_at >= ?3 ORDER BY hlc, id LIMIT ?4"
+            ),
+            params![hlc, id, since_ms, sql_limit(limit)],
+            MessageRecord::from_row,
+        )
+    }
+
     /// Incoming messages of the conversation not yet marked read, oldest
     /// first, at most `limit`.
     pub fn unread_incoming(

@@ -1,0 +1,660 @@
+//! This account's devices, from the engine's side: issuing link codes and
+//! certifying the device that brings one (`crate::link`), telling every
+//! conversation about the account's devices, handing this device's
+//! sending chains to devices learned later, `weft devices list`, and
+//! history sync: a newly linked device asks the account's other devices
+//! for the conversations, contacts, messages (with statuses and
+//! reactions) and annotation shards they hold, page by page, over the
+//! direct protocol. Only the account's own devices are answered.
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::link::{CODE_LIFETIME_MS, LinkCode, LinkGrant, LinkRequest};
+
+/// Link codes waiting to be used, at most.
+const MAX_LINK_CODES: usize = 4;
+/// Messages per history page, and their text bytes.
+const HISTORY_PAGE: usize = 1000;
+const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Shards per history page.
+const HISTORY_SHARDS: usize = 64;
+/// `meta`: this device still has to fetch the account's history (set when
+/// it is linked; holds the window start in ms, decimal).
+pub(crate) const META_HISTORY_NEEDED: &str = "history_needed";
+/// `meta`: the account's invite, for a device without the user key.
+pub(crate) const META_ACCOUNT_INVITE: &str = "account_invite";
+
+/// Where a history transfer is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HistoryCursor {
+    /// People, contacts and conversations first.
+    Start,
+    /// Then the annotation shards, from this index.
+    Shards(u32),
+    /// Then messages after this one, in (hlc, id) order.
+    Messages { hlc: u64, id: MessageId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    pub cursor: HistoryCursor,
+    /// Only messages sent at or after this (ms).
+    pub since_ms: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    pub users: Vec<(UserId, String)>,
+    pub devices: Vec<DeviceCertificate>,
+    pub contacts: Vec<HistoryContact>,
+    pub conversations: Vec<HistoryConversation>,
+    pub shards: Vec<(ConversationId, u64, Vec<u8>)>,
+    pub messages: Vec<HistoryMessage>,
+    /// What to ask for next; `None`: done.
+    pub next: Option<HistoryCursor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryContact {
+    pub user: UserId,
+    pub alias: String,
+    pub invite: String,
+    pub blocked: bool,
+    pub added_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryConversation {
+    pub id: ConversationId,
+    pub group: bool,
+    pub name: String,
+    pub epoch: u64,
+    pub state: Option<Vec<u8>>,
+    pub created_at_ms: i64,
+    pub last_message_at_ms: Option<i64>,
+    /// Members, and whether each is an admin.
+    pub members: Vec<(UserId, bool)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    pub id: MessageId,
+    pub conversation: ConversationId,
+    pub sender_user: UserId,
+    pub sender_device: DeviceId,
+    pub sent_at_ms: i64,
+    pub received_at_ms: i64,
+    pub hlc: u64,
+    pub text: String,
+    pub reply_to: Option<MessageId>,
+    pub status: String,
+    pub edited: bool,
+    pub deleted: bool,
+    pub reactions: Vec<(UserId, String)>,
+}
+
+/// A link code waiting for its device.
+pub(super) struct LinkSecret {
+    secret: [u8; 16],
+    expires_at_ms: i64,
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl State<'_, '_, '_> {
+    /// Whether `peer` is another, unrevoked device of this account.
+    fn own_device(&mut self, peer: &PeerId) -> bool {
+        *peer != self.e.identity.peer_id()
+            && self
+                .who(peer)
+                .is_some_and(|(_, user)| user == self.e.my_user)
+    }
+
+    /// `weft devices link`: a one-time code for a new device.
+    pub(super) fn devices_link(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+        if !self.e.identity.holds_user_key() {
+            return Err(ApiError::usage(
+                "this device does not hold the account's user key: link from the first device",
+            ));
+        }
+        if !self.e.net_online {
+            return Err(ApiError::usage(
+                "start the daemon first: it answers the new device",
+            ));
+        }
+        let secret: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
+        let now = now_ms();
+        self.e.link_codes.retain(|c| c.expires_at_ms > now);
+        if self.e.link_codes.len() >= MAX_LINK_CODES {
+            self.e.link_codes.remove(0);
+        }
+        let expires_at_ms = now + CODE_LIFETIME_MS;
+        self.e.link_codes.push(LinkSecret {
+            secret,
+            expires_at_ms,
+        });
+        let me = self.e.identity.peer_id();
+        let addrs: Vec<String> = listen
+            .into_iter()
+            .filter(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
+            })
+            .map(|a| a.with(Protocol::P2p(me)).to_string())
+            .chain(self.relay_addrs())
+            .take(8)
+            .collect();
+        let code = LinkCode {
+            user: self.e.my_user,
+            device: self.e.my_device,
+            addrs,
+            secret,
+        };
+        to_value(&serde_json::json!({
+            "code": code.encode(),
+            "expires_at": expires_at_ms,
+        }))
+    }
+
+    /// A new device asks to join with a code.
+    pub(super) fn answer_link(&mut self, peer: PeerId, req: LinkRequest) -> DirectResponse {
+        if peer_id_of(&req.device) != peer {
+            return DirectResponse::Refused("the device is not the one connected".into());
+        }
+        let now = now_ms();
+        self.e.link_codes.retain(|c| c.expires_at_ms > now);
+        let Some(at) = self.e.link_codes.iter().position(|c| {
+            same(
+                &crate::link::proof(&c.secret, &req.device, &req.dh),
+                &req.proof,
+            )
+        }) else {
+            return DirectResponse::Refused("no such link code (expired or used)".into());
+        };
+        // One use only.
+        self.e.link_codes.remove(at);
+        let grant = (|| -> Result<LinkGrant, ApiError> {
+            let cert = self
+                .e
+                .identity
+                .certify(&req.device, req.dh, now)
+                .map_err(|e| ApiError::failed(e.to_string()))?;
+            self.db
+                .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+            self.devices_changed();
+            self.announce_devices()?;
+            self.share_chains_with(&cert)?;
+            let invite = self.account_invite(Vec::new())?;
+            Ok(LinkGrant {
+                certificate: cert,
+                name: self.e.name.clone(),
+                invite,
+            })
+        })();
+        match grant {
+            Ok(grant) => {
+                tracing::info!(%peer, "linked a new device to the account");
+                self.fx.push(Effect::Event(Event::Device {
+                    event: "linked".into(),
+                    device_id: grant.certificate.device.to_string(),
+                }));
+                DirectResponse::Linked(Box::new(grant))
+            }
+            Err(e) => DirectResponse::Refused(format!("linking failed: {e}")),
+        }
+    }
+
+    /// This account's devices' certificates (this one first).
+    fn my_certificates(&mut self) -> Result<Vec<DeviceCertificate>, ApiError> {
+        let mut certs = vec![self.e.identity.certificate().clone()];
+        for d in self.db.devices_of_user(&self.e.my_user)? {
+            if d.device_id != self.e.my_device
+                && let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert)
+            {
+                certs.push(cert);
+            }
+        }
+        certs.truncate(crate::identity::MAX_DEVICES);
+        Ok(certs)
+    }
+
+    /// An invite naming every device of the account. A device without
+    /// the user key shows the one it was given when linked.
+    pub(super) fn account_invite(&mut self, addrs: Vec<String>) -> Result<String, ApiError> {
+        if !self.e.identity.holds_user_key() {
+            return self
+                .db
+                .get_meta(META_ACCOUNT_INVITE)?
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| ApiError::failed("this linked device has no account invite"));
+        }
+        let certs = self.my_certificates()?;
+        self.e
+            .identity
+            .invite(self.e.name.as_str(), certs, addrs, now_ms())
+            .map_err(|e| ApiError::failed(e.to_string()))
+    }
+
+    /// Tells every conversation which devices this account has.
+    fn announce_devices(&mut self) -> Result<(), ApiError> {
+        let certs = self.my_certificates()?;
+        let convs: Vec<Conv> = self
+            .e
+            .convs
+            .values()
+            .filter(|c| c.active)
+            .cloned()
+            .collect();
+        for conv in convs {
+            let recipients = self.recipients(&conv)?;
+            if recipients.devices.is_empty() {
+                continue;
+            }
+            let env = self.seal_to(
+                conv.id,
+                &recipients.devices,
+                &Payload::Devices(certs.clone()),
+            )?;
+            self.send_envelope(&conv, &env, conv.epoch, 0, false, Ack::Publish)?;
+        }
+        Ok(())
+    }
+
+    /// A member told which devices its account has.
+    pub(super) fn receive_devices(
+        &mut self,
+        env: &Envelope,
+        certs: Vec<DeviceCertificate>,
+    ) -> Result<Verdict, ApiError> {
+        let Some(sender) = self.db.device(&env.header.sender)? else {
+            // From a device we do not know yet: its own messages will say.
+            return Ok(Verdict::Ignore);
+        };
+        if sender.revoked || certs.len() > crate::identity::MAX_DEVICES {
+            return Ok(Verdict::Reject(
+                "device list from a revoked device, or too long",
+            ));
+        }
+        for cert in &certs {
+            if cert.user != sender.user_id || cert.verify().is_err() {
+                return Ok(Verdict::Reject("device list with a foreign certificate"));
+            }
+        }
+        for cert in certs {
+            if cert.device == self.e.my_device {
+                continue;
+            }
+            let new = self.db.device(&cert.device)?.is_none();
+            self.db
+                .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+            if new {
+                self.devices_changed();
+                self.share_chains_with(&cert)?;
+            }
+        }
+        self.store_envelope(env, 0, 0)?;
+        Ok(Verdict::Accept)
+    }
+
+    /// Hands this device's current sending chains to a device learned
+    /// later, in every conversation its user is in: it reads what this
+    /// device sends from now on.
+    pub(super) fn share_chains_with(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
+        let convs: Vec<Conv> = self
+            .e
+            .convs
+            .values()
+            .filter(|c| c.active && c.members.contains(&cert.user))
+            .cloned()
+            .collect();
+        for conv in convs {
+            let key = (conv.id, conv.epoch);
+            let distribution = match self.e.sending.get(&key) {
+                Some(slot) => Some(slot.chain.distribution()),
+                None => match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
+                    Some(bytes) => Some(SendingChain::from_bytes(&bytes)?.distribution()),
+                    None => None,
+                },
+            };
+            let Some((chain_key, next_counter)) = distribution else {
+                // No chain yet: the first message will hand it to everyone.
+                continue;
+            };
+            let payload = Payload::SenderKey(SenderKey {
+                epoch: conv.epoch,
+                chain_key,
+                next_counter,
+                sender_cert: self.e.identity.certificate().clone(),
+                sender_name: self.e.name.clone(),
+            });
+            let env = self.seal_to(conv.id, &[(cert.device, cert.dh)], &payload)?;
+            self.send_envelope(&conv, &env, conv.epoch, 0, false, Ack::Publish)?;
+        }
+        Ok(())
+    }
+
+    /// `weft devices list`.
+    pub(super) fn devices_list(&mut self) -> ApiResult {
+        let mut out = Vec::new();
+        for cert in self.my_certificates()? {
+            out.push(serde_json::json!({
+                "device_id": cert.device.to_string(),
+                "peer_id": peer_id_of(&cert.device).to_string(),
+                "created_at": cert.created_at_ms,
+                "current": cert.device == self.e.my_device,
+                "connected": self.e.connected.contains(&peer_id_of(&cert.device)),
+            }));
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    // ---- history sync -------------------------------------------------
+
+    /// Another device of the account connected: fetch history from it if
+    /// this device still needs it.
+    pub(super) fn history_from(&mut self, peer: PeerId) {
+        if self.e.history_peer.is_some() || !self.own_device(&peer) {
+            return;
+        }
+        let since_ms = match self.db.get_meta(META_HISTORY_NEEDED) {
+            Ok(Some(b)) => String::from_utf8_lossy(&b).parse().unwrap_or(0),
+            _ => return,
+        };
+        *self.e.history_peer = Some(peer);
+        self.fx.push(Effect::History {
+            peer,
+            request: HistoryRequest {
+                cursor: HistoryCursor::Start,
+                since_ms,
+            },
+        });
+    }
+
+    /// Answers a history page, to another device of this account only.
+    pub(super) fn answer_history(&mut self, peer: PeerId, req: HistoryRequest) -> DirectResponse {
+        if !self.own_device(&peer) {
+            return DirectResponse::Refused(
+                "history goes only to the account's own devices".into(),
+            );
+        }
+        match self.history_page(req) {
+            Ok(page) => DirectResponse::History(Box::new(page)),
+            Err(e) => DirectResponse::Refused(format!("history: {e}")),
+        }
+    }
+
+    fn history_page(&mut self, req: HistoryRequest) -> Result<HistoryPage, ApiError> {
+        let mut page = HistoryPage::default();
+        match req.cursor {
+            HistoryCursor::Start => {
+                for c in self.db.contacts()? {
+                    page.users.push((
+                        c.user_id,
+                        self.db.user_name(&c.user_id)?.unwrap_or_default(),
+                    ));
+                    for d in self.db.devices_of_user(&c.user_id)? {
+                        if let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert) {
+                            page.devices.push(cert);
+                        }
+                    }
+                    page.contacts.push(HistoryContact {
+                        user: c.user_id,
+                        alias: c.alias,
+                        invite: c.invite,
+                        blocked: c.blocked,
+                        added_at_ms: c.added_at_ms,
+                    });
+                }
+                for r in self.db.conversations()? {
+                    let members = self
+                        .db
+                        .members(&r.id)?
+                        .into_iter()
+                        .map(|(u, role)| (u, role == Role::Admin))
+                        .collect::<Vec<_>>();
+                    for (user, _) in &members {
+                        if !page.users.iter().any(|(u, _)| u == user) {
+                            page.users
+                                .push((*user, self.db.user_name(user)?.unwrap_or_default()));
+                            for d in self.db.devices_of_user(user)? {
+                                if let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert) {
+                                    page.devices.push(cert);
+                                }
+                            }
+                        }
+                    }
+                    page.conversations.push(HistoryConversation {
+                        id: r.id,
+                        group: r.kind == ConversationKind::Group,
+                        name: r.name,
+                        epoch: r.epoch,
+                        state: r.state,
+                        created_at_ms: r.created_at_ms,
+                        last_message_at_ms: r.last_message_at_ms,
+                        members,
+                    });
+                }
+                page.next = Some(HistoryCursor::Shards(0));
+            }
+            HistoryCursor::Shards(from) => {
+                let all = self.db.shard_ids()?;
+                let from = from as usize;
+                for (conv, period) in all.iter().skip(from).take(HISTORY_SHARDS) {
+                    if let Some(doc) = self.db.shard(conv, *period)? {
+                        page.shards.push((*conv, *period, doc));
+                    }
+                }
+                page.next = Some(if from + HISTORY_SHARDS < all.len() {
+                    HistoryCursor::Shards((from + HISTORY_SHARDS) as u32)
+                } else {
+                    HistoryCursor::Messages {
+                        hlc: 0,
+                        id: EnvelopeId([0; 16]),
+                    }
+                });
+            }
+            HistoryCursor::Messages { hlc, id } => {
+                let after = (hlc > 0).then_some((hlc, id));
+                let records = self.db.messages_after(after, req.since_ms, HISTORY_PAGE)?;
+                let full = records.len() == HISTORY_PAGE;
+                let mut bytes = 0;
+                for m in records {
+                    bytes += m.text.len();
+                    page.messages.push(HistoryMessage {
+                        reactions: self.db.reactions(&m.id)?,
+                        id: m.id,
+                        conversation: m.conversation,
+                        sender_user: m.sender_user,
+                        sender_device: m.sender_device,
+                        sent_at_ms: m.sent_at_ms,
+                        received_at_ms: m.received_at_ms,
+                        hlc: m.hlc,
+                        text: m.text,
+                        reply_to: m.reply_to,
+                        status: m.status.as_str().to_string(),
+                        edited: m.edited,
+                        deleted: m.deleted,
+                    });
+                    if bytes > HISTORY_PAGE_BYTES {
+                        break;
+                    }
+                }
+                let cut = bytes > HISTORY_PAGE_BYTES;
+                page.next = match page.messages.last() {
+                    Some(last) if full || cut => Some(HistoryCursor::Messages {
+                        hlc: last.hlc,
+                        id: last.id,
+                    }),
+                    _ => None,
+                };
+            }
+        }
+        Ok(page)
+    }
+
+    /// A history page came back (or not).
+    pub(super) fn on_history(&mut self, peer: PeerId, response: Option<DirectResponse>) {
+        let page = match response {
+            Some(DirectResponse::History(page)) => page,
+            other => {
+                tracing::warn!(%peer, ?other, "history sync stopped; it resumes on the next connection");
+                *self.e.history_peer = None;
+                return;
+            }
+        };
+        if let Err(e) = self.import_history(&page) {
+            tracing::warn!(%peer, "history import failed: {e}");
+            *self.e.history_peer = None;
+            return;
+        }
+        match page.next {
+            Some(cursor) => {
+                let since_ms = self
+                    .db
+                    .get_meta(META_HISTORY_NEEDED)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| String::from_utf8_lossy(&b).parse().ok())
+                    .unwrap_or(0);
+                self.fx.push(Effect::History {
+                    peer,
+                    request: HistoryRequest { cursor, since_ms },
+                });
+            }
+            None => {
+                tracing::info!(%peer, "history received from another device of the account");
+                let _ = self.db.delete_meta(META_HISTORY_NEEDED);
+                *self.e.history_peer = None;
+            }
+        }
+    }
+
+    fn import_history(&mut self, page: &HistoryPage) -> Result<(), ApiError> {
+        let now = now_ms();
+        for (user, name) in &page.users {
+            self.db.upsert_user(user, name, now)?;
+        }
+        for cert in &page.devices {
+            if cert.verify().is_ok() && cert.device != self.e.my_device {
+                self.db
+                    .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+            }
+        }
+        self.devices_changed();
+        for c in &page.contacts {
+            if self.db.contact(&c.user)?.is_none() {
+                let contact = Contact {
+                    user_id: c.user,
+                    alias: c.alias.clone(),
+                    invite: c.invite.clone(),
+                    blocked: c.blocked,
+                    added_at_ms: c.added_at_ms,
+                };
+                if let Err(e) = self.db.insert_contact(&contact) {
+                    tracing::debug!("contact {} not imported: {e}", c.alias);
+                }
+                if c.blocked {
+                    self.e.blocked.insert(c.user);
+                }
+            }
+        }
+        for c in &page.conversations {
+            let group = c
+                .state
+                .as_deref()
+                .and_then(GroupState::decode)
+                .map(Arc::new);
+            let record = ConversationRecord {
+                id: c.id,
+                kind: if c.group {
+                    ConversationKind::Group
+                } else {
+                    ConversationKind::Direct
+                },
+                name: c.name.clone(),
+                topic: c.id.topic(),
+                epoch: c.epoch,
+                state: c.state.clone(),
+                created_at_ms: c.created_at_ms,
+                last_message_at_ms: c.last_message_at_ms,
+                unread: 0,
+            };
+            if self.db.insert_conversation(&record)? {
+                let members: Vec<(UserId, Role)> = c
+                    .members
+                    .iter()
+                    .map(|(u, admin)| (*u, if *admin { Role::Admin } else { Role::Member }))
+                    .collect();
+                self.db.set_members(&c.id, &members)?;
+                let users: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
+                let active = users.contains(&self.e.my_user);
+                self.add_conv(Conv {
+                    id: c.id,
+                    kind: record.kind,
+                    topic: record.topic.clone(),
+                    epoch: c.epoch,
+                    members: users,
+                    group,
+                    active,
+                });
+                self.reprocess_pending(&c.id);
+            }
+        }
+        for (conv, period, doc) in &page.shards {
+            self.e.shards.remove(&(*conv, *period));
+            let merged = match self.db.shard(conv, *period)? {
+                None => doc.clone(),
+                Some(mine) => {
+                    let device = self.e.my_device.0;
+                    let mut a = weft_crdt::Annotations::load(&mine, &device)
+                        .map_err(|e| ApiError::failed(e.to_string()))?;
+                    a.merge_saved(doc)
+                        .map_err(|e| ApiError::failed(e.to_string()))?;
+                    a.save()
+                }
+            };
+            self.db.put_shard(conv, *period, &merged)?;
+        }
+        for m in &page.messages {
+            if !self.e.convs.contains_key(&m.conversation) {
+                continue;
+            }
+            let status = m
+                .status
+                .parse::<MessageStatus>()
+                .unwrap_or(MessageStatus::Delivered);
+            let record = MessageRecord {
+                id: m.id,
+                conversation: m.conversation,
+                sender_user: m.sender_user,
+                sender_device: m.sender_device,
+                sent_at_ms: m.sent_at_ms,
+                received_at_ms: m.received_at_ms,
+                hlc: m.hlc,
+                text: if m.deleted {
+                    String::new()
+                } else {
+                    m.text.clone()
+                },
+                reply_to: m.reply_to,
+                status,
+                edited: m.edited && !m.deleted,
+                deleted: m.deleted,
+            };
+            if self.db.insert_message(&record)? {
+                self.db.set_reactions(&m.id, &m.reactions)?;
+                self.db
+                    .bump_conversation(&m.conversation, m.sent_at_ms, 0)?;
+            } else {
+                // Here already (it came by itself): the account's status
+                // may be further along.
+                self.db.set_message_status(&m.id, status)?;
+            }
+        }
+        Ok(())
+    }
+}
