@@ -156,6 +156,10 @@ pub struct InitArgs {
     /// Join an existing account with a code from `weft devices link`.
     #[arg(long, value_name = "CODE")]
     pub link: Option<String>,
+
+    /// With --link: fetch only the last N days of history (default: all).
+    #[arg(long, value_name = "N", requires = "link")]
+    pub history_days: Option<u32>,
 }
 
 #[derive(Debug, Args)]

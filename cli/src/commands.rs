@@ -256,7 +256,10 @@ async fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
         let mut net = weft_node::NetConfig::new(Vec::new());
         net.relay_target = 0;
         net.dht_server = false;
-        let view = weft_node::link_device(home, code, args.name.as_deref(), net)
+        let since = args.history_days.map_or(0, |days| {
+            weft_node::now_ms() - i64::from(days) * 24 * 3600 * 1000
+        });
+        let view = weft_node::link_device(home, code, args.name.as_deref(), since, net)
             .await
             .map_err(client::node_error)?;
         if json {

@@ -29,10 +29,15 @@ async fn link(account: &TestNode, name: &str, bootstrap: &[&TestNode]) -> TestNo
         .tempdir()
         .unwrap();
     let home = Home::new(dir.path().join("home"));
-    let port = 50_000 + u64::from(std::process::id() % 1000) * 10;
-    let view = link_device(&home, &code, None, NetConfig::memory(port))
-        .await
-        .unwrap();
+    let view = link_device(
+        &home,
+        &code,
+        None,
+        0,
+        NetConfig::memory(common::next_port()),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         view.user_id,
         account.call(Request::Id).await["user_id"].as_str().unwrap()
@@ -40,9 +45,15 @@ async fn link(account: &TestNode, name: &str, bootstrap: &[&TestNode]) -> TestNo
     // The code works once.
     let again = Home::new(dir.path().join("again"));
     assert!(
-        link_device(&again, &code, None, NetConfig::memory(port + 1))
-            .await
-            .is_err(),
+        link_device(
+            &again,
+            &code,
+            None,
+            0,
+            NetConfig::memory(common::next_port())
+        )
+        .await
+        .is_err(),
         "a code is good for one device"
     );
     TestNode::start_existing(name, dir, bootstrap).await
@@ -108,4 +119,99 @@ async fn a_linked_device_gets_history_and_new_messages_and_speaks_for_the_accoun
     phone.send("trio", "group from the phone").await;
     carol.expect_text("trio", "group from the phone").await;
     alice.expect_text("trio", "group from the phone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_linked_to_1000_messages_of_history_gets_them_all_in_order() {
+    let alice = TestNode::start("alice", 52, &[]).await;
+    let bob = TestNode::start("bob", 52, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    for i in 0..500 {
+        alice.send("bob", &format!("a{i:03}")).await;
+        bob.send("alice", &format!("b{i:03}")).await;
+    }
+    alice
+        .wait_messages("bob", "the thousand", |ms| ms.len() == 1000)
+        .await;
+    // Let alice's own messages settle on "delivered" (bob's receipts).
+    let expected = alice
+        .wait_messages("bob", "delivered everywhere", |ms| {
+            ms.iter()
+                .filter(|m| m["outgoing"] == true)
+                .all(|m| m["status"] == "delivered")
+        })
+        .await;
+    let phone = link(&alice, "alice-phone", &[&alice]).await;
+    let got = phone
+        .wait_messages("bob", "the thousand on the phone", |ms| ms.len() >= 1000)
+        .await;
+    let view = |ms: &[serde_json::Value]| {
+        ms.iter()
+            .map(|m| {
+                (
+                    m["id"].clone(),
+                    m["text"].clone(),
+                    m["status"].clone(),
+                    m["outgoing"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        view(&got),
+        view(&expected),
+        "all of them, in order, with statuses"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_of_one_message_on_two_devices_converge() {
+    let mut alice = TestNode::start("alice", 53, &[]).await;
+    let bob = TestNode::start("bob", 53, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    let id = alice.send("bob", "draft").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.expect_text("alice", "draft").await;
+    let mut phone = link(&alice, "alice-phone", &[&alice, &bob]).await;
+    phone.expect_text("bob", "draft").await;
+
+    // Apart: each device edits without seeing the other's edit.
+    phone.stop().await;
+    alice
+        .call(Request::Edit {
+            id: id.clone(),
+            text: "edited on the laptop".into(),
+        })
+        .await;
+    bob.expect_text("alice", "edited on the laptop").await;
+    alice.stop().await;
+    let phone_dir = phone.dir;
+    let phone = TestNode::start_existing("alice-phone", phone_dir, &[&bob]).await;
+    phone
+        .call(Request::Edit {
+            id: id.clone(),
+            text: "edited on the phone".into(),
+        })
+        .await;
+    let alice = TestNode::start_existing("alice", alice.dir, &[&bob, &phone]).await;
+
+    // Together again: one result everywhere.
+    let shown = |ms: &[serde_json::Value]| {
+        ms.iter()
+            .find(|m| m["id"] == id.as_str())
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+    };
+    let mut results = Vec::new();
+    for node in [&alice, &phone, &bob] {
+        let target = if node.name == "bob" { "alice" } else { "bob" };
+        let ms = node
+            .wait_messages(target, "the later edit", |ms| {
+                shown(ms).as_deref() == Some("edited on the phone")
+            })
+            .await;
+        results.push(shown(&ms));
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]), "{results:?}");
 }

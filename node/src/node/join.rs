@@ -21,11 +21,13 @@ const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Links a new device into `home` with `code`, over a network configured
 /// by `net` (its listeners are only for the exchange). `name` is this
 /// device's copy of the account's display name, if given; else the
-/// account's.
+/// account's. History sent at or after `history_since_ms` comes from the
+/// account's other devices (0: all of it).
 pub async fn link_device(
     home: &Home,
     code: &str,
     name: Option<&str>,
+    history_since_ms: i64,
     net: NetConfig,
 ) -> Result<IdView, NodeError> {
     if home.is_initialized() {
@@ -143,6 +145,9 @@ pub async fn link_device(
     {
         db.upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
     }
-    db.set_meta(super::engine::META_HISTORY_NEEDED, b"0")?;
+    db.set_meta(
+        super::engine::META_HISTORY_NEEDED,
+        history_since_ms.max(0).to_string().as_bytes(),
+    )?;
     Ok(view)
 }

@@ -16,6 +16,11 @@ use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle, Settings};
 /// Memory-transport ports unique across the tests of this process.
 static NEXT_PORT: AtomicU64 = AtomicU64::new(1);
 
+/// A memory-transport port no other node of this process uses.
+pub fn next_port() -> u64 {
+    NEXT_PORT.fetch_add(1, Ordering::Relaxed) + 10_000 * u64::from(std::process::id() % 1000)
+}
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct TestNode {
@@ -70,8 +75,7 @@ impl TestNode {
         bootstrap: &[&TestNode],
         settings: Settings,
     ) -> TestNode {
-        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed)
-            + 10_000 * u64::from(std::process::id() % 1000);
+        let port = next_port();
         let mut net = NetConfig::memory(port);
         net.bootstrap = bootstrap.iter().map(|n| n.dial_addr()).collect();
         let mut config = NodeConfig::new(dir.path().join("home"), Some(net));
