@@ -2467,11 +2467,12 @@ impl State<'_, '_, '_> {
         }
         let id = env.id();
         if self.db.has_envelope(&id)? {
-            return Ok(match via {
-                // Gossip deduplicates itself; seeing it again means a replay.
-                Via::Gossip => Verdict::Reject("replayed envelope"),
-                _ => Verdict::Ignore,
-            });
+            // Stored once, whatever the path. Not a strike even on gossip:
+            // an honest envelope can come both directly (an offer to a peer
+            // whose subscription was not known yet, a retry) and by gossip,
+            // and penalising the forwarder for that banned honest peers
+            // under load. A replaying peer gains nothing from it.
+            return Ok(Verdict::Ignore);
         }
         if env.verify().is_err() {
             return Ok(Verdict::Reject("bad signature"));
