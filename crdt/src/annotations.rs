@@ -222,6 +222,11 @@ impl Annotations {
         self.doc.save()
     }
 
+    /// What to write to keep the shard on disk (see [`FlatDoc::persist`]).
+    pub fn persist(&mut self) -> crate::Persist {
+        self.doc.persist()
+    }
+
     pub fn doc(&mut self) -> &mut FlatDoc {
         &mut self.doc
     }
@@ -310,6 +315,15 @@ impl Annotations {
     /// Whether `change` can apply now (its dependencies are here).
     pub fn ready(&mut self, change: &Inspected) -> bool {
         self.doc.has_deps_of(change)
+    }
+
+    /// Whether `change` can apply together with `coming`.
+    pub fn ready_with(
+        &mut self,
+        change: &Inspected,
+        coming: &std::collections::HashSet<automerge::ChangeHash>,
+    ) -> bool {
+        self.doc.has_deps_given(change, coming)
     }
 
     /// Applies many checked changes in one pass; returns how many were new.

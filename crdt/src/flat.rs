@@ -47,12 +47,37 @@ impl Inspected {
     pub fn hash(&self) -> ChangeHash {
         self.change.hash()
     }
+
+    /// The changes this one builds on.
+    pub fn deps(&self) -> &[ChangeHash] {
+        self.change.deps()
+    }
 }
 
 /// A flat automerge document.
 #[derive(Debug)]
 pub struct FlatDoc {
     doc: AutoCommit,
+    /// Heads when last persisted ([`FlatDoc::persist`]), if ever.
+    persisted: Option<Vec<ChangeHash>>,
+    /// Increments written since the last whole save.
+    increments: u32,
+}
+
+/// Increments written before the next [`FlatDoc::persist`] writes the
+/// whole document again (compressed; increments are not).
+const INCREMENTS_PER_SAVE: u32 = 64;
+
+/// What to write to keep a document on disk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// Nothing changed.
+    Nothing,
+    /// Replace what is stored with this whole document.
+    Whole(Vec<u8>),
+    /// Append these changes to what is stored (a document followed by
+    /// change chunks loads as one).
+    Append(Vec<u8>),
 }
 
 impl FlatDoc {
@@ -60,6 +85,8 @@ impl FlatDoc {
     pub fn new(actor: &[u8]) -> Self {
         Self {
             doc: AutoCommit::new().with_actor(ActorId::from(actor)),
+            persisted: None,
+            increments: 0,
         }
     }
 
@@ -68,14 +95,43 @@ impl FlatDoc {
         let doc = catch_unwind(|| AutoCommit::load(bytes))
             .map_err(|_| CrdtError::Malformed("the document could not be decoded".into()))?
             .map_err(|e| CrdtError::Malformed(e.to_string()))?;
+        let mut doc = doc.with_actor(ActorId::from(actor));
+        let heads = doc.get_heads();
         Ok(Self {
-            doc: doc.with_actor(ActorId::from(actor)),
+            doc,
+            persisted: Some(heads),
+            increments: 0,
         })
     }
 
     /// The whole document, compressed.
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
+    }
+
+    /// What to write so that the stored bytes (what this document was
+    /// loaded from plus what earlier calls said to write) load as this
+    /// document: usually only the changes since the last call, and every
+    /// [`INCREMENTS_PER_SAVE`] calls the whole document, compressed
+    /// (compressing a large document on every change was the cost that
+    /// dominated applying remote changes).
+    pub fn persist(&mut self) -> Persist {
+        let heads = self.doc.get_heads();
+        match &self.persisted {
+            Some(at) if *at == heads => Persist::Nothing,
+            Some(at) if self.increments < INCREMENTS_PER_SAVE => {
+                let bytes = self.doc.save_after(at);
+                self.persisted = Some(heads);
+                self.increments += 1;
+                Persist::Append(bytes)
+            }
+            _ => {
+                let bytes = self.doc.save();
+                self.persisted = Some(heads);
+                self.increments = 0;
+                Persist::Whole(bytes)
+            }
+        }
     }
 
     pub fn put(&mut self, key: &str, value: impl Into<ScalarValue>) -> Result<(), CrdtError> {
@@ -220,10 +276,14 @@ impl FlatDoc {
     /// Applies many inspected changes at once (much faster than one by
     /// one: automerge merges them in one pass). Returns how many were new.
     pub fn apply_batch(&mut self, changes: Vec<Inspected>) -> Result<usize, CrdtError> {
-        let before = self.doc.get_changes(&[]).len();
-        self.doc
-            .apply_changes_batch(changes.into_iter().map(|c| c.change).collect::<Vec<_>>())?;
-        Ok(self.doc.get_changes(&[]).len().saturating_sub(before))
+        let new: Vec<Change> = changes
+            .into_iter()
+            .map(|c| c.change)
+            .filter(|c| self.doc.get_change_by_hash(&c.hash()).is_none())
+            .collect();
+        let count = new.len();
+        self.doc.apply_changes_batch(new)?;
+        Ok(count)
     }
 
     /// Merges in another replica's saved document (from the account's own
@@ -237,11 +297,21 @@ impl FlatDoc {
     /// Whether the document holds every change `change` depends on (else
     /// automerge would keep it aside, in memory only, until they come).
     pub fn has_deps_of(&mut self, change: &Inspected) -> bool {
+        self.has_deps_given(change, &std::collections::HashSet::new())
+    }
+
+    /// The same, counting `coming` (changes about to be applied with it)
+    /// as held.
+    pub fn has_deps_given(
+        &mut self,
+        change: &Inspected,
+        coming: &std::collections::HashSet<ChangeHash>,
+    ) -> bool {
         change
             .change
             .deps()
             .iter()
-            .all(|d| self.doc.get_change_by_hash(d).is_some())
+            .all(|d| coming.contains(d) || self.doc.get_change_by_hash(d).is_some())
     }
 
     /// Changes the document depends on but lacks (applied changes wait
@@ -306,6 +376,30 @@ mod tests {
         assert!(!b.apply(FlatDoc::inspect(&bytes)?)?, "applied once");
         assert_eq!(b.get("k/1"), Some("v".into()));
         assert_eq!(b.keys_with_prefix("k/"), vec!["k/1".to_string()]);
+        Ok(())
+    }
+
+    #[test]
+    fn persisted_increments_load_as_the_whole_document() -> Result<(), CrdtError> {
+        let mut doc = FlatDoc::new(b"a");
+        let mut stored = Vec::new();
+        for i in 0..200 {
+            doc.put(&format!("k/{i}"), i)?;
+            doc.commit();
+            match doc.persist() {
+                Persist::Whole(bytes) => stored = bytes,
+                Persist::Append(bytes) => stored.extend_from_slice(&bytes),
+                Persist::Nothing => panic!("a change was made"),
+            }
+            if i % 37 == 0 {
+                // Loaded again mid-way, it carries on from what is stored.
+                doc = FlatDoc::load(&stored, b"a")?;
+                assert_eq!(doc.persist(), Persist::Nothing);
+            }
+        }
+        let loaded = FlatDoc::load(&stored, b"b")?;
+        assert_eq!(loaded.len(), 200);
+        assert_eq!(loaded.get("k/199"), Some(199.into()));
         Ok(())
     }
 

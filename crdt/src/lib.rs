@@ -26,8 +26,9 @@ pub use annotations::{
     Annotation, Annotations, AnnotationsView, EditRef, GroupMeta, MAX_EMOJI, MessageAnnotations,
     PERIOD_MS, ShardKey, unhex,
 };
+pub use automerge::ChangeHash;
 pub use automerge::sync::State as SyncState;
-pub use flat::{FlatDoc, Inspected, Touch, TouchKind};
+pub use flat::{FlatDoc, Inspected, Persist, Touch, TouchKind};
 
 /// Ids as they appear in keys: lowercase hex of the raw bytes.
 pub fn hex(bytes: &[u8]) -> String {

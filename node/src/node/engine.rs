@@ -679,11 +679,14 @@ impl Engine {
                 delivered: Vec::new(),
                 durable_fx: Vec::new(),
                 chain_stored: HashSet::new(),
+                annotations: HashMap::new(),
+                annotation_hashes: HashMap::new(),
             };
             for input in batch {
                 state.handle(input);
             }
             state.fill_gaps();
+            state.flush_annotations();
             state.flush_delivered();
             state.save_shards();
             durable_fx = std::mem::take(&mut state.durable_fx);
@@ -1034,6 +1037,10 @@ struct State<'s, 'a, 'd> {
     durable_fx: Vec<Effect>,
     /// Conversations this batch stored chain envelopes of.
     chain_stored: HashSet<ConversationId>,
+    /// Annotation changes received in this batch, to apply at its end.
+    annotations: HashMap<annotations::ShardId, Vec<(weft_crdt::Inspected, MessageId)>>,
+    /// Their hashes, per shard (a change may build on one of them).
+    annotation_hashes: HashMap<annotations::ShardId, HashSet<weft_crdt::ChangeHash>>,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
