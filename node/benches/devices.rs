@@ -16,17 +16,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
+use common::{DEADLINE, befriend, call, dial_addr};
 use serde_json::Value;
 use tokio::task::JoinSet;
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
-use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle, link_device};
+use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, link_device};
 
-const DEADLINE: Duration = Duration::from_secs(180);
 const TARGET: Duration = Duration::from_secs(5);
 
 async fn start(dir: &tempfile::TempDir, bootstrap: &[Multiaddr]) -> Result<Node> {
@@ -43,43 +45,6 @@ async fn seeded(name: &str) -> Result<(tempfile::TempDir, Node)> {
     Home::new(dir.path().join("home")).init_with(&identity, name)?;
     let node = start(&dir, &[]).await?;
     Ok((dir, node))
-}
-
-async fn call(h: &NodeHandle, request: Request) -> Result<Value> {
-    let what = format!("{request:?}");
-    tokio::time::timeout(DEADLINE, h.call(request))
-        .await
-        .map_err(|_| anyhow!("timed out: {what}"))?
-        .map_err(|e| anyhow!("{what}: {e}"))
-}
-
-async fn dial_addr(h: &NodeHandle) -> Result<Multiaddr> {
-    let until = Instant::now() + DEADLINE;
-    loop {
-        if let Some(a) = h.listen_addrs().await.into_iter().next() {
-            return Ok(format!("{a}/p2p/{}", h.peer_id()).parse()?);
-        }
-        ensure!(Instant::now() < until, "never listened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn befriend(a: &NodeHandle, a_name: &str, b: &NodeHandle, b_name: &str) -> Result<()> {
-    for (me, other, name) in [(a, b, b_name), (b, a, a_name)] {
-        let invite = call(other, Request::Id).await?["invite"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no invite"))?
-            .to_string();
-        call(
-            me,
-            Request::ContactAdd {
-                invite,
-                name: Some(name.into()),
-            },
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 fn view(ms: &[Value]) -> Vec<(Value, Value, Value)> {

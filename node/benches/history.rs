@@ -18,18 +18,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, ensure};
-use serde_json::Value;
+use anyhow::{Result, ensure};
+use common::{DEADLINE, befriend, call, dial_addr};
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
 use weft_node::ids::{ConversationId, EnvelopeId, UserId};
 use weft_node::store::{MessageRecord, MessageStatus, Store};
-use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle};
-
-const DEADLINE: Duration = Duration::from_secs(300);
+use weft_node::{Multiaddr, NetConfig, Node, NodeConfig};
 
 fn identity(name: &str) -> Identity {
     Identity::from_seed(format!("{name}/history-bench").as_bytes(), 0).unwrap()
@@ -55,43 +55,6 @@ async fn start(dir: &tempfile::TempDir, net: bool, bootstrap: &[Multiaddr]) -> R
     Ok(Node::start(NodeConfig::new(dir.path().join("home"), net)).await?)
 }
 
-async fn call(h: &NodeHandle, request: Request) -> Result<Value> {
-    let what = format!("{request:?}");
-    tokio::time::timeout(DEADLINE, h.call(request))
-        .await
-        .map_err(|_| anyhow!("timed out: {what}"))?
-        .map_err(|e| anyhow!("{what}: {e}"))
-}
-
-async fn dial_addr(h: &NodeHandle) -> Result<Multiaddr> {
-    let until = Instant::now() + DEADLINE;
-    loop {
-        if let Some(a) = h.listen_addrs().await.into_iter().next() {
-            return Ok(format!("{a}/p2p/{}", h.peer_id()).parse()?);
-        }
-        ensure!(Instant::now() < until, "never listened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn befriend(a: &NodeHandle, b: &NodeHandle) -> Result<()> {
-    for (me, other, name) in [(a, b, "bob"), (b, a, "alice")] {
-        let invite = call(other, Request::Id).await?["invite"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no invite"))?
-            .to_string();
-        call(
-            me,
-            Request::ContactAdd {
-                invite,
-                name: Some(name.into()),
-            },
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 fn page(target: &str, limit: usize) -> Request {
     Request::Messages {
         target: target.into(),
@@ -105,7 +68,7 @@ async fn open_and_page(n: usize) -> Result<(Duration, Duration)> {
     let bob_dir = home_dir("bob");
     let alice = start(&alice_dir, true, &[]).await?;
     let bob = start(&bob_dir, true, &[]).await?;
-    befriend(&alice.handle(), &bob.handle()).await?;
+    befriend(&alice.handle(), "alice", &bob.handle(), "bob").await?;
     alice.shutdown().await?;
     bob.shutdown().await?;
     // A long history, written straight into alice's store.
@@ -165,7 +128,7 @@ async fn apply_changes(changes: usize) -> Result<Duration> {
     let a = alice.handle();
     let bob = start(&bob_dir, true, &[dial_addr(&a).await?]).await?;
     let b = bob.handle();
-    befriend(&a, &b).await?;
+    befriend(&a, "alice", &b, "bob").await?;
     let mut ids = Vec::new();
     for i in 0..100 {
         let sent = call(

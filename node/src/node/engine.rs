@@ -1258,9 +1258,12 @@ impl State<'_, '_, '_> {
         }
     }
 
-    fn id(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+    /// Where this device can be reached, with its `/p2p/`: the listen
+    /// addresses (not the unspecified ones) and the circuit addresses
+    /// through its relays, each once. For invites and link codes.
+    fn reachable_at(&self, listen: Vec<Multiaddr>) -> Vec<String> {
         let peer = self.e.identity.peer_id();
-        let addrs: Vec<String> = listen
+        listen
             .into_iter()
             .filter(|a| {
                 !a.iter()
@@ -1274,7 +1277,12 @@ impl State<'_, '_, '_> {
                     seen.push(a);
                 }
                 seen
-            });
+            })
+    }
+
+    fn id(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+        let peer = self.e.identity.peer_id();
+        let addrs = self.reachable_at(listen);
         let invite = self.account_invite(addrs)?;
         to_value(&IdView {
             user_id: self.e.my_user.to_string(),

@@ -137,17 +137,8 @@ impl State<'_, '_, '_> {
             secret,
             expires_at_ms,
         });
-        let me = self.e.identity.peer_id();
-        let addrs: Vec<String> = listen
-            .into_iter()
-            .filter(|a| {
-                !a.iter()
-                    .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
-            })
-            .map(|a| a.with(Protocol::P2p(me)).to_string())
-            .chain(self.relay_addrs())
-            .take(8)
-            .collect();
+        let mut addrs = self.reachable_at(listen);
+        addrs.truncate(8);
         let code = LinkCode {
             user: self.e.my_user,
             device: self.e.my_device,
