@@ -47,6 +47,20 @@ async fn seeded(name: &str) -> Result<(tempfile::TempDir, Node)> {
     Ok((dir, node))
 }
 
+/// Up to `limit` of the latest messages with bob, oldest first.
+async fn messages_with_bob(h: &weft_node::NodeHandle, limit: usize) -> Result<Vec<Value>> {
+    let page = call(
+        h,
+        Request::Messages {
+            target: "bob".into(),
+            limit: Some(limit),
+            before: None,
+        },
+    )
+    .await?;
+    Ok(page.as_array().cloned().unwrap_or_default())
+}
+
 fn view(ms: &[Value]) -> Vec<(Value, Value, Value)> {
     ms.iter()
         .map(|m| (m["id"].clone(), m["text"].clone(), m["status"].clone()))
@@ -91,18 +105,7 @@ async fn run(n: usize) -> Result<Duration> {
         ensure!(Instant::now() < until, "alice's outbox never emptied");
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
-    let expected = call(
-        &a,
-        Request::Messages {
-            target: "bob".into(),
-            limit: Some(n + 10),
-            before: None,
-        },
-    )
-    .await?
-    .as_array()
-    .cloned()
-    .unwrap_or_default();
+    let expected = messages_with_bob(&a, n + 10).await?;
     ensure!(
         expected.len() == n,
         "alice holds {} messages",
@@ -150,18 +153,7 @@ async fn run(n: usize) -> Result<Duration> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = t0.elapsed();
-    let got = call(
-        &p,
-        Request::Messages {
-            target: "bob".into(),
-            limit: Some(n + 10),
-            before: None,
-        },
-    )
-    .await?
-    .as_array()
-    .cloned()
-    .unwrap_or_default();
+    let got = messages_with_bob(&p, n + 10).await?;
     ensure!(
         view(&got) == view(&expected),
         "the new device's history differs ({} of {n})",
