@@ -122,9 +122,16 @@ impl Db<'_> {
         if before == after {
             return Ok(false);
         }
+        // Only the difference is written: a popular message's reactions
+        // change a few at a time.
         self.atomically(|| {
-            self.execute("DELETE FROM reactions WHERE message = ?1", [message.0])?;
-            for (user, emoji) in &after {
+            for (user, emoji) in before.iter().filter(|r| after.binary_search(r).is_err()) {
+                self.execute(
+                    "DELETE FROM reactions WHERE message = ?1 AND user_id = ?2 AND emoji = ?3",
+                    params![message.0, user.0, emoji],
+                )?;
+            }
+            for (user, emoji) in after.iter().filter(|r| before.binary_search(r).is_err()) {
                 self.execute(
                     "INSERT INTO reactions (message, user_id, emoji) VALUES (?1, ?2, ?3)",
                     params![message.0, user.0, emoji],
@@ -239,6 +246,18 @@ mod tests {
         );
         db.set_reactions(&message, &[(UserId([2; 32]), "👍".into())])?;
         assert_eq!(db.reactions(&message)?.len(), 1);
+        let both = [
+            (UserId([3; 32]), "🎉".to_string()),
+            (UserId([2; 32]), "👍".into()),
+        ];
+        assert!(db.set_reactions(&message, &both)?);
+        assert!(!db.set_reactions(&message, &both)?, "nothing to change");
+        assert!(db.set_reactions(&message, &both[..1])?);
+        assert_eq!(
+            db.reactions(&message)?,
+            vec![(UserId([3; 32]), "🎉".into())]
+        );
+        db.set_reactions(&message, &[(UserId([2; 32]), "👍".into())])?;
         let m = db
             .message(&message)?
             .ok_or(StoreError::Corrupt("gone".into()))?;
