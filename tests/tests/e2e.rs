@@ -42,6 +42,20 @@ fn befriend(a: &Weft, b: &Weft) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// alice and bob, contacts of each other, their daemons running (bob's
+/// bootstrapped from alice's).
+fn alice_and_bob() -> anyhow::Result<(Weft, Weft)> {
+    let mut alice = Weft::new("alice")?;
+    let mut bob = Weft::new("bob")?;
+    alice.init()?;
+    bob.init()?;
+    alice.start_daemon(&[])?;
+    let alice_addr = alice.daemon()?.dial_addr()?;
+    bob.start_daemon(&["--bootstrap", &alice_addr])?;
+    befriend(&alice, &bob)?;
+    Ok((alice, bob))
+}
+
 #[test]
 fn init_id_and_refusing_to_init_twice() -> anyhow::Result<()> {
     let alice = Weft::new("alice")?;
@@ -128,14 +142,7 @@ fn bad_usage_exits_2() -> anyhow::Result<()> {
 
 #[test]
 fn two_daemons_exchange_messages() -> anyhow::Result<()> {
-    let mut alice = Weft::new("alice")?;
-    let mut bob = Weft::new("bob")?;
-    alice.init()?;
-    bob.init()?;
-    alice.start_daemon(&[])?;
-    let alice_addr = alice.daemon()?.dial_addr()?;
-    bob.start_daemon(&["--bootstrap", &alice_addr])?;
-    befriend(&alice, &bob)?;
+    let (mut alice, mut bob) = alice_and_bob()?;
 
     let contacts = alice.json(&["contact", "list"])?;
     assert!(
@@ -445,14 +452,7 @@ fn two_daemons_over_quic() -> anyhow::Result<()> {
 
 #[test]
 fn edit_react_and_delete_through_the_cli() -> anyhow::Result<()> {
-    let mut alice = Weft::new("alice")?;
-    let mut bob = Weft::new("bob")?;
-    alice.init()?;
-    bob.init()?;
-    alice.start_daemon(&[])?;
-    let alice_addr = alice.daemon()?.dial_addr()?;
-    bob.start_daemon(&["--bootstrap", &alice_addr])?;
-    befriend(&alice, &bob)?;
+    let (alice, bob) = alice_and_bob()?;
     let sent = alice.json(&["send", "bob", "lunch at 12?"])?;
     let id = sent["id"].as_str().unwrap_or_default().to_string();
     bob.wait_for_message("alice", "lunch at 12?")?;

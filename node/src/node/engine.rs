@@ -814,37 +814,17 @@ impl Outlets {
 }
 
 impl Outlets {
-    /// Sends a history request; the page (or its absence) comes back to
-    /// the engine.
-    fn history(&self, peer: PeerId, request: devices::HistoryRequest) {
-        let internal = self.internal_tx.clone();
-        let Some(rx) = self.request(peer, &DirectRequest::History(request)) else {
-            let _ = internal.try_send(Internal::History {
-                peer,
-                response: None,
-            });
-            return;
-        };
-        tokio::spawn(async move {
-            let response = rx
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok());
-            let _ = internal.send(Internal::History { peer, response }).await;
-        });
-    }
-
-    /// Sends a catch-up request; the answer (or its absence) comes back to
-    /// the engine.
-    fn sync(&self, peer: PeerId, conv: ConversationId, request: &DirectRequest) {
+    /// Sends a direct request whose answer (or its absence) comes back to
+    /// the engine as the `Internal` that `answered` makes of it.
+    fn ask(
+        &self,
+        peer: PeerId,
+        request: &DirectRequest,
+        answered: impl FnOnce(Option<DirectResponse>) -> Internal + Send + 'static,
+    ) {
         let internal = self.internal_tx.clone();
         let Some(rx) = self.request(peer, request) else {
-            let _ = internal.try_send(Internal::Synced {
-                peer,
-                conv,
-                response: None,
-            });
+            let _ = internal.try_send(answered(None));
             return;
         };
         tokio::spawn(async move {
@@ -853,13 +833,7 @@ impl Outlets {
                 .ok()
                 .and_then(|r| r.ok())
                 .and_then(|b| postcard::from_bytes::<DirectResponse>(&b).ok());
-            let _ = internal
-                .send(Internal::Synced {
-                    peer,
-                    conv,
-                    response,
-                })
-                .await;
+            let _ = internal.send(answered(response)).await;
         });
     }
 
@@ -938,7 +912,11 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
                 peer,
                 conv,
                 request,
-            } => outlets.sync(peer, conv, &request),
+            } => outlets.ask(peer, &request, move |response| Internal::Synced {
+                peer,
+                conv,
+                response,
+            }),
             Effect::Mailbox {
                 peer,
                 request,
@@ -948,7 +926,11 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
                 // The answer does not matter; dropping its receiver is fine.
                 let _ = outlets.request(peer, &request);
             }
-            Effect::History { peer, request } => outlets.history(peer, request),
+            Effect::History { peer, request } => {
+                outlets.ask(peer, &DirectRequest::History(request), move |response| {
+                    Internal::History { peer, response }
+                })
+            }
         }
     }
 }
@@ -1723,7 +1705,17 @@ impl State<'_, '_, '_> {
         if recipients.devices.is_empty() {
             return Ok(());
         }
-        let (chain_key, next_counter) = chain.distribution();
+        self.send_chain_to(conv, &recipients.devices, chain.distribution())
+    }
+
+    /// Hands this device's sending chain for the conversation's epoch (its
+    /// key and next counter) to `devices`, sealed to them.
+    fn send_chain_to(
+        &mut self,
+        conv: &Conv,
+        devices: &[(DeviceId, [u8; 32])],
+        (chain_key, next_counter): ([u8; 32], u64),
+    ) -> Result<(), ApiError> {
         let payload = Payload::SenderKey(SenderKey {
             epoch: conv.epoch,
             chain_key,
@@ -1731,7 +1723,7 @@ impl State<'_, '_, '_> {
             sender_cert: self.e.identity.certificate().clone(),
             sender_name: self.e.name.clone(),
         });
-        let env = self.seal_to(conv.id, &recipients.devices, &payload)?;
+        let env = self.seal_to(conv.id, devices, &payload)?;
         self.send_envelope(conv, &env, conv.epoch, 0, false, Ack::Publish)?;
         Ok(())
     }

@@ -311,19 +311,10 @@ impl State<'_, '_, '_> {
                     None => None,
                 },
             };
-            let Some((chain_key, next_counter)) = distribution else {
-                // No chain yet: the first message will hand it to everyone.
-                continue;
-            };
-            let payload = Payload::SenderKey(SenderKey {
-                epoch: conv.epoch,
-                chain_key,
-                next_counter,
-                sender_cert: self.e.identity.certificate().clone(),
-                sender_name: self.e.name.clone(),
-            });
-            let env = self.seal_to(conv.id, &[(cert.device, cert.dh)], &payload)?;
-            self.send_envelope(&conv, &env, conv.epoch, 0, false, Ack::Publish)?;
+            // No chain yet: the first message will hand it to everyone.
+            if let Some(distribution) = distribution {
+                self.send_chain_to(&conv, &[(cert.device, cert.dh)], distribution)?;
+            }
         }
         Ok(())
     }
