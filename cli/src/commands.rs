@@ -208,8 +208,9 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
         }
         Command::Relay(RelayCommand::List) => (Request::RelayList, Box::new(output::relays)),
         Command::Devices(DevicesCommand::List) => (Request::DevicesList, Box::new(output::devices)),
-        Command::Devices(DevicesCommand::Revoke { .. }) => bail!(
-            "revoking a device is not supported yet: this version can link and list devices only"
+        Command::Devices(DevicesCommand::Revoke { device_id }) => (
+            Request::DevicesRevoke { device: device_id },
+            Box::new(output::revoked),
         ),
         Command::Push(PushCommand::Register { url }) => (
             Request::PushRegister { url },

@@ -419,6 +419,23 @@ pub fn devices(value: &Value) -> String {
     table(&["DEVICE", "STATE", "PEER"], &rows)
 }
 
+/// `weft devices revoke`.
+pub fn revoked(value: &Value) -> String {
+    let device = value
+        .get("device_id")
+        .and_then(Value::as_str)
+        .unwrap_or("the device");
+    let rekeyed = value
+        .get("conversations_rekeyed")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    format!(
+        "Revoked {device}. It can no longer act for this account; new keys \
+         will be used in {rekeyed} conversation{} from the next message on.",
+        if rekeyed == 1 { "" } else { "s" }
+    )
+}
+
 /// `weft edit`, `delete`, `react`: the message as it is now.
 pub fn changed(value: &Value, what: &str) -> String {
     match view::<MessageView>(value) {
@@ -721,6 +738,11 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
                 }
             )
         }
+        "device" => match str_of("event") {
+            "linked" => format!("device {} joined the account", short(str_of("device_id"))),
+            "revoked" => format!("device {} was revoked", short(str_of("device_id"))),
+            _ => event.to_string(),
+        },
         _ => event.to_string(),
     }
 }

@@ -67,6 +67,7 @@ fn main() {
                 created_at_ms: 0,
                 last_message_at_ms: None,
                 unread: 0,
+                key_epoch: 1,
             })
             .unwrap();
             db.set_members(&id, &[(me.user_id(), Role::Member), (other, Role::Member)])

@@ -77,6 +77,10 @@ pub enum Request {
     DevicesLink,
     /// This account's devices.
     DevicesList,
+    /// Revoke one of this account's devices (by id or a unique prefix).
+    DevicesRevoke {
+        device: String,
+    },
     /// Replace the text of one of this user's messages.
     Edit {
         id: String,

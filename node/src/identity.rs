@@ -27,6 +27,7 @@ pub const MAX_ADDR_LEN: usize = 256;
 pub const MAX_INVITE_CHARS: usize = 16 * 1024;
 
 const CERT_CONTEXT: &[u8] = b"weft v1 device certificate";
+const REVOCATION_CONTEXT: &[u8] = b"weft v1 device revocation";
 const INVITE_CONTEXT: &[u8] = b"weft v1 invite";
 const INVITE_PREFIX: &str = "weft1";
 const INVITE_VERSION: u8 = 1;
@@ -224,6 +225,14 @@ impl Identity {
         Ok(DeviceCertificate::issue(user_key, device, dh, now_ms))
     }
 
+    /// Revokes a device of this account for good. Needs the user key.
+    pub fn revoke(&self, device: &DeviceId, now_ms: i64) -> Result<Revocation, IdentityError> {
+        let user_key = self.user_key.as_ref().ok_or(IdentityError::Malformed(
+            "this device does not hold the user key",
+        ))?;
+        Ok(Revocation::issue(user_key, device, now_ms))
+    }
+
     /// Signs an invite for this account with the given name, device
     /// certificates and address hints, and encodes it. Needs the user key.
     pub fn invite(
@@ -314,6 +323,46 @@ impl DeviceCertificate {
             .map_err(|_| IdentityError::Malformed("device certificate"))?;
         cert.verify()?;
         Ok(cert)
+    }
+}
+
+/// The user key's statement that a device no longer belongs to the
+/// account: nothing it sends is accepted and nothing is sent to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub revoked_at_ms: i64,
+    #[serde(with = "sig_bytes")]
+    pub signature: [u8; 64],
+}
+
+impl Revocation {
+    pub fn issue(user_key: &SigningKey, device: &DeviceId, now_ms: i64) -> Self {
+        let user = UserId(user_key.verifying_key().to_bytes());
+        let msg = Self::signed_bytes(&user, device, now_ms);
+        Self {
+            user,
+            device: *device,
+            revoked_at_ms: now_ms,
+            signature: user_key.sign(&msg).to_bytes(),
+        }
+    }
+
+    fn signed_bytes(user: &UserId, device: &DeviceId, at: i64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(REVOCATION_CONTEXT.len() + 72);
+        m.extend_from_slice(REVOCATION_CONTEXT);
+        m.extend_from_slice(&user.0);
+        m.extend_from_slice(&device.0);
+        m.extend_from_slice(&at.to_be_bytes());
+        m
+    }
+
+    /// Checks that the user key signed this revocation.
+    pub fn verify(&self) -> Result<(), IdentityError> {
+        let msg = Self::signed_bytes(&self.user, &self.device, self.revoked_at_ms);
+        verify(&self.user.0, &msg, &self.signature)
+            .map_err(|_| IdentityError::BadSignature("device revocation"))
     }
 }
 
@@ -479,6 +528,24 @@ mod tests {
             DeviceCertificate::from_bytes(&bytes).unwrap(),
             *a.certificate()
         );
+    }
+
+    #[test]
+    fn revocation_verifies_and_detects_forgery() {
+        let a = alice();
+        let stolen = DeviceId([9; 32]);
+        let rev = a.revoke(&stolen, 5).unwrap();
+        rev.verify().unwrap();
+        assert_eq!(rev.user, a.user_id());
+        for tamper in 0..3 {
+            let mut forged = rev.clone();
+            match tamper {
+                0 => forged.device.0[0] ^= 1,
+                1 => forged.revoked_at_ms += 1,
+                _ => forged.user = Identity::from_seed(b"mallory", 0).unwrap().user_id(),
+            }
+            assert!(forged.verify().is_err(), "tamper {tamper}");
+        }
     }
 
     #[test]

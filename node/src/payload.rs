@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::group::GroupState;
 use crate::hlc::Hlc;
-use crate::identity::DeviceCertificate;
+use crate::identity::{DeviceCertificate, Revocation};
 use crate::ids::MessageId;
 
 /// Longest message text, in bytes of UTF-8.
@@ -34,6 +34,10 @@ pub enum Payload {
     /// The sending account's devices, each certified by its user key
     /// (sealed to the conversation's member devices).
     Devices(Vec<DeviceCertificate>),
+    /// One of the sending account's devices is revoked, signed by its user
+    /// key (sealed to the conversation's member devices and the revoked
+    /// one, so that it learns it too).
+    Revoked(Revocation),
 }
 
 /// Longest automerge change an [`Annotate`] carries.

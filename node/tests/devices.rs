@@ -215,3 +215,146 @@ async fn concurrent_edits_of_one_message_on_two_devices_converge() {
     }
     assert!(results.windows(2).all(|w| w[0] == w[1]), "{results:?}");
 }
+
+/// Waits until `node` counts `devices` devices for its contact `alias`.
+async fn wait_contact_devices(node: &TestNode, alias: &str, devices: u64) {
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let list = node.call(Request::ContactList).await;
+        let count = list
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["alias"] == alias))
+            .and_then(|c| c["devices"].as_u64());
+        if count == Some(devices) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {alias} still has {count:?} devices, expected {devices}",
+            node.name
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_reads_nothing_sent_after_and_cannot_act_for_the_account() {
+    let alice = TestNode::start("alice", 54, &[]).await;
+    let bob = TestNode::start("bob", 54, &[&alice]).await;
+    let carol = TestNode::start("carol", 54, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let mut phone = link(&alice, "alice-phone", &[&alice, &bob, &carol]).await;
+    // The phone holds every member's chain in both conversations.
+    bob.send("alice", "bob, before").await;
+    carol.send("trio", "carol, before").await;
+    alice.send("trio", "alice, before").await;
+    phone.expect_text("bob", "bob, before").await;
+    phone.expect_text("trio", "carol, before").await;
+    phone.expect_text("trio", "alice, before").await;
+    wait_contact_devices(&bob, "alice", 2).await;
+    wait_contact_devices(&carol, "alice", 2).await;
+    let phone_id = phone.call(Request::Id).await["device_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The phone goes away (stolen, say) and is kept off the network: from
+    // here on it hears only what the test hands it. Something it seals
+    // now, while still trusted, is kept for later.
+    phone.stop().await;
+    let phone = TestNode::start_offline("alice-phone", phone.dir).await;
+    let impostor = phone.send("bob", "sent by the stolen phone").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let impostor = phone.envelope_bytes(&impostor);
+    // A control: what bob sends before the revocation, the phone reads.
+    let control = bob.send("alice", "bob, still before").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    alice.expect_text("bob", "bob, still before").await;
+    phone
+        .handle
+        .deliver(vec![bob.envelope_bytes(&control)])
+        .await
+        .unwrap();
+    phone.expect_text("bob", "bob, still before").await;
+
+    // Revoked by a prefix of its id.
+    let revoked = alice
+        .call(Request::DevicesRevoke {
+            device: phone_id[..10].to_string(),
+        })
+        .await;
+    assert_eq!(revoked["device_id"], phone_id.as_str());
+    assert_eq!(revoked["conversations_rekeyed"], 3, "{revoked}");
+    assert_eq!(
+        alice
+            .call(Request::DevicesList)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let again = alice
+        .handle
+        .call(Request::DevicesRevoke {
+            device: phone_id.clone(),
+        })
+        .await;
+    assert!(again.is_err(), "revoking twice is a clear error");
+    wait_contact_devices(&bob, "alice", 1).await;
+    wait_contact_devices(&carol, "alice", 1).await;
+
+    // Everything sent after the revocation, by every member, in both
+    // conversations: the members read it, the phone cannot.
+    let mut after = Vec::new();
+    for (node, target, text) in [
+        (&bob, "alice", "bob, after"),
+        (&carol, "trio", "carol, after"),
+        (&alice, "bob", "alice, after"),
+        (&alice, "trio", "alice to the group, after"),
+    ] {
+        let id = node.send(target, text).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        after.push((node.envelope_bytes(&id), text));
+    }
+    alice.expect_text("bob", "bob, after").await;
+    alice.expect_text("trio", "carol, after").await;
+    bob.expect_text("alice", "alice, after").await;
+    carol.expect_text("trio", "alice to the group, after").await;
+    bob.expect_text("trio", "alice to the group, after").await;
+    for (bytes, text) in after {
+        phone.handle.deliver(vec![bytes]).await.unwrap();
+        for target in ["bob", "trio"] {
+            assert!(
+                !phone.texts(target).await.iter().any(|t| t == text),
+                "the revoked phone read {text:?}"
+            );
+        }
+    }
+
+    // What the phone sealed, arriving after the revocation, is refused.
+    for node in [&bob, &alice] {
+        node.handle.deliver(vec![impostor.clone()]).await.unwrap();
+    }
+    assert!(
+        !bob.texts("alice")
+            .await
+            .iter()
+            .any(|t| t == "sent by the stolen phone")
+    );
+    assert!(
+        !alice
+            .texts("bob")
+            .await
+            .iter()
+            .any(|t| t == "sent by the stolen phone")
+    );
+}

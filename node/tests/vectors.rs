@@ -12,6 +12,7 @@ use ed25519_dalek::SigningKey;
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
+use weft_node::identity::Revocation;
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
@@ -84,6 +85,14 @@ fn annotate_payload() -> Payload {
     })
 }
 
+fn revoked_payload() -> Payload {
+    Payload::Revoked(Revocation::issue(
+        &SigningKey::from_bytes(&SENDER_SEED),
+        &DeviceId(RECIPIENT_DEVICE),
+        1_700_000_000_000,
+    ))
+}
+
 fn sync_request() -> DirectRequest {
     DirectRequest::Sync(SyncRequest {
         conversation: ConversationId(CONVERSATION),
@@ -109,6 +118,7 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
         ("payload-text-v1", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
         ("payload-annotate-v1", annotate_payload().encode()),
+        ("payload-revoked-v1", revoked_payload().encode()),
         (
             "direct-sync-v1",
             postcard::to_stdvec(&sync_request()).unwrap(),
@@ -137,6 +147,13 @@ fn payload_and_direct_vectors_match_and_decode() {
         Payload::decode(&documented("payload-annotate-v1")),
         Some(annotate_payload())
     );
+    match Payload::decode(&documented("payload-revoked-v1")) {
+        Some(Payload::Revoked(r)) => {
+            r.verify().unwrap();
+            assert_eq!(Payload::Revoked(r), revoked_payload());
+        }
+        other => panic!("payload-revoked-v1 decodes to {other:?}"),
+    }
     assert_eq!(
         MailboxRequest::decode(&documented("mailbox-deposit-v1")),
         Some(deposit_request())

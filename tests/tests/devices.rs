@@ -1,7 +1,7 @@
 //! Several devices per account with real processes: alice links a second
 //! device with `weft devices link` / `weft init --link`; it receives her
 //! history and new messages; what it sends reaches bob and shows on her
-//! first device as hers.
+//! first device as hers; revoked with `weft devices revoke`, it stops.
 
 use serde_json::Value;
 use weft_e2e::{DEADLINE, Weft, wait_until};
@@ -67,5 +67,33 @@ fn link_a_second_device_receive_on_both_and_send_from_it() -> anyhow::Result<()>
     let m = alice.wait_for_message("bob", "from the phone")?;
     assert_eq!(m["outgoing"], true);
     assert_eq!(m["sender"], joined["user_id"]);
+
+    // Revocation: only the first device (it holds the user key) can.
+    let phone_id = joined["device_id"].as_str().unwrap_or_default().to_string();
+    phone
+        .run(&["devices", "revoke", &phone_id])?
+        .expect_code(2, "revoking from a linked device")?;
+    let revoked = alice.json(&["devices", "revoke", &phone_id])?;
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    let devices = alice.json(&["devices", "list"])?;
+    assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
+    // Bob hears of it; the phone learns it was revoked and stops sending.
+    wait_until("bob to hear of the revocation", DEADLINE, || {
+        let contacts = bob.json(&["contact", "list"])?;
+        let devices = contacts
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["alias"] == "alice"))
+            .and_then(|c| c["devices"].as_u64());
+        Ok((devices == Some(1)).then_some(()))
+    })?;
+    wait_until("the phone to know it was revoked", DEADLINE, || {
+        let out = phone.run(&["send", "bob", "from a revoked phone"])?;
+        Ok(out.stderr.contains("revoked").then_some(()))
+    })?;
+    bob.ok(&["send", "alice", "after the revocation"])?;
+    alice.wait_for_message("bob", "after the revocation")?;
+    let got = phone.messages("bob")?;
+    assert!(!has_text(&got, "after the revocation"), "{got:?}");
+    assert!(!has_text(&bob.messages("alice")?, "from a revoked phone"));
     Ok(())
 }

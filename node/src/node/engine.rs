@@ -114,7 +114,11 @@ struct Conv {
     id: ConversationId,
     kind: ConversationKind,
     topic: String,
+    /// The group epoch (1 for direct conversations).
     epoch: u64,
+    /// The epoch of this device's sending chain (see
+    /// `ConversationRecord::key_epoch`).
+    key_epoch: u64,
     members: Vec<UserId>,
     /// Shared: a conversation is looked up (and cloned) per message.
     group: Option<Arc<GroupState>>,
@@ -227,6 +231,9 @@ pub(super) struct Engine {
     recipients: HashMap<ConversationId, Arc<Recipients>>,
     device_users: HashMap<DeviceId, Option<UserId>>,
     blocked: HashSet<UserId>,
+    /// Devices revoked by their accounts (at most `MAX_REVOKED` kept in
+    /// memory; the store keeps all): nothing from them is accepted.
+    revoked: HashSet<DeviceId>,
     connected: HashSet<PeerId>,
     topic_peers: HashMap<String, HashSet<PeerId>>,
     /// Envelopes in the outbox and the member peers not yet known to have
@@ -298,6 +305,8 @@ struct Recipients {
 /// Bounds of the derived caches.
 const RECIPIENTS_CACHE: usize = 4096;
 const DEVICE_USERS_CACHE: usize = 16_384;
+/// Revoked devices held in memory (the store answers for the rest).
+const MAX_REVOKED: usize = 4096;
 
 /// How many counters one reservation covers: a crash skips at most this
 /// many, which receivers absorb as skipped keys.
@@ -385,6 +394,7 @@ impl Engine {
             recipients: HashMap::new(),
             device_users: HashMap::new(),
             blocked: HashSet::new(),
+            revoked: HashSet::new(),
             connected: HashSet::new(),
             topic_peers: HashMap::new(),
             unreached: HashMap::new(),
@@ -424,6 +434,7 @@ impl Engine {
             .filter(|c| c.blocked)
             .map(|c| c.user_id)
             .collect();
+        self.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
         for record in records {
@@ -443,6 +454,7 @@ impl Engine {
                 kind: record.kind,
                 topic: record.topic,
                 epoch: record.epoch,
+                key_epoch: record.key_epoch,
                 members,
                 group,
                 active,
@@ -650,6 +662,7 @@ impl Engine {
                     recipients: &mut self.recipients,
                     device_users: &mut self.device_users,
                     blocked: &mut self.blocked,
+                    revoked: &mut self.revoked,
                     connected: &mut self.connected,
                     topic_peers: &mut self.topic_peers,
                     unreached: &mut self.unreached,
@@ -981,6 +994,7 @@ struct EngineState<'a> {
     recipients: &'a mut HashMap<ConversationId, Arc<Recipients>>,
     device_users: &'a mut HashMap<DeviceId, Option<UserId>>,
     blocked: &'a mut HashSet<UserId>,
+    revoked: &'a mut HashSet<DeviceId>,
     connected: &'a mut HashSet<PeerId>,
     topic_peers: &'a mut HashMap<String, HashSet<PeerId>>,
     unreached: &'a mut HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
@@ -1227,6 +1241,7 @@ impl State<'_, '_, '_> {
             }
             Request::DevicesLink => self.devices_link(listen),
             Request::DevicesList => self.devices_list(),
+            Request::DevicesRevoke { device } => self.devices_revoke(&device),
             Request::Edit { id, text } => self.edit_message(&id, text),
             Request::Delete { id } => self.delete_message(&id),
             Request::React { id, emoji, remove } => self.react(&id, &emoji, !remove),
@@ -1399,6 +1414,7 @@ impl State<'_, '_, '_> {
             created_at_ms: now_ms(),
             last_message_at_ms: None,
             unread: 0,
+            key_epoch: 1,
         };
         self.db.insert_conversation(&record)?;
         self.db.set_members(
@@ -1411,6 +1427,7 @@ impl State<'_, '_, '_> {
             kind: ConversationKind::Direct,
             topic: record.topic,
             epoch: 1,
+            key_epoch: 1,
             members: vec![self.e.my_user, *user],
             group: None,
             active: true,
@@ -1506,7 +1523,8 @@ impl State<'_, '_, '_> {
             hlc,
         });
         let (env, counter, early) = self.seal_chain_message(&conv, &payload.encode())?;
-        let reached = self.send_envelope(&conv, &env, conv.epoch, counter, early, Ack::Receipt)?;
+        let reached =
+            self.send_envelope(&conv, &env, conv.key_epoch, counter, early, Ack::Receipt)?;
         let status = if reached {
             MessageStatus::Sent
         } else {
@@ -1569,7 +1587,7 @@ impl State<'_, '_, '_> {
     /// keys.
     fn recipients(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
         let fingerprint = (
-            conv.epoch,
+            conv.key_epoch,
             conv.group
                 .as_ref()
                 .map_or(conv.members.len(), |g| g.members.len()),
@@ -1605,7 +1623,7 @@ impl State<'_, '_, '_> {
         if let Some(g) = &conv.group {
             for m in &g.members {
                 for d in &m.devices {
-                    if d.device != self.e.my_device {
+                    if d.device != self.e.my_device && !self.is_revoked(&d.device)? {
                         out.push((d.device, d.dh));
                     }
                 }
@@ -1644,9 +1662,13 @@ impl State<'_, '_, '_> {
         conv: &Conv,
         plaintext: &[u8],
     ) -> Result<(Envelope, u64, bool), ApiError> {
-        let key = (conv.id, conv.epoch);
+        self.check_not_revoked()?;
+        let key = (conv.id, conv.key_epoch);
         if !self.e.sending.contains_key(&key) {
-            let slot = match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
+            let slot = match self
+                .db
+                .get_chain(&conv.id, &self.e.my_device, conv.key_epoch)?
+            {
                 // What the disk holds is a reservation: resume there.
                 Some(bytes) => {
                     let chain = SendingChain::from_bytes(&bytes)?;
@@ -1684,7 +1706,7 @@ impl State<'_, '_, '_> {
             self.db.put_chain(
                 &conv.id,
                 &self.e.my_device,
-                conv.epoch,
+                conv.key_epoch,
                 &reserved.to_bytes(),
             )?;
         }
@@ -1692,7 +1714,7 @@ impl State<'_, '_, '_> {
         let env = envelope::seal_chain(
             self.e.identity.device_signing_key(),
             conv.id,
-            conv.epoch,
+            conv.key_epoch,
             counter,
             &mk,
             plaintext,
@@ -1717,14 +1739,14 @@ impl State<'_, '_, '_> {
         (chain_key, next_counter): ([u8; 32], u64),
     ) -> Result<(), ApiError> {
         let payload = Payload::SenderKey(SenderKey {
-            epoch: conv.epoch,
+            epoch: conv.key_epoch,
             chain_key,
             next_counter,
             sender_cert: self.e.identity.certificate().clone(),
             sender_name: self.e.name.clone(),
         });
         let env = self.seal_to(conv.id, devices, &payload)?;
-        self.send_envelope(conv, &env, conv.epoch, 0, false, Ack::Publish)?;
+        self.send_envelope(conv, &env, conv.key_epoch, 0, false, Ack::Publish)?;
         Ok(())
     }
 
@@ -1734,6 +1756,7 @@ impl State<'_, '_, '_> {
         recipients: &[(DeviceId, [u8; 32])],
         payload: &Payload,
     ) -> Result<Envelope, ApiError> {
+        self.check_not_revoked()?;
         Ok(envelope::seal_to_devices(
             self.e.identity.device_signing_key(),
             conv,
@@ -2078,6 +2101,7 @@ impl State<'_, '_, '_> {
             created_at_ms: now_ms(),
             last_message_at_ms: None,
             unread: 0,
+            key_epoch: 1,
         };
         self.db.insert_conversation(&record)?;
         let conv = self.apply_group(&state, &[])?;
@@ -2233,11 +2257,20 @@ impl State<'_, '_, '_> {
         self.devices_changed();
         let active = state.member(&self.e.my_user).is_some();
         let was_active = self.e.convs.get(&state.id).is_some_and(|c| c.active);
+        // Every group change starts new sending chains (after a removal,
+        // the removed member must not read on).
+        let key_epoch = match self.e.convs.get(&state.id) {
+            Some(c) if c.group.as_deref() == Some(state) => c.key_epoch,
+            Some(c) => c.key_epoch.saturating_add(1),
+            None => 1,
+        };
+        self.db.set_key_epoch(&state.id, key_epoch)?;
         let conv = Conv {
             id: state.id,
             kind: ConversationKind::Group,
             topic: state.id.topic(),
             epoch: state.epoch,
+            key_epoch,
             members: state.members.iter().map(|m| m.user).collect(),
             group: Some(Arc::new(state.clone())),
             active,
@@ -2484,6 +2517,11 @@ impl State<'_, '_, '_> {
         if env.verify().is_err() {
             return Ok(Verdict::Reject("bad signature"));
         }
+        if self.is_revoked(&env.header.sender)? {
+            // Not a strike: an honest peer may forward it before it hears
+            // of the revocation.
+            return Ok(Verdict::Ignore);
+        }
         match env.header.sealing.clone() {
             Sealing::Sealed { .. } => self.receive_sealed(&env, via),
             Sealing::Chain { epoch, counter } => self.receive_chain(&env, epoch, counter, via),
@@ -2539,6 +2577,7 @@ impl State<'_, '_, '_> {
         match payload {
             Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
             Payload::Devices(certs) => self.receive_devices(env, certs),
+            Payload::Revoked(revocation) => self.receive_revocation(env, revocation),
             Payload::Group(state) => self.receive_group(env, state),
             Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
@@ -2694,6 +2733,7 @@ impl State<'_, '_, '_> {
                 created_at_ms: now_ms(),
                 last_message_at_ms: None,
                 unread: 0,
+                key_epoch: 1,
             })?;
         }
         self.apply_group(&state, &[])?;

@@ -89,8 +89,11 @@ pub struct ConversationRecord {
     pub name: String,
     /// The gossip topic the conversation is published on.
     pub topic: String,
-    /// Group epoch (0 for direct conversations until they rekey).
+    /// Group epoch (1 for direct conversations).
     pub epoch: u64,
+    /// The epoch of this device's own sending chain: one more at every
+    /// group change and every revocation of a member's device.
+    pub key_epoch: u64,
     /// Serialized group state, owned by the group module.
     pub state: Option<Vec<u8>>,
     pub created_at_ms: i64,
@@ -112,6 +115,7 @@ impl ConversationRecord {
             last_message_at_ms: row.get(7)?,
             unread: u32::try_from(unread)
                 .map_err(|_| StoreError::Corrupt(format!("unread count {unread}")))?,
+            key_epoch: u64_at(row, 9, "key epoch")?,
         })
     }
 }
@@ -119,7 +123,8 @@ impl ConversationRecord {
 macro_rules! select_conversations {
     ($rest:literal) => {
         concat!(
-            "SELECT id, kind, name, topic, epoch, state, created_at, last_message_at, unread
+            "SELECT id, kind, name, topic, epoch, state, created_at, last_message_at, unread,
+                    key_epoch
              FROM conversations ",
             $rest
         )
@@ -132,8 +137,9 @@ impl Db<'_> {
     pub fn insert_conversation(&self, conv: &ConversationRecord) -> Result<bool, StoreError> {
         let inserted = self.execute(
             "INSERT INTO conversations
-             (id, kind, name, topic, epoch, state, created_at, last_message_at, unread)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             (id, kind, name, topic, epoch, state, created_at, last_message_at, unread,
+              key_epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (id) DO NOTHING",
             params![
                 conv.id.0,
@@ -145,6 +151,7 @@ impl Db<'_> {
                 conv.created_at_ms,
                 conv.last_message_at_ms,
                 conv.unread,
+                to_sql_int(conv.key_epoch, "key epoch")?,
             ],
         )?;
         Ok(inserted > 0)
@@ -164,6 +171,15 @@ impl Db<'_> {
             params![id.0, name, to_sql_int(epoch, "epoch")?, state],
         )?;
         Ok(changed > 0)
+    }
+
+    /// Sets the epoch of this device's sending chain in a conversation.
+    pub fn set_key_epoch(&self, id: &ConversationId, key_epoch: u64) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE conversations SET key_epoch = ?2 WHERE id = ?1",
+            params![id.0, to_sql_int(key_epoch, "key epoch")?],
+        )?;
+        Ok(())
     }
 
     pub fn conversation(

@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_reliable_delivery.sql")),
     (3, include_str!("migrations/0003_annotations.sql")),
+    (4, include_str!("migrations/0004_key_epochs.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.
@@ -400,6 +401,7 @@ pub(crate) mod test_support {
             created_at_ms: 1_000 + i64::from(n),
             last_message_at_ms: None,
             unread: 0,
+            key_epoch: 1,
         }
     }
 

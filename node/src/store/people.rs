@@ -123,11 +123,14 @@ impl Db<'_> {
         Ok(())
     }
 
-    /// Marks a device revoked for good. False if the device is unknown.
-    pub fn revoke_device(&self, device: &DeviceId) -> Result<bool, StoreError> {
+    /// Marks a device of `user` revoked for good, recording it (with no
+    /// certificate) if it was unknown, so that learning it later cannot
+    /// bring it back. False if it was revoked already.
+    pub fn revoke_device(&self, device: &DeviceId, user: &UserId) -> Result<bool, StoreError> {
         let changed = self.execute(
-            "UPDATE devices SET revoked = 1 WHERE device_id = ?1",
-            [device.0],
+            "INSERT INTO devices (device_id, user_id, cert, revoked) VALUES (?1, ?2, x'', 1)
+             ON CONFLICT (device_id) DO UPDATE SET revoked = 1 WHERE revoked = 0",
+            params![device.0, user.0],
         )?;
         Ok(changed > 0)
     }
@@ -147,6 +150,15 @@ impl Db<'_> {
             "SELECT device_id, user_id FROM devices WHERE revoked = 0 LIMIT ?1",
             [super::sql_limit(limit)],
             |row| Ok((super::id_at(row, 0)?, super::id_at(row, 1)?)),
+        )
+    }
+
+    /// Revoked devices, at most `limit`.
+    pub fn revoked_devices(&self, limit: usize) -> Result<Vec<DeviceId>, StoreError> {
+        self.query_vec(
+            "SELECT device_id FROM devices WHERE revoked = 1 LIMIT ?1",
+            [super::sql_limit(limit)],
+            |row| super::id_at(row, 0),
         )
     }
 
@@ -270,8 +282,11 @@ mod tests {
         db.upsert_device(&laptop, &user, b"laptop cert")?;
         assert_eq!(db.devices_of_user(&user)?.len(), 2);
 
-        assert!(db.revoke_device(&phone)?);
-        assert!(!db.revoke_device(&DeviceId([9; 32]))?);
+        assert!(db.revoke_device(&phone, &user)?);
+        assert!(!db.revoke_device(&phone, &user)?);
+        let never_seen = DeviceId([9; 32]);
+        assert!(db.revoke_device(&never_seen, &user)?);
+        assert_eq!(db.revoked_devices(10)?.len(), 2);
         db.upsert_device(&phone, &user, b"phone cert again")?;
         let listed: Vec<DeviceId> = db
             .devices_of_user(&user)?
@@ -288,7 +303,8 @@ mod tests {
                 revoked: true,
             })
         );
-        assert_eq!(db.device(&DeviceId([9; 32]))?, None);
+        assert!(db.device(&never_seen)?.is_some_and(|d| d.revoked));
+        assert_eq!(db.device(&DeviceId([8; 32]))?, None);
         Ok(())
     }
 

@@ -69,6 +69,36 @@ impl TestNode {
         Self::run(name, dir, bootstrap, Settings::default()).await
     }
 
+    /// Restarts a node from an existing home with no network at all: it
+    /// hears only what a test hands it with `deliver`.
+    pub async fn start_offline(name: &str, dir: tempfile::TempDir) -> TestNode {
+        let config = NodeConfig::new(dir.path().join("home"), None);
+        let node = Node::start(config).await.unwrap();
+        let handle = node.handle();
+        TestNode {
+            name: name.to_string(),
+            node: Some(node),
+            handle,
+            addr: "/memory/0".parse().unwrap(),
+            dir,
+        }
+    }
+
+    /// The bytes of an envelope this node holds (a message id is its
+    /// envelope's id), read through a second connection to its store.
+    pub fn envelope_bytes(&self, id: &str) -> Vec<u8> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        let id = id.parse().unwrap();
+        store
+            .db()
+            .envelope(&id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} holds no envelope {id}", self.name))
+            .bytes
+    }
+
     async fn run(
         name: &str,
         dir: tempfile::TempDir,

@@ -198,7 +198,7 @@ impl State<'_, '_, '_> {
             edit,
         });
         let (env, counter, early) = self.seal_chain_message(conv, &payload.encode())?;
-        self.send_envelope(conv, &env, conv.epoch, counter, early, Ack::Publish)?;
+        self.send_envelope(conv, &env, conv.key_epoch, counter, early, Ack::Publish)?;
         self.materialize(shard_id, &m.id)?;
         let m = self.db.message(&m.id)?.unwrap_or_else(|| m.clone());
         to_value(&self.message_view(&m, false)?)

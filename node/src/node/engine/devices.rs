@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::identity::Revocation;
 use crate::link::{CODE_LIFETIME_MS, LinkCode, LinkGrant, LinkRequest};
 
 /// Link codes waiting to be used, at most.
@@ -24,6 +25,8 @@ const HISTORY_SHARDS: usize = 64;
 pub(crate) const META_HISTORY_NEEDED: &str = "history_needed";
 /// `meta`: the account's invite, for a device without the user key.
 pub(crate) const META_ACCOUNT_INVITE: &str = "account_invite";
+/// Shortest device id prefix `weft devices revoke` accepts.
+const MIN_DEVICE_PREFIX: usize = 4;
 
 /// Where a history transfer is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,10 +306,13 @@ impl State<'_, '_, '_> {
             .cloned()
             .collect();
         for conv in convs {
-            let key = (conv.id, conv.epoch);
+            let key = (conv.id, conv.key_epoch);
             let distribution = match self.e.sending.get(&key) {
                 Some(slot) => Some(slot.chain.distribution()),
-                None => match self.db.get_chain(&conv.id, &self.e.my_device, conv.epoch)? {
+                None => match self
+                    .db
+                    .get_chain(&conv.id, &self.e.my_device, conv.key_epoch)?
+                {
                     Some(bytes) => Some(SendingChain::from_bytes(&bytes)?.distribution()),
                     None => None,
                 },
@@ -317,6 +323,202 @@ impl State<'_, '_, '_> {
             }
         }
         Ok(())
+    }
+
+    // ---- revocation ---------------------------------------------------
+
+    /// Whether a device was revoked by its account.
+    pub(super) fn is_revoked(&self, device: &DeviceId) -> Result<bool, ApiError> {
+        if self.e.revoked.contains(device) {
+            return Ok(true);
+        }
+        if self.e.revoked.len() < MAX_REVOKED {
+            return Ok(false);
+        }
+        // More revocations than memory holds: the store knows them all.
+        Ok(self.db.device(device)?.is_some_and(|d| d.revoked))
+    }
+
+    /// Refuses to send from a device its account revoked.
+    pub(super) fn check_not_revoked(&self) -> Result<(), ApiError> {
+        if self.e.revoked.contains(&self.e.my_device) {
+            return Err(ApiError::usage(
+                "this device was revoked by its account: it can no longer send",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `weft devices revoke DEVICE_ID`: signs the revocation with the user
+    /// key, starts new sending chains wherever the device could read, and
+    /// tells every conversation (and the device itself).
+    pub(super) fn devices_revoke(&mut self, which: &str) -> ApiResult {
+        if !self.e.identity.holds_user_key() {
+            return Err(ApiError::usage(
+                "only the account's first device holds the user key: revoke from there",
+            ));
+        }
+        let device = self.own_device_named(which)?;
+        if device == self.e.my_device {
+            return Err(ApiError::usage(
+                "this device holds the account's user key and cannot revoke itself",
+            ));
+        }
+        let revocation = self
+            .e
+            .identity
+            .revoke(&device, now_ms())
+            .map_err(|e| ApiError::failed(e.to_string()))?;
+        let rekeyed = self.apply_revocation(&revocation)?;
+        self.announce_revocation(&revocation)?;
+        to_value(&serde_json::json!({
+            "device_id": device.to_string(),
+            "revoked": true,
+            "conversations_rekeyed": rekeyed,
+        }))
+    }
+
+    /// One of this account's devices, by its id or a unique prefix of it.
+    fn own_device_named(&mut self, which: &str) -> Result<DeviceId, ApiError> {
+        let which = which.trim();
+        if let Ok(id) = which.parse::<DeviceId>() {
+            return match self.db.device(&id)? {
+                Some(d) if d.user_id == self.e.my_user && d.revoked => {
+                    Err(ApiError::usage("that device is already revoked"))
+                }
+                Some(d) if d.user_id == self.e.my_user => Ok(id),
+                _ => Err(ApiError::usage(
+                    "not a device of this account (see weft devices list)",
+                )),
+            };
+        }
+        if which.len() < MIN_DEVICE_PREFIX {
+            return Err(ApiError::usage(format!(
+                "give the device id, or at least its first {MIN_DEVICE_PREFIX} characters"
+            )));
+        }
+        let matching: Vec<DeviceId> = self
+            .my_certificates()?
+            .into_iter()
+            .map(|c| c.device)
+            .filter(|d| d.to_string().starts_with(which))
+            .collect();
+        match matching.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ApiError::usage(format!(
+                "no device of this account starts with {which} (see weft devices list)"
+            ))),
+            _ => Err(ApiError::usage(format!(
+                "{which} names more than one device: give more of the id"
+            ))),
+        }
+    }
+
+    /// Applies a verified revocation: the device is refused from now on,
+    /// nothing more is sent to it, and every conversation it could read
+    /// gets new sending chains. Returns how many conversations.
+    pub(super) fn apply_revocation(&mut self, rev: &Revocation) -> Result<usize, ApiError> {
+        if !self.db.revoke_device(&rev.device, &rev.user)? {
+            return Ok(0);
+        }
+        if self.e.revoked.len() < MAX_REVOKED {
+            self.e.revoked.insert(rev.device);
+        }
+        self.devices_changed();
+        let peer = peer_id_of(&rev.device);
+        let mut done = Vec::new();
+        for (id, (_, missing)) in self.e.unreached.iter_mut() {
+            if missing.remove(&peer) && missing.is_empty() {
+                done.push(*id);
+            }
+        }
+        for id in done {
+            self.e.unreached.remove(&id);
+            self.db.remove_outbox(&id)?;
+        }
+        self.fx.push(Effect::Event(Event::Device {
+            event: "revoked".into(),
+            device_id: rev.device.to_string(),
+        }));
+        if rev.device == self.e.my_device {
+            tracing::warn!("this device was revoked by its account");
+            return Ok(0);
+        }
+        let convs: Vec<ConversationId> = self
+            .e
+            .convs
+            .values()
+            .filter(|c| c.active && c.members.contains(&rev.user))
+            .map(|c| c.id)
+            .collect();
+        for id in &convs {
+            self.rekey(id)?;
+        }
+        tracing::info!(device = %rev.device, conversations = convs.len(), "device revoked");
+        Ok(convs.len())
+    }
+
+    /// Moves this device to a new sending chain in a conversation. The new
+    /// chain is made, and handed to the member devices there are then, by
+    /// the next message sent there.
+    fn rekey(&mut self, id: &ConversationId) -> Result<(), ApiError> {
+        let Some(conv) = self.e.convs.get_mut(id) else {
+            return Ok(());
+        };
+        let old = conv.key_epoch;
+        conv.key_epoch = old.saturating_add(1);
+        let new = conv.key_epoch;
+        self.e.sending.remove(&(*id, old));
+        self.db.set_key_epoch(id, new)?;
+        Ok(())
+    }
+
+    /// Tells every conversation, and the revoked device, of a revocation.
+    fn announce_revocation(&mut self, rev: &Revocation) -> Result<(), ApiError> {
+        let revoked_dh = self
+            .db
+            .device(&rev.device)?
+            .and_then(|d| DeviceCertificate::from_stored_bytes(&d.cert).ok())
+            .map(|c| (c.device, c.dh));
+        let convs: Vec<Conv> = self
+            .e
+            .convs
+            .values()
+            .filter(|c| c.active)
+            .cloned()
+            .collect();
+        for conv in convs {
+            let recipients = self.recipients(&conv)?;
+            let mut devices = recipients.devices.clone();
+            devices.extend(revoked_dh);
+            let env = self.seal_to(conv.id, &devices, &Payload::Revoked(rev.clone()))?;
+            self.send_envelope(&conv, &env, 0, 0, false, Ack::Publish)?;
+        }
+        Ok(())
+    }
+
+    /// A member's account revoked one of its devices.
+    pub(super) fn receive_revocation(
+        &mut self,
+        env: &Envelope,
+        rev: Revocation,
+    ) -> Result<Verdict, ApiError> {
+        let Some(sender) = self.db.device(&env.header.sender)? else {
+            return Ok(Verdict::Ignore);
+        };
+        if sender.user_id != rev.user || rev.verify().is_err() {
+            return Ok(Verdict::Reject(
+                "revocation not signed by the sender's account",
+            ));
+        }
+        if let Some(d) = self.db.device(&rev.device)?
+            && d.user_id != rev.user
+        {
+            return Ok(Verdict::Reject("revocation of another account's device"));
+        }
+        self.apply_revocation(&rev)?;
+        self.store_envelope(env, 0, 0)?;
+        Ok(Verdict::Accept)
     }
 
     /// `weft devices list`.
@@ -564,6 +766,7 @@ impl State<'_, '_, '_> {
                 created_at_ms: c.created_at_ms,
                 last_message_at_ms: c.last_message_at_ms,
                 unread: 0,
+                key_epoch: 1,
             };
             if self.db.insert_conversation(&record)? {
                 let members: Vec<(UserId, Role)> = c
@@ -579,6 +782,7 @@ impl State<'_, '_, '_> {
                     kind: record.kind,
                     topic: record.topic.clone(),
                     epoch: c.epoch,
+                    key_epoch: 1,
                     members: users,
                     group,
                     active,

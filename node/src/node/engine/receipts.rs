@@ -54,7 +54,7 @@ impl State<'_, '_, '_> {
             });
             let (env, counter, _) = self.seal_chain_message(&conv, &payload.encode())?;
             // After the commit: a receipt promises the messages are stored.
-            self.send_envelope(&conv, &env, conv.epoch, counter, false, Ack::Publish)?;
+            self.send_envelope(&conv, &env, conv.key_epoch, counter, false, Ack::Publish)?;
         }
         Ok(())
     }
