@@ -5,7 +5,7 @@
 //!
 //! | key | value | meaning |
 //! |---|---|---|
-//! | `c/<user>` | string (alias) | a contact; removed to remove it |
+//! | `c/<user>` | string: alias, newline, invite | a contact; removed to remove it |
 //! | `b/<user>` | `true`; removed to unblock | blocked |
 //! | `m/<conversation>` | bool | muted |
 //! | `a/<conversation>` | bool | archived |
@@ -31,6 +31,9 @@ use crate::{CrdtError, hex};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContactEntry {
     pub alias: String,
+    /// The invite it was added from: another device imports the contact
+    /// from it.
+    pub invite: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,23 +82,45 @@ impl AccountState {
         &mut self.doc
     }
 
-    fn commit(&mut self) -> Result<Vec<u8>, CrdtError> {
-        self.doc
-            .commit()
-            .ok_or_else(|| CrdtError::Refused("nothing changed".into()))
+    /// The change made, or `None` if nothing changed (the state already
+    /// said so).
+    fn commit(&mut self) -> Result<Option<Vec<u8>>, CrdtError> {
+        Ok(self.doc.commit())
     }
 
-    pub fn add_contact(&mut self, user: &[u8], alias: &str) -> Result<Vec<u8>, CrdtError> {
-        self.doc.put(&format!("c/{}", hex(user)), alias)?;
+    pub fn add_contact(
+        &mut self,
+        user: &[u8],
+        alias: &str,
+        invite: &str,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
+        // One value, so that alias and invite always travel together (an
+        // alias contains no newline).
+        self.doc
+            .put(&format!("c/{}", hex(user)), format!("{alias}\n{invite}"))?;
         self.commit()
     }
 
-    pub fn remove_contact(&mut self, user: &[u8]) -> Result<Vec<u8>, CrdtError> {
+    pub fn remove_contact(&mut self, user: &[u8]) -> Result<Option<Vec<u8>>, CrdtError> {
         self.doc.delete(&format!("c/{}", hex(user)))?;
         self.commit()
     }
 
-    pub fn block(&mut self, user: &[u8], blocked: bool) -> Result<Vec<u8>, CrdtError> {
+    /// The account's read position in a conversation (the greatest of its
+    /// devices').
+    pub fn read_up_to(&self, conversation: &[u8]) -> u64 {
+        self.doc
+            .keys_with_prefix(&format!("rp/{}/", hex(conversation)))
+            .into_iter()
+            .filter_map(|k| match self.doc.get(&k) {
+                Some(ScalarValue::Uint(h)) => Some(h),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn block(&mut self, user: &[u8], blocked: bool) -> Result<Option<Vec<u8>>, CrdtError> {
         let key = format!("b/{}", hex(user));
         if blocked {
             self.doc.put(&key, true)?;
@@ -105,12 +130,20 @@ impl AccountState {
         self.commit()
     }
 
-    pub fn set_muted(&mut self, conversation: &[u8], on: bool) -> Result<Vec<u8>, CrdtError> {
+    pub fn set_muted(
+        &mut self,
+        conversation: &[u8],
+        on: bool,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
         self.doc.put(&format!("m/{}", hex(conversation)), on)?;
         self.commit()
     }
 
-    pub fn set_archived(&mut self, conversation: &[u8], on: bool) -> Result<Vec<u8>, CrdtError> {
+    pub fn set_archived(
+        &mut self,
+        conversation: &[u8],
+        on: bool,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
         self.doc.put(&format!("a/{}", hex(conversation)), on)?;
         self.commit()
     }
@@ -127,10 +160,10 @@ impl AccountState {
             return Ok(None);
         }
         self.doc.put(&key, ScalarValue::Uint(hlc))?;
-        self.commit().map(Some)
+        self.commit()
     }
 
-    pub fn set_privacy(&mut self, share: &str) -> Result<Vec<u8>, CrdtError> {
+    pub fn set_privacy(&mut self, share: &str) -> Result<Option<Vec<u8>>, CrdtError> {
         self.doc.put("privacy", share)?;
         self.commit()
     }
@@ -178,11 +211,16 @@ impl AccountState {
     pub fn view(&self) -> AccountView {
         let mut v = AccountView::default();
         for key in self.doc.keys_with_prefix("c/") {
-            if let Some(ScalarValue::Str(alias)) = self.doc.get(&key) {
+            if let Some(ScalarValue::Str(value)) = self.doc.get(&key) {
+                let (alias, invite) = match value.split_once('\n') {
+                    Some((alias, invite)) => (alias, Some(invite.to_string())),
+                    None => (value.as_str(), None),
+                };
                 v.contacts.insert(
                     key[2..].to_string(),
                     ContactEntry {
                         alias: alias.to_string(),
+                        invite,
                     },
                 );
             }
@@ -243,13 +281,17 @@ mod tests {
     fn an_add_concurrent_with_a_removal_wins() -> Result<(), CrdtError> {
         let mut phone = AccountState::new(b"phone");
         let mut laptop = AccountState::new(b"laptop");
-        phone.add_contact(BOB, "bob")?;
+        phone.add_contact(BOB, "bob", "weft1bob")?;
         exchange(&mut phone, &mut laptop)?;
         phone.remove_contact(BOB)?;
-        laptop.add_contact(BOB, "bobby")?;
+        laptop.add_contact(BOB, "bobby", "weft1bob")?;
         exchange(&mut phone, &mut laptop)?;
         assert_eq!(phone.view(), laptop.view());
         assert_eq!(phone.view().contacts[&hex(BOB)].alias, "bobby");
+        assert_eq!(
+            phone.view().contacts[&hex(BOB)].invite.as_deref(),
+            Some("weft1bob")
+        );
         Ok(())
     }
 
@@ -267,6 +309,7 @@ mod tests {
         assert_eq!(v, laptop.view());
         let c = &v.conversations[&hex(CONV)];
         assert_eq!((c.read_up_to, c.muted, c.archived), (70, true, false));
+        assert_eq!(phone.read_up_to(CONV), 70);
         assert!(phone.is_blocked(BOB));
         Ok(())
     }

@@ -171,14 +171,24 @@ impl World {
             Op::Rename { by, name } => self.shards[by].set_group("name", &format!("group {name}")),
             Op::Contact { by, user, add } => {
                 if add {
-                    self.accounts[by].add_contact(&[user; 32], &format!("friend {user}"))
+                    self.accounts[by]
+                        .add_contact(
+                            &[user; 32],
+                            &format!("friend {user}"),
+                            &format!("weft1{user}"),
+                        )
+                        .map(|_| Vec::new())
                 } else {
-                    self.accounts[by].remove_contact(&[user; 32])
+                    self.accounts[by]
+                        .remove_contact(&[user; 32])
+                        .map(|_| Vec::new())
                 }
             }
-            Op::Block { by, user, on } => self.accounts[by].block(&[user; 32], on),
+            Op::Block { by, user, on } => {
+                self.accounts[by].block(&[user; 32], on).map(|_| Vec::new())
+            }
             Op::Read { by, hlc } => self.accounts[by].mark_read(&conv, hlc).map(|_| Vec::new()),
-            Op::Mute { by, on } => self.accounts[by].set_muted(&conv, on),
+            Op::Mute { by, on } => self.accounts[by].set_muted(&conv, on).map(|_| Vec::new()),
             Op::Exchange { from, to, seed } => {
                 self.exchange(from, to, seed);
                 Ok(Vec::new())

@@ -38,6 +38,16 @@ pub enum Payload {
     /// key (sealed to the conversation's member devices and the revoked
     /// one, so that it learns it too).
     Revoked(Revocation),
+    /// A change of the account's private state (`weft_crdt::AccountState`:
+    /// contacts, blocks, read positions, privacy), chain-sealed in the
+    /// account's own conversation, so only its devices read it.
+    Account(AccountChange),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChange {
+    /// One automerge change, written by the sending device.
+    pub change: Vec<u8>,
 }
 
 /// Longest automerge change an [`Annotate`] carries.

@@ -358,3 +358,117 @@ async fn a_revoked_device_reads_nothing_sent_after_and_cannot_act_for_the_accoun
             .any(|t| t == "sent by the stolen phone")
     );
 }
+
+/// Waits until `check` holds for what `node` answers to `req`.
+async fn wait_for(
+    node: &TestNode,
+    req: Request,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let got = node.call(req.clone()).await;
+        if check(&got) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: timed out waiting for {what}; have {got}",
+            node.name
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+fn contact<'a>(list: &'a serde_json::Value, alias: &str) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|c| c["alias"] == alias)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_blocks_reads_and_privacy_follow_the_account_to_every_device() {
+    let alice = TestNode::start("alice", 55, &[]).await;
+    let bob = TestNode::start("bob", 55, &[&alice]).await;
+    let carol = TestNode::start("carol", 55, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    let phone = link(&alice, "alice-phone", &[&alice, &bob, &carol]).await;
+    wait_for(&phone, Request::ContactList, "bob, from history", |l| {
+        contact(l, "bob").is_some()
+    })
+    .await;
+
+    // A contact added on one device appears on the other, from its invite.
+    befriend(&alice, &carol).await;
+    wait_for(&phone, Request::ContactList, "carol", |l| {
+        contact(l, "carol").is_some_and(|c| c["devices"] == 1)
+    })
+    .await;
+    carol.send("alice", "hello both of you").await;
+    phone.expect_text("carol", "hello both of you").await;
+
+    // A block on the phone holds on the laptop.
+    phone
+        .call(Request::ContactBlock {
+            alias: "bob".into(),
+        })
+        .await;
+    wait_for(&alice, Request::ContactList, "bob blocked", |l| {
+        contact(l, "bob").is_some_and(|c| c["blocked"] == true)
+    })
+    .await;
+
+    // Presence privacy set on the phone.
+    phone
+        .call(Request::Privacy {
+            presence: Some("nobody".into()),
+        })
+        .await;
+    wait_for(
+        &alice,
+        Request::Privacy { presence: None },
+        "privacy",
+        |p| p["presence"] == "nobody",
+    )
+    .await;
+
+    // Read on the laptop: read on the phone.
+    for i in 0..3 {
+        carol.send("alice", &format!("unread {i}")).await;
+    }
+    phone.expect_text("carol", "unread 2").await;
+    alice.expect_text("carol", "unread 2").await;
+    let unread = |l: &serde_json::Value| {
+        l.as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "carol"))
+            .and_then(|c| c["unread"].as_u64())
+    };
+    wait_for(&phone, Request::Conversations, "unread on the phone", |l| {
+        unread(l) == Some(4)
+    })
+    .await;
+    alice
+        .call(Request::Read {
+            target: "carol".into(),
+        })
+        .await;
+    wait_for(&phone, Request::Conversations, "read on the phone", |l| {
+        unread(l) == Some(0)
+    })
+    .await;
+    let ms = phone.messages("carol").await;
+    assert!(ms.iter().all(|m| m["status"] == "read"), "{ms:?}");
+
+    // A removal on the laptop.
+    alice
+        .call(Request::ContactRemove {
+            alias: "carol".into(),
+        })
+        .await;
+    wait_for(&phone, Request::ContactList, "carol gone", |l| {
+        contact(l, "carol").is_none()
+    })
+    .await;
+    // The account's own conversation stays out of sight.
+    let convs = phone.call(Request::Conversations).await;
+    assert_eq!(convs.as_array().map(Vec::len), Some(2), "{convs}");
+}

@@ -16,7 +16,9 @@ use weft_node::identity::Revocation;
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
-use weft_node::payload::{Annotate, EditText, Payload, Receipt, ReceiptKind, TextMessage};
+use weft_node::payload::{
+    AccountChange, Annotate, EditText, Payload, Receipt, ReceiptKind, TextMessage,
+};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const SENDER_SEED: [u8; 32] = [0x11; 32];
@@ -119,6 +121,13 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
         ("payload-receipt-v1", receipt_payload().encode()),
         ("payload-annotate-v1", annotate_payload().encode()),
         ("payload-revoked-v1", revoked_payload().encode()),
+        (
+            "payload-account-v1",
+            Payload::Account(AccountChange {
+                change: vec![1, 2, 3],
+            })
+            .encode(),
+        ),
         (
             "direct-sync-v1",
             postcard::to_stdvec(&sync_request()).unwrap(),

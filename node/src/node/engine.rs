@@ -18,6 +18,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+mod account;
 mod annotations;
 mod devices;
 mod presence;
@@ -278,6 +279,10 @@ pub(super) struct Engine {
     link_codes: Vec<devices::LinkSecret>,
     /// The device a history transfer is coming from.
     history_peer: Option<PeerId>,
+    /// The account's private state (loaded when first needed), and
+    /// whether it changed since it was saved.
+    account: Option<weft_crdt::AccountState>,
+    account_dirty: bool,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -419,6 +424,8 @@ impl Engine {
             dirty_shards: HashSet::new(),
             link_codes: Vec::new(),
             history_peer: None,
+            account: None,
+            account_dirty: false,
         };
         engine.load()?;
         Ok(engine)
@@ -459,6 +466,19 @@ impl Engine {
                 group,
                 active,
             });
+        }
+        // The account's own conversation (its devices' private state), and
+        // its document.
+        let share = db
+            .get_meta(presence::META_SHARE)?
+            .map(|_| self.share.as_str());
+        account::seed_account(&db, &self.my_user, &self.my_device, share)?;
+        let own = account::account_conversation(&self.my_user);
+        if !convs.iter().any(|c| c.id == own) {
+            let (record, conv) = account::new_account_conversation(&self.my_user);
+            db.insert_conversation(&record)?;
+            db.set_members(&own, &[(self.my_user, Role::Member)])?;
+            convs.push(conv);
         }
         let outbox = db.outbox_due(i64::MAX, 100_000)?;
         let mut pending_outbox = Vec::new();
@@ -685,6 +705,8 @@ impl Engine {
                     dirty_shards: &mut self.dirty_shards,
                     link_codes: &mut self.link_codes,
                     history_peer: &mut self.history_peer,
+                    account: &mut self.account,
+                    account_dirty: &mut self.account_dirty,
                 },
                 db: &db,
                 fx: &mut fx,
@@ -694,12 +716,14 @@ impl Engine {
                 chain_stored: HashSet::new(),
                 annotations: HashMap::new(),
                 annotation_hashes: HashMap::new(),
+                account_merged: false,
             };
             for input in batch {
                 state.handle(input);
             }
             state.fill_gaps();
             state.flush_annotations();
+            state.flush_account();
             state.flush_delivered();
             state.save_shards();
             durable_fx = std::mem::take(&mut state.durable_fx);
@@ -1017,6 +1041,8 @@ struct EngineState<'a> {
     dirty_shards: &'a mut HashSet<annotations::ShardId>,
     link_codes: &'a mut Vec<devices::LinkSecret>,
     history_peer: &'a mut Option<PeerId>,
+    account: &'a mut Option<weft_crdt::AccountState>,
+    account_dirty: &'a mut bool,
 }
 
 struct State<'s, 'a, 'd> {
@@ -1037,6 +1063,9 @@ struct State<'s, 'a, 'd> {
     annotations: HashMap<annotations::ShardId, Vec<(weft_crdt::Inspected, MessageId)>>,
     /// Their hashes, per shard (a change may build on one of them).
     annotation_hashes: HashMap<annotations::ShardId, HashSet<weft_crdt::ChangeHash>>,
+    /// Whether this batch merged account changes from another device (the
+    /// store is brought in line at its end).
+    account_merged: bool,
 }
 
 type ApiResult = Result<serde_json::Value, ApiError>;
@@ -1149,6 +1178,7 @@ impl State<'_, '_, '_> {
                 let c = self.contact(&alias)?;
                 self.db.remove_contact(&c.user_id)?;
                 self.e.blocked.remove(&c.user_id);
+                self.change_account(|a| a.remove_contact(&c.user_id.0))?;
                 to_value(&self.contact_view(&c)?)
             }
             Request::ContactBlock { alias } => self.set_blocked(&alias, true),
@@ -1203,7 +1233,11 @@ impl State<'_, '_, '_> {
             }
             Request::Conversations => {
                 let mut out = Vec::new();
+                let hidden = account::account_conversation(&self.e.my_user);
                 for r in self.db.conversations()? {
+                    if r.id == hidden {
+                        continue;
+                    }
                     out.push(ConversationView {
                         id: r.id.to_string(),
                         kind: r.kind.as_str().to_string(),
@@ -1323,17 +1357,33 @@ impl State<'_, '_, '_> {
         } else {
             self.e.blocked.remove(&c.user_id);
         }
+        self.change_account(|a| a.block(&c.user_id.0, blocked))?;
         let c = self.contact(alias)?;
         to_value(&self.contact_view(&c)?)
     }
 
+    /// `weft contact add`: the contact, and the account's other devices
+    /// told.
     fn contact_add(&mut self, text: &str, alias: Option<&str>) -> ApiResult {
+        let invite =
+            Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
+        let alias = alias.unwrap_or(&invite.name).trim().to_string();
+        let contact = self.import_contact(text, &alias)?;
+        self.change_account(|a| {
+            a.add_contact(&contact.user_id.0, &contact.alias, &contact.invite)
+        })?;
+        to_value(&self.contact_view(&contact)?)
+    }
+
+    /// Adds a contact from an invite under `alias`, learns its devices and
+    /// addresses, and opens the direct conversation.
+    fn import_contact(&mut self, text: &str, alias: &str) -> Result<Contact, ApiError> {
         let invite =
             Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
         if invite.user == self.e.my_user {
             return Err(ApiError::usage("that is your own invite"));
         }
-        let alias = alias.unwrap_or(&invite.name).trim().to_string();
+        let alias = alias.trim().to_string();
         crate::identity::validate_name(&alias)
             .map_err(|_| ApiError::usage("alias must be 1 to 64 printable bytes"))?;
         if alias.parse::<UserId>().is_ok() || alias.parse::<ConversationId>().is_ok() {
@@ -1387,7 +1437,7 @@ impl State<'_, '_, '_> {
         let conv = self.ensure_direct(&invite.user, &alias)?;
         // Anything that waited for this contact's devices may open now.
         self.reprocess_pending(&conv);
-        to_value(&self.contact_view(&contact)?)
+        Ok(contact)
     }
 
     fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
@@ -2579,7 +2629,7 @@ impl State<'_, '_, '_> {
             Payload::Devices(certs) => self.receive_devices(env, certs),
             Payload::Revoked(revocation) => self.receive_revocation(env, revocation),
             Payload::Group(state) => self.receive_group(env, state),
-            Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) => {
+            Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) | Payload::Account(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
             }
         }
@@ -2832,6 +2882,19 @@ impl State<'_, '_, '_> {
                         Err(why) => Verdict::Reject(why),
                     },
                 );
+            }
+            Payload::Account(a) => {
+                if conv_id != account::account_conversation(&self.e.my_user)
+                    || user != self.e.my_user
+                {
+                    return Ok(Verdict::Reject("account state outside the account"));
+                }
+                self.advance_chain(key, after)?;
+                self.store_envelope(env, epoch, counter)?;
+                return Ok(match self.receive_account_change(env.header.sender, a) {
+                    Ok(()) => Verdict::Accept,
+                    Err(why) => Verdict::Reject(why),
+                });
             }
             _ => return Ok(Verdict::Reject("unexpected chain-sealed payload")),
         };

@@ -234,6 +234,47 @@ impl Db<'_> {
 
     /// Incoming messages of the conversation not yet marked read, oldest
     /// first, at most `limit`.
+    /// Marks the incoming messages of `conv` up to `hlc` read (another
+    /// device of the account read them) and recounts the unread ones.
+    /// Returns how many became read.
+    pub fn read_up_to(
+        &self,
+        conv: &ConversationId,
+        me: &UserId,
+        hlc: u64,
+    ) -> Result<usize, StoreError> {
+        self.atomically(|| {
+            let changed = self.execute(
+                "UPDATE messages SET status = 'read'
+                 WHERE conversation = ?1 AND sender_user <> ?2 AND hlc <= ?3
+                   AND status <> 'read'",
+                params![conv.0, me.0, super::to_sql_int(hlc, "hlc")?],
+            )?;
+            if changed > 0 {
+                self.execute(
+                    "UPDATE conversations SET unread = (
+                         SELECT COUNT(*) FROM messages WHERE conversation = ?1
+                         AND sender_user <> ?2 AND status <> 'read')
+                     WHERE id = ?1",
+                    params![conv.0, me.0],
+                )?;
+            }
+            Ok(changed)
+        })
+    }
+
+    /// The order key of the conversation's latest message.
+    pub fn latest_hlc(&self, conv: &ConversationId) -> Result<Option<u64>, StoreError> {
+        let hlc: Option<i64> = self
+            .query_opt(
+                "SELECT MAX(hlc) FROM messages WHERE conversation = ?1",
+                [conv.0],
+                |row| Ok(row.get::<_, Option<i64>>(0)?),
+            )?
+            .flatten();
+        Ok(hlc.and_then(|h| u64::try_from(h).ok()))
+    }
+
     pub fn unread_incoming(
         &self,
         conv: &ConversationId,

@@ -54,6 +54,8 @@ pub struct HistoryPage {
     pub conversations: Vec<HistoryConversation>,
     pub shards: Vec<(ConversationId, u64, Vec<u8>)>,
     pub messages: Vec<HistoryMessage>,
+    /// The account's private state document (first page only).
+    pub account: Option<Vec<u8>>,
     /// What to ask for next; `None`: done.
     pub next: Option<HistoryCursor>,
 }
@@ -455,7 +457,9 @@ impl State<'_, '_, '_> {
             self.rekey(id)?;
         }
         tracing::info!(device = %rev.device, conversations = convs.len(), "device revoked");
-        Ok(convs.len())
+        // The account's own (hidden) conversation is rekeyed, not counted.
+        let own = super::account::account_conversation(&self.e.my_user);
+        Ok(convs.iter().filter(|c| **c != own).count())
     }
 
     /// Moves this device to a new sending chain in a conversation. The new
@@ -593,7 +597,12 @@ impl State<'_, '_, '_> {
                         added_at_ms: c.added_at_ms,
                     });
                 }
+                page.account = Some(self.account_bytes()?);
+                let own = super::account::account_conversation(&self.e.my_user);
                 for r in self.db.conversations()? {
+                    if r.id == own {
+                        continue;
+                    }
                     let members = self
                         .db
                         .members(&r.id)?
@@ -719,6 +728,9 @@ impl State<'_, '_, '_> {
 
     fn import_history(&mut self, page: &HistoryPage) -> Result<(), ApiError> {
         let now = now_ms();
+        if let Some(account) = &page.account {
+            self.merge_account(account)?;
+        }
         for (user, name) in &page.users {
             self.db.upsert_user(user, name, now)?;
         }

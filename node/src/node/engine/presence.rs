@@ -242,6 +242,7 @@ impl State<'_, '_, '_> {
             })?;
             self.db.set_meta(META_SHARE, share.as_str().as_bytes())?;
             *self.e.share = share;
+            self.change_account(|a| a.set_privacy(share.as_str()))?;
         }
         to_value(&PrivacyView {
             presence: self.e.share.as_str().to_string(),

@@ -193,6 +193,10 @@ impl State<'_, '_, '_> {
             self.db.set_message_status(id, MessageStatus::Read)?;
         }
         self.db.mark_conversation_read(&conv_id)?;
+        // The account's other devices count it read too.
+        if let Some(hlc) = self.db.latest_hlc(&conv_id)? {
+            self.change_account(|a| a.mark_read(&conv_id.0, hlc))?;
+        }
         let receipts = self.e.convs.get(&conv_id).is_some_and(|c| {
             c.kind == ConversationKind::Direct
                 || c.members.len() <= self.e.settings.read_receipts_max_group
