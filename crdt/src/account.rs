@@ -101,8 +101,11 @@ impl AccountState {
         self.commit()
     }
 
+    /// Removes a contact, and the block on them with it (a block belongs
+    /// to a contact: adding them again starts unblocked).
     pub fn remove_contact(&mut self, user: &[u8]) -> Result<Option<Vec<u8>>, CrdtError> {
         self.doc.delete(&format!("c/{}", hex(user)))?;
+        self.doc.delete(&format!("b/{}", hex(user)))?;
         self.commit()
     }
 

@@ -7,56 +7,13 @@
 
 mod common;
 
-use common::{TestNode, befriend, group_create};
+use common::{TestNode, befriend, group_create, link};
 use weft_node::api::Request;
-use weft_node::home::Home;
-use weft_node::{NetConfig, link_device};
 
 fn count(ms: &[serde_json::Value], prefix: &str) -> usize {
     ms.iter()
         .filter(|m| m["text"].as_str().is_some_and(|t| t.starts_with(prefix)))
         .count()
-}
-
-/// Links a new device to `account` (which must run) in a fresh home.
-async fn link(account: &TestNode, name: &str, bootstrap: &[&TestNode]) -> TestNode {
-    let code = account.call(Request::DevicesLink).await["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("weft-{name}-"))
-        .tempdir()
-        .unwrap();
-    let home = Home::new(dir.path().join("home"));
-    let view = link_device(
-        &home,
-        &code,
-        None,
-        0,
-        NetConfig::memory(common::next_port()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        view.user_id,
-        account.call(Request::Id).await["user_id"].as_str().unwrap()
-    );
-    // The code works once.
-    let again = Home::new(dir.path().join("again"));
-    assert!(
-        link_device(
-            &again,
-            &code,
-            None,
-            0,
-            NetConfig::memory(common::next_port())
-        )
-        .await
-        .is_err(),
-        "a code is good for one device"
-    );
-    TestNode::start_existing(name, dir, bootstrap).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

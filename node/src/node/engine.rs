@@ -2901,6 +2901,8 @@ impl State<'_, '_, '_> {
         let now = now_ms();
         // A clock far in the future is clamped, and ours moves past it.
         let hlc = self.e.clock.observe(t.hlc, now.max(0) as u64);
+        // Another device of this account may have read this far already.
+        let read = user != self.e.my_user && hlc.0 <= self.read_position(&conv_id);
         let record = MessageRecord {
             id: env.id(),
             conversation: conv_id,
@@ -2910,7 +2912,11 @@ impl State<'_, '_, '_> {
             received_at_ms: now,
             text: t.text,
             reply_to: t.reply_to,
-            status: MessageStatus::Delivered,
+            status: if read {
+                MessageStatus::Read
+            } else {
+                MessageStatus::Delivered
+            },
             edited: false,
             deleted: false,
             hlc: hlc.0,
@@ -2930,7 +2936,7 @@ impl State<'_, '_, '_> {
         // Blocked: verified and forwarded (the group keeps working), but
         // neither stored as a message nor shown.
         if !blocked && self.db.insert_message(&record)? {
-            let unread = u32::from(user != self.e.my_user);
+            let unread = u32::from(user != self.e.my_user && !read);
             self.db
                 .bump_conversation(&conv_id, record.sent_at_ms, unread)?;
             if user != self.e.my_user {

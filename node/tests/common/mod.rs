@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
-use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle, Settings};
+use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle, Settings, link_device};
 
 /// Memory-transport ports unique across the tests of this process.
 static NEXT_PORT: AtomicU64 = AtomicU64::new(1);
@@ -258,6 +258,35 @@ impl TestNode {
 pub async fn befriend(a: &TestNode, b: &TestNode) {
     a.add_contact(b).await;
     b.add_contact(a).await;
+}
+
+/// Links a new device to `account` (which must run) in a fresh home.
+pub async fn link(account: &TestNode, name: &str, bootstrap: &[&TestNode]) -> TestNode {
+    let code = account.call(Request::DevicesLink).await["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("weft-{name}-"))
+        .tempdir()
+        .unwrap();
+    let home = Home::new(dir.path().join("home"));
+    let view = link_device(&home, &code, None, 0, NetConfig::memory(next_port()))
+        .await
+        .unwrap();
+    assert_eq!(
+        view.user_id,
+        account.call(Request::Id).await["user_id"].as_str().unwrap()
+    );
+    // The code works once.
+    let again = Home::new(dir.path().join("again"));
+    assert!(
+        link_device(&again, &code, None, 0, NetConfig::memory(next_port()))
+            .await
+            .is_err(),
+        "a code is good for one device"
+    );
+    TestNode::start_existing(name, dir, bootstrap).await
 }
 
 pub fn group_create(name: &str, members: &[&str]) -> Request {

@@ -133,6 +133,10 @@ impl State<'_, '_, '_> {
             return Ok(());
         };
         *self.e.account_dirty = true;
+        // The store follows the document here too: a change made beside
+        // concurrent ones (a block kept across a removal, say) must show
+        // as the merge says, as on every other device.
+        self.account_merged = true;
         let conv = self.ensure_account_conversation()?;
         if self.recipients(&conv)?.devices.is_empty() {
             // No other device yet: a device linked later gets the whole
@@ -199,6 +203,14 @@ impl State<'_, '_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// How far the account has read `conv` (0: not at all).
+    pub(super) fn read_position(&mut self, conv: &ConversationId) -> u64 {
+        match self.account() {
+            Ok(a) => a.read_up_to(&conv.0),
+            Err(_) => 0,
+        }
     }
 
     /// Merges a whole document (from a history page).
