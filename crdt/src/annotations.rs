@@ -331,6 +331,17 @@ impl Annotations {
         self.doc.apply_batch(changes)
     }
 
+    /// Whether `key` (one a change touched) is set now. For a reaction
+    /// key: whether the reaction stands after the merge.
+    pub fn holds(&self, key: &str) -> bool {
+        self.doc.get(key).is_some()
+    }
+
+    /// Whether `message` is deleted.
+    pub fn is_deleted(&self, message: &[u8]) -> bool {
+        self.holds(&format!("x/{}", hex(message)))
+    }
+
     /// One message's annotations.
     pub fn message(&self, message: &[u8]) -> MessageAnnotations {
         let id = hex(message);

@@ -1,17 +1,23 @@
 //! Hostile peers: garbage and forgeries on a conversation's topic are
 //! rejected, never stored or shown, and the sender is banned; a replayed
-//! envelope is stored and shown once.
+//! envelope is stored and shown once. A hostile member cannot forge
+//! edits, reactions, device lists, revocations or account state, and
+//! history goes to no one but the account's own devices.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::{DEADLINE, TestNode, befriend};
+use ed25519_dalek::SigningKey;
 use tokio::sync::mpsc;
 use weft_node::api::Request;
+use weft_node::crypto::envelope::{seal_chain, seal_to_devices};
+use weft_node::identity::Revocation;
 use weft_node::ids::{ConversationId, UserId};
 use weft_node::net::{self, NetCommand, NetConfig, NetEvent, NetHandle};
 use weft_node::node::{DirectRequest, DirectResponse};
+use weft_node::payload::{AccountChange, Annotate, EditText, Payload, SenderKey};
 
 /// A bare libp2p node (not a Weft node) on the memory transport, connected
 /// to `peers` and subscribed to the one-to-one topic of `a` and `b`. She can
@@ -145,4 +151,287 @@ async fn replayed_envelope_is_stored_once() {
         bob.texts("alice").await,
         vec!["once".to_string(), "twice?".to_string()]
     );
+}
+
+/// Carol as a hostile member of a group: she holds her real keys, and
+/// crafts envelopes herself instead of running Weft's code.
+struct Forger {
+    me: weft_node::identity::Identity,
+    conversation: ConversationId,
+    chain: weft_node::crypto::chain::SendingChain,
+    epoch: u64,
+}
+
+impl Forger {
+    /// Hands `to` a fresh sending chain of hers (a new epoch), as any
+    /// member may.
+    fn new(
+        me: weft_node::identity::Identity,
+        conversation: ConversationId,
+        to: &weft_node::identity::Identity,
+    ) -> (Self, Vec<u8>) {
+        let chain = weft_node::crypto::chain::SendingChain::new([0x5a; 32]);
+        let epoch = 777;
+        let (chain_key, next_counter) = chain.distribution();
+        let key = Payload::SenderKey(SenderKey {
+            epoch,
+            chain_key,
+            next_counter,
+            sender_cert: me.certificate().clone(),
+            sender_name: "Carol".into(),
+        });
+        let env = seal_to_devices(
+            me.device_signing_key(),
+            conversation,
+            &[(to.device_id(), to.certificate().dh)],
+            [0x11; 32],
+            [0x22; 32],
+            &key.encode(),
+        )
+        .unwrap();
+        let forger = Self {
+            me,
+            conversation,
+            chain,
+            epoch,
+        };
+        (forger, env.into_bytes())
+    }
+
+    /// A chain-sealed envelope carrying `payload`.
+    fn chain(&mut self, payload: &Payload) -> Vec<u8> {
+        let (counter, mk) = self.chain.step().unwrap();
+        seal_chain(
+            self.me.device_signing_key(),
+            self.conversation,
+            self.epoch,
+            counter,
+            &mk,
+            &payload.encode(),
+        )
+        .unwrap()
+        .into_bytes()
+    }
+
+    /// An envelope sealed to `to` carrying `payload`.
+    fn sealed(&self, to: &weft_node::identity::Identity, payload: &Payload) -> Vec<u8> {
+        seal_to_devices(
+            self.me.device_signing_key(),
+            self.conversation,
+            &[(to.device_id(), to.certificate().dh)],
+            [0x33; 32],
+            [0x44; 32],
+            &payload.encode(),
+        )
+        .unwrap()
+        .into_bytes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state() {
+    use weft_node::identity::Identity;
+    const SEED: u64 = 22;
+    let alice = TestNode::start("alice", SEED, &[]).await;
+    let bob = TestNode::start("bob", SEED, &[&alice]).await;
+    let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice
+        .call(common::group_create("trio", &["bob", "carol"]))
+        .await;
+    alice.send("trio", "alice's words").await;
+    bob.expect_text("trio", "alice's words").await;
+    let trio = bob.messages("trio").await;
+    let message = &trio[0];
+    let conversation: ConversationId = message["conversation"].as_str().unwrap().parse().unwrap();
+    let message_id: weft_node::ids::MessageId = message["id"].as_str().unwrap().parse().unwrap();
+    let period = weft_crdt::ShardKey::of_message(
+        conversation.0,
+        weft_node::hlc::Hlc(message["hlc"].as_u64().unwrap()).ms(),
+    )
+    .period;
+    let identity =
+        |name: &str| Identity::from_seed(format!("{name}/{SEED}").as_bytes(), 0).unwrap();
+    let (alice_id, bob_id, carol_id) = (identity("alice"), identity("bob"), identity("carol"));
+    let (mut carol_forges, key) = Forger::new(carol_id, conversation, &bob_id);
+    assert_eq!(
+        bob.handle.deliver(vec![key]).await.unwrap(),
+        1,
+        "a member's new chain"
+    );
+
+    let carol_device = carol_forges.me.device_id();
+    let mut shard = weft_crdt::Annotations::new(&carol_device.0);
+    let refused = [
+        (
+            "an edit of alice's message",
+            carol_forges.chain(&Payload::Annotate(Annotate {
+                message: message_id,
+                period,
+                change: shard
+                    .edit(
+                        &message_id.0,
+                        weft_crdt::EditRef {
+                            hlc: u64::MAX,
+                            edit: vec![7; 16],
+                        },
+                    )
+                    .unwrap(),
+                edit: Some(EditText {
+                    id: [7; 16],
+                    text: "carol's words in alice's mouth".into(),
+                }),
+            })),
+        ),
+        (
+            "a reaction in alice's name",
+            carol_forges.chain(&Payload::Annotate(Annotate {
+                message: message_id,
+                period,
+                change: shard
+                    .react(&message_id.0, &alice_id.user_id().0, "👎", true)
+                    .unwrap(),
+                edit: None,
+            })),
+        ),
+        (
+            "a change written by another device",
+            carol_forges.chain(&Payload::Annotate(Annotate {
+                message: message_id,
+                period,
+                change: weft_crdt::Annotations::new(&alice_id.device_id().0)
+                    .react(&message_id.0, &carol_forges.me.user_id().0, "👍", true)
+                    .unwrap(),
+                edit: None,
+            })),
+        ),
+        (
+            "account state in a group",
+            carol_forges.chain(&Payload::Account(AccountChange {
+                change: weft_crdt::AccountState::new(&carol_device.0)
+                    .block(&alice_id.user_id().0, true)
+                    .unwrap()
+                    .unwrap(),
+            })),
+        ),
+        (
+            "alice's certificate in carol's device list",
+            carol_forges.sealed(
+                &bob_id,
+                &Payload::Devices(vec![alice_id.certificate().clone()]),
+            ),
+        ),
+        (
+            "a revocation of alice's device signed by carol",
+            carol_forges.sealed(
+                &bob_id,
+                &Payload::Revoked(Revocation::issue(
+                    &SigningKey::from_bytes(&[0x77; 32]),
+                    &alice_id.device_id(),
+                    1,
+                )),
+            ),
+        ),
+    ];
+    for (what, bytes) in refused {
+        assert_eq!(
+            bob.handle.deliver(vec![bytes]).await.unwrap(),
+            0,
+            "bob accepted {what}"
+        );
+    }
+    // Nothing of it shows: alice's message as she wrote it, her devices
+    // unrevoked, alice not blocked.
+    let after = bob.messages("trio").await;
+    assert_eq!(after[0]["text"], "alice's words");
+    assert_eq!(after[0]["reactions"], serde_json::json!({}));
+    let contacts = bob.call(Request::ContactList).await;
+    let alice_seen = contacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["alias"] == "alice")
+        .unwrap();
+    assert_eq!(alice_seen["devices"], 1);
+    assert_eq!(alice_seen["blocked"], false);
+    alice.send("trio", "still here").await;
+    bob.expect_text("trio", "still here").await;
+    let _ = carol;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_goes_only_to_the_accounts_own_devices() {
+    let alice = TestNode::start("alice", 23, &[]).await;
+    let bob = TestNode::start("bob", 23, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "private").await;
+    let mallory = Mallory::join(b"mallory3", 700_000, &alice, &bob, &[&alice]).await;
+    // Both a stranger and a contact (bob, by his real device) are refused.
+    let request = DirectRequest::History(weft_node::node::HistoryRequest {
+        cursor: weft_node::node::HistoryCursor::Start,
+        since_ms: 0,
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    mallory
+        .net
+        .send(NetCommand::Direct {
+            peer: alice.handle.peer_id(),
+            data: postcard::to_stdvec(&request).unwrap(),
+            reply: tx,
+        })
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(DEADLINE, rx)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match postcard::from_bytes::<DirectResponse>(&reply).unwrap() {
+        DirectResponse::Refused(why) => assert!(why.contains("own devices"), "{why}"),
+        other => panic!("a stranger got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_signature_in_a_large_batch_is_refused_alone() {
+    use weft_node::identity::Identity;
+    const SEED: u64 = 24;
+    let alice = TestNode::start("alice", SEED, &[]).await;
+    let bob = TestNode::start("bob", SEED, &[&alice]).await;
+    let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice
+        .call(common::group_create("trio", &["bob", "carol"]))
+        .await;
+    alice.send("trio", "hi").await;
+    bob.expect_text("trio", "hi").await;
+    let conversation: ConversationId = bob.messages("trio").await[0]["conversation"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let identity =
+        |name: &str| Identity::from_seed(format!("{name}/{SEED}").as_bytes(), 0).unwrap();
+    let (mut carol_sends, key) = Forger::new(identity("carol"), conversation, &identity("bob"));
+    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    // Enough envelopes that their signatures are checked ahead, on two
+    // threads; one of them tampered with.
+    let mut batch: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            carol_sends.chain(&Payload::Text(weft_node::payload::TextMessage {
+                text: format!("batch {i}"),
+                reply_to: None,
+                hlc: weft_node::hlc::Hlc::new(1_700_000_000_000 + i, 0),
+            }))
+        })
+        .collect();
+    let last = batch[17].len() - 1;
+    batch[17][last] ^= 1;
+    assert_eq!(bob.handle.deliver(batch).await.unwrap(), 39);
+    let texts = bob.texts("trio").await;
+    assert_eq!(texts.len(), 40, "hi and 39 of the batch: {texts:?}");
+    assert!(!texts.iter().any(|t| t == "batch 17"));
+    let _ = carol;
 }

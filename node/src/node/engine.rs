@@ -24,6 +24,7 @@ mod devices;
 mod presence;
 mod receipts;
 mod relay;
+pub use devices::{HistoryCursor, HistoryRequest};
 pub(crate) use devices::{META_ACCOUNT_INVITE, META_HISTORY_NEEDED};
 pub(super) use relay::found_relays;
 mod sync;
@@ -229,6 +230,10 @@ pub(super) struct Engine {
     by_topic: HashMap<String, ConversationId>,
     sending: HashMap<(ConversationId, u64), SendingSlot>,
     receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    /// Receiving chains moved on in this batch and not written yet.
+    dirty_chains: HashSet<(ConversationId, DeviceId, u64)>,
+    /// Senders' device keys, decoded.
+    verifying_keys: HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
     recipients: HashMap<ConversationId, Arc<Recipients>>,
     device_users: HashMap<DeviceId, Option<UserId>>,
     blocked: HashSet<UserId>,
@@ -310,6 +315,10 @@ struct Recipients {
 /// Bounds of the derived caches.
 const RECIPIENTS_CACHE: usize = 4096;
 const DEVICE_USERS_CACHE: usize = 16_384;
+/// Fewer envelopes than this are checked on this thread alone.
+const PARALLEL_VERIFY_MIN: usize = 32;
+/// Decoded device keys kept.
+const VERIFYING_KEYS: usize = 16_384;
 /// Revoked devices held in memory (the store answers for the rest).
 const MAX_REVOKED: usize = 4096;
 
@@ -396,6 +405,8 @@ impl Engine {
             by_topic: HashMap::new(),
             sending: HashMap::new(),
             receiving: HashMap::new(),
+            dirty_chains: HashSet::new(),
+            verifying_keys: HashMap::new(),
             recipients: HashMap::new(),
             device_users: HashMap::new(),
             blocked: HashSet::new(),
@@ -679,6 +690,8 @@ impl Engine {
                     by_topic: &mut self.by_topic,
                     sending: &mut self.sending,
                     receiving: &mut self.receiving,
+                    dirty_chains: &mut self.dirty_chains,
+                    verifying_keys: &mut self.verifying_keys,
                     recipients: &mut self.recipients,
                     device_users: &mut self.device_users,
                     blocked: &mut self.blocked,
@@ -715,6 +728,8 @@ impl Engine {
                 durable_fx: Vec::new(),
                 chain_stored: HashSet::new(),
                 annotations: HashMap::new(),
+                annotated: HashMap::new(),
+                verified: HashSet::new(),
                 annotation_hashes: HashMap::new(),
                 account_merged: false,
             };
@@ -726,6 +741,7 @@ impl Engine {
             state.flush_account();
             state.flush_delivered();
             state.save_shards();
+            state.save_chains();
             durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
                 // Envelopes went out before the commit: let the network task
@@ -754,9 +770,12 @@ impl Engine {
             }
             self.sending.clear();
             self.receiving.clear();
+            self.dirty_chains.clear();
             // They may hold changes the disk does not.
             self.shards.clear();
             self.dirty_shards.clear();
+            self.account = None;
+            self.account_dirty = false;
             return;
         }
         if durability == Durability::Full {
@@ -1015,6 +1034,8 @@ struct EngineState<'a> {
     by_topic: &'a mut HashMap<String, ConversationId>,
     sending: &'a mut HashMap<(ConversationId, u64), SendingSlot>,
     receiving: &'a mut HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    dirty_chains: &'a mut HashSet<(ConversationId, DeviceId, u64)>,
+    verifying_keys: &'a mut HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
     recipients: &'a mut HashMap<ConversationId, Arc<Recipients>>,
     device_users: &'a mut HashMap<DeviceId, Option<UserId>>,
     blocked: &'a mut HashSet<UserId>,
@@ -1060,7 +1081,11 @@ struct State<'s, 'a, 'd> {
     /// Conversations this batch stored chain envelopes of.
     chain_stored: HashSet<ConversationId>,
     /// Annotation changes received in this batch, to apply at its end.
-    annotations: HashMap<annotations::ShardId, Vec<(weft_crdt::Inspected, MessageId)>>,
+    annotations: HashMap<annotations::ShardId, Vec<annotations::Queued>>,
+    /// Envelopes whose signatures were checked ahead, in parallel.
+    verified: HashSet<EnvelopeId>,
+    /// Messages annotated in this batch, as looked up.
+    annotated: HashMap<MessageId, annotations::Annotated>,
     /// Their hashes, per shard (a change may build on one of them).
     annotation_hashes: HashMap<annotations::ShardId, HashSet<weft_crdt::ChangeHash>>,
     /// Whether this batch merged account changes from another device (the
@@ -1103,9 +1128,13 @@ impl State<'_, '_, '_> {
             }
             Input::Command(Command::Deliver { envelopes, reply }) => {
                 let mut accepted = 0u32;
+                self.preverify(envelopes.iter().map(Vec::as_slice));
                 for bytes in &envelopes {
-                    if !matches!(self.receive(bytes, Via::Direct, None), Verdict::Reject(_)) {
-                        accepted += 1;
+                    match self.receive(bytes, Via::Direct, None) {
+                        Verdict::Reject(why) => {
+                            tracing::debug!(why, "a delivered envelope is refused");
+                        }
+                        _ => accepted += 1,
                     }
                 }
                 self.fx.push(Effect::Accepted(reply, accepted));
@@ -2434,6 +2463,7 @@ impl State<'_, '_, '_> {
                     }
                     Ok(DirectRequest::Envelopes(envs)) => {
                         let mut accepted = 0u32;
+                        self.preverify(envs.iter().take(DIRECT_BATCH).map(Vec::as_slice));
                         for bytes in envs.iter().take(DIRECT_BATCH) {
                             match self.receive(bytes, Via::Direct, None) {
                                 Verdict::Reject(why) => {
@@ -2564,8 +2594,13 @@ impl State<'_, '_, '_> {
             // under load. A replaying peer gains nothing from it.
             return Ok(Verdict::Ignore);
         }
-        if env.verify().is_err() {
-            return Ok(Verdict::Reject("bad signature"));
+        if !self.verified.remove(&id) {
+            let Some(key) = self.verifying_key(&env.header.sender) else {
+                return Ok(Verdict::Reject("bad signature"));
+            };
+            if env.verify_with(&key).is_err() {
+                return Ok(Verdict::Reject("bad signature"));
+            }
         }
         if self.is_revoked(&env.header.sender)? {
             // Not a strike: an honest peer may forward it before it hears
@@ -2576,6 +2611,53 @@ impl State<'_, '_, '_> {
             Sealing::Sealed { .. } => self.receive_sealed(&env, via),
             Sealing::Chain { epoch, counter } => self.receive_chain(&env, epoch, counter, via),
         }
+    }
+
+    /// A device's key, decoded (kept for its next envelope).
+    fn verifying_key(&mut self, device: &DeviceId) -> Option<ed25519_dalek::VerifyingKey> {
+        if let Some(key) = self.e.verifying_keys.get(device) {
+            return Some(*key);
+        }
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&device.0).ok()?;
+        if self.e.verifying_keys.len() >= VERIFYING_KEYS {
+            self.e.verifying_keys.clear();
+        }
+        self.e.verifying_keys.insert(*device, key);
+        Some(key)
+    }
+
+    /// Checks the signatures of many envelopes ahead of receiving them one
+    /// by one: half on this thread, half on another (signature checks are
+    /// most of the cost of taking in a backlog). Those that pass are not
+    /// checked again; the rest are, and are refused as usual.
+    fn preverify<'b>(&mut self, envelopes: impl IntoIterator<Item = &'b [u8]>) {
+        let mut work = Vec::new();
+        for bytes in envelopes {
+            if let Ok(env) = Envelope::decode(bytes)
+                && let Some(key) = self.verifying_key(&env.header.sender)
+            {
+                work.push((env, key));
+            }
+        }
+        if work.len() < PARALLEL_VERIFY_MIN {
+            return;
+        }
+        let check = |part: &[(Envelope, ed25519_dalek::VerifyingKey)]| -> Vec<EnvelopeId> {
+            part.iter()
+                .filter(|(env, key)| env.verify_with(key).is_ok())
+                .map(|(env, _)| env.id())
+                .collect()
+        };
+        let (theirs, mine) = work.split_at(work.len() / 2);
+        let (a, b) = std::thread::scope(|s| {
+            let other = s.spawn(|| check(theirs));
+            let b = check(mine);
+            // A panicked helper verified nothing: its envelopes are
+            // checked again one by one.
+            (other.join().unwrap_or_default(), b)
+        });
+        self.verified.extend(a);
+        self.verified.extend(b);
     }
 
     fn sender_user(&mut self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
@@ -2733,9 +2815,24 @@ impl State<'_, '_, '_> {
 
     fn cache_chain(&mut self, key: (ConversationId, DeviceId, u64), chain: ReceivingChain) {
         if self.e.receiving.len() >= CHAIN_CACHE {
+            // Nothing moved on may be dropped unwritten.
+            self.save_chains();
             self.e.receiving.clear();
         }
         self.e.receiving.insert(key, chain);
+    }
+
+    /// Writes the receiving chains this batch moved on (once each, however
+    /// many envelopes moved them), before the batch commits.
+    fn save_chains(&mut self) {
+        for key in std::mem::take(self.e.dirty_chains) {
+            let Some(chain) = self.e.receiving.get(&key) else {
+                continue;
+            };
+            if let Err(e) = self.db.put_chain(&key.0, &key.1, key.2, &chain.to_bytes()) {
+                tracing::error!("cannot save a receiving chain: {e}");
+            }
+        }
     }
 
     fn receive_group(&mut self, env: &Envelope, state: GroupState) -> Result<Verdict, ApiError> {
@@ -2954,9 +3051,9 @@ impl State<'_, '_, '_> {
         after: Option<ReceivingChain>,
     ) -> Result<(), ApiError> {
         if let Some(after) = after {
-            self.db
-                .put_chain(&key.0, &key.1, key.2, &after.to_bytes())?;
+            // Written once at the end of the batch.
             self.cache_chain(key, after);
+            self.e.dirty_chains.insert(key);
         }
         Ok(())
     }
@@ -2971,6 +3068,7 @@ impl State<'_, '_, '_> {
                 return;
             }
         };
+        self.preverify(rows.iter().map(|(_, bytes)| bytes.as_slice()));
         for (rowid, bytes) in rows {
             let _ = self.db.remove_pending(rowid);
             let _ = self.receive(&bytes, Via::Pending, None);

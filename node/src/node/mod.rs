@@ -10,7 +10,9 @@ mod engine;
 mod join;
 
 pub(crate) use engine::META_ACCOUNT_INVITE;
-pub use engine::{ChainHave, DirectRequest, DirectResponse, Share, SyncRequest};
+pub use engine::{
+    ChainHave, DirectRequest, DirectResponse, HistoryCursor, HistoryRequest, Share, SyncRequest,
+};
 pub use join::link_device;
 
 use std::path::PathBuf;

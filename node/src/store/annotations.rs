@@ -18,27 +18,47 @@ pub struct PendingAnnotation {
 }
 
 impl Db<'_> {
-    /// The saved shard, if any. `period` `u64::MAX` is the meta shard.
+    /// The saved shard, if any: its last whole save followed by the
+    /// changes appended since. `period` `u64::MAX` is the meta shard.
     pub fn shard(&self, conv: &ConversationId, period: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.query_opt(
+        let Some(mut doc) = self.query_opt(
             "SELECT doc FROM shards WHERE conversation = ?1 AND period = ?2",
             params![conv.0, period as i64],
+            |row| Ok(row.get::<_, Vec<u8>>(0)?),
+        )?
+        else {
+            return Ok(None);
+        };
+        let chunks: Vec<Vec<u8>> = self.query_vec(
+            "SELECT bytes FROM shard_chunks WHERE conversation = ?1 AND period = ?2 ORDER BY seq",
+            params![conv.0, period as i64],
             |row| Ok(row.get(0)?),
-        )
+        )?;
+        for chunk in chunks {
+            doc.extend_from_slice(&chunk);
+        }
+        Ok(Some(doc))
     }
 
+    /// Stores a shard whole, replacing what was saved and appended.
     pub fn put_shard(
         &self,
         conv: &ConversationId,
         period: u64,
         doc: &[u8],
     ) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO shards (conversation, period, doc) VALUES (?1, ?2, ?3)
-             ON CONFLICT (conversation, period) DO UPDATE SET doc = excluded.doc",
-            params![conv.0, period as i64, doc],
-        )?;
-        Ok(())
+        self.atomically(|| {
+            self.execute(
+                "INSERT INTO shards (conversation, period, doc) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, period) DO UPDATE SET doc = excluded.doc",
+                params![conv.0, period as i64, doc],
+            )?;
+            self.execute(
+                "DELETE FROM shard_chunks WHERE conversation = ?1 AND period = ?2",
+                params![conv.0, period as i64],
+            )?;
+            Ok(())
+        })
     }
 
     /// Every shard's place, in a stable order.
@@ -50,19 +70,27 @@ impl Db<'_> {
         )
     }
 
-    /// Appends changes to a stored shard (or stores them as its start).
+    /// Appends changes to a stored shard (or stores them as its start),
+    /// without rewriting what is there.
     pub fn append_shard(
         &self,
         conv: &ConversationId,
         period: u64,
         changes: &[u8],
     ) -> Result<(), StoreError> {
-        // SQL's `||` makes text of blobs (which a STRICT table refuses):
-        // append here.
         self.atomically(|| {
-            let mut doc = self.shard(conv, period)?.unwrap_or_default();
-            doc.extend_from_slice(changes);
-            self.put_shard(conv, period, &doc)
+            self.execute(
+                "INSERT INTO shards (conversation, period, doc) VALUES (?1, ?2, x'')
+                 ON CONFLICT (conversation, period) DO NOTHING",
+                params![conv.0, period as i64],
+            )?;
+            self.execute(
+                "INSERT INTO shard_chunks (conversation, period, seq, bytes)
+                 VALUES (?1, ?2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM shard_chunks
+                                  WHERE conversation = ?1 AND period = ?2), ?3)",
+                params![conv.0, period as i64, changes],
+            )?;
+            Ok(())
         })
     }
 
@@ -139,6 +167,29 @@ impl Db<'_> {
             }
             Ok(true)
         })
+    }
+
+    /// Shows or hides one reaction; whether that changed anything.
+    pub fn put_reaction(
+        &self,
+        message: &MessageId,
+        user: &UserId,
+        emoji: &str,
+        on: bool,
+    ) -> Result<bool, StoreError> {
+        let changed = if on {
+            self.execute(
+                "INSERT INTO reactions (message, user_id, emoji) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+                params![message.0, user.0, emoji],
+            )?
+        } else {
+            self.execute(
+                "DELETE FROM reactions WHERE message = ?1 AND user_id = ?2 AND emoji = ?3",
+                params![message.0, user.0, emoji],
+            )?
+        };
+        Ok(changed > 0)
     }
 
     /// (user, emoji) pairs, sorted.
@@ -288,6 +339,10 @@ mod tests {
             db.shard(&conv, 5)?.as_deref(),
             Some(&b"one\x00\x01\x02"[..])
         );
+        // A whole save replaces the appended changes.
+        db.put_shard(&conv, 5, b"whole")?;
+        db.append_shard(&conv, 5, b"+1")?;
+        assert_eq!(db.shard(&conv, 5)?.as_deref(), Some(&b"whole+1"[..]));
         db.put_shard(&conv, u64::MAX, b"meta")?;
         db.put_shard(&conv, 3, b"three")?;
         assert_eq!(db.shard(&conv, u64::MAX)?.as_deref(), Some(&b"meta"[..]));

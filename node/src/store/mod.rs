@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_reliable_delivery.sql")),
     (3, include_str!("migrations/0003_annotations.sql")),
     (4, include_str!("migrations/0004_key_epochs.sql")),
+    (5, include_str!("migrations/0005_shard_chunks.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.

@@ -21,6 +21,44 @@ pub(super) const SHARD_CACHE: usize = 64;
 /// A shard's place: conversation and period.
 pub(super) type ShardId = (ConversationId, u64);
 
+/// What a change is checked against: its message's place and author
+/// (looked up once per batch).
+#[derive(Clone, Copy)]
+pub(super) struct Annotated {
+    id: MessageId,
+    conversation: ConversationId,
+    sender_user: UserId,
+    hlc: u64,
+}
+
+/// A change waiting to be applied with its batch.
+pub(super) struct Queued {
+    change: weft_crdt::Inspected,
+    message: MessageId,
+    /// For a change that only adds or takes back reactions: the keys it
+    /// touched, with their user and emoji (each is then shown or hidden on
+    /// its own, instead of the message's reactions being read again).
+    reactions: Option<Vec<(String, UserId, String)>>,
+}
+
+/// The reaction keys a change touches, if it touches nothing else.
+fn reaction_touches(change: &weft_crdt::Inspected) -> Option<Vec<(String, UserId, String)>> {
+    let mut out = Vec::with_capacity(change.touches.len());
+    for touch in &change.touches {
+        let mut parts = touch.key.splitn(4, '/');
+        let (Some("r"), Some(_message), Some(user), Some(emoji)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let user = weft_crdt::unhex(user)
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .map(UserId)?;
+        out.push((touch.key.clone(), user, emoji.to_string()));
+    }
+    Some(out)
+}
+
 fn crdt_err(e: CrdtError) -> ApiError {
     match e {
         CrdtError::Refused(why) => ApiError::usage(why),
@@ -249,7 +287,22 @@ impl State<'_, '_, '_> {
                 return Err("an annotation change about another message");
             }
         }
-        let m = match self.db.message(&a.message) {
+        let found = match self.annotated.get(&a.message) {
+            Some(m) => Ok(Some(*m)),
+            None => self.db.message(&a.message).map(|m| {
+                m.map(|m| {
+                    let about = Annotated {
+                        id: m.id,
+                        conversation: m.conversation,
+                        sender_user: m.sender_user,
+                        hlc: m.hlc,
+                    };
+                    self.annotated.insert(m.id, about);
+                    about
+                })
+            }),
+        };
+        let m = match found {
             Ok(Some(m)) => m,
             Ok(None) => {
                 // Its message is not here yet (or was never sent to us):
@@ -311,10 +364,12 @@ impl State<'_, '_, '_> {
         // pass (one by one costs ~1 ms each in a large shard).
         coming.insert(inspected.hash());
         self.annotation_hashes.insert(shard_id, coming);
-        self.annotations
-            .entry(shard_id)
-            .or_default()
-            .push((inspected, m.id));
+        let reactions = reaction_touches(&inspected);
+        self.annotations.entry(shard_id).or_default().push(Queued {
+            change: inspected,
+            message: m.id,
+            reactions,
+        });
         Ok(())
     }
 
@@ -329,10 +384,24 @@ impl State<'_, '_, '_> {
                 return;
             }
             for (shard_id, changes) in queued {
-                let mut messages: Vec<MessageId> = changes.iter().map(|(_, m)| *m).collect();
-                messages.sort_unstable_by_key(|m| m.0);
-                messages.dedup();
-                let inspected = changes.into_iter().map(|(c, _)| c).collect();
+                // Messages to show again whole (edits, deletions, pins), and
+                // reactions to show or hide one by one.
+                let mut whole: Vec<MessageId> = Vec::new();
+                let mut reactions: Vec<(MessageId, String, UserId, String)> = Vec::new();
+                let mut inspected = Vec::with_capacity(changes.len());
+                for q in changes {
+                    match q.reactions {
+                        Some(touched) => reactions.extend(
+                            touched
+                                .into_iter()
+                                .map(|(key, user, emoji)| (q.message, key, user, emoji)),
+                        ),
+                        None => whole.push(q.message),
+                    }
+                    inspected.push(q.change);
+                }
+                whole.sort_unstable_by_key(|m| m.0);
+                whole.dedup();
                 match self.shard(shard_id).map(|s| s.apply_batch(inspected)) {
                     Ok(Ok(0)) => {}
                     Ok(Ok(_)) => {
@@ -341,16 +410,54 @@ impl State<'_, '_, '_> {
                     Ok(Err(e)) => tracing::warn!("annotation changes not applied: {e}"),
                     Err(e) => tracing::warn!("annotation shard unreadable: {e:?}"),
                 }
-                for m in &messages {
+                for m in &whole {
                     if let Err(e) = self.materialize(shard_id, m) {
                         tracing::warn!("cannot show an annotation: {e:?}");
                     }
+                }
+                reactions.retain(|(m, ..)| whole.binary_search_by_key(&m.0, |w| w.0).is_err());
+                if let Err(e) = self.show_reactions(shard_id, reactions) {
+                    tracing::warn!("cannot show reactions: {e:?}");
                 }
                 if let Some(conv) = self.e.convs.get(&shard_id.0).cloned() {
                     self.retry_pending(&conv, &shard_key_bytes(shard_id));
                 }
             }
         }
+    }
+
+    /// Shows or hides each touched reaction as the merged shard says (a
+    /// deleted message shows none).
+    fn show_reactions(
+        &mut self,
+        shard_id: ShardId,
+        mut touched: Vec<(MessageId, String, UserId, String)>,
+    ) -> Result<(), ApiError> {
+        touched.sort_unstable_by(|a, b| (a.0.0, &a.1).cmp(&(b.0.0, &b.1)));
+        touched.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        let mut changed: Vec<MessageId> = Vec::new();
+        for (message, key, user, emoji) in touched {
+            let shard = self.shard(shard_id)?;
+            if shard.is_deleted(&message.0) {
+                continue;
+            }
+            let on = shard.holds(&key);
+            if self.db.put_reaction(&message, &user, &emoji, on)?
+                && changed.last() != Some(&message)
+            {
+                changed.push(message);
+            }
+        }
+        // The view is built only for someone watching.
+        if self.outlets.events.receiver_count() > 0 {
+            for message in changed {
+                if let Some(m) = self.db.message(&message)? {
+                    let view = self.message_view(&m, false)?;
+                    self.fx.push(Effect::Event(Event::Updated(view)));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn keep_annotation(

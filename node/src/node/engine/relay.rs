@@ -265,6 +265,7 @@ impl State<'_, '_, '_> {
                 if let Some(m) = self.e.mailboxes.get_mut(&relay) {
                     m.1 += items.len() as u64;
                 }
+                self.preverify(items.iter().map(|(_, bytes)| bytes.as_slice()));
                 for (_, bytes) in &items {
                     if let Verdict::Reject(why) = self.receive(bytes, Via::Direct, None) {
                         // The relay only stores; whoever deposited it is

@@ -249,6 +249,7 @@ impl State<'_, '_, '_> {
             return;
         };
         let mut new = 0usize;
+        self.preverify(envelopes.iter().take(SYNC_BATCH).map(Vec::as_slice));
         for bytes in envelopes.iter().take(SYNC_BATCH) {
             let id = EnvelopeId::of(bytes);
             let had = self.db.has_envelope(&id).unwrap_or(true);
