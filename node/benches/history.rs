@@ -95,6 +95,7 @@ async fn open_and_page(n: usize) -> Result<(Duration, Duration)> {
             sent_at_ms: at,
             received_at_ms: at,
             hlc: (at as u64) << 16,
+            epoch: 1,
             text: format!("message number {i} of a long conversation"),
             reply_to: None,
             status: MessageStatus::Delivered,

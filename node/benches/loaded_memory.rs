@@ -86,6 +86,7 @@ fn main() {
                     sent_at_ms: at,
                     received_at_ms: at,
                     hlc: (at as u64) << 16,
+                    epoch: 1,
                     text: format!("message {i} in conversation {c}, about this long"),
                     reply_to: None,
                     status: MessageStatus::Delivered,

@@ -50,6 +50,16 @@ pub struct AccountChange {
     pub change: Vec<u8>,
 }
 
+/// The annotation shard of a message: its group epoch in the high 32 bits,
+/// the 30-day period of its HLC in the low 32. A member added to a group
+/// reads only messages of later epochs, so the shards it needs hold no
+/// change from before it joined (it could not apply changes that build on
+/// ones it never saw).
+pub fn shard_of(epoch: u64, hlc: Hlc) -> u64 {
+    let period = hlc.ms() / weft_crdt::PERIOD_MS;
+    (epoch.min(u64::from(u32::MAX)) << 32) | period.min(u64::from(u32::MAX))
+}
+
 /// Longest automerge change an [`Annotate`] carries.
 pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 
@@ -57,8 +67,7 @@ pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 pub struct Annotate {
     /// The message the change is about.
     pub message: MessageId,
-    /// The shard: the 30-day period of the message's HLC
-    /// (`weft_crdt::ShardKey`).
+    /// The shard: [`shard_of`] the message.
     pub period: u64,
     /// One automerge change of that shard, written by the sending device
     /// (its actor is the device id).
@@ -80,6 +89,9 @@ pub struct TextMessage {
     /// The sender's hybrid logical clock when sending: the conversation's
     /// order (clamped by receivers if far in the future).
     pub hlc: Hlc,
+    /// The group epoch the sender sent under (1 in one-to-one
+    /// conversations): it picks the message's annotation shard.
+    pub epoch: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +146,7 @@ mod tests {
             text: "hi".into(),
             reply_to: None,
             hlc: Hlc::new(5, 1),
+            epoch: 1,
         });
         assert_eq!(Payload::decode(&p.encode()), Some(p));
     }

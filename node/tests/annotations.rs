@@ -166,3 +166,54 @@ async fn changes_made_while_a_member_was_away_reach_it() {
     };
     assert_eq!(view(&ms), view(&mine), "bob shows what alice shows");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_later_sees_reactions_to_what_it_can_read() {
+    let alice = TestNode::start("alice", 33, &[]).await;
+    let bob = TestNode::start("bob", 33, &[&alice]).await;
+    let carol = TestNode::start("carol", 33, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("duo", &["bob"])).await;
+    // Annotations carol will never see: the shard of this period has
+    // changes before she joins.
+    let early = alice.send("duo", "before carol").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.expect_text("duo", "before carol").await;
+    bob.call(react(&early, "👍", false)).await;
+    alice.call(react(&early, "🎉", false)).await;
+    wait_for(&bob, "duo", &early, "both reactions", |m| {
+        m["reactions"]["🎉"].is_array()
+    })
+    .await;
+
+    alice
+        .call(Request::GroupAdd {
+            group: "duo".into(),
+            member: "carol".into(),
+        })
+        .await;
+    let later = alice.send("duo", "carol is here").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.expect_text("duo", "carol is here").await;
+    carol.expect_text("duo", "carol is here").await;
+    bob.call(react(&later, "👋", false)).await;
+    alice.call(edit(&later, "carol is here!")).await;
+    let seen = wait_for(&carol, "duo", &later, "bob's wave and alice's edit", |m| {
+        m["reactions"]["👋"].is_array() && m["text"] == "carol is here!"
+    })
+    .await;
+    let on_bob = wait_for(&bob, "duo", &later, "the edit", |m| {
+        m["text"] == "carol is here!"
+    })
+    .await;
+    assert_eq!(shown(&seen), shown(&on_bob));
+    assert!(
+        !carol.texts("duo").await.iter().any(|t| t == "before carol"),
+        "carol reads nothing from before she joined"
+    );
+}

@@ -246,11 +246,10 @@ async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state(
     let message = &trio[0];
     let conversation: ConversationId = message["conversation"].as_str().unwrap().parse().unwrap();
     let message_id: weft_node::ids::MessageId = message["id"].as_str().unwrap().parse().unwrap();
-    let period = weft_crdt::ShardKey::of_message(
-        conversation.0,
-        weft_node::hlc::Hlc(message["hlc"].as_u64().unwrap()).ms(),
-    )
-    .period;
+    let period = weft_node::payload::shard_of(
+        message["epoch"].as_u64().unwrap_or(1),
+        weft_node::hlc::Hlc(message["hlc"].as_u64().unwrap()),
+    );
     let identity =
         |name: &str| Identity::from_seed(format!("{name}/{SEED}").as_bytes(), 0).unwrap();
     let (alice_id, bob_id, carol_id) = (identity("alice"), identity("bob"), identity("carol"));
@@ -424,6 +423,7 @@ async fn a_forged_signature_in_a_large_batch_is_refused_alone() {
                 text: format!("batch {i}"),
                 reply_to: None,
                 hlc: weft_node::hlc::Hlc::new(1_700_000_000_000 + i, 0),
+                epoch: 2,
             }))
         })
         .collect();

@@ -65,6 +65,7 @@ fn text_payload() -> Payload {
         text: "hi".into(),
         reply_to: None,
         hlc: Hlc::new(1_700_000_000_000, 3),
+        epoch: 1,
     })
 }
 
@@ -117,7 +118,7 @@ fn deposit_request() -> MailboxRequest {
 fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("mailbox-deposit-v1", deposit_request().encode()),
-        ("payload-text-v1", text_payload().encode()),
+        ("payload-text-v2", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
         ("payload-annotate-v1", annotate_payload().encode()),
         ("payload-revoked-v1", revoked_payload().encode()),
@@ -145,7 +146,7 @@ fn payload_and_direct_vectors_match_and_decode() {
         );
     }
     assert_eq!(
-        Payload::decode(&documented("payload-text-v1")),
+        Payload::decode(&documented("payload-text-v2")),
         Some(text_payload())
     );
     assert_eq!(

@@ -1600,6 +1600,7 @@ impl State<'_, '_, '_> {
             text: text.clone(),
             reply_to,
             hlc,
+            epoch: conv.epoch,
         });
         let (env, counter, early) = self.seal_chain_message(&conv, &payload.encode())?;
         let reached =
@@ -1622,6 +1623,7 @@ impl State<'_, '_, '_> {
             edited: false,
             deleted: false,
             hlc: hlc.0,
+            epoch: conv.epoch,
         };
         self.db.insert_message(&record)?;
         self.db.bump_conversation(&conv_id, sent_at, 0)?;
@@ -3017,6 +3019,7 @@ impl State<'_, '_, '_> {
             edited: false,
             deleted: false,
             hlc: hlc.0,
+            epoch: t.epoch,
         };
         if !blocked {
             self.typing_done(conv_id, user);

@@ -275,6 +275,7 @@ mod tests {
             sent_at_ms: 1,
             received_at_ms: 2,
             hlc: 1 << 16,
+            epoch: 1,
             text: "first".into(),
             reply_to: None,
             status: MessageStatus::Delivered,

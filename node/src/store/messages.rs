@@ -86,6 +86,8 @@ pub struct MessageRecord {
     pub status: MessageStatus,
     pub edited: bool,
     pub deleted: bool,
+    /// The group epoch it was sent under (1 in one-to-one conversations).
+    pub epoch: u64,
 }
 
 impl MessageRecord {
@@ -103,6 +105,7 @@ impl MessageRecord {
             edited: row.get(9)?,
             deleted: row.get(10)?,
             hlc: super::u64_at(row, 11, "hlc")?,
+            epoch: super::u64_at(row, 12, "epoch")?,
         })
     }
 }
@@ -111,7 +114,7 @@ macro_rules! select_messages {
     ($rest:literal) => {
         concat!(
             "SELECT id, conversation, sender_user, sender_device, sent_at, received_at,
-                    text, reply_to, status, edited, deleted, hlc
+                    text, reply_to, status, edited, deleted, hlc, epoch
              FROM messages ",
             $rest
         )
@@ -126,8 +129,9 @@ impl Db<'_> {
         // skipped; any other violation is an error, not a silent drop.
         let inserted = self.execute(
             "INSERT INTO messages (id, conversation, sender_user, sender_device, sent_at,
-                                   received_at, text, reply_to, status, edited, deleted, hlc)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                   received_at, text, reply_to, status, edited, deleted, hlc,
+                                   epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT (id) DO NOTHING",
             params![
                 msg.id.0,
@@ -142,6 +146,7 @@ impl Db<'_> {
                 msg.edited,
                 msg.deleted,
                 super::to_sql_int(msg.hlc, "hlc")?,
+                super::to_sql_int(msg.epoch, "epoch")?,
             ],
         )?;
         Ok(inserted > 0)
@@ -336,6 +341,7 @@ mod tests {
             edited: false,
             deleted: false,
             hlc: crate::hlc::Hlc::new(sent_at_ms.max(0) as u64, 0).0,
+            epoch: 1,
         }
     }
 

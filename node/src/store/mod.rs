@@ -41,6 +41,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_annotations.sql")),
     (4, include_str!("migrations/0004_key_epochs.sql")),
     (5, include_str!("migrations/0005_shard_chunks.sql")),
+    (6, include_str!("migrations/0006_message_epochs.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.

@@ -9,7 +9,7 @@
 //! the sender or a group admin deletes it; a user reacts only as
 //! themselves). A change about a message not here yet waits for it.
 
-use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations, ShardKey};
+use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations};
 
 use super::*;
 use crate::payload::{Annotate, EditText, MAX_CHANGE_BYTES};
@@ -29,6 +29,7 @@ pub(super) struct Annotated {
     conversation: ConversationId,
     sender_user: UserId,
     hlc: u64,
+    epoch: u64,
 }
 
 /// A change waiting to be applied with its batch.
@@ -73,9 +74,9 @@ fn shard_key_bytes((conv, period): ShardId) -> Vec<u8> {
     key
 }
 
-/// The shard period of a message.
-fn period_of(conv: &ConversationId, hlc: u64) -> u64 {
-    ShardKey::of_message(conv.0, Hlc(hlc).ms()).period
+/// The shard of a message (`payload::shard_of`).
+fn shard_id_of(conv: &ConversationId, epoch: u64, hlc: u64) -> ShardId {
+    (*conv, crate::payload::shard_of(epoch, Hlc(hlc)))
 }
 
 impl State<'_, '_, '_> {
@@ -169,7 +170,7 @@ impl State<'_, '_, '_> {
         }
         let edit_id: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
         let hlc = self.e.clock.now(now_ms().max(0) as u64);
-        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let change = self
             .shard(shard_id)?
             .edit(
@@ -193,7 +194,7 @@ impl State<'_, '_, '_> {
                 "only the sender, or an admin of the group, may delete a message",
             ));
         }
-        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let change = self.shard(shard_id)?.delete(&m.id.0).map_err(crdt_err)?;
         self.send_annotation(&conv, &m, shard_id, change, None)
     }
@@ -201,7 +202,7 @@ impl State<'_, '_, '_> {
     /// `weft react MSGID EMOJI [--remove]`.
     pub(super) fn react(&mut self, id: &str, emoji: &str, on: bool) -> ApiResult {
         let (m, conv) = self.message_for_change(id)?;
-        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let me = self.e.my_user;
         let already = self
             .db
@@ -296,6 +297,7 @@ impl State<'_, '_, '_> {
                         conversation: m.conversation,
                         sender_user: m.sender_user,
                         hlc: m.hlc,
+                        epoch: m.epoch,
                     };
                     self.annotated.insert(m.id, about);
                     about
@@ -318,7 +320,7 @@ impl State<'_, '_, '_> {
         if m.conversation != conv.id {
             return Err("an annotation of another conversation's message");
         }
-        let shard_id = (conv.id, period_of(&conv.id, m.hlc));
+        let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         if a.period != shard_id.1 {
             return Err("an annotation for the wrong shard");
         }

@@ -97,6 +97,8 @@ pub struct HistoryMessage {
     pub edited: bool,
     pub deleted: bool,
     pub reactions: Vec<(UserId, String)>,
+    /// The group epoch it was sent under.
+    pub epoch: u64,
 }
 
 /// A link code waiting for its device.
@@ -671,6 +673,7 @@ impl State<'_, '_, '_> {
                         status: m.status.as_str().to_string(),
                         edited: m.edited,
                         deleted: m.deleted,
+                        epoch: m.epoch,
                     });
                     if bytes > HISTORY_PAGE_BYTES {
                         break;
@@ -842,6 +845,7 @@ impl State<'_, '_, '_> {
                 status,
                 edited: m.edited && !m.deleted,
                 deleted: m.deleted,
+                epoch: m.epoch,
             };
             if self.db.insert_message(&record)? {
                 self.db.set_reactions(&m.id, &m.reactions)?;
