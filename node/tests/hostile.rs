@@ -228,31 +228,52 @@ impl Forger {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state() {
-    use weft_node::identity::Identity;
-    const SEED: u64 = 22;
-    let alice = TestNode::start("alice", SEED, &[]).await;
-    let bob = TestNode::start("bob", SEED, &[&alice]).await;
-    let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
+/// alice, bob and carol in the group "trio", where alice said `first`
+/// and bob has it: the three, the group's id, and the message as bob
+/// shows it.
+async fn trio_with(
+    seed: u64,
+    first: &str,
+) -> (
+    TestNode,
+    TestNode,
+    TestNode,
+    ConversationId,
+    serde_json::Value,
+) {
+    let alice = TestNode::start("alice", seed, &[]).await;
+    let bob = TestNode::start("bob", seed, &[&alice]).await;
+    let carol = TestNode::start("carol", seed, &[&alice, &bob]).await;
     befriend(&alice, &bob).await;
     befriend(&alice, &carol).await;
     alice
         .call(common::group_create("trio", &["bob", "carol"]))
         .await;
-    alice.send("trio", "alice's words").await;
-    bob.expect_text("trio", "alice's words").await;
-    let trio = bob.messages("trio").await;
-    let message = &trio[0];
-    let conversation: ConversationId = message["conversation"].as_str().unwrap().parse().unwrap();
+    alice.send("trio", first).await;
+    bob.expect_text("trio", first).await;
+    let message = bob.messages("trio").await.remove(0);
+    let conversation = message["conversation"].as_str().unwrap().parse().unwrap();
+    (alice, bob, carol, conversation, message)
+}
+
+/// The keys a test node named `name` runs with.
+fn identity(name: &str, seed: u64) -> weft_node::identity::Identity {
+    weft_node::identity::Identity::from_seed(format!("{name}/{seed}").as_bytes(), 0).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state() {
+    const SEED: u64 = 22;
+    let (alice, bob, carol, conversation, message) = trio_with(SEED, "alice's words").await;
     let message_id: weft_node::ids::MessageId = message["id"].as_str().unwrap().parse().unwrap();
-    let period = weft_node::payload::shard_of(
-        message["epoch"].as_u64().unwrap_or(1),
-        weft_node::hlc::Hlc(message["hlc"].as_u64().unwrap()),
+    // The group is at its first epoch.
+    let period =
+        weft_node::payload::shard_of(1, weft_node::hlc::Hlc(message["hlc"].as_u64().unwrap()));
+    let (alice_id, bob_id, carol_id) = (
+        identity("alice", SEED),
+        identity("bob", SEED),
+        identity("carol", SEED),
     );
-    let identity =
-        |name: &str| Identity::from_seed(format!("{name}/{SEED}").as_bytes(), 0).unwrap();
-    let (alice_id, bob_id, carol_id) = (identity("alice"), identity("bob"), identity("carol"));
     let (mut carol_forges, key) = Forger::new(carol_id, conversation, &bob_id);
     assert_eq!(
         bob.handle.deliver(vec![key]).await.unwrap(),
@@ -394,26 +415,13 @@ async fn history_goes_only_to_the_accounts_own_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_signature_in_a_large_batch_is_refused_alone() {
-    use weft_node::identity::Identity;
     const SEED: u64 = 24;
-    let alice = TestNode::start("alice", SEED, &[]).await;
-    let bob = TestNode::start("bob", SEED, &[&alice]).await;
-    let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice
-        .call(common::group_create("trio", &["bob", "carol"]))
-        .await;
-    alice.send("trio", "hi").await;
-    bob.expect_text("trio", "hi").await;
-    let conversation: ConversationId = bob.messages("trio").await[0]["conversation"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let identity =
-        |name: &str| Identity::from_seed(format!("{name}/{SEED}").as_bytes(), 0).unwrap();
-    let (mut carol_sends, key) = Forger::new(identity("carol"), conversation, &identity("bob"));
+    let (_alice, bob, carol, conversation, _) = trio_with(SEED, "hi").await;
+    let (mut carol_sends, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("bob", SEED),
+    );
     assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
     // Enough envelopes that their signatures are checked ahead, on two
     // threads; one of them tampered with.

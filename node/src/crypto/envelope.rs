@@ -128,14 +128,9 @@ impl Envelope {
 
     /// Checks the sender device's signature.
     pub fn verify(&self) -> Result<(), CryptoError> {
-        let split = self.bytes.len() - 64;
-        let mut sig = [0u8; 64];
-        sig.copy_from_slice(&self.bytes[split..]);
-        let mut msg = Vec::with_capacity(SIGNATURE_CONTEXT.len() + split);
-        msg.extend_from_slice(SIGNATURE_CONTEXT);
-        msg.extend_from_slice(&self.bytes[..split]);
-        crate::identity::verify(&self.header.sender.0, &msg, &sig)
-            .map_err(|_| CryptoError::BadSignature)
+        let sender = VerifyingKey::from_bytes(&self.header.sender.0)
+            .map_err(|_| CryptoError::BadSignature)?;
+        self.verify_with(&sender)
     }
 
     /// The same, with the sender's key already decoded (receivers keep

@@ -128,6 +128,22 @@ struct Conv {
     active: bool,
 }
 
+impl Conv {
+    /// A one-to-one conversation (or the account's own) as it starts.
+    fn direct(id: ConversationId, members: Vec<UserId>) -> Self {
+        Conv {
+            id,
+            kind: ConversationKind::Direct,
+            topic: id.topic(),
+            epoch: 1,
+            key_epoch: 1,
+            members,
+            group: None,
+            active: true,
+        }
+    }
+}
+
 /// Follow-up work, run after the batch's transaction commits.
 enum Effect {
     Net(NetCommand),
@@ -1483,35 +1499,25 @@ impl State<'_, '_, '_> {
         if self.e.convs.contains_key(&id) {
             return Ok(id);
         }
-        let record = ConversationRecord {
-            id,
-            kind: ConversationKind::Direct,
-            name: name.to_string(),
-            topic: id.topic(),
-            epoch: 1,
-            state: None,
-            created_at_ms: now_ms(),
-            last_message_at_ms: None,
-            unread: 0,
-            key_epoch: 1,
-        };
+        let record = ConversationRecord::direct(id, name, now_ms());
         self.db.insert_conversation(&record)?;
         self.db.set_members(
             &id,
             &[(self.e.my_user, Role::Member), (*user, Role::Member)],
         )?;
         self.devices_changed();
-        self.add_conv(Conv {
-            id,
-            kind: ConversationKind::Direct,
-            topic: record.topic,
-            epoch: 1,
-            key_epoch: 1,
-            members: vec![self.e.my_user, *user],
-            group: None,
-            active: true,
-        });
+        self.add_conv(Conv::direct(id, vec![self.e.my_user, *user]));
         Ok(id)
+    }
+
+    /// The conversations this user is (still) a member of.
+    fn active_convs(&self) -> Vec<Conv> {
+        self.e
+            .convs
+            .values()
+            .filter(|c| c.active)
+            .cloned()
+            .collect()
     }
 
     fn add_conv(&mut self, conv: Conv) {

@@ -102,6 +102,22 @@ pub struct ConversationRecord {
 }
 
 impl ConversationRecord {
+    /// A new one-to-one conversation.
+    pub fn direct(id: ConversationId, name: &str, created_at_ms: i64) -> Self {
+        ConversationRecord {
+            id,
+            kind: ConversationKind::Direct,
+            name: name.to_string(),
+            topic: id.topic(),
+            epoch: 1,
+            key_epoch: 1,
+            state: None,
+            created_at_ms,
+            last_message_at_ms: None,
+            unread: 0,
+        }
+    }
+
     fn from_row(row: &Row<'_>) -> Result<Self, StoreError> {
         let unread = u64_at(row, 8, "unread count")?;
         Ok(ConversationRecord {

@@ -32,29 +32,10 @@ pub(super) fn account_conversation(user: &UserId) -> ConversationId {
 /// A new account conversation: its record and its in-memory form.
 pub(super) fn new_account_conversation(user: &UserId) -> (ConversationRecord, Conv) {
     let id = account_conversation(user);
-    let record = ConversationRecord {
-        id,
-        kind: ConversationKind::Direct,
-        name: String::new(),
-        topic: id.topic(),
-        epoch: 1,
-        state: None,
-        created_at_ms: now_ms(),
-        last_message_at_ms: None,
-        unread: 0,
-        key_epoch: 1,
-    };
-    let conv = Conv {
-        id,
-        kind: ConversationKind::Direct,
-        topic: record.topic.clone(),
-        epoch: 1,
-        key_epoch: 1,
-        members: vec![*user],
-        group: None,
-        active: true,
-    };
-    (record, conv)
+    (
+        ConversationRecord::direct(id, "", now_ms()),
+        Conv::direct(id, vec![*user]),
+    )
 }
 
 /// Gives a device that has no account document yet (made before there

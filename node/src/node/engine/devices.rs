@@ -240,13 +240,7 @@ impl State<'_, '_, '_> {
     /// Tells every conversation which devices this account has.
     fn announce_devices(&mut self) -> Result<(), ApiError> {
         let certs = self.my_certificates()?;
-        let convs: Vec<Conv> = self
-            .e
-            .convs
-            .values()
-            .filter(|c| c.active)
-            .cloned()
-            .collect();
+        let convs = self.active_convs();
         for conv in convs {
             let recipients = self.recipients(&conv)?;
             if recipients.devices.is_empty() {
@@ -486,13 +480,7 @@ impl State<'_, '_, '_> {
             .device(&rev.device)?
             .and_then(|d| DeviceCertificate::from_stored_bytes(&d.cert).ok())
             .map(|c| (c.device, c.dh));
-        let convs: Vec<Conv> = self
-            .e
-            .convs
-            .values()
-            .filter(|c| c.active)
-            .cloned()
-            .collect();
+        let convs = self.active_convs();
         for conv in convs {
             let recipients = self.recipients(&conv)?;
             let mut devices = recipients.devices.clone();

@@ -74,13 +74,7 @@ impl State<'_, '_, '_> {
     /// Starts catch-up with a peer that just connected, for every
     /// conversation it is a member device of.
     pub(super) fn sync_with(&mut self, peer: PeerId) {
-        let convs: Vec<Conv> = self
-            .e
-            .convs
-            .values()
-            .filter(|c| c.active)
-            .cloned()
-            .collect();
+        let convs = self.active_convs();
         for conv in convs {
             if self
                 .recipients(&conv)
@@ -94,13 +88,7 @@ impl State<'_, '_, '_> {
     /// The periodic round: each conversation with one connected member
     /// (a different one each time, as the set allows).
     pub(super) fn sync_all(&mut self) {
-        let convs: Vec<Conv> = self
-            .e
-            .convs
-            .values()
-            .filter(|c| c.active)
-            .cloned()
-            .collect();
+        let convs = self.active_convs();
         for conv in convs {
             let connected = self.connected_members(&conv);
             if connected.is_empty() {
