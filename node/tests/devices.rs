@@ -425,7 +425,20 @@ async fn contacts_blocks_reads_and_privacy_follow_the_account_to_every_device() 
         contact(l, "carol").is_none()
     })
     .await;
-    // The account's own conversation stays out of sight.
+    // The account's own conversation stays out of sight, and out of reach.
     let convs = phone.call(Request::Conversations).await;
     assert_eq!(convs.as_array().map(Vec::len), Some(2), "{convs}");
+    let me = phone.call(Request::Id).await["user_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to_self = phone
+        .handle
+        .call(Request::Send {
+            target: me,
+            text: "note to self".into(),
+            reply_to: None,
+        })
+        .await;
+    assert!(to_self.is_err(), "{to_self:?}");
 }

@@ -1552,6 +1552,9 @@ impl State<'_, '_, '_> {
             }
         }
         if let Ok(user) = target.parse::<UserId>() {
+            if user == self.e.my_user {
+                return Err(ApiError::usage("that is your own user id"));
+            }
             if let Some(c) = self.db.contact(&user)? {
                 return self.ensure_direct(&user, &c.alias);
             }
@@ -1565,6 +1568,7 @@ impl State<'_, '_, '_> {
         }
         if let Ok(id) = target.parse::<ConversationId>()
             && self.e.convs.contains_key(&id)
+            && id != account::account_conversation(&self.e.my_user)
         {
             return Ok(id);
         }
