@@ -469,6 +469,9 @@ impl Engine {
             .map(|c| c.user_id)
             .collect();
         self.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
+        if db.device(&self.my_device)?.is_some_and(|d| d.revoked) {
+            self.revoked.insert(self.my_device);
+        }
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
         for record in records {

@@ -419,7 +419,8 @@ impl State<'_, '_, '_> {
         if !self.db.revoke_device(&rev.device, &rev.user)? {
             return Ok(0);
         }
-        if self.e.revoked.len() < MAX_REVOKED {
+        // This device's own revocation is always held: it stops sending.
+        if self.e.revoked.len() < MAX_REVOKED || rev.device == self.e.my_device {
             self.e.revoked.insert(rev.device);
         }
         self.devices_changed();
