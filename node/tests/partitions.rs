@@ -9,7 +9,9 @@
 //! of each group exchange what they hold, shuffled. After many rounds the
 //! partitions heal, and every replica must show the identical
 //! materialised history of each conversation it is in, and alice's
-//! devices the identical private state. Seeded: a failure names its seed.
+//! devices the identical private state. The schedule (partitions, actions,
+//! delivery order) is seeded and a failure names its seed; keys and clocks
+//! are the nodes' own, so a run is not replayed bit for bit.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +25,11 @@ use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
 use weft_node::store::Store;
+
+/// The devices, by index: alice's three, then bob and carol.
+const ALICE: [usize; 3] = [0, 1, 2];
+const BOB: usize = 3;
+const CAROL: usize = 4;
 
 /// A small seeded generator (xorshift64*): the same seed, the same run.
 struct Rng(u64);
@@ -193,10 +200,6 @@ async fn private_state(node: &TestNode) -> Value {
     let privacy = node.call(Request::Privacy { presence: None }).await;
     serde_json::json!({ "contacts": contacts, "privacy": privacy["presence"] })
 }
-
-const ALICE: [usize; 3] = [0, 1, 2];
-const BOB: usize = 3;
-const CAROL: usize = 4;
 
 /// One device's turn: one or two random actions.
 async fn act(mesh: &Mesh, who: usize, round: usize, rng: &mut Rng, invites: &[(String, String)]) {
