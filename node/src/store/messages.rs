@@ -69,7 +69,7 @@ impl fmt::Display for MessageStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRecord {
     pub id: MessageId,
     pub conversation: ConversationId,

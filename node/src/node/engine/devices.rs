@@ -82,23 +82,11 @@ pub struct HistoryConversation {
     pub members: Vec<(UserId, bool)>,
 }
 
+/// A message as the answering device stores it, with its reactions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryMessage {
-    pub id: MessageId,
-    pub conversation: ConversationId,
-    pub sender_user: UserId,
-    pub sender_device: DeviceId,
-    pub sent_at_ms: i64,
-    pub received_at_ms: i64,
-    pub hlc: u64,
-    pub text: String,
-    pub reply_to: Option<MessageId>,
-    pub status: String,
-    pub edited: bool,
-    pub deleted: bool,
+    pub message: MessageRecord,
     pub reactions: Vec<(UserId, String)>,
-    /// The group epoch it was sent under.
-    pub epoch: u64,
 }
 
 /// A link code waiting for its device.
@@ -650,19 +638,7 @@ impl State<'_, '_, '_> {
                     bytes += m.text.len();
                     page.messages.push(HistoryMessage {
                         reactions: self.db.reactions(&m.id)?,
-                        id: m.id,
-                        conversation: m.conversation,
-                        sender_user: m.sender_user,
-                        sender_device: m.sender_device,
-                        sent_at_ms: m.sent_at_ms,
-                        received_at_ms: m.received_at_ms,
-                        hlc: m.hlc,
-                        text: m.text,
-                        reply_to: m.reply_to,
-                        status: m.status.as_str().to_string(),
-                        edited: m.edited,
-                        deleted: m.deleted,
-                        epoch: m.epoch,
+                        message: m,
                     });
                     if bytes > HISTORY_PAGE_BYTES {
                         break;
@@ -671,8 +647,8 @@ impl State<'_, '_, '_> {
                 let cut = bytes > HISTORY_PAGE_BYTES;
                 page.next = match page.messages.last() {
                     Some(last) if full || cut => Some(HistoryCursor::Messages {
-                        hlc: last.hlc,
-                        id: last.id,
+                        hlc: last.message.hlc,
+                        id: last.message.id,
                     }),
                     _ => None,
                 };
@@ -809,41 +785,28 @@ impl State<'_, '_, '_> {
             };
             self.db.put_shard(conv, *period, &merged)?;
         }
-        for m in &page.messages {
-            if !self.e.convs.contains_key(&m.conversation) {
+        for HistoryMessage { message, reactions } in &page.messages {
+            if !self.e.convs.contains_key(&message.conversation) {
                 continue;
             }
-            let status = m
-                .status
-                .parse::<MessageStatus>()
-                .unwrap_or(MessageStatus::Delivered);
+            // A deletion leaves nothing of the text, whatever was sent.
             let record = MessageRecord {
-                id: m.id,
-                conversation: m.conversation,
-                sender_user: m.sender_user,
-                sender_device: m.sender_device,
-                sent_at_ms: m.sent_at_ms,
-                received_at_ms: m.received_at_ms,
-                hlc: m.hlc,
-                text: if m.deleted {
+                text: if message.deleted {
                     String::new()
                 } else {
-                    m.text.clone()
+                    message.text.clone()
                 },
-                reply_to: m.reply_to,
-                status,
-                edited: m.edited && !m.deleted,
-                deleted: m.deleted,
-                epoch: m.epoch,
+                edited: message.edited && !message.deleted,
+                ..message.clone()
             };
             if self.db.insert_message(&record)? {
-                self.db.set_reactions(&m.id, &m.reactions)?;
+                self.db.set_reactions(&record.id, reactions)?;
                 self.db
-                    .bump_conversation(&m.conversation, m.sent_at_ms, 0)?;
+                    .bump_conversation(&record.conversation, record.sent_at_ms, 0)?;
             } else {
                 // Here already (it came by itself): the account's status
                 // may be further along.
-                self.db.set_message_status(&m.id, status)?;
+                self.db.set_message_status(&record.id, record.status)?;
             }
         }
         Ok(())
