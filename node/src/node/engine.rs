@@ -304,6 +304,8 @@ pub(super) struct Engine {
     /// whether it changed since it was saved.
     account: Option<weft_crdt::AccountState>,
     account_dirty: bool,
+    /// The account's read position per conversation, as last read from it.
+    read_positions: HashMap<ConversationId, u64>,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -453,6 +455,7 @@ impl Engine {
             history_peer: None,
             account: None,
             account_dirty: false,
+            read_positions: HashMap::new(),
         };
         engine.load()?;
         Ok(engine)
@@ -739,6 +742,7 @@ impl Engine {
                     history_peer: &mut self.history_peer,
                     account: &mut self.account,
                     account_dirty: &mut self.account_dirty,
+                    read_positions: &mut self.read_positions,
                 },
                 db: &db,
                 fx: &mut fx,
@@ -795,6 +799,7 @@ impl Engine {
             self.dirty_shards.clear();
             self.account = None;
             self.account_dirty = false;
+            self.read_positions.clear();
             return;
         }
         if durability == Durability::Full {
@@ -1083,6 +1088,7 @@ struct EngineState<'a> {
     history_peer: &'a mut Option<PeerId>,
     account: &'a mut Option<weft_crdt::AccountState>,
     account_dirty: &'a mut bool,
+    read_positions: &'a mut HashMap<ConversationId, u64>,
 }
 
 struct State<'s, 'a, 'd> {

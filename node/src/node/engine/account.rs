@@ -21,6 +21,8 @@ use crate::store::PendingAnnotation;
 
 /// What account changes waiting for earlier ones are kept under.
 const ACCOUNT_WAITS_FOR: &[u8] = b"account";
+/// Read positions kept in memory.
+const READ_POSITIONS: usize = 4096;
 /// The account document's slot in the shards table.
 const ACCOUNT_PERIOD: u64 = 0;
 
@@ -113,7 +115,7 @@ impl State<'_, '_, '_> {
         let Some(bytes) = change(self.account()?).map_err(crdt_failed)? else {
             return Ok(());
         };
-        *self.e.account_dirty = true;
+        self.account_changed();
         // The store follows the document here too: a change made beside
         // concurrent ones (a block kept across a removal, say) must show
         // as the merge says, as on every other device.
@@ -172,7 +174,7 @@ impl State<'_, '_, '_> {
             return Ok(());
         }
         if doc.apply(inspected).map_err(crdt_failed)? {
-            *self.e.account_dirty = true;
+            self.account_changed();
             self.account_merged = true;
             // What waited for this change may apply now.
             for p in self.db.take_pending_annotations(ACCOUNT_WAITS_FOR)? {
@@ -186,12 +188,28 @@ impl State<'_, '_, '_> {
         Ok(())
     }
 
-    /// How far the account has read `conv` (0: not at all).
+    /// The document changed: to be saved, and its read positions read
+    /// again.
+    fn account_changed(&mut self) {
+        *self.e.account_dirty = true;
+        self.e.read_positions.clear();
+    }
+
+    /// How far the account has read `conv` (0: not at all). Asked for
+    /// every message received, so kept until the document changes.
     pub(super) fn read_position(&mut self, conv: &ConversationId) -> u64 {
-        match self.account() {
-            Ok(a) => a.read_up_to(&conv.0),
-            Err(_) => 0,
+        if let Some(at) = self.e.read_positions.get(conv) {
+            return *at;
         }
+        let at = match self.account() {
+            Ok(a) => a.read_up_to(&conv.0),
+            Err(_) => return 0,
+        };
+        if self.e.read_positions.len() >= READ_POSITIONS {
+            self.e.read_positions.clear();
+        }
+        self.e.read_positions.insert(*conv, at);
+        at
     }
 
     /// Merges a whole document (from a history page).
@@ -200,7 +218,7 @@ impl State<'_, '_, '_> {
             .doc()
             .merge_saved(saved)
             .map_err(crdt_failed)?;
-        *self.e.account_dirty = true;
+        self.account_changed();
         self.account_merged = true;
         Ok(())
     }
@@ -235,6 +253,7 @@ impl State<'_, '_, '_> {
         if let Err(e) = written {
             tracing::error!("cannot save the account state: {e}");
             *self.e.account = None;
+            self.e.read_positions.clear();
         }
     }
 
