@@ -462,3 +462,123 @@ async fn a_long_absence_is_caught_up_past_the_skip_window() {
     assert_eq!(got.len(), n + 2);
     assert_eq!(ids(&got), ids(&alice.messages("bob").await));
 }
+
+/// Every chain-sealed envelope a node holds, in every conversation.
+fn chain_envelopes(node: &TestNode) -> HashSet<Vec<u8>> {
+    let store = weft_node::store::Store::open(
+        &weft_node::home::Home::new(node.dir.path().join("home")).db_path(),
+    )
+    .unwrap();
+    let db = store.db();
+    let mut out = HashSet::new();
+    for conv in db.conversations().unwrap() {
+        let rowids: Vec<i64> = db
+            .chain_positions(&conv.id)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.3)
+            .collect();
+        out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+    }
+    out
+}
+
+/// Waits until `node` holds chain-sealed envelopes beyond `known`; returns
+/// them.
+async fn new_chain_envelopes(node: &TestNode, known: &HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let new: Vec<Vec<u8>> = chain_envelopes(node)
+            .into_iter()
+            .filter(|e| !known.contains(e))
+            .collect();
+        if !new.is_empty() {
+            return new;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never sealed anything new",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Delivered receipts wait a moment to travel together, so one that is
+/// lost must not leave the sender's message at "sent" for good: when the
+/// sender offers the message again, the receiver acknowledges it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_receipt_is_sent_again_when_the_message_is_offered_again() {
+    let mut alice = TestNode::start("alice", 91, &[]).await;
+    let mut bob = TestNode::start("bob", 92, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "hello").await;
+    bob.expect_text("alice", "hello").await;
+    wait_status(&alice, "bob", "hello", 1, "delivered").await;
+
+    // Off the network: the test carries the envelopes, and loses one.
+    alice.stop().await;
+    bob.stop().await;
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+    let sent = alice.send("bob", "second").await;
+    let message = alice.envelope_bytes(sent["id"].as_str().unwrap());
+
+    let mut known = chain_envelopes(&bob);
+    known.insert(message.clone());
+    assert_eq!(bob.handle.deliver(vec![message.clone()]).await.unwrap(), 1);
+    bob.expect_text("alice", "second").await;
+    let lost = new_chain_envelopes(&bob, &known).await;
+    assert_eq!(lost.len(), 1, "one receipt for one message");
+    known.extend(lost);
+
+    // Alice's retry: the same envelope, offered directly.
+    bob.handle.deliver(vec![message]).await.unwrap();
+    let again = new_chain_envelopes(&bob, &known).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(alice.handle.deliver(again).await.unwrap(), 1);
+    wait_status(&alice, "bob", "second", 1, "delivered").await;
+}
+
+/// Messages stored in separate batches are acknowledged by one receipt,
+/// and a node that stops sends the receipts still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_for_a_burst_travel_together_and_leave_at_shutdown() {
+    let mut alice = TestNode::start("alice", 93, &[]).await;
+    let mut bob = TestNode::start("bob", 94, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "hello").await;
+    bob.expect_text("alice", "hello").await;
+    wait_status(&alice, "bob", "hello", 1, "delivered").await;
+
+    alice.stop().await;
+    bob.stop().await;
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let waits_long = Settings {
+        receipt_delay: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let mut bob = TestNode::start_offline_with("bob", bob.dir, waits_long).await;
+    let mut known = chain_envelopes(&bob);
+    for i in 0..5 {
+        let sent = alice.send("bob", &format!("burst {i}")).await;
+        let message = alice.envelope_bytes(sent["id"].as_str().unwrap());
+        known.insert(message.clone());
+        // One delivery, one batch, each.
+        assert_eq!(bob.handle.deliver(vec![message]).await.unwrap(), 1);
+    }
+    bob.expect_text("alice", "burst 4").await;
+    assert!(
+        chain_envelopes(&bob).is_subset(&known),
+        "no receipt leaves before its delay"
+    );
+
+    bob.stop().await;
+    let receipts: Vec<Vec<u8>> = chain_envelopes(&bob)
+        .into_iter()
+        .filter(|e| !known.contains(e))
+        .collect();
+    assert_eq!(receipts.len(), 1, "one receipt for the five messages");
+    assert_eq!(alice.handle.deliver(receipts).await.unwrap(), 1);
+    wait_status(&alice, "bob", "burst", 5, "delivered").await;
+}

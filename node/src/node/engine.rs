@@ -306,6 +306,21 @@ pub(super) struct Engine {
     account_dirty: bool,
     /// The account's read position per conversation, as last read from it.
     read_positions: HashMap<ConversationId, u64>,
+    /// Messages stored and not acknowledged yet (at most
+    /// `MAX_RECEIPT_IDS`), and when their delivered receipts leave.
+    unacknowledged: Vec<(ConversationId, MessageId)>,
+    receipts_due: Option<tokio::time::Instant>,
+}
+
+/// A text message sealed and published, not yet stored.
+struct SealedText {
+    conv: Conv,
+    env: Envelope,
+    counter: u64,
+    early: bool,
+    text: String,
+    reply_to: Option<MessageId>,
+    hlc: Hlc,
 }
 
 /// This device's sending chain for one conversation epoch, with how far
@@ -456,6 +471,8 @@ impl Engine {
             account: None,
             account_dirty: false,
             read_positions: HashMap::new(),
+            unacknowledged: Vec::new(),
+            receipts_due: None,
         };
         engine.load()?;
         Ok(engine)
@@ -632,6 +649,7 @@ impl Engine {
                 _ = tick.tick() => batch.push(Input::Tick),
                 _ = heartbeat.tick() => batch.push(Input::Heartbeat),
                 _ = sync.tick() => batch.push(Input::SyncTick),
+                _ = sleep_until_opt(self.receipts_due) => batch.push(Input::Acknowledge),
             }
             // Drain whatever else is ready: one transaction for all of it.
             while batch.len() < BATCH && !stopping {
@@ -654,7 +672,11 @@ impl Engine {
                 }
                 break;
             }
-            self.handle_batch(batch).await;
+            if stopping && !self.unacknowledged.is_empty() {
+                // What was stored is acknowledged before the node goes.
+                batch.push(Input::Acknowledge);
+            }
+            self.handle_batch(batch, stopping).await;
             if stopping {
                 if let Some(net) = &self.outlets.net {
                     net.shutdown().await;
@@ -667,10 +689,14 @@ impl Engine {
         }
     }
 
-    async fn handle_batch(&mut self, batch: Vec<Input>) {
+    /// Handles what arrived together in one transaction. `last`: the node
+    /// stops after it, so nothing may wait for a later batch.
+    async fn handle_batch(&mut self, batch: Vec<Input>, last: bool) {
         if batch.is_empty() {
             return;
         }
+        let acknowledge = batch.iter().any(|i| matches!(i, Input::Acknowledge));
+        let unacknowledged_before = self.unacknowledged.len();
         let mut fx = Vec::new();
         let durable_fx;
         // Only what someone is promised must reach the platters before
@@ -685,7 +711,7 @@ impl Engine {
                     | Input::Net(NetEvent::Direct { .. })
                     | Input::Internal(Internal::MailboxReply { .. })
             )
-        });
+        }) || (last && acknowledge);
         let durability = if promised {
             Durability::Full
         } else {
@@ -747,7 +773,7 @@ impl Engine {
                 db: &db,
                 fx: &mut fx,
                 outlets: &self.outlets,
-                delivered: Vec::new(),
+                delivered: &mut self.unacknowledged,
                 durable_fx: Vec::new(),
                 chain_stored: HashSet::new(),
                 annotations: HashMap::new(),
@@ -757,22 +783,42 @@ impl Engine {
                 account_merged: false,
             };
             for input in batch {
-                state.handle(input);
+                match input {
+                    // A message leaves before its writes: the network task
+                    // (on this thread) gets a turn in between.
+                    Input::Command(Command::Api {
+                        request:
+                            Request::Send {
+                                target,
+                                text,
+                                reply_to,
+                            },
+                        reply,
+                        ..
+                    }) => {
+                        let sealed = state.seal_text(&target, text, reply_to.as_deref());
+                        if state.outlets.sent_early.replace(false) {
+                            let_network_run().await;
+                        }
+                        let result = sealed.and_then(|s| state.store_sent(s));
+                        state.fx.push(Effect::Reply(reply, result));
+                    }
+                    input => state.handle(input),
+                }
             }
             state.fill_gaps();
             state.flush_annotations();
             state.flush_account();
-            state.flush_delivered();
+            if acknowledge || state.delivered.len() >= crate::payload::MAX_RECEIPT_IDS {
+                state.flush_delivered();
+            }
             state.save_shards();
             state.save_chains();
             durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
-                // Envelopes went out before the commit: let the network task
-                // and the connection tasks (on this same thread) put them on
-                // the wire before the fsync holds the thread.
-                for _ in 0..16 {
-                    tokio::task::yield_now().await;
-                }
+                // Envelopes went out before the commit: on the wire with
+                // them before the fsync holds the thread.
+                let_network_run().await;
             }
             txn.commit()
         };
@@ -800,8 +846,18 @@ impl Engine {
             self.account = None;
             self.account_dirty = false;
             self.read_positions.clear();
+            // This batch stored nothing to acknowledge. Receipts taken for
+            // sending in it are lost; the senders' retries bring them back
+            // (a duplicate offered directly is acknowledged again).
+            self.unacknowledged
+                .truncate(unacknowledged_before.min(self.unacknowledged.len()));
             return;
         }
+        self.receipts_due = match (self.unacknowledged.is_empty(), self.receipts_due) {
+            (true, _) => None,
+            (false, Some(due)) => Some(due),
+            (false, None) => Some(tokio::time::Instant::now() + self.settings.receipt_delay),
+        };
         if durability == Durability::Full {
             // Only an fsynced reservation may let envelopes leave early.
             for slot in self.sending.values_mut() {
@@ -1015,6 +1071,22 @@ fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
     }
 }
 
+/// Lets the network task and the connection tasks, which share this
+/// thread, put what was just published on the wire: a turn for each hop
+/// (swarm, connection, stream).
+async fn let_network_run() {
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<NetEvent>>) -> Option<NetEvent> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -1030,6 +1102,8 @@ enum Input {
     Tick,
     Heartbeat,
     SyncTick,
+    /// Time to send the delivered receipts waiting.
+    Acknowledge,
 }
 
 fn fail_inputs(batch: Vec<Input>, why: &str) {
@@ -1099,8 +1173,9 @@ struct State<'s, 'a, 'd> {
     /// For what is safe to send before the batch is durable (see
     /// [`SendingSlot`]): it goes out at once.
     outlets: &'s Outlets,
-    /// Messages stored in this batch, to acknowledge after its commit.
-    delivered: Vec<(ConversationId, MessageId)>,
+    /// Messages stored and not acknowledged yet: their delivered receipts
+    /// leave together, after a commit.
+    delivered: &'s mut Vec<(ConversationId, MessageId)>,
     /// Effects to run once the commit is durable (the receipts for them).
     durable_fx: Vec<Effect>,
     /// Conversations this batch stored chain envelopes of.
@@ -1201,6 +1276,8 @@ impl State<'_, '_, '_> {
                 self.purge_offered();
             }
             Input::SyncTick => self.sync_all(),
+            // Acted on at the batch's end.
+            Input::Acknowledge => {}
         }
     }
 
@@ -1595,6 +1672,20 @@ impl State<'_, '_, '_> {
     }
 
     fn send(&mut self, target: &str, text: String, reply_to: Option<&str>) -> ApiResult {
+        let sealed = self.seal_text(target, text, reply_to)?;
+        self.store_sent(sealed)
+    }
+
+    /// The first half of `send`: checks, seals and publishes (at once when
+    /// the counter is durable). The caller lets the network run before
+    /// [`Self::store_sent`] does the writes, which the message need not
+    /// wait for.
+    fn seal_text(
+        &mut self,
+        target: &str,
+        text: String,
+        reply_to: Option<&str>,
+    ) -> Result<SealedText, ApiError> {
         if text.len() > MAX_TEXT_BYTES {
             return Err(ApiError::usage(format!(
                 "message is {} bytes; the limit is {MAX_TEXT_BYTES}",
@@ -1612,9 +1703,7 @@ impl State<'_, '_, '_> {
             None => None,
         };
         let conv = self.active_conversation(target)?;
-        let conv_id = conv.id;
         let hlc = self.e.clock.now(now_ms().max(0) as u64);
-        let sent_at = hlc.ms() as i64;
         let payload = Payload::Text(TextMessage {
             text: text.clone(),
             reply_to,
@@ -1622,8 +1711,33 @@ impl State<'_, '_, '_> {
             epoch: conv.epoch,
         });
         let (env, counter, early) = self.seal_chain_message(&conv, &payload.encode())?;
+        self.publish(&conv, &env, early);
+        Ok(SealedText {
+            conv,
+            env,
+            counter,
+            early,
+            text,
+            reply_to,
+            hlc,
+        })
+    }
+
+    /// The second half of `send`: the writes, the event and the reply.
+    fn store_sent(&mut self, sealed: SealedText) -> ApiResult {
+        let SealedText {
+            conv,
+            env,
+            counter,
+            early,
+            text,
+            reply_to,
+            hlc,
+        } = sealed;
+        let conv_id = conv.id;
+        let sent_at = hlc.ms() as i64;
         let reached =
-            self.send_envelope(&conv, &env, conv.key_epoch, counter, early, Ack::Receipt)?;
+            self.track_envelope(&conv, &env, conv.key_epoch, counter, early, Ack::Receipt)?;
         let status = if reached {
             MessageStatus::Sent
         } else {
@@ -1881,18 +1995,37 @@ impl State<'_, '_, '_> {
         early: bool,
         ack: Ack,
     ) -> Result<bool, ApiError> {
-        let targets = self.recipients(conv)?;
-        let targets = &targets.peers;
-        let mut missing = HashSet::new();
-        let mut reached = false;
+        self.publish(conv, env, early);
+        self.track_envelope(conv, env, epoch, counter, early, ack)
+    }
+
+    /// Floods an envelope on the conversation's topic (now if `early`).
+    fn publish(&mut self, conv: &Conv, env: &Envelope, early: bool) {
         if self.e.net_online {
-            // Publish first: everything below only needs to be in this
-            // batch's transaction.
             let publish = Effect::Net(NetCommand::Publish {
                 topic: conv.topic.clone(),
                 data: env.bytes().to_vec(),
             });
             self.later_or_now(publish, early);
+        }
+    }
+
+    /// [`Self::send_envelope`] after the publish: offers, deposits, the
+    /// envelope's row and its outbox entry.
+    fn track_envelope(
+        &mut self,
+        conv: &Conv,
+        env: &Envelope,
+        epoch: u64,
+        counter: u64,
+        early: bool,
+        ack: Ack,
+    ) -> Result<bool, ApiError> {
+        let targets = self.recipients(conv)?;
+        let targets = &targets.peers;
+        let mut missing = HashSet::new();
+        let mut reached = false;
+        if self.e.net_online {
             let subscribed = self.e.topic_peers.get(&conv.topic);
             let mut direct = Vec::new();
             for peer in targets.iter() {
@@ -2613,6 +2746,10 @@ impl State<'_, '_, '_> {
             // whose subscription was not known yet, a retry) and by gossip,
             // and penalising the forwarder for that banned honest peers
             // under load. A replaying peer gains nothing from it.
+            if via == Via::Direct {
+                // Offered again: its sender may have missed our receipt.
+                self.acknowledge_again(&id)?;
+            }
             return Ok(Verdict::Ignore);
         }
         if !self.verified.remove(&id) {

@@ -72,7 +72,16 @@ impl TestNode {
     /// Restarts a node from an existing home with no network at all: it
     /// hears only what a test hands it with `deliver`.
     pub async fn start_offline(name: &str, dir: tempfile::TempDir) -> TestNode {
-        let config = NodeConfig::new(dir.path().join("home"), None);
+        Self::start_offline_with(name, dir, Settings::default()).await
+    }
+
+    pub async fn start_offline_with(
+        name: &str,
+        dir: tempfile::TempDir,
+        settings: Settings,
+    ) -> TestNode {
+        let mut config = NodeConfig::new(dir.path().join("home"), None);
+        config.settings = settings;
         let node = Node::start(config).await.unwrap();
         let handle = node.handle();
         TestNode {

@@ -13,11 +13,11 @@ use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
 const MAX_READ: usize = 10_000;
 
 impl State<'_, '_, '_> {
-    /// Sends delivered receipts for the messages this batch stored; they
-    /// leave once the batch's commit is on the disk.
+    /// Sends delivered receipts for the messages stored and not yet
+    /// acknowledged; they leave once the batch's commit is on the disk.
     pub(super) fn flush_delivered(&mut self) {
         let mut by_conv: HashMap<ConversationId, Vec<MessageId>> = HashMap::new();
-        for (conv, id) in std::mem::take(&mut self.delivered) {
+        for (conv, id) in std::mem::take(self.delivered) {
             by_conv.entry(conv).or_default().push(id);
         }
         if by_conv.is_empty() {
@@ -33,6 +33,18 @@ impl State<'_, '_, '_> {
         }
         let receipts = std::mem::replace(self.fx, others);
         self.durable_fx.extend(receipts);
+    }
+
+    /// Acknowledges a message from someone else once more: it was offered
+    /// again, so its sender may never have had our receipt.
+    pub(super) fn acknowledge_again(&mut self, id: &MessageId) -> Result<(), ApiError> {
+        let Some(m) = self.db.message(id)? else {
+            return Ok(());
+        };
+        if m.sender_user != self.e.my_user && !self.delivered.iter().any(|(_, d)| d == id) {
+            self.delivered.push((m.conversation, *id));
+        }
+        Ok(())
     }
 
     fn send_receipt(
