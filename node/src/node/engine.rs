@@ -307,9 +307,11 @@ pub(super) struct Engine {
     /// The account's read position per conversation, as last read from it.
     read_positions: HashMap<ConversationId, u64>,
     /// Messages stored and not acknowledged yet (at most
-    /// `MAX_RECEIPT_IDS`), and when their delivered receipts leave.
+    /// `MAX_RECEIPT_IDS`), when their delivered receipts leave, and when
+    /// the last ones left (see `Settings::receipt_delay`).
     unacknowledged: Vec<(ConversationId, MessageId)>,
     receipts_due: Option<tokio::time::Instant>,
+    acknowledged_at: Option<tokio::time::Instant>,
 }
 
 /// A text message sealed and published, not yet stored.
@@ -473,6 +475,7 @@ impl Engine {
             read_positions: HashMap::new(),
             unacknowledged: Vec::new(),
             receipts_due: None,
+            acknowledged_at: None,
         };
         engine.load()?;
         Ok(engine)
@@ -672,7 +675,7 @@ impl Engine {
                 }
                 break;
             }
-            if stopping && !self.unacknowledged.is_empty() {
+            if stopping && batch.is_empty() && !self.unacknowledged.is_empty() {
                 // What was stored is acknowledged before the node goes.
                 batch.push(Input::Acknowledge);
             }
@@ -695,8 +698,16 @@ impl Engine {
         if batch.is_empty() {
             return;
         }
-        let acknowledge = batch.iter().any(|i| matches!(i, Input::Acknowledge));
+        let now = tokio::time::Instant::now();
+        let receipt_delay = self.settings.receipt_delay;
+        // Receipts leave at once after a quiet spell, else together with
+        // the others of the same `receipt_delay`.
+        let acknowledge = batch.iter().any(|i| matches!(i, Input::Acknowledge))
+            || self
+                .acknowledged_at
+                .is_none_or(|at| now >= at + receipt_delay);
         let unacknowledged_before = self.unacknowledged.len();
+        let mut acknowledged = false;
         let mut fx = Vec::new();
         let durable_fx;
         // Only what someone is promised must reach the platters before
@@ -711,7 +722,7 @@ impl Engine {
                     | Input::Net(NetEvent::Direct { .. })
                     | Input::Internal(Internal::MailboxReply { .. })
             )
-        }) || (last && acknowledge);
+        }) || last;
         let durability = if promised {
             Durability::Full
         } else {
@@ -809,8 +820,11 @@ impl Engine {
             state.fill_gaps();
             state.flush_annotations();
             state.flush_account();
-            if acknowledge || state.delivered.len() >= crate::payload::MAX_RECEIPT_IDS {
+            if !state.delivered.is_empty()
+                && (acknowledge || last || state.delivered.len() >= crate::payload::MAX_RECEIPT_IDS)
+            {
                 state.flush_delivered();
+                acknowledged = true;
             }
             state.save_shards();
             state.save_chains();
@@ -853,10 +867,13 @@ impl Engine {
                 .truncate(unacknowledged_before.min(self.unacknowledged.len()));
             return;
         }
+        if acknowledged {
+            self.acknowledged_at = Some(now);
+        }
         self.receipts_due = match (self.unacknowledged.is_empty(), self.receipts_due) {
             (true, _) => None,
             (false, Some(due)) => Some(due),
-            (false, None) => Some(tokio::time::Instant::now() + self.settings.receipt_delay),
+            (false, None) => Some(self.acknowledged_at.map_or(now, |at| at + receipt_delay)),
         };
         if durability == Durability::Full {
             // Only an fsynced reservation may let envelopes leave early.

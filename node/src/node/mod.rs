@@ -103,9 +103,12 @@ pub struct Settings {
     pub sync_interval: Duration,
     /// Groups larger than this send no read receipts.
     pub read_receipts_max_group: usize,
-    /// How long delivered receipts wait for others to travel with: one
-    /// signed receipt then acknowledges a burst of messages, and the work
-    /// and the fsync it costs stay off the next messages' path.
+    /// Delivered receipts leave at most once per `receipt_delay`: a
+    /// message after a quiet spell is acknowledged at once; those stored
+    /// within the delay of the last receipts wait for it and travel
+    /// together, so a burst costs one signed receipt (and one fsync) per
+    /// delay instead of one per message. A node that stops sends what is
+    /// waiting.
     pub receipt_delay: Duration,
 }
 
@@ -120,7 +123,7 @@ impl Default for Settings {
             sync_interval: Duration::from_secs(60),
             read_receipts_max_group: 256,
             // Short enough that nobody watching a status notices.
-            receipt_delay: Duration::from_millis(40),
+            receipt_delay: Duration::from_millis(2),
         }
     }
 }
