@@ -56,25 +56,32 @@ async fn wait_status(node: &TestNode, target: &str, prefix: &str, n: usize, stat
     .await;
 }
 
-async fn wait_group(node: &TestNode, group: &str) {
+/// Asks `check` every 10 ms until it answers, within the deadline.
+async fn poll_until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_group(node: &TestNode, group: &str) {
+    poll_until(&format!("{} never joined {group}", node.name), || async {
         let groups = node.call(Request::GroupList).await;
-        if groups
+        groups
             .as_array()
             .unwrap()
             .iter()
             .any(|g| g["name"] == group)
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never joined {group}",
-            node.name
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,22 +493,17 @@ fn chain_envelopes(node: &TestNode) -> HashSet<Vec<u8>> {
 /// Waits until `node` holds chain-sealed envelopes beyond `known`; returns
 /// them.
 async fn new_chain_envelopes(node: &TestNode, known: &HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let new: Vec<Vec<u8>> = chain_envelopes(node)
-            .into_iter()
-            .filter(|e| !known.contains(e))
-            .collect();
-        if !new.is_empty() {
-            return new;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never sealed anything new",
-            node.name
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until(
+        &format!("{} never sealed anything new", node.name),
+        || async {
+            let new: Vec<Vec<u8>> = chain_envelopes(node)
+                .into_iter()
+                .filter(|e| !known.contains(e))
+                .collect();
+            (!new.is_empty()).then_some(new)
+        },
+    )
+    .await
 }
 
 /// Delivered receipts wait a moment to travel together, so one that is
