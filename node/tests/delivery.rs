@@ -506,23 +506,30 @@ async fn new_chain_envelopes(node: &TestNode, known: &HashSet<Vec<u8>>) -> Vec<V
     .await
 }
 
+/// alice and bob, contacts with one message delivered (so each holds the
+/// other's chain), restarted off the network: the test carries envelopes.
+async fn acquainted_offline(seed: u64, bob_settings: Settings) -> (TestNode, TestNode) {
+    let mut alice = TestNode::start("alice", seed, &[]).await;
+    let mut bob = TestNode::start("bob", seed + 1, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "hello").await;
+    bob.expect_text("alice", "hello").await;
+    wait_status(&alice, "bob", "hello", 1, "delivered").await;
+    alice.stop().await;
+    bob.stop().await;
+    (
+        TestNode::start_offline("alice", alice.dir).await,
+        TestNode::start_offline_with("bob", bob.dir, bob_settings).await,
+    )
+}
+
 /// Delivered receipts wait a moment to travel together, so one that is
 /// lost must not leave the sender's message at "sent" for good: when the
 /// sender offers the message again, the receiver acknowledges it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_receipt_is_sent_again_when_the_message_is_offered_again() {
-    let mut alice = TestNode::start("alice", 91, &[]).await;
-    let mut bob = TestNode::start("bob", 92, &[&alice]).await;
-    befriend(&alice, &bob).await;
-    alice.send("bob", "hello").await;
-    bob.expect_text("alice", "hello").await;
-    wait_status(&alice, "bob", "hello", 1, "delivered").await;
-
-    // Off the network: the test carries the envelopes, and loses one.
-    alice.stop().await;
-    bob.stop().await;
-    let alice = TestNode::start_offline("alice", alice.dir).await;
-    let bob = TestNode::start_offline("bob", bob.dir).await;
+    // The test carries the envelopes, and loses one.
+    let (alice, bob) = acquainted_offline(91, Settings::default()).await;
     let sent = alice.send("bob", "second").await;
     let message = alice.envelope_bytes(sent["id"].as_str().unwrap());
 
@@ -548,21 +555,11 @@ async fn a_lost_receipt_is_sent_again_when_the_message_is_offered_again() {
 /// waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_for_a_burst_travel_together_and_leave_at_shutdown() {
-    let mut alice = TestNode::start("alice", 93, &[]).await;
-    let mut bob = TestNode::start("bob", 94, &[&alice]).await;
-    befriend(&alice, &bob).await;
-    alice.send("bob", "hello").await;
-    bob.expect_text("alice", "hello").await;
-    wait_status(&alice, "bob", "hello", 1, "delivered").await;
-
-    alice.stop().await;
-    bob.stop().await;
-    let alice = TestNode::start_offline("alice", alice.dir).await;
     let waits_long = Settings {
         receipt_delay: Duration::from_secs(3600),
         ..Settings::default()
     };
-    let mut bob = TestNode::start_offline_with("bob", bob.dir, waits_long).await;
+    let (alice, mut bob) = acquainted_offline(93, waits_long).await;
     let mut known = chain_envelopes(&bob);
     let mut receipts = Vec::new();
     for i in 0..5 {
