@@ -23,12 +23,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use common::{DEADLINE, befriend, call, dial_addr};
+use common::{DEADLINE, befriend, call, dial_addr, stored_message};
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
-use weft_node::ids::{ConversationId, EnvelopeId, UserId};
-use weft_node::store::{MessageRecord, MessageStatus, Store};
+use weft_node::ids::{ConversationId, UserId};
+use weft_node::store::Store;
 use weft_node::{Multiaddr, NetConfig, Node, NodeConfig};
 
 fn identity(name: &str) -> Identity {
@@ -87,21 +87,13 @@ async fn open_and_page(n: usize) -> Result<(Duration, Duration)> {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&i.to_be_bytes());
         let at = start_ms + i as i64 * 60_000;
-        txn.db().insert_message(&MessageRecord {
-            id: EnvelopeId(id),
-            conversation: conv,
-            sender_user: user,
-            sender_device: device,
-            sent_at_ms: at,
-            received_at_ms: at,
-            hlc: (at as u64) << 16,
-            epoch: 1,
-            text: format!("message number {i} of a long conversation"),
-            reply_to: None,
-            status: MessageStatus::Delivered,
-            edited: false,
-            deleted: false,
-        })?;
+        txn.db().insert_message(&stored_message(
+            id,
+            conv,
+            (user, device),
+            at,
+            format!("message number {i} of a long conversation"),
+        ))?;
     }
     txn.commit()?;
     drop(store);

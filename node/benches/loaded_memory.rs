@@ -14,15 +14,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
+use common::stored_message;
 use weft_node::api::Request;
 use weft_node::home::Home;
 use weft_node::identity::Identity;
-use weft_node::ids::{ConversationId, DeviceId, EnvelopeId, UserId};
-use weft_node::store::{
-    ConversationKind, ConversationRecord, MessageRecord, MessageStatus, Role, Store,
-};
+use weft_node::ids::{ConversationId, DeviceId, UserId};
+use weft_node::store::{ConversationKind, ConversationRecord, Role, Store};
 use weft_node::{NetConfig, Node, NodeConfig};
 
 const TARGET_MB: f64 = 150.0;
@@ -78,21 +79,18 @@ fn main() {
                 mid[..8].copy_from_slice(&c.to_be_bytes());
                 mid[8..].copy_from_slice(&i.to_be_bytes());
                 let at = 1_700_000_000_000 + (c * per_conv + i) as i64 * 1000;
-                db.insert_message(&MessageRecord {
-                    id: EnvelopeId(mid),
-                    conversation: id,
-                    sender_user: if mine { me.user_id() } else { other },
-                    sender_device: if mine { me.device_id() } else { DeviceId(u) },
-                    sent_at_ms: at,
-                    received_at_ms: at,
-                    hlc: (at as u64) << 16,
-                    epoch: 1,
-                    text: format!("message {i} in conversation {c}, about this long"),
-                    reply_to: None,
-                    status: MessageStatus::Delivered,
-                    edited: false,
-                    deleted: false,
-                })
+                let sender = if mine {
+                    (me.user_id(), me.device_id())
+                } else {
+                    (other, DeviceId(u))
+                };
+                db.insert_message(&stored_message(
+                    mid,
+                    id,
+                    sender,
+                    at,
+                    format!("message {i} in conversation {c}, about this long"),
+                ))
                 .unwrap();
             }
         }

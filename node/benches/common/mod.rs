@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, ensure};
 use serde_json::Value;
 use weft_node::api::Request;
+use weft_node::ids::{ConversationId, DeviceId, EnvelopeId, UserId};
+use weft_node::store::{MessageRecord, MessageStatus};
 use weft_node::{Multiaddr, NodeHandle};
 
 pub const DEADLINE: Duration = Duration::from_secs(300);
@@ -50,4 +52,30 @@ pub async fn befriend(a: &NodeHandle, a_name: &str, b: &NodeHandle, b_name: &str
         .await?;
     }
     Ok(())
+}
+
+/// A delivered message as a long history holds it, written straight into
+/// a store (ordered by `at`, in milliseconds).
+pub fn stored_message(
+    id: [u8; 16],
+    conversation: ConversationId,
+    sender: (UserId, DeviceId),
+    at: i64,
+    text: String,
+) -> MessageRecord {
+    MessageRecord {
+        id: EnvelopeId(id),
+        conversation,
+        sender_user: sender.0,
+        sender_device: sender.1,
+        sent_at_ms: at,
+        received_at_ms: at,
+        hlc: (at as u64) << 16,
+        epoch: 1,
+        text,
+        reply_to: None,
+        status: MessageStatus::Delivered,
+        edited: false,
+        deleted: false,
+    }
 }
