@@ -442,3 +442,94 @@ async fn contacts_blocks_reads_and_privacy_follow_the_account_to_every_device() 
         .await;
     assert!(to_self.is_err(), "{to_self:?}");
 }
+
+/// Every chain-sealed envelope `node` holds in the conversation `conv`
+/// (its id as text), or in the account's own when `conv` is `None`.
+fn chain_envelopes(node: &TestNode, conv: Option<&str>) -> std::collections::HashSet<Vec<u8>> {
+    let store = weft_node::store::Store::open(
+        &weft_node::home::Home::new(node.dir.path().join("home")).db_path(),
+    )
+    .unwrap();
+    let db = store.db();
+    let mut out = std::collections::HashSet::new();
+    for c in db.conversations().unwrap() {
+        let id = c.id.to_string();
+        let wanted = match conv {
+            Some(conv) => id == conv,
+            // The account's conversation is the one no list shows.
+            None => c.name.is_empty() && c.kind == weft_node::store::ConversationKind::Direct,
+        };
+        if !wanted {
+            continue;
+        }
+        let rowids: Vec<i64> = db
+            .chain_positions(&c.id)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.3)
+            .collect();
+        out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+    }
+    out
+}
+
+/// Reading on one device says so twice to the others: a read receipt in
+/// the conversation and a read position in the account's state. Whichever
+/// arrives first, the other device ends with nothing unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count() {
+    let mut alice = TestNode::start("alice", 57, &[]).await;
+    let mut carol = TestNode::start("carol", 57, &[&alice]).await;
+    befriend(&alice, &carol).await;
+    let mut phone = link(&alice, "alice-phone", &[&alice, &carol]).await;
+    for i in 0..3 {
+        carol.send("alice", &format!("unread {i}")).await;
+    }
+    phone.expect_text("carol", "unread 2").await;
+    alice.expect_text("carol", "unread 2").await;
+    let conv = alice.call(Request::Conversations).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Off the network: the test hands the phone what the laptop sends, in
+    // the order it picks.
+    alice.stop().await;
+    phone.stop().await;
+    carol.stop().await;
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let phone = TestNode::start_offline("alice-phone", phone.dir).await;
+    let unread = |node: &TestNode| {
+        let node = node.handle.clone();
+        async move {
+            let l = node.call(Request::Conversations).await.unwrap();
+            l[0]["unread"].as_u64()
+        }
+    };
+    assert_eq!(unread(&phone).await, Some(3));
+    let (receipts_before, account_before) = (
+        chain_envelopes(&alice, Some(&conv)),
+        chain_envelopes(&alice, None),
+    );
+    alice
+        .call(Request::Read {
+            target: "carol".into(),
+        })
+        .await;
+    let receipt: Vec<Vec<u8>> = chain_envelopes(&alice, Some(&conv))
+        .difference(&receipts_before)
+        .cloned()
+        .collect();
+    let position: Vec<Vec<u8>> = chain_envelopes(&alice, None)
+        .difference(&account_before)
+        .cloned()
+        .collect();
+    assert_eq!((receipt.len(), position.len()), (1, 1));
+
+    assert_eq!(phone.handle.deliver(receipt).await.unwrap(), 1);
+    assert_eq!(unread(&phone).await, Some(0), "after the receipt");
+    assert_eq!(phone.handle.deliver(position).await.unwrap(), 1);
+    assert_eq!(unread(&phone).await, Some(0), "after the read position");
+    let ms = phone.messages("carol").await;
+    assert!(ms.iter().all(|m| m["status"] == "read"), "{ms:?}");
+}

@@ -256,16 +256,23 @@ impl Db<'_> {
                 params![conv.0, me.0, super::to_sql_int(hlc, "hlc")?],
             )?;
             if changed > 0 {
-                self.execute(
-                    "UPDATE conversations SET unread = (
-                         SELECT COUNT(*) FROM messages WHERE conversation = ?1
-                         AND sender_user <> ?2 AND status <> 'read')
-                     WHERE id = ?1",
-                    params![conv.0, me.0],
-                )?;
+                self.recount_unread(conv, me)?;
             }
             Ok(changed)
         })
+    }
+
+    /// Sets the conversation's unread count to its incoming messages not
+    /// marked read.
+    pub fn recount_unread(&self, conv: &ConversationId, me: &UserId) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE conversations SET unread = (
+                 SELECT COUNT(*) FROM messages WHERE conversation = ?1
+                 AND sender_user <> ?2 AND status <> 'read')
+             WHERE id = ?1",
+            params![conv.0, me.0],
+        )?;
+        Ok(())
     }
 
     /// The order key of the conversation's latest message.

@@ -85,6 +85,7 @@ impl State<'_, '_, '_> {
         };
         let peer = peer_id_of(&device);
         let now = now_ms();
+        let mut read_elsewhere = false;
         for id in receipt.messages.iter().take(MAX_RECEIPT_IDS) {
             if !self.db.add_receipt(id, &device, &user, status, now)? {
                 continue;
@@ -99,14 +100,23 @@ impl State<'_, '_, '_> {
             }
             if user == self.e.my_user {
                 // Another device of this user read it: so has this one.
-                if status == MessageStatus::Read && m.sender_user != self.e.my_user {
+                if status == MessageStatus::Read
+                    && m.sender_user != self.e.my_user
+                    && m.status != MessageStatus::Read
+                {
                     self.db.set_message_status(id, MessageStatus::Read)?;
+                    read_elsewhere = true;
                 }
                 continue;
             }
             if m.sender_user == self.e.my_user {
                 self.update_progress(conv, &m)?;
             }
+        }
+        if read_elsewhere {
+            // Whichever comes first, this receipt or the account's read
+            // position, leaves the count right.
+            self.db.recount_unread(&conv.id, &self.e.my_user)?;
         }
         Ok(())
     }
