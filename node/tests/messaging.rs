@@ -150,7 +150,22 @@ async fn offline_send_queues_and_arrives_after_restart() {
     let alice = TestNode::start("alice", 4, &[]).await;
     let mut bob = TestNode::start("bob", 4, &[&alice]).await;
     befriend(&alice, &bob).await;
+    let bob_peer = bob.handle.peer_id().to_string();
     bob.stop().await;
+    // Until alice has seen bob go, a send is (rightly) "sent".
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while alice.call(Request::Status).await["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["peer_id"] == bob_peer.as_str())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice never saw bob go"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let sent = alice.send("bob", "while you were away").await;
     assert_eq!(sent["status"], "queued");
     let bob_dir = std::mem::replace(&mut bob.dir, tempfile::tempdir().unwrap());
