@@ -485,11 +485,16 @@ async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count()
     for i in 0..3 {
         carol.send("alice", &format!("unread {i}")).await;
     }
-    // All three on both devices (they may arrive in any order).
+    // All three on both devices (they may arrive in any order), and carol
+    // a contact on the phone too.
     for i in 0..3 {
         phone.expect_text("carol", &format!("unread {i}")).await;
         alice.expect_text("carol", &format!("unread {i}")).await;
     }
+    wait_for(&phone, Request::ContactList, "carol", |l| {
+        contact(l, "carol").is_some()
+    })
+    .await;
     let conv = alice.call(Request::Conversations).await[0]["id"]
         .as_str()
         .unwrap()
@@ -503,13 +508,17 @@ async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count()
     let alice = TestNode::start_offline("alice", alice.dir).await;
     let phone = TestNode::start_offline("alice-phone", phone.dir).await;
     let unread = |node: &TestNode| {
-        let node = node.handle.clone();
+        let (node, conv) = (node.handle.clone(), conv.clone());
         async move {
             let l = node.call(Request::Conversations).await.unwrap();
-            l[0]["unread"].as_u64()
+            let carol = l
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["id"] == conv.as_str()));
+            (carol.and_then(|c| c["unread"].as_u64()), l)
         }
     };
-    assert_eq!(unread(&phone).await, Some(3));
+    let (before, list) = unread(&phone).await;
+    assert_eq!(before, Some(3), "{list}");
     let (receipts_before, account_before) = (
         chain_envelopes(&alice, Some(&conv)),
         chain_envelopes(&alice, None),
@@ -530,9 +539,13 @@ async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count()
     assert_eq!((receipt.len(), position.len()), (1, 1));
 
     assert_eq!(phone.handle.deliver(receipt).await.unwrap(), 1);
-    assert_eq!(unread(&phone).await, Some(0), "after the receipt");
+    assert_eq!(unread(&phone).await.0, Some(0), "after the receipt");
     assert_eq!(phone.handle.deliver(position).await.unwrap(), 1);
-    assert_eq!(unread(&phone).await, Some(0), "after the read position");
+    assert_eq!(unread(&phone).await.0, Some(0), "after the read position");
     let ms = phone.messages("carol").await;
     assert!(ms.iter().all(|m| m["status"] == "read"), "{ms:?}");
+    // Named after the contact on both devices, whichever came first there:
+    // the contact (from the account) or carol's first message.
+    let (_, list) = unread(&phone).await;
+    assert!(list[0]["name"] == "carol", "{list}");
 }

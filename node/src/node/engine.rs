@@ -1583,6 +1583,9 @@ impl State<'_, '_, '_> {
             }));
         }
         let conv = self.ensure_direct(&invite.user, &alias)?;
+        // A message may have made the conversation first, named after the
+        // sender's display name: it takes the alias now.
+        self.db.rename_conversation(&conv, &alias)?;
         // Anything that waited for this contact's devices may open now.
         self.reprocess_pending(&conv);
         Ok(contact)

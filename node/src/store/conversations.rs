@@ -189,6 +189,15 @@ impl Db<'_> {
         Ok(changed > 0)
     }
 
+    /// Renames a conversation (a direct one follows its contact's alias).
+    pub fn rename_conversation(&self, id: &ConversationId, name: &str) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE conversations SET name = ?2 WHERE id = ?1",
+            params![id.0, name],
+        )?;
+        Ok(())
+    }
+
     /// Sets the epoch of this device's sending chain in a conversation.
     pub fn set_key_epoch(&self, id: &ConversationId, key_epoch: u64) -> Result<(), StoreError> {
         self.execute(

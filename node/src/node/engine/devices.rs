@@ -718,8 +718,13 @@ impl State<'_, '_, '_> {
                     blocked: c.blocked,
                     added_at_ms: c.added_at_ms,
                 };
-                if let Err(e) = self.db.insert_contact(&contact) {
-                    tracing::debug!("contact {} not imported: {e}", c.alias);
+                match self.db.insert_contact(&contact) {
+                    // A message may have named the conversation already.
+                    Ok(()) => self.db.rename_conversation(
+                        &ConversationId::direct(&self.e.my_user, &c.user),
+                        &c.alias,
+                    )?,
+                    Err(e) => tracing::debug!("contact {} not imported: {e}", c.alias),
                 }
                 if c.blocked {
                     self.e.blocked.insert(c.user);
