@@ -443,34 +443,9 @@ async fn contacts_blocks_reads_and_privacy_follow_the_account_to_every_device() 
     assert!(to_self.is_err(), "{to_self:?}");
 }
 
-/// Every chain-sealed envelope `node` holds in the conversation `conv`
-/// (its id as text), or in the account's own when `conv` is `None`.
-fn chain_envelopes(node: &TestNode, conv: Option<&str>) -> std::collections::HashSet<Vec<u8>> {
-    let store = weft_node::store::Store::open(
-        &weft_node::home::Home::new(node.dir.path().join("home")).db_path(),
-    )
-    .unwrap();
-    let db = store.db();
-    let mut out = std::collections::HashSet::new();
-    for c in db.conversations().unwrap() {
-        let id = c.id.to_string();
-        let wanted = match conv {
-            Some(conv) => id == conv,
-            // The account's conversation is the one no list shows.
-            None => c.name.is_empty() && c.kind == weft_node::store::ConversationKind::Direct,
-        };
-        if !wanted {
-            continue;
-        }
-        let rowids: Vec<i64> = db
-            .chain_positions(&c.id)
-            .unwrap()
-            .into_iter()
-            .map(|p| p.3)
-            .collect();
-        out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
-    }
-    out
+/// The account's own conversation: the one no list shows.
+fn account_conversation(c: &weft_node::store::ConversationRecord) -> bool {
+    c.name.is_empty() && c.kind == weft_node::store::ConversationKind::Direct
 }
 
 /// Reading on one device says so twice to the others: a read receipt in
@@ -520,19 +495,21 @@ async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count()
     let (before, list) = unread(&phone).await;
     assert_eq!(before, Some(3), "{list}");
     let (receipts_before, account_before) = (
-        chain_envelopes(&alice, Some(&conv)),
-        chain_envelopes(&alice, None),
+        alice.chain_envelopes(|c| c.id.to_string() == conv),
+        alice.chain_envelopes(account_conversation),
     );
     alice
         .call(Request::Read {
             target: "carol".into(),
         })
         .await;
-    let receipt: Vec<Vec<u8>> = chain_envelopes(&alice, Some(&conv))
+    let receipt: Vec<Vec<u8>> = alice
+        .chain_envelopes(|c| c.id.to_string() == conv)
         .difference(&receipts_before)
         .cloned()
         .collect();
-    let position: Vec<Vec<u8>> = chain_envelopes(&alice, None)
+    let position: Vec<Vec<u8>> = alice
+        .chain_envelopes(account_conversation)
         .difference(&account_before)
         .cloned()
         .collect();

@@ -108,6 +108,29 @@ impl TestNode {
             .bytes
     }
 
+    /// Every chain-sealed envelope this node holds in the conversations
+    /// `wanted` picks, read through a second connection to its store.
+    pub fn chain_envelopes(
+        &self,
+        wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
+    ) -> std::collections::HashSet<Vec<u8>> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        let db = store.db();
+        let mut out = std::collections::HashSet::new();
+        for conv in db.conversations().unwrap().iter().filter(|c| wanted(c)) {
+            let rowids: Vec<i64> = db
+                .chain_positions(&conv.id)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.3)
+                .collect();
+            out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+        }
+        out
+    }
+
     async fn run(
         name: &str,
         dir: tempfile::TempDir,
