@@ -870,11 +870,9 @@ impl Engine {
         if acknowledged {
             self.acknowledged_at = Some(now);
         }
-        self.receipts_due = match (self.unacknowledged.is_empty(), self.receipts_due) {
-            (true, _) => None,
-            (false, Some(due)) => Some(due),
-            (false, None) => Some(self.acknowledged_at.map_or(now, |at| at + receipt_delay)),
-        };
+        // What waits leaves one delay after the last receipts.
+        self.receipts_due = (!self.unacknowledged.is_empty())
+            .then(|| self.acknowledged_at.map_or(now, |at| at + receipt_delay));
         if durability == Durability::Full {
             // Only an fsynced reservation may let envelopes leave early.
             for slot in self.sending.values_mut() {
