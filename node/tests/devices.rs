@@ -52,6 +52,20 @@ async fn a_linked_device_gets_history_and_new_messages_and_speaks_for_the_accoun
             count(ms, "group-before-") == 5
         })
         .await;
+    // Unread on the laptop ("before-from-bob"), so unread on the phone.
+    let unread_with_bob = |list: serde_json::Value| {
+        list.as_array()
+            .and_then(|cs| cs.iter().find(|c| c["kind"] == "direct"))
+            .and_then(|c| c["unread"].as_u64())
+    };
+    assert_eq!(
+        unread_with_bob(alice.call(Request::Conversations).await),
+        Some(1)
+    );
+    assert_eq!(
+        unread_with_bob(phone.call(Request::Conversations).await),
+        Some(1)
+    );
     let devices = alice.call(Request::DevicesList).await;
     assert_eq!(devices.as_array().unwrap().len(), 2, "{devices}");
 

@@ -790,6 +790,7 @@ impl State<'_, '_, '_> {
             };
             self.db.put_shard(conv, *period, &merged)?;
         }
+        let mut read_elsewhere = HashSet::new();
         for HistoryMessage { message, reactions } in &page.messages {
             if !self.e.convs.contains_key(&message.conversation) {
                 continue;
@@ -806,13 +807,23 @@ impl State<'_, '_, '_> {
             };
             if self.db.insert_message(&record)? {
                 self.db.set_reactions(&record.id, reactions)?;
+                // Read state is the account's: what the other device has
+                // not read is unread here too.
+                let unread = u32::from(
+                    record.sender_user != self.e.my_user && record.status != MessageStatus::Read,
+                );
                 self.db
-                    .bump_conversation(&record.conversation, record.sent_at_ms, 0)?;
-            } else {
-                // Here already (it came by itself): the account's status
-                // may be further along.
-                self.db.set_message_status(&record.id, record.status)?;
+                    .bump_conversation(&record.conversation, record.sent_at_ms, unread)?;
+            } else if self.db.set_message_status(&record.id, record.status)?
+                && record.status == MessageStatus::Read
+            {
+                // Here already (it came by itself), and read on the other
+                // device meanwhile.
+                read_elsewhere.insert(record.conversation);
             }
+        }
+        for conv in read_elsewhere {
+            self.db.recount_unread(&conv, &self.e.my_user)?;
         }
         Ok(())
     }
