@@ -110,6 +110,30 @@ impl TestNode {
 
     /// Every chain-sealed envelope this node holds in the conversations
     /// `wanted` picks, read through a second connection to its store.
+    /// The pairwise-sealed envelopes (key handouts) stored in the
+    /// conversations `wanted` picks, oldest first; read from the store of a
+    /// stopped or offline node, like [`TestNode::chain_envelopes`].
+    pub fn sealed_envelopes(
+        &self,
+        wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        let db = store.db();
+        let mut out = Vec::new();
+        for conv in db.conversations().unwrap().iter().filter(|c| wanted(c)) {
+            let rowids: Vec<i64> = db
+                .sealed_envelope_ids(&conv.id)
+                .unwrap()
+                .into_iter()
+                .map(|(_, rowid)| rowid)
+                .collect();
+            out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+        }
+        out
+    }
+
     pub fn chain_envelopes(
         &self,
         wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
