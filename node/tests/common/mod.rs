@@ -110,12 +110,40 @@ impl TestNode {
 
     /// Every chain-sealed envelope this node holds in the conversations
     /// `wanted` picks, read through a second connection to its store.
-    /// The pairwise-sealed envelopes (key handouts) stored in the
-    /// conversations `wanted` picks, oldest first; read from the store of a
-    /// stopped or offline node, like [`TestNode::chain_envelopes`].
+    pub fn chain_envelopes(
+        &self,
+        wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
+    ) -> std::collections::HashSet<Vec<u8>> {
+        self.stored_envelopes(wanted, |db, conv| {
+            db.chain_positions(conv)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.3)
+                .collect()
+        })
+        .into_iter()
+        .collect()
+    }
+
+    /// The pairwise-sealed envelopes (key handouts) this node holds in the
+    /// conversations `wanted` picks, oldest first, read the same way.
     pub fn sealed_envelopes(
         &self,
         wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
+    ) -> Vec<Vec<u8>> {
+        self.stored_envelopes(wanted, |db, conv| {
+            db.sealed_envelope_ids(conv)
+                .unwrap()
+                .into_iter()
+                .map(|(_, rowid)| rowid)
+                .collect()
+        })
+    }
+
+    fn stored_envelopes(
+        &self,
+        wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
+        rows: impl Fn(&weft_node::store::Db<'_>, &weft_node::ids::ConversationId) -> Vec<i64>,
     ) -> Vec<Vec<u8>> {
         let store =
             weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
@@ -123,34 +151,7 @@ impl TestNode {
         let db = store.db();
         let mut out = Vec::new();
         for conv in db.conversations().unwrap().iter().filter(|c| wanted(c)) {
-            let rowids: Vec<i64> = db
-                .sealed_envelope_ids(&conv.id)
-                .unwrap()
-                .into_iter()
-                .map(|(_, rowid)| rowid)
-                .collect();
-            out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
-        }
-        out
-    }
-
-    pub fn chain_envelopes(
-        &self,
-        wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
-    ) -> std::collections::HashSet<Vec<u8>> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
-        let db = store.db();
-        let mut out = std::collections::HashSet::new();
-        for conv in db.conversations().unwrap().iter().filter(|c| wanted(c)) {
-            let rowids: Vec<i64> = db
-                .chain_positions(&conv.id)
-                .unwrap()
-                .into_iter()
-                .map(|p| p.3)
-                .collect();
-            out.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
+            out.extend(db.envelope_bytes_by_rowid(&rows(&db, &conv.id)).unwrap());
         }
         out
     }
