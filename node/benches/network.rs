@@ -501,7 +501,8 @@ enum Authenticity {
 }
 
 fn bare_swarm(auth: Authenticity) -> Swarm<gossipsub::Behaviour> {
-    // Weft's gossipsub settings (net/mod.rs), without message validation.
+    // Weft's gossipsub settings (net/mod.rs) but for authenticity, and
+    // without application validation.
     let mode = match auth {
         Authenticity::Anonymous => gossipsub::ValidationMode::Anonymous,
         Authenticity::Signed => gossipsub::ValidationMode::Strict,
