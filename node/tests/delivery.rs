@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{DEADLINE, TestNode, befriend, group_create};
+use common::{DEADLINE, TestNode, befriend, group_create, poll_until};
 use serde_json::Value;
 use tokio::sync::broadcast;
 use weft_node::Settings;
@@ -54,21 +54,6 @@ async fn wait_status(node: &TestNode, target: &str, prefix: &str, n: usize, stat
         mine.len() == n && mine.iter().all(|m| m["status"] == status)
     })
     .await;
-}
-
-/// Asks `check` every 10 ms until it answers, within the deadline.
-async fn poll_until<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn wait_group(node: &TestNode, group: &str) {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{TestNode, befriend, group_create};
+use common::{TestNode, befriend, group_create, poll_until};
 use weft_node::api::Request;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,19 +153,12 @@ async fn offline_send_queues_and_arrives_after_restart() {
     let bob_peer = bob.handle.peer_id().to_string();
     bob.stop().await;
     // Until alice has seen bob go, a send is (rightly) "sent".
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    while alice.call(Request::Status).await["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|p| p["peer_id"] == bob_peer.as_str())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never saw bob go"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    poll_until("alice never saw bob go", || async {
+        let status = alice.call(Request::Status).await;
+        let peers = status["peers"].as_array().unwrap();
+        (!peers.iter().any(|p| p["peer_id"] == bob_peer.as_str())).then_some(())
+    })
+    .await;
     let sent = alice.send("bob", "while you were away").await;
     assert_eq!(sent["status"], "queued");
     let bob_dir = std::mem::replace(&mut bob.dir, tempfile::tempdir().unwrap());

@@ -353,6 +353,21 @@ pub fn group_create(name: &str, members: &[&str]) -> Request {
     }
 }
 
+/// Asks `check` every 10 ms until it answers, within the deadline.
+pub async fn poll_until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn json_text(v: &Value) -> String {
     json!(v).to_string()
 }
