@@ -135,12 +135,39 @@ impl ConversationId {
         Self(*h.finalize().as_bytes())
     }
 
+    /// A new group's id: 16 random bytes, then the first 16 bytes of
+    /// their keyed hash. Only ids of this form are taken for groups, so a
+    /// group state can never claim the id of a one-to-one conversation
+    /// or of an account's own (hashes of user ids): finding a direct id
+    /// of this form is a 2^128 search.
+    pub fn new_group(nonce: [u8; 16]) -> Self {
+        let mut id = [0u8; 32];
+        id[..16].copy_from_slice(&nonce);
+        id[16..].copy_from_slice(&group_check(&nonce));
+        Self(id)
+    }
+
+    /// Whether this id has the form of a group's ([`Self::new_group`]).
+    pub fn is_group_form(&self) -> bool {
+        let (nonce, check) = self.0.split_at(16);
+        check == group_check(nonce)
+    }
+
     /// The gossipsub topic name: a hash of the id, so it reveals nothing
     /// readable (and not the id itself) to gossip peers.
     pub fn topic(&self) -> String {
         let h = blake3::derive_key("weft v1 gossip topic", &self.0);
         format!("weft/1/{}", hex::encode(&h[..20]))
     }
+}
+
+fn group_check(nonce: &[u8]) -> [u8; 16] {
+    let h = blake3::Hasher::new_derive_key("weft v1 group id")
+        .update(nonce)
+        .finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.as_bytes()[..16]);
+    out
 }
 
 impl EnvelopeId {
@@ -164,6 +191,18 @@ mod tests {
         assert_eq!(m.to_string().parse::<EnvelopeId>().ok(), Some(m));
         assert!("zz".parse::<EnvelopeId>().is_err());
         assert!("0OIl".parse::<UserId>().is_err());
+    }
+
+    #[test]
+    fn group_ids_are_never_direct_ids() {
+        let g = ConversationId::new_group([3; 16]);
+        assert!(g.is_group_form());
+        let (a, b) = (UserId([1; 32]), UserId([2; 32]));
+        assert!(!ConversationId::direct(&a, &b).is_group_form());
+        assert!(!ConversationId::direct(&a, &a).is_group_form());
+        let mut forged = g;
+        forged.0[31] ^= 1;
+        assert!(!forged.is_group_form());
     }
 
     #[test]

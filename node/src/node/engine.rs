@@ -48,8 +48,8 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
 use crate::store::{
-    Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord, MessageRecord,
-    MessageStatus, OutboxEntry, Role, Store,
+    Binding, Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord,
+    MessageRecord, MessageStatus, OutboxEntry, Role, Store,
 };
 
 /// Most inputs handled in one transaction.
@@ -491,6 +491,15 @@ impl Engine {
             .filter(|c| c.blocked)
             .map(|c| c.user_id)
             .collect();
+        // Revocations of devices never certified here were once recorded
+        // as revoked devices of whoever signed them: they bind nothing.
+        let forgotten = db.forget_uncertified_devices(&self.my_device)?;
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "forgot revocations of devices never certified here"
+            );
+        }
         self.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
         if db.device(&self.my_device)?.is_some_and(|d| d.revoked) {
             self.revoked.insert(self.my_device);
@@ -1591,16 +1600,25 @@ impl State<'_, '_, '_> {
 
     fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
         cert.verify().map_err(|e| ApiError::usage(e.to_string()))?;
-        self.db
-            .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
-        self.devices_changed();
+        if let Binding::OtherUser(owner) = self.bind_device(cert)? {
+            return Err(ApiError::usage(format!(
+                "device {} of this invite is known here as a device of {owner}",
+                cert.device
+            )));
+        }
         Ok(())
     }
 
     /// The direct conversation with `user`, created if new.
     fn ensure_direct(&mut self, user: &UserId, name: &str) -> Result<ConversationId, ApiError> {
         let id = ConversationId::direct(&self.e.my_user, user);
-        if self.e.convs.contains_key(&id) {
+        if let Some(conv) = self.e.convs.get(&id) {
+            // Never a group that took the id: its members would read on.
+            if conv.kind != ConversationKind::Direct {
+                return Err(ApiError::failed(
+                    "a group holds the id of this one-to-one conversation",
+                ));
+            }
             return Ok(id);
         }
         let record = ConversationRecord::direct(id, name, now_ms());
@@ -2330,7 +2348,9 @@ impl State<'_, '_, '_> {
         crate::identity::validate_name(name)
             .map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
         let mut state = GroupState {
-            id: ConversationId(fresh_key()?),
+            id: ConversationId::new_group(
+                random_bytes().map_err(|e| ApiError::failed(e.to_string()))?,
+            ),
             name: name.to_string(),
             epoch: 1,
             members: vec![self.me_as_member(GroupRole::Admin)],
@@ -2489,12 +2509,22 @@ impl State<'_, '_, '_> {
         state: &GroupState,
         _removed: &[GroupMember],
     ) -> Result<Conv, ApiError> {
+        if self
+            .e
+            .convs
+            .get(&state.id)
+            .is_some_and(|c| c.kind != ConversationKind::Group)
+        {
+            return Err(ApiError::failed("not a group conversation"));
+        }
         let now = now_ms();
         for m in &state.members {
             self.db.upsert_user(&m.user, &m.name, now)?;
             for d in &m.devices {
-                self.db.upsert_device(&d.device, &d.user, &d.to_bytes())?;
-                self.devices_changed();
+                // Received states are checked before (`receive_group`).
+                if let Binding::OtherUser(owner) = self.bind_device(d)? {
+                    tracing::warn!(device = %d.device, %owner, "group member's device belongs to another account");
+                }
             }
         }
         self.db
@@ -2944,10 +2974,10 @@ impl State<'_, '_, '_> {
         if !self.e.convs.contains_key(&conv_id) {
             if conv_id == ConversationId::direct(&self.e.my_user, &user) {
                 // A first message from someone who has our invite.
+                if let Binding::OtherUser(_) = self.bind_device(cert)? {
+                    return Ok(Verdict::Reject("a device of another account"));
+                }
                 self.db.upsert_user(&user, &sk.sender_name, now_ms())?;
-                self.db
-                    .upsert_device(&cert.device, &user, &cert.to_bytes())?;
-                self.devices_changed();
                 let name = sk.sender_name.clone();
                 self.ensure_direct(&user, &name)?;
             } else {
@@ -2971,9 +3001,9 @@ impl State<'_, '_, '_> {
         }
         // A direct contact's device we learn about here must be certified by
         // that contact's user key, which `cert.verify` established.
-        self.db
-            .upsert_device(&cert.device, &user, &cert.to_bytes())?;
-        self.devices_changed();
+        if let Binding::OtherUser(_) = self.bind_device(cert)? {
+            return Ok(Verdict::Reject("a device of another account"));
+        }
         if self
             .db
             .get_chain(&conv_id, &cert.device, sk.epoch)?
@@ -3015,6 +3045,20 @@ impl State<'_, '_, '_> {
         if state.id != env.header.conversation {
             return Ok(Verdict::Reject("group state for another conversation"));
         }
+        // Only a group's id takes a group state: a one-to-one or account
+        // conversation's would hand its key to whoever the state names.
+        match self.e.convs.get(&state.id) {
+            Some(c) if c.kind != ConversationKind::Group => {
+                return Ok(Verdict::Reject("group state for a one-to-one conversation"));
+            }
+            Some(_) => {}
+            None if !state.id.is_group_form() => {
+                return Ok(Verdict::Reject(
+                    "group state for an id that is not a group's",
+                ));
+            }
+            None => {}
+        }
         // The author is whoever owns the signing device, as certified in the
         // current or the new state.
         let current = self.e.convs.get(&state.id).and_then(|c| c.group.clone());
@@ -3028,6 +3072,20 @@ impl State<'_, '_, '_> {
         let Some(author) = author else {
             return Ok(Verdict::Reject("group change from an unknown device"));
         };
+        // A device belongs to the account it was first bound to.
+        for m in &state.members {
+            for d in &m.devices {
+                if self
+                    .db
+                    .device(&d.device)?
+                    .is_some_and(|known| known.user_id != m.user)
+                {
+                    return Ok(Verdict::Reject(
+                        "group state moves a device to another account",
+                    ));
+                }
+            }
+        }
         if self.e.blocked.contains(&author) && current.is_none() {
             return Ok(Verdict::Ignore);
         }

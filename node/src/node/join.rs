@@ -143,7 +143,7 @@ pub async fn link_device(
         .iter()
         .filter(|c| c.device != identity.device_id())
     {
-        db.upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+        db.bind_device(&cert.device, &cert.user, &cert.to_bytes())?;
     }
     db.set_meta(
         super::engine::META_HISTORY_NEEDED,

@@ -30,7 +30,7 @@ pub use annotations::PendingAnnotation;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use messages::{MessageRecord, MessageStatus};
-pub use people::{Contact, DeviceRecord};
+pub use people::{Binding, Contact, DeviceRecord};
 pub use receipts::UserReceipt;
 pub use wal_sync::WalSyncer;
 
@@ -43,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_key_epochs.sql")),
     (5, include_str!("migrations/0005_shard_chunks.sql")),
     (6, include_str!("migrations/0006_message_epochs.sql")),
+    (7, include_str!("migrations/0007_device_bindings.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.

@@ -25,6 +25,17 @@ impl DeviceRecord {
     }
 }
 
+/// What [`Db::bind_device`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The device was not known: it is bound to the user now.
+    New,
+    /// Already bound to the same user (its certificate is refreshed).
+    Known,
+    /// Bound to another user: nothing changed.
+    OtherUser(UserId),
+}
+
 /// Someone in the contact list, under a local alias.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contact {
@@ -106,33 +117,98 @@ impl Db<'_> {
             .flatten())
     }
 
-    /// Records (or replaces) a device's certificate. A revoked device stays
-    /// revoked: re-learning its certificate must not bring it back.
-    pub fn upsert_device(
+    /// Records a device's certificate for `user`. A device belongs to the
+    /// account it was first bound to, for good: a certificate naming
+    /// another account changes nothing and is answered with that account
+    /// ([`Binding::OtherUser`]). A revoked device stays revoked:
+    /// re-learning its certificate does not bring it back.
+    pub fn bind_device(
         &self,
         device: &DeviceId,
         user: &UserId,
         cert: &[u8],
+    ) -> Result<Binding, StoreError> {
+        match self.device(device)? {
+            Some(d) if d.user_id != *user => Ok(Binding::OtherUser(d.user_id)),
+            Some(_) => {
+                self.execute(
+                    "UPDATE devices SET cert = ?2 WHERE device_id = ?1",
+                    params![device.0, cert],
+                )?;
+                Ok(Binding::Known)
+            }
+            None => {
+                self.execute(
+                    "INSERT INTO devices (device_id, user_id, cert) VALUES (?1, ?2, ?3)",
+                    params![device.0, user.0, cert],
+                )?;
+                Ok(Binding::New)
+            }
+        }
+    }
+
+    /// Marks a known device of `user` revoked for good. False if it is not
+    /// a device of `user` that this store holds, or was revoked already.
+    pub fn revoke_device(&self, device: &DeviceId, user: &UserId) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE devices SET revoked = 1
+             WHERE device_id = ?1 AND user_id = ?2 AND revoked = 0",
+            params![device.0, user.0],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Keeps a revocation (its encoded bytes) of a device not known yet,
+    /// under the account that signed it; at most `cap` are kept (the
+    /// oldest go first).
+    pub fn add_pending_revocation(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        revocation: &[u8],
+        cap: usize,
     ) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO devices (device_id, user_id, cert) VALUES (?1, ?2, ?3)
-             ON CONFLICT (device_id) DO UPDATE
-             SET user_id = excluded.user_id, cert = excluded.cert",
-            params![device.0, user.0, cert],
+            "INSERT INTO pending_revocations (user_id, device_id, revocation) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+            params![user.0, device.0, revocation],
+        )?;
+        self.execute(
+            "DELETE FROM pending_revocations WHERE rowid NOT IN
+             (SELECT rowid FROM pending_revocations ORDER BY rowid DESC LIMIT ?1)",
+            [super::sql_limit(cap)],
         )?;
         Ok(())
     }
 
-    /// Marks a device of `user` revoked for good, recording it (with no
-    /// certificate) if it was unknown, so that learning it later cannot
-    /// bring it back. False if it was revoked already.
-    pub fn revoke_device(&self, device: &DeviceId, user: &UserId) -> Result<bool, StoreError> {
-        let changed = self.execute(
-            "INSERT INTO devices (device_id, user_id, cert, revoked) VALUES (?1, ?2, x'', 1)
-             ON CONFLICT (device_id) DO UPDATE SET revoked = 1 WHERE revoked = 0",
-            params![device.0, user.0],
+    /// Takes the revocation waiting for `user`'s `device`, if any.
+    pub fn take_pending_revocation(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let found = self.query_opt(
+            "SELECT revocation FROM pending_revocations WHERE user_id = ?1 AND device_id = ?2",
+            params![user.0, device.0],
+            |row| Ok(row.get::<_, Vec<u8>>(0)?),
         )?;
-        Ok(changed > 0)
+        if found.is_some() {
+            self.execute(
+                "DELETE FROM pending_revocations WHERE user_id = ?1 AND device_id = ?2",
+                params![user.0, device.0],
+            )?;
+        }
+        Ok(found)
+    }
+
+    /// Forgets devices recorded with no certificate (revocations of
+    /// unknown devices, under the old rule), except `keep`. Returns how
+    /// many.
+    pub fn forget_uncertified_devices(&self, keep: &DeviceId) -> Result<usize, StoreError> {
+        self.execute(
+            "DELETE FROM devices WHERE length(cert) = 0 AND device_id != ?1",
+            [keep.0],
+        )
     }
 
     /// The user's devices that are not revoked.
@@ -278,16 +354,21 @@ mod tests {
         let db = store.db();
         let user = UserId([1; 32]);
         let (phone, laptop) = (DeviceId([2; 32]), DeviceId([3; 32]));
-        db.upsert_device(&phone, &user, b"phone cert")?;
-        db.upsert_device(&laptop, &user, b"laptop cert")?;
+        assert_eq!(db.bind_device(&phone, &user, b"phone cert")?, Binding::New);
+        db.bind_device(&laptop, &user, b"laptop cert")?;
         assert_eq!(db.devices_of_user(&user)?.len(), 2);
 
         assert!(db.revoke_device(&phone, &user)?);
         assert!(!db.revoke_device(&phone, &user)?);
+        // Only a known device of the same user is revoked here.
         let never_seen = DeviceId([9; 32]);
-        assert!(db.revoke_device(&never_seen, &user)?);
-        assert_eq!(db.revoked_devices(10)?.len(), 2);
-        db.upsert_device(&phone, &user, b"phone cert again")?;
+        assert!(!db.revoke_device(&never_seen, &user)?);
+        assert!(!db.revoke_device(&laptop, &UserId([7; 32]))?);
+        assert_eq!(db.revoked_devices(10)?, vec![phone]);
+        assert_eq!(
+            db.bind_device(&phone, &user, b"phone cert again")?,
+            Binding::Known
+        );
         let listed: Vec<DeviceId> = db
             .devices_of_user(&user)?
             .into_iter()
@@ -303,8 +384,50 @@ mod tests {
                 revoked: true,
             })
         );
-        assert!(db.device(&never_seen)?.is_some_and(|d| d.revoked));
-        assert_eq!(db.device(&DeviceId([8; 32]))?, None);
+        assert_eq!(db.device(&never_seen)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_device_stays_with_its_first_account() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let (bob, mallory) = (UserId([1; 32]), UserId([6; 32]));
+        let device = DeviceId([2; 32]);
+        db.bind_device(&device, &bob, b"bob's cert")?;
+        assert_eq!(
+            db.bind_device(&device, &mallory, b"mallory's cert")?,
+            Binding::OtherUser(bob)
+        );
+        let record = db
+            .device(&device)?
+            .ok_or(StoreError::Corrupt("gone".into()))?;
+        assert_eq!((record.user_id, record.cert), (bob, b"bob's cert".to_vec()));
+        assert!(db.devices_of_user(&mallory)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn pending_revocations_wait_per_account_and_are_bounded() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        let (bob, mallory) = (UserId([1; 32]), UserId([6; 32]));
+        let device = DeviceId([2; 32]);
+        db.add_pending_revocation(&mallory, &device, b"mallory's", 10)?;
+        assert_eq!(db.take_pending_revocation(&bob, &device)?, None);
+        assert_eq!(
+            db.take_pending_revocation(&mallory, &device)?.as_deref(),
+            Some(&b"mallory's"[..])
+        );
+        assert_eq!(db.take_pending_revocation(&mallory, &device)?, None);
+        for n in 0..5u8 {
+            db.add_pending_revocation(&bob, &DeviceId([n; 32]), &[n], 3)?;
+        }
+        assert_eq!(db.take_pending_revocation(&bob, &DeviceId([0; 32]))?, None);
+        assert!(
+            db.take_pending_revocation(&bob, &DeviceId([4; 32]))?
+                .is_some()
+        );
         Ok(())
     }
 

@@ -25,6 +25,8 @@ const HISTORY_SHARDS: usize = 64;
 pub(crate) const META_HISTORY_NEEDED: &str = "history_needed";
 /// `meta`: the account's invite, for a device without the user key.
 pub(crate) const META_ACCOUNT_INVITE: &str = "account_invite";
+/// Revocations kept for devices not known yet, at most.
+const MAX_PENDING_REVOCATIONS: usize = 4096;
 /// Shortest device id prefix `weft devices revoke` accepts.
 const MIN_DEVICE_PREFIX: usize = 4;
 
@@ -169,9 +171,11 @@ impl State<'_, '_, '_> {
                 .identity
                 .certify(&req.device, req.dh, now)
                 .map_err(|e| ApiError::failed(e.to_string()))?;
-            self.db
-                .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
-            self.devices_changed();
+            if let Binding::OtherUser(owner) = self.bind_device(&cert)? {
+                return Err(ApiError::failed(format!(
+                    "the device is known here as a device of {owner}"
+                )));
+            }
             self.announce_devices()?;
             self.share_chains_with(&cert)?;
             let invite = self.account_invite(Vec::new())?;
@@ -263,16 +267,22 @@ impl State<'_, '_, '_> {
             if cert.user != sender.user_id || cert.verify().is_err() {
                 return Ok(Verdict::Reject("device list with a foreign certificate"));
             }
+            // A device belongs to the account it was first bound to.
+            if self
+                .db
+                .device(&cert.device)?
+                .is_some_and(|d| d.user_id != cert.user)
+            {
+                return Ok(Verdict::Reject(
+                    "device list claims another account's device",
+                ));
+            }
         }
         for cert in certs {
             if cert.device == self.e.my_device {
                 continue;
             }
-            let new = self.db.device(&cert.device)?.is_none();
-            self.db
-                .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
-            if new {
-                self.devices_changed();
+            if self.bind_device(&cert)? == Binding::New && !self.is_revoked(&cert.device)? {
                 self.share_chains_with(&cert)?;
             }
         }
@@ -309,6 +319,28 @@ impl State<'_, '_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// Binds a verified certificate's device to its account, for good,
+    /// and applies a revocation that was waiting for that device from that
+    /// account. `Binding::OtherUser`: it belongs to another account here,
+    /// and nothing changed.
+    pub(super) fn bind_device(&mut self, cert: &DeviceCertificate) -> Result<Binding, ApiError> {
+        let binding = self
+            .db
+            .bind_device(&cert.device, &cert.user, &cert.to_bytes())?;
+        if let Binding::OtherUser(_) = binding {
+            return Ok(binding);
+        }
+        self.devices_changed();
+        if binding == Binding::New
+            && let Some(bytes) = self.db.take_pending_revocation(&cert.user, &cert.device)?
+            && let Ok(rev) = postcard::from_bytes::<Revocation>(&bytes)
+            && rev.verify().is_ok()
+        {
+            self.apply_revocation(&rev)?;
+        }
+        Ok(binding)
     }
 
     // ---- revocation ---------------------------------------------------
@@ -404,6 +436,11 @@ impl State<'_, '_, '_> {
     /// nothing more is sent to it, and every conversation it could read
     /// gets new sending chains. Returns how many conversations.
     pub(super) fn apply_revocation(&mut self, rev: &Revocation) -> Result<usize, ApiError> {
+        if rev.device == self.e.my_device && rev.user == self.e.my_user {
+            // This device's own row, so that its revocation is recorded.
+            let me = self.e.identity.certificate().clone();
+            self.db.bind_device(&me.device, &me.user, &me.to_bytes())?;
+        }
         if !self.db.revoke_device(&rev.device, &rev.user)? {
             return Ok(0);
         }
@@ -494,12 +531,31 @@ impl State<'_, '_, '_> {
                 "revocation not signed by the sender's account",
             ));
         }
-        if let Some(d) = self.db.device(&rev.device)?
-            && d.user_id != rev.user
-        {
-            return Ok(Verdict::Reject("revocation of another account's device"));
+        let mine = rev.device == self.e.my_device && rev.user == self.e.my_user;
+        match self.db.device(&rev.device)? {
+            Some(d) if d.user_id != rev.user => {
+                return Ok(Verdict::Reject("revocation of another account's device"));
+            }
+            Some(_) => {
+                self.apply_revocation(&rev)?;
+            }
+            None if mine => {
+                self.apply_revocation(&rev)?;
+            }
+            // A device we have no certificate for: the revocation waits
+            // until its account (the one that signed it) certifies it, so
+            // nobody can lock out a device by naming it first.
+            None => {
+                let bytes =
+                    postcard::to_stdvec(&rev).map_err(|e| ApiError::failed(e.to_string()))?;
+                self.db.add_pending_revocation(
+                    &rev.user,
+                    &rev.device,
+                    &bytes,
+                    MAX_PENDING_REVOCATIONS,
+                )?;
+            }
         }
-        self.apply_revocation(&rev)?;
         self.store_envelope(env, 0, 0)?;
         Ok(Verdict::Accept)
     }
@@ -703,9 +759,11 @@ impl State<'_, '_, '_> {
             self.db.upsert_user(user, name, now)?;
         }
         for cert in &page.devices {
-            if cert.verify().is_ok() && cert.device != self.e.my_device {
-                self.db
-                    .upsert_device(&cert.device, &cert.user, &cert.to_bytes())?;
+            if cert.verify().is_ok()
+                && cert.device != self.e.my_device
+                && let Binding::OtherUser(owner) = self.bind_device(cert)?
+            {
+                tracing::warn!(device = %cert.device, %owner, "history names a device of another account");
             }
         }
         self.devices_changed();

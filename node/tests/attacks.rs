@@ -1,0 +1,366 @@
+//! Attacks on conversations and device bindings by a stranger who holds
+//! an invite (or a contact turned hostile), written as the attacker
+//! would: envelopes crafted by hand from real keys, handed to an
+//! offline node with `deliver`, so every step is deterministic. Each
+//! test asserts that the attack fails and that what the victim sends
+//! afterwards is sealed to nobody it should not be.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::TestNode;
+use weft_node::api::Request;
+use weft_node::crypto::envelope::{Envelope, seal_to_devices};
+use weft_node::group::{GroupMember, GroupRole, GroupState};
+use weft_node::home::Home;
+use weft_node::identity::{DeviceCertificate, Identity, Revocation};
+use weft_node::ids::{ConversationId, DeviceId};
+use weft_node::payload::Payload;
+
+/// The keys a test node named `name` runs with (as `TestNode::start`).
+fn identity(name: &str, seed: u64) -> Identity {
+    Identity::from_seed(format!("{name}/{seed}").as_bytes(), 0).unwrap()
+}
+
+/// A node with no network at all, in a fresh home: it hears only what
+/// the test delivers.
+async fn offline(name: &str, seed: u64) -> TestNode {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("weft-{name}-"))
+        .tempdir()
+        .unwrap();
+    let home = Home::new(dir.path().join("home"));
+    home.init_with(&identity(name, seed), name).unwrap();
+    TestNode::start_offline(name, dir).await
+}
+
+/// Mallory: real keys of her own, envelopes made by hand.
+struct Mallory {
+    me: Identity,
+}
+
+impl Mallory {
+    fn new(seed: u64) -> Self {
+        Self {
+            me: identity("mallory", seed),
+        }
+    }
+
+    fn invite(&self) -> String {
+        self.me
+            .invite("Mallory", vec![self.me.certificate().clone()], vec![], 1)
+            .unwrap()
+    }
+
+    fn as_member(&self, role: GroupRole) -> GroupMember {
+        member(&self.me, "Mallory", role)
+    }
+
+    /// An envelope in `conversation` sealed to `to`'s device.
+    fn sealed(&self, conversation: ConversationId, to: &Identity, payload: &Payload) -> Vec<u8> {
+        seal_to_devices(
+            self.me.device_signing_key(),
+            conversation,
+            &[(to.device_id(), to.certificate().dh)],
+            [0x33; 32],
+            [0x44; 32],
+            &payload.encode(),
+        )
+        .unwrap()
+        .into_bytes()
+    }
+
+    /// Whether any of `envelopes` opens with her device key.
+    fn opens_any(&self, envelopes: &[Vec<u8>]) -> bool {
+        envelopes.iter().any(|bytes| {
+            Envelope::decode(bytes)
+                .unwrap()
+                .open_sealed(&self.me.device_id(), self.me.device_dh_secret())
+                .is_ok()
+        })
+    }
+}
+
+fn member(who: &Identity, name: &str, role: GroupRole) -> GroupMember {
+    GroupMember {
+        user: who.user_id(),
+        name: name.into(),
+        role,
+        devices: vec![who.certificate().clone()],
+    }
+}
+
+/// Adds the invite as a contact named `name`.
+async fn add_invite(node: &TestNode, invite: String, name: &str) {
+    node.call(Request::ContactAdd {
+        invite,
+        name: Some(name.into()),
+    })
+    .await;
+}
+
+/// Every key handout (pairwise-sealed envelope) a stopped node holds.
+fn handouts(node: &TestNode) -> Vec<Vec<u8>> {
+    node.sealed_envelopes(|_| true)
+}
+
+/// The conversation kind `node` shows for `id`, if it shows it.
+async fn kind_of(node: &TestNode, id: &ConversationId) -> Option<String> {
+    let list = node.call(Request::Conversations).await;
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.to_string())
+        .map(|c| c["kind"].as_str().unwrap().to_string())
+}
+
+/// Mallory's group state claiming the id of a direct conversation
+/// alice already has with bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_group_state_cannot_take_over_a_direct_conversation() {
+    const SEED: u64 = 40;
+    let (alice_id, bob_id) = (identity("alice", SEED), identity("bob", SEED));
+    let mut alice = offline("alice", SEED).await;
+    let bob = offline("bob", SEED).await;
+    alice.add_contact(&bob).await;
+    let mallory = Mallory::new(SEED);
+    let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
+    let takeover = GroupState {
+        id: direct,
+        name: "bob".into(),
+        epoch: 2,
+        members: vec![
+            mallory.as_member(GroupRole::Admin),
+            member(&alice_id, "Alice", GroupRole::Member),
+            member(&bob_id, "Bob", GroupRole::Member),
+        ],
+    };
+    let attack = mallory.sealed(direct, &alice_id, &Payload::Group(takeover));
+    assert_eq!(
+        alice.handle.deliver(vec![attack]).await.unwrap(),
+        0,
+        "alice accepted mallory's group state for her conversation with bob"
+    );
+    assert_eq!(kind_of(&alice, &direct).await.as_deref(), Some("direct"));
+    alice.send("bob", "for bob only").await;
+    alice.stop().await;
+    assert!(
+        !mallory.opens_any(&handouts(&alice)),
+        "alice's next message to bob was sealed to mallory"
+    );
+}
+
+/// The same before alice has ever spoken to bob: the id must not be
+/// taken for a group, or her first message to bob goes to mallory too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_group_state_cannot_claim_a_direct_id_in_advance() {
+    const SEED: u64 = 41;
+    let (alice_id, bob_id) = (identity("alice", SEED), identity("bob", SEED));
+    let mut alice = offline("alice", SEED).await;
+    let bob = offline("bob", SEED).await;
+    let mallory = Mallory::new(SEED);
+    let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
+    let squat = GroupState {
+        id: direct,
+        name: "bob".into(),
+        epoch: 1,
+        members: vec![
+            mallory.as_member(GroupRole::Admin),
+            member(&alice_id, "Alice", GroupRole::Member),
+            member(&bob_id, "Bob", GroupRole::Member),
+        ],
+    };
+    let attack = mallory.sealed(direct, &alice_id, &Payload::Group(squat));
+    assert_eq!(
+        alice.handle.deliver(vec![attack]).await.unwrap(),
+        0,
+        "alice accepted a group whose id is her direct conversation with bob"
+    );
+    alice.add_contact(&bob).await;
+    assert_eq!(kind_of(&alice, &direct).await.as_deref(), Some("direct"));
+    alice.send("bob", "first words").await;
+    alice.stop().await;
+    assert!(
+        !mallory.opens_any(&handouts(&alice)),
+        "alice's first message to bob was sealed to mallory"
+    );
+}
+
+/// Mallory's group state claiming alice's own account conversation
+/// (contacts, blocks, read positions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_group_state_cannot_join_the_account_conversation() {
+    const SEED: u64 = 42;
+    let alice_id = identity("alice", SEED);
+    let mut alice = offline("alice", SEED).await;
+    let bob = offline("bob", SEED).await;
+    let mallory = Mallory::new(SEED);
+    let account = ConversationId::direct(&alice_id.user_id(), &alice_id.user_id());
+    let squat = GroupState {
+        id: account,
+        name: "alice".into(),
+        epoch: 2,
+        members: vec![
+            mallory.as_member(GroupRole::Admin),
+            member(&alice_id, "Alice", GroupRole::Member),
+        ],
+    };
+    let attack = mallory.sealed(account, &alice_id, &Payload::Group(squat));
+    assert_eq!(
+        alice.handle.deliver(vec![attack]).await.unwrap(),
+        0,
+        "alice accepted a group state for her account conversation"
+    );
+    // An account change: a new contact, shared with her devices only.
+    alice.add_contact(&bob).await;
+    alice.stop().await;
+    assert!(
+        !mallory.opens_any(&handouts(&alice)),
+        "alice's account state was sealed to mallory"
+    );
+}
+
+/// A contact's device list naming bob's device as the contact's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_list_cannot_rebind_another_accounts_device() {
+    const SEED: u64 = 43;
+    let (alice_id, bob_id) = (identity("alice", SEED), identity("bob", SEED));
+    let mut alice = offline("alice", SEED).await;
+    let mut bob = offline("bob", SEED).await;
+    alice.add_contact(&bob).await;
+    bob.add_contact(&alice).await;
+    let mallory = Mallory::new(SEED);
+    add_invite(&alice, mallory.invite(), "mallory").await;
+    // Mallory's user key certifies bob's device (with her own DH key).
+    let stolen = mallory
+        .me
+        .certify(&bob_id.device_id(), mallory.me.certificate().dh, 5)
+        .unwrap();
+    let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
+    let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Devices(vec![stolen]));
+    assert_eq!(
+        alice.handle.deliver(vec![attack]).await.unwrap(),
+        0,
+        "alice accepted mallory's certificate for bob's device"
+    );
+    // Bob still has his device at alice's, and she still reads him.
+    let bob_seen = alice.call(Request::ContactList).await;
+    let bob_seen = bob_seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["alias"] == "bob")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        bob_seen["devices"], 1,
+        "bob's device moved away: {bob_seen}"
+    );
+    bob.send("alice", "still me").await;
+    bob.stop().await;
+    let from_bob: Vec<Vec<u8>> = handouts(&bob)
+        .into_iter()
+        .chain(bob.chain_envelopes(|_| true))
+        .collect();
+    alice.handle.deliver(from_bob).await.unwrap();
+    alice.expect_text("bob", "still me").await;
+    // And what she sends him is sealed to his DH key, not mallory's.
+    alice.send("bob", "to the real bob").await;
+    alice.stop().await;
+    assert!(!mallory.opens_any(&handouts(&alice)));
+}
+
+/// A revocation, signed by mallory's user key, of a device alice has
+/// never seen: it must not lock bob's device out once alice meets him.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_of_an_unseen_device_does_not_lock_it_out() {
+    const SEED: u64 = 44;
+    let alice_id = identity("alice", SEED);
+    let bob_id = identity("bob", SEED);
+    let alice = offline("alice", SEED).await;
+    let mut bob = offline("bob", SEED).await;
+    let mallory = Mallory::new(SEED);
+    add_invite(&alice, mallory.invite(), "mallory").await;
+    let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
+    let revocation = mallory.me.revoke(&bob_id.device_id(), 5).unwrap();
+    let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Revoked(revocation));
+    alice.handle.deliver(vec![attack]).await.unwrap();
+    // Alice meets bob afterwards, and bob writes to her.
+    alice.add_contact(&bob).await;
+    bob.add_contact(&alice).await;
+    let bob_seen = alice.call(Request::ContactList).await;
+    let bob_seen = bob_seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["alias"] == "bob")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        bob_seen["devices"], 1,
+        "bob's device is locked out: {bob_seen}"
+    );
+    bob.send("alice", "hello alice").await;
+    bob.stop().await;
+    let from_bob: Vec<Vec<u8>> = handouts(&bob)
+        .into_iter()
+        .chain(bob.chain_envelopes(|_| true))
+        .collect();
+    alice.handle.deliver(from_bob).await.unwrap();
+    alice.expect_text("bob", "hello alice").await;
+}
+
+/// A revocation keeps waiting for the device it names and takes effect
+/// when that device is certified by the account that signed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_seen_before_the_device_applies_once_it_is_certified() {
+    const SEED: u64 = 45;
+    let alice_id = identity("alice", SEED);
+    let alice = offline("alice", SEED).await;
+    let bob = offline("bob", SEED).await;
+    alice.add_contact(&bob).await;
+    let bob_id = identity("bob", SEED);
+    // Bob's account certifies a phone, then revokes it; alice hears of
+    // the revocation before the phone's certificate.
+    let phone = Identity::from_seed(b"bob's phone", 0).unwrap();
+    let phone_dh = x25519_dalek::PublicKey::from(phone.device_dh_secret()).to_bytes();
+    let phone_cert: DeviceCertificate = bob_id.certify(&phone.device_id(), phone_dh, 3).unwrap();
+    let revocation: Revocation = bob_id.revoke(&phone.device_id(), 4).unwrap();
+    let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
+    let bob_says = |payload: Payload| {
+        seal_to_devices(
+            bob_id.device_signing_key(),
+            direct,
+            &[(alice_id.device_id(), alice_id.certificate().dh)],
+            [0x55; 32],
+            [0x66; 32],
+            &payload.encode(),
+        )
+        .unwrap()
+        .into_bytes()
+    };
+    alice
+        .handle
+        .deliver(vec![bob_says(Payload::Revoked(revocation))])
+        .await
+        .unwrap();
+    alice
+        .handle
+        .deliver(vec![bob_says(Payload::Devices(vec![
+            bob_id.certificate().clone(),
+            phone_cert,
+        ]))])
+        .await
+        .unwrap();
+    let bob_seen = alice.call(Request::ContactList).await;
+    let devices = bob_seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["alias"] == "bob")
+        .unwrap()["devices"]
+        .clone();
+    assert_eq!(devices, 1, "the revoked phone counts as bob's device");
+    let _: DeviceId = phone.device_id();
+}
