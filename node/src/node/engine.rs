@@ -2936,6 +2936,11 @@ impl State<'_, '_, '_> {
         if cert.device != env.header.sender || cert.verify().is_err() {
             return Ok(Verdict::Reject("sender key with a foreign certificate"));
         }
+        // Weft checks names wherever they are set: one that fails was
+        // crafted (to drive a terminal or pass for someone else).
+        if crate::identity::validate_name(&sk.sender_name).is_err() {
+            return Ok(Verdict::Reject("sender key with an invalid name"));
+        }
         let user = cert.user;
         if self.e.blocked.contains(&user) {
             return Ok(Verdict::Ignore);
@@ -3134,6 +3139,9 @@ impl State<'_, '_, '_> {
         };
         let blocked = self.e.blocked.contains(&user);
         let t = match payload {
+            Payload::Text(t) if t.text.len() > MAX_TEXT_BYTES => {
+                return Ok(Verdict::Reject("text over the length limit"));
+            }
             Payload::Text(t) => t,
             Payload::Receipt(receipt) => {
                 self.advance_chain(key, after)?;
