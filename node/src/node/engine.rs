@@ -1995,7 +1995,8 @@ impl State<'_, '_, '_> {
             recipients,
             fresh_key()?,
             fresh_key()?,
-            &payload.encode(),
+            // Wiped once sealed: a sender key's chain key is in it.
+            &zeroize::Zeroizing::new(payload.encode()),
         )?)
     }
 
@@ -2860,7 +2861,7 @@ impl State<'_, '_, '_> {
 
     fn receive_sealed(&mut self, env: &Envelope, via: Via) -> Result<Verdict, ApiError> {
         let plain = match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
-            Ok(p) => p,
+            Ok(p) => zeroize::Zeroizing::new(p),
             Err(CryptoError::NotARecipient) => {
                 // For other members (e.g. keys for a later epoch): forward it
                 // if a member sent it.
@@ -3131,7 +3132,7 @@ impl State<'_, '_, '_> {
             }
             Err(_) => return Ok(Verdict::Reject("counter out of range")),
         };
-        let Ok(plain) = env.open_chain(&mk) else {
+        let Ok(plain) = env.open_chain(&mk).map(zeroize::Zeroizing::new) else {
             return Ok(Verdict::Reject("does not decrypt"));
         };
         let Some(payload) = Payload::decode(&plain) else {
