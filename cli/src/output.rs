@@ -4,7 +4,8 @@
 //!
 //! Renderers take the reply's JSON and return text; a reply whose shape is
 //! not the expected view (a newer node) falls back to pretty JSON rather
-//! than failing.
+//! than failing. Every string a peer controls goes through
+//! [`terminal_safe`] on its way to people; `--json` output keeps it exact.
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -53,15 +54,49 @@ pub fn stdout_is_terminal() -> bool {
     std::io::stdout().is_terminal()
 }
 
+/// What a character that must not reach the terminal is shown as.
+const REPLACEMENT: char = '\u{fffd}';
+/// What a tab is shown as (a terminal's own tab stops would misalign).
+const TAB: &str = "    ";
+
+/// Text made safe to print on a terminal: control characters (ESC and so
+/// CSI and OSC sequences, 8-bit CSI, carriage returns, line breaks) and
+/// bidi controls become U+FFFD, a tab becomes spaces. So text from a peer
+/// cannot drive the terminal (write the clipboard, erase or move lines),
+/// pass for a line of its own, or reorder what is shown.
+pub fn terminal_safe(text: &str) -> String {
+    let mut safe = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => safe.push_str(TAB),
+            c if weft_node::identity::is_display_control(c) => safe.push(REPLACEMENT),
+            c => safe.push(c),
+        }
+    }
+    safe
+}
+
+/// Text of several lines made safe the same way, each line on its own:
+/// the line breaks stay, and the lines after the first are indented by
+/// `indent`, so that none passes for a line of the output's own.
+fn terminal_safe_lines(text: &str, indent: &str) -> String {
+    text.split('\n')
+        .map(|line| terminal_safe(line.strip_suffix('\r').unwrap_or(line)))
+        .collect::<Vec<_>>()
+        .join(&format!("\n{indent}"))
+}
+
 /// Decodes a reply into the view it should be, or `None` (then the caller
 /// falls back to [`pretty`]).
 fn view<T: DeserializeOwned>(value: &Value) -> Option<T> {
     serde_json::from_value(value.clone()).ok()
 }
 
-/// Pretty JSON, the fallback rendering of anything.
+/// Pretty JSON, the fallback rendering of anything. JSON escapes C0
+/// controls but not C1 or bidi ones, hence [`terminal_safe_lines`].
 pub fn pretty(value: &Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    let json = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    terminal_safe_lines(&json, "")
 }
 
 /// The first characters of a long id, enough to tell ids apart by eye.
@@ -110,11 +145,15 @@ pub fn time_of(ts: i64) -> String {
 }
 
 /// Aligned columns: a header row and rows, two spaces apart, the last
-/// column not padded.
+/// column not padded. Cells are made [`terminal_safe`].
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| terminal_safe(cell)).collect())
+        .collect();
     let cols = headers.len();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate().take(cols) {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -135,19 +174,20 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         text.push('\n');
     };
     push_row(headers.to_vec());
-    for row in rows {
+    for row in &rows {
         push_row(row.iter().map(String::as_str).collect());
     }
     text
 }
 
-/// `key  value` lines with the keys aligned.
+/// `key  value` lines with the keys aligned (values made
+/// [`terminal_safe`], each of their lines).
 fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let indent = " ".repeat(width + 2);
     let mut text = String::new();
     for (key, value) in pairs {
-        let value = value.replace('\n', &format!("\n{indent}"));
+        let value = terminal_safe_lines(value, &indent);
         text.push_str(&format!("{key:<width$}  {value}\n"));
     }
     text
@@ -256,12 +296,16 @@ pub fn contacts(value: &Value) -> String {
 pub fn contact_added(value: &Value) -> String {
     match view::<ContactView>(value) {
         Some(c) if c.alias == c.name => {
-            format!("Added contact {} ({}).", c.alias, short(&c.user_id))
+            format!(
+                "Added contact {} ({}).",
+                terminal_safe(&c.alias),
+                short(&c.user_id)
+            )
         }
         Some(c) => format!(
             "Added contact {} ({}, {}).",
-            c.alias,
-            c.name,
+            terminal_safe(&c.alias),
+            terminal_safe(&c.name),
             short(&c.user_id)
         ),
         None => "Contact added.".to_string(),
@@ -286,7 +330,7 @@ pub fn group_created(value: &Value) -> String {
     match view::<GroupView>(value) {
         Some(g) => format!(
             "Created group {} with {} member{}.\nid {}",
-            g.name,
+            terminal_safe(&g.name),
             g.members,
             plural(g.members),
             g.id
@@ -469,7 +513,7 @@ pub fn presence(value: &Value, target: &str) -> String {
     let Some(v) = view::<PresenceView>(value) else {
         return pretty(value);
     };
-    let name = if v.name.is_empty() { target } else { &v.name };
+    let name = terminal_safe(if v.name.is_empty() { target } else { &v.name });
     match (v.online, v.last_seen) {
         (true, _) => format!("{name}: online"),
         (false, Some(at)) => format!("{name}: offline, last seen {}", time_of(at)),
@@ -549,16 +593,22 @@ pub fn privacy(value: &Value, changed: bool) -> String {
 }
 
 /// One message as a chat line: `[12:01] Alice: hello (delivered)`. The
-/// status is shown for this user's own messages.
+/// status is shown for this user's own messages; the text's further lines
+/// are indented under its first.
 pub fn message_line(m: &MessageView) -> String {
-    let mut line = format!("[{}] {}: ", time_of(m.sent_at), m.sender_name);
+    let mut line = format!(
+        "[{}] {}: ",
+        time_of(m.sent_at),
+        terminal_safe(&m.sender_name)
+    );
+    let indent = " ".repeat(line.chars().count());
     if let Some(reply) = &m.reply_to {
         line.push_str(&format!("↪ {} ", short(reply)));
     }
     if m.deleted {
         line.push_str("(message deleted)");
     } else {
-        line.push_str(&m.text);
+        line.push_str(&terminal_safe_lines(&m.text, &indent));
     }
     if m.edited && !m.deleted {
         line.push_str(" (edited)");
@@ -570,7 +620,7 @@ pub fn message_line(m: &MessageView) -> String {
         let reactions: Vec<String> = m
             .reactions
             .iter()
-            .map(|(emoji, users)| format!("{emoji} {}", users.len()))
+            .map(|(emoji, users)| format!("{} {}", terminal_safe(emoji), users.len()))
             .collect();
         line.push_str("  ");
         line.push_str(&reactions.join("  "));
@@ -626,12 +676,13 @@ fn outgoing_status(m: &MessageView) -> String {
     }
 }
 
-/// A user's name, or their short id if they have none.
+/// A user's name (made [`terminal_safe`]), or their short id if they
+/// have none.
 fn display_name(name: String, user_id: &str) -> String {
     if name.is_empty() {
         short(user_id)
     } else {
-        name
+        terminal_safe(&name)
     }
 }
 
@@ -639,15 +690,17 @@ fn display_name(name: String, user_id: &str) -> String {
 /// turns a conversation id into its name where known.
 pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<String>) -> String {
     let str_of = |key: &str| event.get(key).and_then(Value::as_str).unwrap_or_default();
-    let conv = |id: &str| conversation_name(id).unwrap_or_else(|| short(id));
+    let conv = |id: &str| conversation_name(id).map_or_else(|| short(id), |n| terminal_safe(&n));
+    // Compact JSON escapes C0 controls, not C1 or bidi ones.
+    let raw = || terminal_safe(&event.to_string());
     match str_of("type") {
         "message" => match view::<MessageView>(event) {
             Some(m) => format!("{}  {}", conv(&m.conversation), message_line(&m)),
-            None => event.to_string(),
+            None => raw(),
         },
         "updated" => match view::<MessageView>(event) {
             Some(m) => format!("{}  changed: {}", conv(&m.conversation), message_line(&m)),
-            None => event.to_string(),
+            None => raw(),
         },
         "status" | "presence" | "typing" => match view::<Event>(event) {
             Some(Event::Status {
@@ -698,12 +751,12 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
                     format!("{name} stopped typing")
                 }
             }
-            _ => event.to_string(),
+            _ => raw(),
         },
         "member" => {
             let name = match str_of("name") {
                 "" => conv(str_of("conversation")),
-                name => name.to_string(),
+                name => terminal_safe(name),
             };
             let active = event.get("active").and_then(Value::as_bool).unwrap_or(true);
             if active {
@@ -712,7 +765,7 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
                     .and_then(view::<Vec<MemberView>>)
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|m| m.name)
+                    .map(|m| terminal_safe(&m.name))
                     .collect();
                 format!(
                     "{name}  members now: {} (epoch {})",
@@ -741,9 +794,9 @@ pub fn event_line(event: &Value, conversation_name: &dyn Fn(&str) -> Option<Stri
         "device" => match str_of("event") {
             "linked" => format!("device {} joined the account", short(str_of("device_id"))),
             "revoked" => format!("device {} was revoked", short(str_of("device_id"))),
-            _ => event.to_string(),
+            _ => raw(),
         },
-        _ => event.to_string(),
+        _ => raw(),
     }
 }
 
@@ -954,6 +1007,157 @@ mod tests {
         assert!(messages(&v, false).contains("surprise"));
         let e = json!({"type": "typing", "who": "bob"});
         assert!(event_line(&e, &|_| None).contains("typing"));
+    }
+
+    /// What a hostile peer puts in a message: an OSC 52 clipboard write,
+    /// CSI sequences that erase the line, a carriage return and a forged
+    /// next line, an 8-bit CSI, a tab, and a right-to-left override.
+    const HOSTILE_TEXT: &str = "\u{1b}]52;c;cm0gLXJmIH4=\u{7}hi\u{1b}[2K\r[09:00] Alice: \
+        trust him\n[09:01] Alice: my key is\u{9b}8m secret\tok \u{202e}fdp.exe\u{2066}";
+    const HOSTILE_NAME: &str = "\u{1b}]0;title\u{7}Mal\u{202e}lory\u{200f}";
+
+    /// The characters of `text` that must never reach a terminal: every
+    /// control but the line break, and the bidi controls.
+    fn raw_controls(text: &str) -> Vec<char> {
+        text.chars()
+            .filter(|&c| {
+                (c.is_control() && c != '\n')
+                    || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+                    || matches!(c, '\u{200e}' | '\u{200f}' | '\u{61c}')
+            })
+            .collect()
+    }
+
+    fn hostile_message() -> MessageView {
+        MessageView {
+            id: "ab".repeat(16),
+            conversation: "cd".repeat(16),
+            sender: "ef".repeat(32),
+            sender_name: HOSTILE_NAME.into(),
+            text: HOSTILE_TEXT.into(),
+            sent_at: 0,
+            status: "delivered".into(),
+            reply_to: None,
+            edited: true,
+            deleted: false,
+            reactions: [("\u{1b}[5m👍\u{202e}".to_string(), vec!["ef".repeat(32)])].into(),
+            receipts: None,
+            progress: None,
+            hlc: 0,
+            outgoing: false,
+        }
+    }
+
+    #[test]
+    fn terminal_safe_replaces_controls_only() {
+        assert_eq!(terminal_safe("Zoë 👩‍💻 نور"), "Zoë 👩‍💻 نور");
+        assert_eq!(terminal_safe("a\u{1b}[2Kb\u{9b}c\u{7f}"), "a�[2Kb�c�");
+        assert_eq!(terminal_safe("a\tb\nc\rd"), "a    b�c�d");
+        assert_eq!(terminal_safe("\u{202e}ab\u{2066}\u{200f}"), "�ab��");
+        assert_eq!(
+            terminal_safe_lines("one\r\ntwo\n\u{1b}three", "  "),
+            "one\n  two\n  �three"
+        );
+    }
+
+    #[test]
+    fn peer_text_reaches_the_terminal_without_controls() {
+        let m = hostile_message();
+        let message = serde_json::to_value(&m).unwrap();
+        let mut event = message.clone();
+        event["type"] = json!("message");
+        let hostile_conversation = |_: &str| Some(HOSTILE_NAME.to_string());
+        let rendered = [
+            ("message line", message_line(&m)),
+            ("messages", messages(&json!([message]), true)),
+            ("edited", changed(&message, "Edited")),
+            ("watch", event_line(&event, &hostile_conversation)),
+            (
+                "contacts",
+                contacts(
+                    &json!([{"alias": HOSTILE_NAME, "user_id": "u", "name": HOSTILE_NAME,
+                    "blocked": false, "devices": 1}]),
+                ),
+            ),
+            (
+                "contact added",
+                contact_added(
+                    &json!({"alias": "mal", "user_id": "u", "name": HOSTILE_NAME,
+                    "blocked": false, "devices": 1}),
+                ),
+            ),
+            (
+                "groups",
+                groups(
+                    &json!([{"id": "g", "name": HOSTILE_NAME, "members": 2, "role": "member",
+                    "epoch": 1}]),
+                ),
+            ),
+            (
+                "members",
+                members(
+                    &json!([{"user_id": "u", "name": HOSTILE_NAME, "role": "member",
+                    "devices": 1}]),
+                ),
+            ),
+            (
+                "conversations",
+                conversations(&json!([{"id": "c", "kind": "group", "name": HOSTILE_NAME,
+                    "unread": 0, "last_message_at": null}])),
+            ),
+            (
+                "presence",
+                presence(
+                    &json!({"user_id": "u", "name": HOSTILE_NAME, "online": true,
+                    "last_seen": null}),
+                    "mal",
+                ),
+            ),
+            (
+                "typing event",
+                event_line(
+                    &json!({"type": "typing", "conversation": "c", "user_id": "u",
+                    "name": HOSTILE_NAME, "typing": true}),
+                    &hostile_conversation,
+                ),
+            ),
+            (
+                "presence event",
+                event_line(
+                    &json!({"type": "presence", "user_id": "u", "name": HOSTILE_NAME,
+                    "online": true, "last_seen": 1}),
+                    &hostile_conversation,
+                ),
+            ),
+            (
+                "member event",
+                event_line(
+                    &json!({"type": "member", "conversation": "c", "name": HOSTILE_NAME,
+                    "active": true, "epoch": 2, "members": [{"user_id": "u",
+                    "name": HOSTILE_NAME, "role": "member", "devices": 1}]}),
+                    &hostile_conversation,
+                ),
+            ),
+            (
+                "unknown shape",
+                contacts(&json!({"surprise": HOSTILE_TEXT})),
+            ),
+        ];
+        for (what, text) in &rendered {
+            assert_eq!(raw_controls(text), Vec::<char>::new(), "{what}: {text:?}");
+            assert!(!text.contains('\u{1b}'), "{what}: ESC in {text:?}");
+        }
+        // The forged line after the text's line break stays visibly part
+        // of the message: indented, never at the start of a line.
+        let line = message_line(&m);
+        assert!(
+            line.lines().skip(1).all(|l| l.starts_with(' ')),
+            "a line of the text passes for a message: {line:?}"
+        );
+        // `--json` keeps every byte.
+        let json_line = serde_json::to_string(&message).unwrap();
+        let back: MessageView = serde_json::from_str(&json_line).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::identity::{DeviceCertificate, Identity, SecretKeys, validate_name};
 use crate::node::NodeError;
@@ -17,6 +18,8 @@ use crate::store::Store;
 
 const KEY_FILE: &str = "identity.key";
 const KEY_FILE_VERSION: u8 = 1;
+/// Room for an encoded key file (it takes about 300 bytes).
+const KEY_FILE_MAX_BYTES: usize = 1024;
 const DB_FILE: &str = "weft.db";
 const SOCKET_FILE: &str = "weft.sock";
 const LOCK_FILE: &str = "node.lock";
@@ -112,8 +115,11 @@ impl Home {
             secrets: identity.secrets(),
             certificate: identity.certificate().clone(),
         };
-        let bytes =
-            postcard::to_stdvec(&key_file).map_err(|_| NodeError::Corrupt("key file".into()))?;
+        // Encoded into one buffer of fixed size, wiped when dropped (a
+        // growing Vec would leave copies of the secrets behind).
+        let mut buffer = Zeroizing::new([0u8; KEY_FILE_MAX_BYTES]);
+        let bytes = postcard::to_slice(&key_file, buffer.as_mut_slice())
+            .map_err(|_| NodeError::Corrupt("key file".into()))?;
         // create_new: an existing key file is never replaced.
         let mut file = match OpenOptions::new()
             .write(true)
@@ -127,7 +133,7 @@ impl Home {
             }
             Err(e) => return Err(e.into()),
         };
-        file.write_all(&bytes)?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         Ok(())
     }
@@ -160,7 +166,7 @@ impl Home {
     /// Loads this device's identity.
     pub fn load_identity(&self) -> Result<Identity, NodeError> {
         let bytes = match fs::read(self.key_path()) {
-            Ok(b) => b,
+            Ok(b) => Zeroizing::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(NodeError::NotInitialized(self.dir.clone()));
             }

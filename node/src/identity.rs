@@ -49,7 +49,9 @@ pub enum IdentityError {
     InviteMalformed(&'static str),
     #[error("signature does not verify: {0}")]
     BadSignature(&'static str),
-    #[error("display name must be 1 to {MAX_NAME_BYTES} bytes and printable")]
+    #[error(
+        "display name must be 1 to {MAX_NAME_BYTES} bytes, with no control or text-direction characters"
+    )]
     BadName,
     #[error("malformed key or certificate: {0}")]
     Malformed(&'static str),
@@ -66,13 +68,28 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], IdentityError> {
     Ok(out)
 }
 
-/// Checks a display name: non-empty, bounded, no control characters.
+/// Checks a display name: non-empty, bounded, no character that changes
+/// how text is shown (see [`is_display_control`]).
 pub fn validate_name(name: &str) -> Result<(), IdentityError> {
     let trimmed = name.trim();
-    if trimmed.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+    if trimmed.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(is_display_control) {
         return Err(IdentityError::BadName);
     }
     Ok(())
+}
+
+/// Whether `c` acts on the text around it instead of showing as itself: a
+/// control character (C0, DEL, C1: ESC starts terminal commands), a bidi
+/// control (marks, embeddings, overrides, isolates: they reorder what is
+/// shown) or a line or paragraph separator. Any of them lets text pass for
+/// other text.
+pub fn is_display_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+        || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// The secret keys of one device: its own signing and DH keys, and the
@@ -597,6 +614,18 @@ mod tests {
         assert!(validate_name("  ").is_err());
         assert!(validate_name("a\u{7}b").is_err());
         assert!(validate_name(&"x".repeat(65)).is_err());
+        assert!(validate_name("Zoë 👩‍💻 نور").is_ok());
+        for spoof in [
+            "\u{1b}]52;c;eA==\u{7}Mal",
+            "Mal\u{9b}31m",
+            "Mal\u{202e}lory",
+            "\u{2066}Alice\u{2069}",
+            "Bob\u{200f}",
+            "Bob\u{061c}",
+            "Bob\u{2028}Alice",
+        ] {
+            assert!(validate_name(spoof).is_err(), "{spoof:?}");
+        }
     }
 
     proptest! {

@@ -2,6 +2,7 @@
 //! is part of the versioned wire format (docs/protocol.md).
 
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::group::GroupState;
 use crate::hlc::Hlc;
@@ -107,12 +108,16 @@ pub enum ReceiptKind {
     Read,
 }
 
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Wiped when dropped: the chain key reads every message of the epoch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 pub struct SenderKey {
     pub epoch: u64,
     pub chain_key: [u8; 32],
     pub next_counter: u64,
+    /// Public.
+    #[zeroize(skip)]
     pub sender_cert: DeviceCertificate,
+    /// Checked with `identity::validate_name` on receipt.
     pub sender_name: String,
 }
 
@@ -149,6 +154,12 @@ mod tests {
             epoch: 1,
         });
         assert_eq!(Payload::decode(&p.encode()), Some(p));
+    }
+
+    #[test]
+    fn sender_keys_are_wiped_on_drop() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<SenderKey>();
     }
 
     proptest! {

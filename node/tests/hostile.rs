@@ -1,8 +1,10 @@
 //! Hostile peers: garbage and forgeries on a conversation's topic are
 //! rejected, never stored or shown, and the sender is banned; a replayed
 //! envelope is stored and shown once. A hostile member cannot forge
-//! edits, reactions, device lists, revocations or account state, and
-//! history goes to no one but the account's own devices.
+//! edits, reactions, device lists, revocations or account state, nor
+//! give herself a name that rewrites the terminal or send a text over the
+//! protocol's limit, and history goes to no one but the account's own
+//! devices.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +19,7 @@ use weft_node::identity::Revocation;
 use weft_node::ids::{ConversationId, UserId};
 use weft_node::net::{self, NetCommand, NetConfig, NetEvent, NetHandle};
 use weft_node::node::{DirectRequest, DirectResponse};
-use weft_node::payload::{AccountChange, Annotate, EditText, Payload, SenderKey};
+use weft_node::payload::{AccountChange, Annotate, EditText, MAX_TEXT_BYTES, Payload, SenderKey};
 
 /// A bare libp2p node (not a Weft node) on the memory transport, connected
 /// to `peers` and subscribed to the one-to-one topic of `a` and `b`. She can
@@ -170,6 +172,16 @@ impl Forger {
         conversation: ConversationId,
         to: &weft_node::identity::Identity,
     ) -> (Self, Vec<u8>) {
+        Self::named(me, conversation, to, "Carol")
+    }
+
+    /// The same, under a display name of her choosing.
+    fn named(
+        me: weft_node::identity::Identity,
+        conversation: ConversationId,
+        to: &weft_node::identity::Identity,
+        name: &str,
+    ) -> (Self, Vec<u8>) {
         let chain = weft_node::crypto::chain::SendingChain::new([0x5a; 32]);
         let epoch = 777;
         let (chain_key, next_counter) = chain.distribution();
@@ -178,7 +190,7 @@ impl Forger {
             chain_key,
             next_counter,
             sender_cert: me.certificate().clone(),
-            sender_name: "Carol".into(),
+            sender_name: name.into(),
         });
         let env = seal_to_devices(
             me.device_signing_key(),
@@ -441,5 +453,106 @@ async fn a_forged_signature_in_a_large_batch_is_refused_alone() {
     let texts = bob.texts("trio").await;
     assert_eq!(texts.len(), 40, "hi and 39 of the batch: {texts:?}");
     assert!(!texts.iter().any(|t| t == "batch 17"));
+    let _ = carol;
+}
+
+/// Names that would write to the clipboard (OSC 52), rewrite the
+/// terminal (CSI), or turn the text around (bidi overrides and isolates).
+const HOSTILE_NAMES: [&str; 5] = [
+    "\u{1b}]52;c;cm0gLXJmIH4=\u{7}Mallory",
+    "\u{1b}[2K\u{1b}[1GAlice",
+    "Mallory\u{202e}cod.exe",
+    "\u{2067}Alice\u{2069}",
+    "Bob\u{200f}",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_key_with_a_hostile_name_is_refused() {
+    const SEED: u64 = 25;
+    let (_alice, bob, carol, conversation, _) = trio_with(SEED, "hi").await;
+    let bob_id = identity("bob", SEED);
+    // A member of the group: her new chain under such a name is refused.
+    for name in HOSTILE_NAMES {
+        let (_, key) = Forger::named(identity("carol", SEED), conversation, &bob_id, name);
+        assert_eq!(
+            bob.handle.deliver(vec![key]).await.unwrap(),
+            0,
+            "bob accepted carol's chain named {name:?}"
+        );
+    }
+    // A stranger's first message in a direct conversation: the name would
+    // become the conversation's and the user's. Refused, nothing stored.
+    let mallory = weft_node::identity::Identity::from_seed(b"mallory/25", 0).unwrap();
+    let direct = ConversationId::direct(&bob_id.user_id(), &mallory.user_id());
+    for name in HOSTILE_NAMES {
+        let (_, key) = Forger::named(mallory.clone(), direct, &bob_id, name);
+        assert_eq!(
+            bob.handle.deliver(vec![key]).await.unwrap(),
+            0,
+            "bob accepted a stranger's first message named {name:?}"
+        );
+    }
+    let conversations = bob.call(Request::Conversations).await;
+    let names: Vec<&str> = conversations
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| !HOSTILE_NAMES.contains(n)),
+        "a hostile name was stored: {names:?}"
+    );
+    // The same stranger under a plain name is heard: only the name was
+    // refused.
+    let (_, key) = Forger::named(mallory, direct, &bob_id, "Mallory");
+    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    let conversations = bob.call(Request::Conversations).await;
+    assert!(
+        conversations
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "Mallory"),
+        "{conversations}"
+    );
+    let _ = carol;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_over_the_limit_is_refused() {
+    const SEED: u64 = 26;
+    let (_alice, bob, carol, conversation, _) = trio_with(SEED, "hi").await;
+    let (mut carol_sends, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("bob", SEED),
+    );
+    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    let text = |len: usize, hlc: u64| {
+        Payload::Text(weft_node::payload::TextMessage {
+            text: "x".repeat(len),
+            reply_to: None,
+            hlc: weft_node::hlc::Hlc::new(1_700_000_000_000 + hlc, 0),
+            epoch: 1,
+        })
+    };
+    let too_long = carol_sends.chain(&text(MAX_TEXT_BYTES + 1, 1));
+    assert_eq!(
+        bob.handle.deliver(vec![too_long]).await.unwrap(),
+        0,
+        "bob accepted a text of {} bytes",
+        MAX_TEXT_BYTES + 1
+    );
+    // At the limit it is an ordinary message.
+    let at_limit = carol_sends.chain(&text(MAX_TEXT_BYTES, 2));
+    assert_eq!(bob.handle.deliver(vec![at_limit]).await.unwrap(), 1);
+    let mut lengths: Vec<usize> = bob.texts("trio").await.iter().map(String::len).collect();
+    lengths.sort_unstable();
+    assert_eq!(
+        lengths,
+        vec![2, MAX_TEXT_BYTES],
+        "bob shows texts of {lengths:?} bytes"
+    );
     let _ = carol;
 }

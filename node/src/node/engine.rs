@@ -2013,7 +2013,8 @@ impl State<'_, '_, '_> {
             recipients,
             fresh_key()?,
             fresh_key()?,
-            &payload.encode(),
+            // Wiped once sealed: a sender key's chain key is in it.
+            &zeroize::Zeroizing::new(payload.encode()),
         )?)
     }
 
@@ -2890,7 +2891,7 @@ impl State<'_, '_, '_> {
 
     fn receive_sealed(&mut self, env: &Envelope, via: Via) -> Result<Verdict, ApiError> {
         let plain = match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
-            Ok(p) => p,
+            Ok(p) => zeroize::Zeroizing::new(p),
             Err(CryptoError::NotARecipient) => {
                 // For other members (e.g. keys for a later epoch): forward it
                 // if a member sent it.
@@ -2965,6 +2966,11 @@ impl State<'_, '_, '_> {
         let cert = &sk.sender_cert;
         if cert.device != env.header.sender || cert.verify().is_err() {
             return Ok(Verdict::Reject("sender key with a foreign certificate"));
+        }
+        // Weft checks names wherever they are set: one that fails was
+        // crafted (to drive a terminal or pass for someone else).
+        if crate::identity::validate_name(&sk.sender_name).is_err() {
+            return Ok(Verdict::Reject("sender key with an invalid name"));
         }
         let user = cert.user;
         if self.e.blocked.contains(&user) {
@@ -3184,7 +3190,7 @@ impl State<'_, '_, '_> {
             }
             Err(_) => return Ok(Verdict::Reject("counter out of range")),
         };
-        let Ok(plain) = env.open_chain(&mk) else {
+        let Ok(plain) = env.open_chain(&mk).map(zeroize::Zeroizing::new) else {
             return Ok(Verdict::Reject("does not decrypt"));
         };
         let Some(payload) = Payload::decode(&plain) else {
@@ -3192,6 +3198,9 @@ impl State<'_, '_, '_> {
         };
         let blocked = self.e.blocked.contains(&user);
         let t = match payload {
+            Payload::Text(t) if t.text.len() > MAX_TEXT_BYTES => {
+                return Ok(Verdict::Reject("text over the length limit"));
+            }
             Payload::Text(t) => t,
             Payload::Receipt(receipt) => {
                 self.advance_chain(key, after)?;
