@@ -19,6 +19,11 @@
 //! [receipts]
 //! read_receipts_max_group = 256  # larger groups send no read receipts
 //!
+//! [keys]
+//! skipped_key_max_age_days = 30  # how long the key of a message that has
+//!                                # not arrived (or came out of order) is
+//!                                # kept; then it can no longer be read
+//!
 //! [relays]
 //! target = 2                   # relays to use; more are looked for in the
 //!                              # DHT while fewer are configured (0: never)
@@ -46,7 +51,14 @@ struct FileConfig {
     outbox: OutboxSection,
     sync: SyncSection,
     receipts: ReceiptsSection,
+    keys: KeysSection,
     relays: RelaysSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct KeysSection {
+    skipped_key_max_age_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +188,12 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
     if let Some(max) = file.receipts.read_receipts_max_group {
         s.read_receipts_max_group = max;
     }
+    if let Some(days) = file.keys.skipped_key_max_age_days {
+        if !(1..=MAX_DAYS).contains(&days) {
+            bail!("keys.skipped_key_max_age_days = {days}: must be between 1 and {MAX_DAYS} days");
+        }
+        s.skipped_key_max_age = Duration::from_secs(days * 24 * 3600);
+    }
     let mut out = FileSettings {
         node: s,
         ..FileSettings::default()
@@ -248,6 +266,7 @@ mod tests {
         let d = Settings::default();
         assert_eq!(s.heartbeat, d.heartbeat);
         assert_eq!(s.read_receipts_max_group, d.read_receipts_max_group);
+        assert_eq!(s.skipped_key_max_age, Duration::from_secs(30 * 24 * 3600));
         Ok(())
     }
 
@@ -257,7 +276,7 @@ mod tests {
             "# timings\n[presence]\nheartbeat_secs = 10\ntyping_secs = 3\n\n[outbox]\n\
              expiry_days = 7\nretry_base_secs = 1\nretry_max_secs = 120\n\n[sync]\n\
              interval_secs = 15\n\n[receipts]\nread_receipts_max_group = 50\n\n\
-             [relays]\ntarget = 3\n",
+             [keys]\nskipped_key_max_age_days = 9\n\n[relays]\ntarget = 3\n",
         )?;
         assert_eq!(s.relay_target, 3);
         let s = s.node;
@@ -268,6 +287,7 @@ mod tests {
         assert_eq!(s.retry_max, Duration::from_secs(120));
         assert_eq!(s.sync_interval, Duration::from_secs(15));
         assert_eq!(s.read_receipts_max_group, 50);
+        assert_eq!(s.skipped_key_max_age, Duration::from_secs(9 * 24 * 3600));
         Ok(())
     }
 
@@ -305,6 +325,8 @@ mod tests {
         assert!(err.contains("presence.heartbeat_secs"), "{err}");
         let err = error("[outbox]\nretry_base_secs = 900\n");
         assert!(err.contains("retry_base_secs"), "{err}");
+        let err = error("[keys]\nskipped_key_max_age_days = 0\n");
+        assert!(err.contains("keys.skipped_key_max_age_days"), "{err}");
         let err = error("[relays]\ntarget = 9\n");
         assert!(err.contains("relays.target"), "{err}");
         let err = error("[sync\ninterval_secs = 1\n");

@@ -96,7 +96,10 @@ impl Fixture {
     fn real_open(&self) -> Vec<u8> {
         let env = Envelope::decode(&self.wire).unwrap();
         env.verify().unwrap();
-        let (mk, after) = self.receiving.key_for(self.counter).unwrap();
+        let (mk, after) = self
+            .receiving
+            .key_for(self.counter, 0, Duration::from_secs(30 * 24 * 3600))
+            .unwrap();
         let pt = env.open_chain(&mk).unwrap();
         black_box(after);
         pt

@@ -217,7 +217,9 @@ fn chain_envelope_vector_matches_and_opens() {
             counter: 0
         }
     );
-    let (mk, _) = ReceivingChain::new(CHAIN_KEY, 0).key_for(0).unwrap();
+    let (mk, _) = ReceivingChain::new(CHAIN_KEY, 0)
+        .key_for(0, 0, std::time::Duration::from_secs(3600))
+        .unwrap();
     assert_eq!(env.open_chain(&mk).unwrap(), b"hello, weft");
 }
 

@@ -330,6 +330,8 @@ mod tests {
     use crate::crypto::chain::{ReceivingChain, SendingChain};
     use proptest::prelude::*;
 
+    const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
     fn device(seed: u8) -> (SigningKey, StaticSecret) {
         (
             SigningKey::from_bytes(&[seed; 32]),
@@ -350,7 +352,9 @@ mod tests {
         let env = seal_chain(&alice, conv(), 1, counter, &mk, b"hello").unwrap();
         let got = Envelope::decode(env.bytes()).unwrap();
         got.verify().unwrap();
-        let (rk, _) = ReceivingChain::new(ck, at).key_for(counter).unwrap();
+        let (rk, _) = ReceivingChain::new(ck, at)
+            .key_for(counter, 0, MAX_AGE)
+            .unwrap();
         assert_eq!(got.open_chain(&rk).unwrap(), b"hello");
         assert_eq!(got.id(), env.id());
     }
@@ -450,7 +454,7 @@ mod tests {
         // A message of epoch 2 does not open with carol's epoch-1 chain.
         let (counter, mk) = epoch2.step().unwrap();
         let msg = seal_chain(&alice, conv(), 2, counter, &mk, b"after carol").unwrap();
-        let (carol_key, _) = carol_chain.key_for(counter).unwrap();
+        let (carol_key, _) = carol_chain.key_for(counter, 0, MAX_AGE).unwrap();
         assert_eq!(msg.open_chain(&carol_key), Err(CryptoError::Decrypt));
     }
 

@@ -24,6 +24,8 @@ pub enum CryptoError {
     Decrypt,
     #[error("message key {0} was already used (replay) or is too old")]
     Replay(u64),
+    #[error("the key of skipped message {0} has expired")]
+    SkippedKeyExpired(u64),
     #[error("counter {counter} is {ahead} ahead of the chain; at most {max} may be skipped")]
     TooFarAhead { counter: u64, ahead: u64, max: u64 },
     #[error("this envelope is not sealed to this device")]

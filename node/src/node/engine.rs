@@ -21,6 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod account;
 mod annotations;
 mod devices;
+mod expiry;
 mod presence;
 mod receipts;
 mod relay;
@@ -890,6 +891,10 @@ impl Engine {
         }
         run_effects(&self.outlets, fx);
         self.after_fsync(durability, durable_fx);
+        // What this batch deleted leaves the -wal too.
+        if let Err(e) = self.store.checkpoint_if_erased() {
+            tracing::warn!("checkpoint after a deletion: {e}");
+        }
     }
 
     /// Runs effects that promise durability (delivered receipts) once the
@@ -1294,6 +1299,7 @@ impl State<'_, '_, '_> {
             Input::Tick => {
                 self.retry();
                 self.expire_presence();
+                self.expire_keys();
             }
             Input::Heartbeat => {
                 self.heartbeat();
@@ -3154,10 +3160,11 @@ impl State<'_, '_, '_> {
             return Ok(Verdict::Ignore);
         }
         let key = (conv_id, env.header.sender, epoch);
+        let now = now_ms();
         let chain = match self.e.receiving.get(&key) {
             Some(c) => Some(c.clone()),
             None => match self.db.get_chain(&conv_id, &env.header.sender, epoch)? {
-                Some(bytes) => Some(ReceivingChain::from_bytes(&bytes)?),
+                Some(bytes) => Some(ReceivingChain::from_bytes(&bytes, now)?),
                 None => None,
             },
         };
@@ -3170,8 +3177,10 @@ impl State<'_, '_, '_> {
                 Verdict::Ignore
             });
         };
-        let (mk, after) = match chain.key_for(counter) {
+        let (mk, after) = match chain.key_for(counter, now, self.e.settings.skipped_key_max_age) {
             Ok(x) => x,
+            // Its key was kept for it as long as promised: it stays unread.
+            Err(CryptoError::SkippedKeyExpired(_)) => return Ok(Verdict::Ignore),
             // A key already used: a replay on gossip; on a direct stream,
             // most likely an honest retry of something we have.
             Err(CryptoError::Replay(_)) if via != Via::Gossip => return Ok(Verdict::Ignore),

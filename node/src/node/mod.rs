@@ -110,6 +110,12 @@ pub struct Settings {
     /// delay instead of one per message. A node that stops sends what is
     /// waiting.
     pub receipt_delay: Duration,
+    /// How long the key of a message skipped in a sender's chain (one that
+    /// arrived out of order, or not yet) is kept for it; also how long a
+    /// sender's chain of an earlier epoch is kept once a newer one is here.
+    /// After that the message can no longer be read: the key is gone, as
+    /// forward secrecy needs.
+    pub skipped_key_max_age: Duration,
 }
 
 impl Default for Settings {
@@ -124,6 +130,7 @@ impl Default for Settings {
             read_receipts_max_group: 256,
             // Short enough that nobody watching a status notices.
             receipt_delay: Duration::from_millis(2),
+            skipped_key_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -123,8 +123,9 @@ impl Db<'_> {
     }
 
     /// Deletes the message's content (its text, original text, edits and
-    /// reactions), leaving a tombstone. Returns whether it was there and
-    /// not deleted yet.
+    /// reactions), leaving a tombstone, and its envelope's ciphertext (see
+    /// [`Db::erase_envelope`]). Returns whether it was there and not
+    /// deleted yet.
     pub fn erase_message(&self, message: &MessageId) -> Result<bool, StoreError> {
         self.atomically(|| {
             let changed = self.execute(
@@ -132,8 +133,13 @@ impl Db<'_> {
                  WHERE id = ?1 AND deleted = 0",
                 [message.0],
             )?;
-            self.execute("DELETE FROM edits WHERE message = ?1", [message.0])?;
+            let edits = self.execute("DELETE FROM edits WHERE message = ?1", [message.0])?;
             self.execute("DELETE FROM reactions WHERE message = ?1", [message.0])?;
+            // A message's id is its envelope's id.
+            let envelope = self.erase_envelope(message)?;
+            if changed > 0 || edits > 0 || envelope {
+                self.note_erased();
+            }
             Ok(changed > 0)
         })
     }
@@ -261,7 +267,7 @@ impl Db<'_> {
 mod tests {
     use super::*;
     use crate::store::test_support::store_with;
-    use crate::store::{MessageRecord, MessageStatus};
+    use crate::store::{MessageRecord, MessageStatus, Store};
 
     /// Conversation 1 with one message from user 7.
     fn conversation_with_message(db: &Db<'_>) -> Result<(ConversationId, MessageId), StoreError> {
@@ -283,6 +289,63 @@ mod tests {
             deleted: false,
         })?;
         Ok((conv, id))
+    }
+
+    fn file_holds(path: &std::path::Path, needle: &[u8]) -> bool {
+        std::fs::read(path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+    }
+
+    /// On a file: a deleted message's text and envelope leave both the
+    /// database and its -wal once the deletion is checkpointed.
+    #[test]
+    fn a_deleted_message_leaves_neither_file() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("weft.db");
+        let wal = dir.path().join("weft.db-wal");
+        let mut store = Store::open(&path)?;
+        store
+            .db()
+            .insert_conversation(&crate::store::test_support::conversation(1))?;
+        let text = b"the meeting point is the old mill";
+        let sealed = b"a ciphertext nobody may keep".repeat(4);
+        let txn = store.transaction()?;
+        let (conv, id) = conversation_with_message(&txn.db())?;
+        // An edit's text is kept twice: as the edit, and as shown.
+        txn.db()
+            .add_edit(&[5; 16], &id, "the meeting point is the old mill")?;
+        txn.db()
+            .show_edit(&id, "the meeting point is the old mill")?;
+        txn.db().insert_envelope(&crate::store::EnvelopeRecord {
+            id,
+            conversation: conv,
+            sender_device: DeviceId([8; 32]),
+            epoch: 1,
+            counter: 0,
+            bytes: sealed.clone(),
+            received_at_ms: 2,
+            sealed: false,
+        })?;
+        txn.commit()?;
+        // Into the database file, out of the -wal.
+        store.checkpoint_if_erased()?;
+        assert!(file_holds(&path, text) && file_holds(&path, &sealed));
+
+        let txn = store.transaction()?;
+        assert!(txn.db().erase_message(&id)?);
+        txn.commit()?;
+        // Until the checkpoint, the database file still has the old page.
+        assert!(file_holds(&path, text));
+        store.checkpoint_if_erased()?;
+        for file in [&path, &wal] {
+            assert!(!file_holds(file, text), "{} holds the text", file.display());
+            assert!(
+                !file_holds(file, &sealed),
+                "{} holds the envelope",
+                file.display()
+            );
+        }
+        assert_eq!(std::fs::metadata(&wal)?.len(), 0, "the -wal is emptied");
+        Ok(())
     }
 
     #[test]
@@ -314,9 +377,21 @@ mod tests {
             .message(&message)?
             .ok_or(StoreError::Corrupt("gone".into()))?;
         assert_eq!((m.text.as_str(), m.edited), ("better", true));
+        db.insert_envelope(&crate::store::EnvelopeRecord {
+            id: message,
+            conversation: conv,
+            sender_device: DeviceId([4; 32]),
+            epoch: 1,
+            counter: 0,
+            bytes: b"the sealed text".to_vec(),
+            received_at_ms: 1,
+            sealed: false,
+        })?;
 
         assert!(db.erase_message(&message)?);
         assert!(!db.erase_message(&message)?);
+        assert!(db.has_envelope(&message)?);
+        assert_eq!(db.envelope(&message)?, None, "its ciphertext is gone too");
         let m = db
             .message(&message)?
             .ok_or(StoreError::Corrupt("gone".into()))?;

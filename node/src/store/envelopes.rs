@@ -1,5 +1,9 @@
 //! Envelopes: those accepted (dedup, replay detection, catch-up), those
 //! waiting to be sent (the outbox), and those waiting for a key (pending).
+//!
+//! The envelope of a deleted message keeps its row (id, sender, epoch,
+//! counter: it is still known, for dedup and catch-up summaries) with its
+//! bytes emptied; such an envelope is never read back or sent on.
 
 use rusqlite::{Row, params};
 
@@ -103,13 +107,46 @@ impl Db<'_> {
         self.exists("SELECT 1 FROM envelopes WHERE id = ?1", [id.0])
     }
 
+    /// An accepted envelope, unless its bytes were erased.
     pub fn envelope(&self, id: &EnvelopeId) -> Result<Option<EnvelopeRecord>, StoreError> {
         self.query_opt(
             "SELECT id, conversation, sender_device, epoch, counter, bytes, received_at, sealed
-             FROM envelopes WHERE id = ?1",
+             FROM envelopes WHERE id = ?1 AND length(bytes) > 0",
             [id.0],
             EnvelopeRecord::from_row,
         )
+    }
+
+    /// Empties the stored bytes of an envelope (its message was deleted)
+    /// and drops it from the outbox: its ciphertext is kept nowhere, sent
+    /// to no one again. Members who lack it get the deletion, not the
+    /// message. Whether there were bytes to erase.
+    pub fn erase_envelope(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        let erased = self.execute(
+            "UPDATE envelopes SET bytes = x'' WHERE id = ?1 AND length(bytes) > 0",
+            [id.0],
+        )?;
+        let unsent = self.execute("DELETE FROM outbox WHERE envelope_id = ?1", [id.0])?;
+        if erased > 0 || unsent > 0 {
+            self.note_erased();
+        }
+        Ok(erased > 0 || unsent > 0)
+    }
+
+    /// Erases the envelopes of messages deleted before deletions erased
+    /// them (a database from an earlier version). How many.
+    pub fn erase_envelopes_of_deleted_messages(&self) -> Result<u64, StoreError> {
+        let ids = self.query_vec(
+            "SELECT id FROM messages WHERE deleted = 1 AND (
+                 EXISTS (SELECT 1 FROM envelopes e WHERE e.id = messages.id AND length(e.bytes) > 0)
+                 OR EXISTS (SELECT 1 FROM outbox o WHERE o.envelope_id = messages.id))",
+            [],
+            |row| id_at::<EnvelopeId>(row, 0),
+        )?;
+        for id in &ids {
+            self.erase_envelope(id)?;
+        }
+        Ok(ids.len() as u64)
     }
 
     /// Queues an envelope for sending. False if it is queued already (the
@@ -236,12 +273,13 @@ impl Db<'_> {
         )
     }
 
-    /// The stored bytes of envelopes by row id, in the order asked.
+    /// The stored bytes of envelopes by row id, in the order asked (those
+    /// erased left out).
     pub fn envelope_bytes_by_rowid(&self, rowids: &[i64]) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut out = Vec::with_capacity(rowids.len());
         for rowid in rowids {
             if let Some(bytes) = self.query_opt(
-                "SELECT bytes FROM envelopes WHERE rowid = ?1",
+                "SELECT bytes FROM envelopes WHERE rowid = ?1 AND length(bytes) > 0",
                 [rowid],
                 |row| Ok(row.get(0)?),
             )? {
@@ -375,6 +413,44 @@ mod tests {
             db.envelope_bytes_by_rowid(&[sealed_ids[0].1])?,
             vec![vec![9; 40]]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_erased_envelope_stays_known_but_is_never_read_back() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        for n in 1..=3u8 {
+            db.insert_envelope(&envelope(n))?;
+        }
+        let mut queued = outbox_entry(2, 10, 10);
+        queued.envelope_id = EnvelopeId([2; 16]);
+        db.enqueue_outbox(&queued)?;
+        let gone = EnvelopeId([2; 16]);
+        store.erased.set(false);
+        assert!(db.erase_envelope(&gone)?);
+        assert!(store.erased.get(), "a deletion is noted for the checkpoint");
+        assert!(!db.erase_envelope(&gone)?);
+        // Still known: a copy arriving again is a duplicate, and catch-up
+        // summaries still claim it.
+        assert!(db.has_envelope(&gone)?);
+        assert!(!db.insert_envelope(&envelope(2))?);
+        let positions = db.chain_positions(&ConversationId([1; 32]))?;
+        assert_eq!(positions.len(), 3);
+        // Never read back, offered or sent.
+        assert_eq!(db.envelope(&gone)?, None);
+        let rowids: Vec<i64> = positions.iter().map(|p| p.3).collect();
+        assert_eq!(
+            db.envelope_bytes_by_rowid(&rowids)?,
+            vec![vec![1; 40], vec![3; 40]]
+        );
+        assert_eq!(db.outbox_len()?, 0);
+        let raw: Vec<u8> = store.conn.query_row(
+            "SELECT bytes FROM envelopes WHERE id = ?1",
+            [gone.0],
+            |row| row.get(0),
+        )?;
+        assert!(raw.is_empty());
         Ok(())
     }
 

@@ -4,6 +4,10 @@
 //! key chains, pending envelopes, peer addresses, metadata); nothing else in
 //! the node writes SQL. Queries live on [`Db`], a borrowed view that works
 //! the same on the bare connection and inside a [`Txn`].
+//!
+//! What is deleted is overwritten (`secure_delete`), and after a deletion
+//! of content or keys [`Store::checkpoint_if_erased`] empties the `-wal`,
+//! which still holds the pages as they were before.
 
 mod annotations;
 mod chains;
@@ -15,6 +19,7 @@ mod people;
 mod receipts;
 mod wal_sync;
 
+use std::cell::Cell;
 use std::fs::{OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -27,6 +32,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, Row, Tran
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 
 pub use annotations::PendingAnnotation;
+pub use chains::ChainPlace;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use messages::{MessageRecord, MessageStatus};
@@ -48,6 +54,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 /// How long a statement waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+/// How long a checkpoint after a deletion waits for another connection's
+/// readers (it is tried again after the next commit).
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(100);
 
 /// Anything that went wrong reading or writing the database.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +89,8 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     durability: Durability,
+    /// Something was deleted whose old pages the `-wal` may still hold.
+    erased: Cell<bool>,
 }
 
 /// How a transaction's commit reaches the disk.
@@ -119,7 +130,11 @@ impl Store {
 
     fn configure(mut conn: Connection) -> Result<Store, StoreError> {
         // FULL: a write we acknowledged to a peer must survive power loss.
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        // secure_delete: a deleted message or key is overwritten with
+        // zeros, not left in a free page for a copy of the file to find.
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;",
+        )?;
         // Every statement the node uses stays prepared.
         conn.set_prepared_statement_cache_capacity(256);
         // And stays compiled: the bundled SQLite is built with STAT4, under
@@ -132,12 +147,42 @@ impl Store {
         Ok(Store {
             conn,
             durability: Durability::Full,
+            // A deletion before a crash may still be in the -wal: the
+            // first commit checkpoints.
+            erased: Cell::new(true),
         })
     }
 
     /// Queries on the bare connection: each write commits on its own.
     pub fn db(&self) -> Db<'_> {
-        Db { conn: &self.conn }
+        Db {
+            conn: &self.conn,
+            erased: &self.erased,
+        }
+    }
+
+    /// After a commit that deleted content or keys: copies the `-wal` into
+    /// the database (whose freed space `secure_delete` zeroed) and
+    /// truncates it, so the pages from before the deletion are gone from
+    /// both files. Nothing happens if nothing was deleted. Must not be
+    /// called inside a transaction.
+    pub fn checkpoint_if_erased(&self) -> Result<(), StoreError> {
+        if !self.erased.replace(false) {
+            return Ok(());
+        }
+        self.conn.busy_timeout(CHECKPOINT_WAIT)?;
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        // 1: another connection's reader kept it from finishing.
+        if result? != 0 {
+            self.erased.set(true);
+            tracing::warn!("the -wal could not be emptied after a deletion; trying again later");
+        }
+        Ok(())
     }
 
     /// Starts a write transaction (for group commit of many writes). It
@@ -161,7 +206,10 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Ok(Txn { tx })
+        Ok(Txn {
+            tx,
+            erased: &self.erased,
+        })
     }
 }
 
@@ -169,12 +217,16 @@ impl Store {
 #[derive(Debug)]
 pub struct Txn<'a> {
     tx: rusqlite::Transaction<'a>,
+    erased: &'a Cell<bool>,
 }
 
 impl Txn<'_> {
     /// Queries inside this transaction.
     pub fn db(&self) -> Db<'_> {
-        Db { conn: &self.tx }
+        Db {
+            conn: &self.tx,
+            erased: self.erased,
+        }
     }
 
     pub fn commit(self) -> Result<(), StoreError> {
@@ -186,9 +238,17 @@ impl Txn<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Db<'a> {
     conn: &'a Connection,
+    /// The store's note that something was deleted.
+    erased: &'a Cell<bool>,
 }
 
 impl<'a> Db<'a> {
+    /// Notes that content or keys were deleted: the next
+    /// [`Store::checkpoint_if_erased`] empties the `-wal`.
+    pub fn note_erased(&self) {
+        self.erased.set(true);
+    }
+
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.query_opt("SELECT value FROM meta WHERE key = ?1", [key], |row| {
             Ok(row.get(0)?)
@@ -498,6 +558,10 @@ mod tests {
             .conn
             .query_row("PRAGMA synchronous", [], |row| row.get(0))?;
         assert_eq!(synchronous, 2, "FULL");
+        let secure_delete: i64 = store
+            .conn
+            .query_row("PRAGMA secure_delete", [], |row| row.get(0))?;
+        assert_eq!(secure_delete, 1, "deleted content is overwritten");
         Ok(())
     }
 

@@ -8,6 +8,12 @@
 //! author may make every write in it (only a message's sender edits it;
 //! the sender or a group admin deletes it; a user reacts only as
 //! themselves). A change about a message not here yet waits for it.
+//!
+//! A deletion is the exception: a deleted message may never come (its
+//! envelope is erased everywhere), so the changes that build on its
+//! deletion would wait for ever. Every deletion goes into its shard, the
+//! message here or not, allowed or not; only one allowed here, checked
+//! with the message at hand, erases it.
 
 use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations};
 
@@ -40,6 +46,8 @@ pub(super) struct Queued {
     /// touched, with their user and emoji (each is then shown or hidden on
     /// its own, instead of the message's reactions being read again).
     reactions: Option<Vec<(String, UserId, String)>>,
+    /// A deletion allowed here: it erases the message (see `materialize`).
+    deletes: bool,
 }
 
 /// The reaction keys a change touches, if it touches nothing else.
@@ -183,7 +191,7 @@ impl State<'_, '_, '_> {
             .map_err(crdt_err)?;
         self.db.add_edit(&edit_id, &m.id, &text)?;
         let edit = Some(EditText { id: edit_id, text });
-        self.send_annotation(&conv, &m, shard_id, change, edit)
+        self.send_annotation(&conv, &m, shard_id, change, edit, false)
     }
 
     /// `weft delete MSGID`.
@@ -196,7 +204,7 @@ impl State<'_, '_, '_> {
         }
         let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let change = self.shard(shard_id)?.delete(&m.id.0).map_err(crdt_err)?;
-        self.send_annotation(&conv, &m, shard_id, change, None)
+        self.send_annotation(&conv, &m, shard_id, change, None, true)
     }
 
     /// `weft react MSGID EMOJI [--remove]`.
@@ -217,10 +225,11 @@ impl State<'_, '_, '_> {
             .shard(shard_id)?
             .react(&m.id.0, &me.0, emoji, on)
             .map_err(crdt_err)?;
-        self.send_annotation(&conv, &m, shard_id, change, None)
+        self.send_annotation(&conv, &m, shard_id, change, None, false)
     }
 
-    /// Seals and sends a change made here, and shows its effect.
+    /// Seals and sends a change made here, and shows its effect
+    /// (`deleting`: it deletes the message).
     fn send_annotation(
         &mut self,
         conv: &Conv,
@@ -228,6 +237,7 @@ impl State<'_, '_, '_> {
         shard_id: ShardId,
         change: Vec<u8>,
         edit: Option<EditText>,
+        deleting: bool,
     ) -> ApiResult {
         self.e.dirty_shards.insert(shard_id);
         let payload = Payload::Annotate(Annotate {
@@ -238,7 +248,7 @@ impl State<'_, '_, '_> {
         });
         let (env, counter, early) = self.seal_chain_message(conv, &payload.encode())?;
         self.send_envelope(conv, &env, conv.key_epoch, counter, early, Ack::Publish)?;
-        self.materialize(shard_id, &m.id)?;
+        self.materialize(shard_id, &m.id, deleting)?;
         let m = self.db.message(&m.id)?.unwrap_or_else(|| m.clone());
         to_value(&self.message_view(&m, false)?)
     }
@@ -288,6 +298,8 @@ impl State<'_, '_, '_> {
                 return Err("an annotation change about another message");
             }
         }
+        let deletion =
+            !what.is_empty() && what.iter().all(|w| matches!(w, Annotation::Delete { .. }));
         let found = match self.annotated.get(&a.message) {
             Some(m) => Ok(Some(*m)),
             None => self.db.message(&a.message).map(|m| {
@@ -307,6 +319,20 @@ impl State<'_, '_, '_> {
         let m = match found {
             Ok(Some(m)) => m,
             Ok(None) => {
+                if deletion {
+                    // A deleted message may never come (its envelope is
+                    // erased everywhere), and later changes of the shard
+                    // build on this one: into the shard now, without
+                    // effect. Kept for the message too: should it come,
+                    // whether its author may delete it is decided then.
+                    let shard_id = (conv.id, a.period);
+                    if self
+                        .queue_for_shard(shard_id, inspected, a.message, false, &a, user, device)?
+                    {
+                        self.keep_annotation(&a.message.0, user, device, &a);
+                    }
+                    return Ok(());
+                }
                 // Its message is not here yet (or was never sent to us):
                 // keep the change until it is.
                 self.keep_annotation(&a.message.0, user, device, &a);
@@ -333,6 +359,13 @@ impl State<'_, '_, '_> {
                 Annotation::Pin { .. } | Annotation::Group { .. } => admin,
             };
             if !allowed {
+                if deletion {
+                    // Where the message is missing it went into the shard
+                    // (see above), so it goes in here too, keeping every
+                    // replica's shard the same; only an allowed deletion
+                    // erases anything.
+                    self.queue_for_shard(shard_id, inspected, m.id, false, &a, user, device)?;
+                }
                 return Err("an annotation its author may not make");
             }
         }
@@ -343,6 +376,25 @@ impl State<'_, '_, '_> {
             tracing::warn!("cannot store an edit: {e}");
             return Ok(());
         }
+        self.queue_for_shard(shard_id, inspected, m.id, deletion, &a, user, device)?;
+        Ok(())
+    }
+
+    /// Queues a change about `message` for its shard's batch, or keeps it
+    /// until the shard holds the changes it builds on. Whether it was
+    /// queued. `deletes`: it is a deletion allowed here (it erases the
+    /// message).
+    #[allow(clippy::too_many_arguments)]
+    fn queue_for_shard(
+        &mut self,
+        shard_id: ShardId,
+        inspected: weft_crdt::Inspected,
+        message: MessageId,
+        deletes: bool,
+        a: &Annotate,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<bool, &'static str> {
         let mut coming = self.annotation_hashes.remove(&shard_id).unwrap_or_default();
         let ready = self
             .shard(shard_id)
@@ -359,8 +411,8 @@ impl State<'_, '_, '_> {
             // It builds on changes of this shard not here yet: it waits
             // for the shard to move (kept on disk, not in automerge's
             // memory-only queue).
-            self.keep_annotation(&shard_key_bytes(shard_id), user, device, &a);
-            return Ok(());
+            self.keep_annotation(&shard_key_bytes(shard_id), user, device, a);
+            return Ok(false);
         }
         // Applied with the batch's other changes of this shard, in one
         // pass (one by one costs ~1 ms each in a large shard).
@@ -369,10 +421,11 @@ impl State<'_, '_, '_> {
         let reactions = reaction_touches(&inspected);
         self.annotations.entry(shard_id).or_default().push(Queued {
             change: inspected,
-            message: m.id,
+            message,
             reactions,
+            deletes,
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Applies the changes this batch received, shard by shard, shows
@@ -389,9 +442,13 @@ impl State<'_, '_, '_> {
                 // Messages to show again whole (edits, deletions, pins), and
                 // reactions to show or hide one by one.
                 let mut whole: Vec<MessageId> = Vec::new();
+                let mut deleting: HashSet<MessageId> = HashSet::new();
                 let mut reactions: Vec<(MessageId, String, UserId, String)> = Vec::new();
                 let mut inspected = Vec::with_capacity(changes.len());
                 for q in changes {
+                    if q.deletes {
+                        deleting.insert(q.message);
+                    }
                     match q.reactions {
                         Some(touched) => reactions.extend(
                             touched
@@ -413,7 +470,7 @@ impl State<'_, '_, '_> {
                     Err(e) => tracing::warn!("annotation shard unreadable: {e:?}"),
                 }
                 for m in &whole {
-                    if let Err(e) = self.materialize(shard_id, m) {
+                    if let Err(e) = self.materialize(shard_id, m, deleting.contains(m)) {
                         tracing::warn!("cannot show an annotation: {e:?}");
                     }
                 }
@@ -506,12 +563,22 @@ impl State<'_, '_, '_> {
     }
 
     /// Brings the store's view of `message` in line with its shard, and
-    /// tells `watch` if it changed.
-    fn materialize(&mut self, shard_id: ShardId, message: &MessageId) -> Result<(), ApiError> {
+    /// tells `watch` if it changed. `deleting`: a deletion of it allowed
+    /// here is being applied. Only that erases it: a deletion in the shard
+    /// by someone who may not delete it (taken in while the message was
+    /// missing) leaves it as shown.
+    fn materialize(
+        &mut self,
+        shard_id: ShardId,
+        message: &MessageId,
+        deleting: bool,
+    ) -> Result<(), ApiError> {
         let ann: MessageAnnotations = self.shard(shard_id)?.message(&message.0);
         let mut changed = false;
         if ann.deleted {
-            changed |= self.db.erase_message(message)?;
+            if deleting {
+                changed |= self.db.erase_message(message)?;
+            }
         } else {
             if let Some(edit) = &ann.edit
                 && let Some(text) = self.db.edit_text(&edit.edit)?
