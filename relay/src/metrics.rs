@@ -189,6 +189,11 @@ impl RelayMetrics {
         self.wakeup_failures.inc();
     }
 
+    /// How many UnifiedPush wakeups failed or were dropped so far (tests).
+    pub fn wakeup_failures(&self) -> u64 {
+        self.wakeup_failures.get()
+    }
+
     pub fn set_totals(&self, totals: Totals) {
         self.mailboxes.set(to_i64(totals.mailboxes));
         self.stored_envelopes.set(to_i64(totals.envelopes));

@@ -7,8 +7,9 @@
 //! Both are coalesced per mailbox ([`Coalescer`]): the first mail wakes
 //! at once, more mail within the interval is covered by one wakeup at its
 //! end. UnifiedPush POSTs are also limited relay-wide (a token bucket in
-//! the swarm task) and go only to public addresses unless the operator
-//! allows private ones.
+//! the swarm task), go straight to the endpoint (never through a proxy
+//! named in the environment) and only to public addresses, checked on
+//! each resolved address, unless the operator allows private ones.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -113,8 +114,8 @@ impl Coalescer {
 }
 
 /// Whether a wakeup URL may be used: http(s), no user info, and (unless
-/// `allow_private`) not a loopback, private or link-local address or a
-/// local name. Names are checked again when resolved, by the sender.
+/// `allow_private`) not an address that [`is_public`] refuses nor a local
+/// name. Names are checked again when resolved, by the sender.
 pub fn check_url(url: &str, allow_private: bool) -> Result<(), &'static str> {
     let uri: axum::http::Uri = url.parse().map_err(|_| "the wakeup URL does not parse")?;
     match uri.scheme_str() {
@@ -151,12 +152,14 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A global unicast address (not loopback, private, link-local, shared,
-/// documentation, multicast or unspecified).
+/// Whether a wakeup may go to `ip`: a global unicast address, by the IANA
+/// IPv4 and IPv6 special-purpose address registries. IPv6 forms that
+/// carry an IPv4 address (IPv4-mapped, IPv4-compatible, NAT64 `64:ff9b::/96`,
+/// 6to4) are judged by that IPv4 address, since that is where they lead.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_public_v4(v4),
             None => is_public_v6(v6),
         },
@@ -164,7 +167,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_private()
@@ -172,20 +175,52 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_broadcast()
         || ip.is_documentation()
         || ip.is_multicast()
+        // "This network", 0.0.0.0/8.
         || a == 0
+        // Shared address space (carrier-grade NAT), 100.64.0.0/10.
         || (a == 100 && (64..128).contains(&b))
+        // IETF protocol assignments (DS-Lite, NAT64 discovery...), 192.0.0.0/24.
+        || (a == 192 && b == 0 && c == 0)
+        // Deprecated 6to4 relay anycast, 192.88.99.0/24.
+        || (a == 192 && b == 88 && c == 99)
+        // Benchmarking, 198.18.0.0/15.
         || (a == 198 && (b == 18 || b == 19))
+        // Reserved, 240.0.0.0/4.
         || a >= 240)
 }
 
+/// The IPv4 address an IPv6 address leads to, for the forms that embed
+/// one: IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`
+/// (deprecated, but a kernel may still tunnel it), NAT64 `64:ff9b::a.b.c.d`
+/// and 6to4 `2002:aabb:ccdd::/48`.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    };
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] | [0, 0, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        _ => None,
+    }
+}
+
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80
-        || first == 0x2001 && ip.segments()[1] == 0x0db8)
+    let s = ip.segments();
+    // Only 2000::/3 is global unicast: everything else is special or
+    // reserved (::/8 with loopback and unspecified, 64:ff9b:1::/48 local
+    // NAT64, discard-only 100::/64, 5f00::/16, unique-local fc00::/7,
+    // link-local fe80::/10, site-local fec0::/10, multicast ff00::/8).
+    (s[0] & 0xe000) == 0x2000
+        // IETF protocol assignments (Teredo 2001::/32, benchmarking,
+        // ORCHID...), 2001::/23.
+        && !(s[0] == 0x2001 && s[1] < 0x0200)
+        // Documentation, 2001:db8::/32 and 3fff::/20.
+        && !(s[0] == 0x2001 && s[1] == 0x0db8)
+        && !(s[0] == 0x3fff && s[1] < 0x1000)
 }
 
 /// Resolves names like the default resolver, then drops every address
@@ -244,6 +279,10 @@ impl HttpWaker {
 
 async fn run(config: HttpWakerConfig, mut rx: mpsc::Receiver<String>, metrics: RelayMetrics) {
     let agent_config = ureq::Agent::config_builder()
+        // Never a proxy from the environment (`ALL_PROXY`, `HTTPS_PROXY`,
+        // `HTTP_PROXY`): through one, the address filter would see the
+        // proxy's address, and the proxy would reach the target for us.
+        .proxy(None)
         .timeout_global(Some(config.timeout))
         .max_redirects(0)
         .http_status_as_error(true)
@@ -348,5 +387,119 @@ mod tests {
         }
         assert!(check_url("http://127.0.0.1:8080/x", true).is_ok());
         assert!(check_url("ftp://127.0.0.1/x", true).is_err());
+    }
+
+    /// Every special-purpose address (IANA's IPv4 and IPv6 registries,
+    /// multicast, reserved) and every IPv6 form that embeds a blocked IPv4
+    /// address is refused: as a literal in a URL and as a resolved address.
+    #[test]
+    fn special_purpose_and_embedded_addresses_are_not_public() {
+        let blocked = [
+            // IPv4
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.1.2.3",
+            "100.64.0.1",
+            "100.127.255.254",
+            "127.0.0.1",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.0.0.1",
+            "192.0.0.9",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+            // IPv6
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "fec0::1",
+            "feff::1",
+            "fc00::1",
+            "fd00::1",
+            "100::1",
+            "100::ffff:ffff:ffff:ffff",
+            "100:0:0:1::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:10::1",
+            "2001:db8::1",
+            "3fff::1",
+            "5f00::1",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1::808:808",
+            // IPv4-mapped
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:192.0.0.1",
+            // IPv4-compatible
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::169.254.169.254",
+            "::192.168.1.1",
+            "::192.0.0.1",
+            // SIIT IPv4-translated, ::ffff:0:0:0/96
+            "::ffff:0:8.8.8.8",
+            // NAT64
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::192.0.0.1",
+            // 6to4
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:c000:1::1",
+        ];
+        let accepted: Vec<&str> = blocked
+            .iter()
+            .copied()
+            .filter(|a| is_public(a.parse().unwrap()))
+            .collect();
+        assert!(accepted.is_empty(), "accepted as public: {accepted:?}");
+        let bracketed = |a: &str| {
+            if a.contains(':') {
+                format!("http://[{a}]:8080/up")
+            } else {
+                format!("http://{a}:8080/up")
+            }
+        };
+        for a in blocked {
+            assert!(check_url(&bracketed(a), false).is_err(), "{a}");
+        }
+
+        // Global unicast stays allowed, also when embedded.
+        for a in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.32.0.1",
+            "192.0.1.1",
+            "198.20.0.1",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::1",
+            "2001:200::1",
+            "::ffff:8.8.8.8",
+            "::8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "2002:808:808::1",
+        ] {
+            assert!(is_public(a.parse().unwrap()), "{a}");
+            assert!(check_url(&bracketed(a), false).is_ok(), "{a}");
+        }
     }
 }
