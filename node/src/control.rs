@@ -1,9 +1,15 @@
 //! The control socket: a Unix socket in the home (mode 0600) on which the
 //! daemon serves the JSON API of [`crate::api`], one JSON line per request
 //! and per answer. Other `weft` commands are its clients.
+//!
+//! Whoever talks to it acts as the account (`devices link` lets a device
+//! of theirs in), so it serves only the user the daemon runs as: the
+//! socket lives in a private directory, is never connectable by others
+//! even for an instant, and each client's uid is checked (SO_PEERCRED).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -14,6 +20,10 @@ use crate::node::{NodeError, NodeHandle};
 
 /// Most clients served at once; more wait in the kernel's backlog.
 const MAX_CLIENTS: usize = 64;
+
+/// Held while this process changes its umask, which is per process: two
+/// binds at once would otherwise restore each other's masks wrongly.
+static UMASK_CHANGE: Mutex<()> = Mutex::new(());
 
 /// A running control socket server. Stops (and removes the socket) when
 /// dropped or stopped.
@@ -37,14 +47,22 @@ impl Drop for ControlServer {
     }
 }
 
-/// Serves the API of `handle` on a Unix socket at `path`.
+/// Serves the API of `handle` on a Unix socket at `path`, to this user
+/// only. Refuses a `path` whose directory others can read or enter.
 pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, NodeError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    crate::home::require_private(dir, 0o700)?;
     // A socket left by a daemon that died: nobody answers on it.
     if path.exists() && UnixStream::connect(path).await.is_err() {
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = bind_private(path)?;
+    // 0600 rather than the 0700 the umask left: a socket needs no x bit.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let owner = rustix::process::geteuid().as_raw();
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     let task = tokio::spawn(async move {
         loop {
@@ -56,7 +74,7 @@ pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, Nod
             };
             let handle = handle.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_client(handle, stream).await {
+                if let Err(e) = serve_client(handle, stream, owner).await {
                     tracing::debug!("control client: {e}");
                 }
                 drop(permit);
@@ -67,6 +85,49 @@ pub async fn serve(handle: NodeHandle, path: &Path) -> Result<ControlServer, Nod
         task,
         path: path.to_path_buf(),
     })
+}
+
+/// Binds a listener at `path` whose socket only this user can connect to
+/// from the moment it exists.
+///
+/// bind(2) makes the socket 0777 & !umask: under the usual umask 022 it
+/// would be connectable by anyone until a chmod. Two locks close that
+/// window: the directory is private (checked by `serve`), and the bind
+/// runs under umask 077. The umask is per process, so it is changed only
+/// for the bind, under `UMASK_CHANGE`; 077 and not stricter, so that
+/// whatever another thread creates in that instant stays usable by us.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    let _only_us = UMASK_CHANGE.lock().unwrap_or_else(PoisonError::into_inner);
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(previous);
+    bound
+}
+
+/// Whether the client runs as `owner`; if not, it is told why (before any
+/// request is read) and the refusal is logged.
+async fn admit(stream: &mut UnixStream, owner: u32) -> std::io::Result<bool> {
+    let refusal = match stream.peer_cred() {
+        Ok(cred) if cred.uid() == owner => return Ok(true),
+        Ok(cred) => {
+            let uid = cred.uid();
+            tracing::warn!("control socket: refused a client of uid {uid}; it serves uid {owner}");
+            format!(
+                "refused: this daemon serves only its own user (uid {owner}); you are uid {uid}"
+            )
+        }
+        Err(e) => {
+            tracing::warn!("control socket: refused a client whose uid is unknown: {e}");
+            format!("refused: this daemon serves only its own user (uid {owner}); yours is unknown")
+        }
+    };
+    let reply = Reply {
+        ok: false,
+        data: None,
+        error: Some(ApiError::failed(refusal)),
+    };
+    write_line(stream, &reply).await?;
+    Ok(false)
 }
 
 async fn write_line<T: serde::Serialize>(
@@ -95,7 +156,14 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option
     Ok(Some(buf))
 }
 
-async fn serve_client(handle: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
+async fn serve_client(
+    handle: NodeHandle,
+    mut stream: UnixStream,
+    owner: u32,
+) -> std::io::Result<()> {
+    if !admit(&mut stream, owner).await? {
+        return Ok(());
+    }
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     loop {
@@ -198,10 +266,14 @@ impl ControlClient {
     }
 
     pub async fn call(&mut self, request: &Request) -> Result<serde_json::Value, ApiError> {
-        write_line(&mut self.writer, request)
-            .await
-            .map_err(|e| ApiError::failed(format!("control socket: {e}")))?;
-        let reply = self.reply().await.map_err(ApiError::from)?;
+        let sent = write_line(&mut self.writer, request).await;
+        // A daemon that refuses us says why and hangs up, maybe before we
+        // are done writing: its reason beats our broken pipe.
+        let reply = match (sent, self.reply().await) {
+            (_, Ok(reply)) => reply,
+            (Err(e), Err(_)) => return Err(ApiError::failed(format!("control socket: {e}"))),
+            (Ok(()), Err(e)) => return Err(e.into()),
+        };
         match (reply.ok, reply.data, reply.error) {
             (true, data, _) => Ok(data.unwrap_or(serde_json::Value::Null)),
             (false, _, Some(e)) => Err(e),
@@ -211,8 +283,13 @@ impl ControlClient {
 
     /// Starts a `watch` stream; then read events with [`Self::next_event`].
     pub async fn watch(&mut self) -> Result<(), NodeError> {
-        write_line(&mut self.writer, &Request::Watch).await?;
-        let reply = self.reply().await?;
+        let sent = write_line(&mut self.writer, &Request::Watch).await;
+        // As in `call`: a refusal's reason beats our broken pipe.
+        let reply = match (sent, self.reply().await) {
+            (_, Ok(reply)) => reply,
+            (Err(e), Err(_)) => return Err(e.into()),
+            (Ok(()), Err(e)) => return Err(e),
+        };
         if reply.ok {
             Ok(())
         } else {
@@ -230,5 +307,28 @@ impl ControlClient {
                 .map(Some)
                 .map_err(|e| NodeError::Protocol(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bind(2) makes the socket with mode 0777 & !umask: under the usual
+    /// umask 022 anyone could connect until the chmod that follows.
+    #[tokio::test]
+    async fn the_socket_is_private_from_the_moment_it_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.sock");
+        let usual = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+        let bound = bind_private(&path);
+        rustix::process::umask(usual);
+        let _listener = bound.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the socket was bound with mode {mode:o}: others could connect before the chmod"
+        );
     }
 }

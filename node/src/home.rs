@@ -2,11 +2,13 @@
 //! layout (key file, database, control socket, lock) and the key file.
 //!
 //! Secrets never leave the home: the key file and the database are
-//! created 0600 and the directory 0700.
+//! created 0600 and the directory 0700, and a home or key file that other
+//! users can read or write is refused (with the `chmod` that fixes it):
+//! they could read the keys, or reach the control socket and act as us.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,8 @@ const KEY_FILE_MAX_BYTES: usize = 1024;
 const DB_FILE: &str = "weft.db";
 const SOCKET_FILE: &str = "weft.sock";
 const LOCK_FILE: &str = "node.lock";
+/// Mode bits that let the group or others read, write or enter.
+const OPEN_TO_OTHERS: u32 = 0o077;
 /// Meta key under which the display name is stored.
 pub(crate) const META_NAME: &str = "display_name";
 
@@ -104,12 +108,31 @@ impl Home {
         })
     }
 
-    /// Writes the key file (0600, never over an existing one).
-    fn write_key_file(&self, identity: &Identity) -> Result<(), NodeError> {
+    /// Creates the directory (0700) if it is missing; refuses an existing
+    /// one that others can read or write: keys are never put there.
+    pub fn create_dir(&self) -> Result<(), NodeError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
+        require_private(&self.dir, 0o700)
+    }
+
+    /// Refuses a home directory or key file that others can read or write.
+    pub fn check_private(&self) -> Result<(), NodeError> {
+        let not_found = |e: NodeError| match e {
+            NodeError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                NodeError::NotInitialized(self.dir.clone())
+            }
+            e => e,
+        };
+        require_private(&self.dir, 0o700).map_err(not_found)?;
+        require_private(&self.key_path(), 0o600).map_err(not_found)
+    }
+
+    /// Writes the key file (0600, never over an existing one).
+    fn write_key_file(&self, identity: &Identity) -> Result<(), NodeError> {
+        self.create_dir()?;
         let key_file = KeyFile {
             version: KEY_FILE_VERSION,
             secrets: identity.secrets(),
@@ -163,8 +186,9 @@ impl Home {
         })
     }
 
-    /// Loads this device's identity.
+    /// Loads this device's identity, from a private home only.
     pub fn load_identity(&self) -> Result<Identity, NodeError> {
+        self.check_private()?;
         let bytes = match fs::read(self.key_path()) {
             Ok(b) => Zeroizing::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -202,6 +226,20 @@ impl Home {
             Err(fs::TryLockError::Error(e)) => Err(e.into()),
         }
     }
+}
+
+/// Refuses `path` if the group or others may read, write or enter it;
+/// the error names the `chmod` (to `fix`) that makes it private.
+pub(crate) fn require_private(path: &Path, fix: u32) -> Result<(), NodeError> {
+    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & OPEN_TO_OTHERS == 0 {
+        return Ok(());
+    }
+    Err(NodeError::NotPrivate {
+        path: path.to_path_buf(),
+        mode,
+        fix,
+    })
 }
 
 #[cfg(test)]

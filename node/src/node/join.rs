@@ -34,6 +34,8 @@ pub async fn link_device(
         return Err(NodeError::AlreadyInitialized(home.dir().to_path_buf()));
     }
     let code = LinkCode::decode(code)?;
+    // Before the code is spent: an open home would get no keys anyway.
+    home.create_dir()?;
     let secrets = SecretKeys {
         user: None,
         device: random_bytes()?,

@@ -40,6 +40,12 @@ pub enum NodeError {
     NotInitialized(PathBuf),
     #[error("another Weft process (a daemon?) is using {0}")]
     Locked(PathBuf),
+    #[error(
+        "{} has mode {mode:04o}: other users may read or change it; run `chmod {fix:o} {}`",
+        .path.display(),
+        .path.display()
+    )]
+    NotPrivate { path: PathBuf, mode: u32, fix: u32 },
     #[error("corrupt {0}")]
     Corrupt(String),
     #[error(transparent)]
