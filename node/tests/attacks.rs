@@ -105,6 +105,25 @@ fn handouts(node: &TestNode) -> Vec<Vec<u8>> {
     node.sealed_envelopes(|_| true)
 }
 
+/// Every envelope a stopped node holds: key handouts, then chain-sealed.
+fn everything_from(node: &TestNode) -> Vec<Vec<u8>> {
+    handouts(node)
+        .into_iter()
+        .chain(node.chain_envelopes(|_| true))
+        .collect()
+}
+
+/// `node`'s contact list entry for `alias`.
+async fn contact(node: &TestNode, alias: &str) -> serde_json::Value {
+    let list = node.call(Request::ContactList).await;
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["alias"] == alias)
+        .unwrap()
+        .clone()
+}
+
 /// The conversation kind `node` shows for `id`, if it shows it.
 async fn kind_of(node: &TestNode, id: &ConversationId) -> Option<String> {
     let list = node.call(Request::Conversations).await;
@@ -245,25 +264,14 @@ async fn a_device_list_cannot_rebind_another_accounts_device() {
         "alice accepted mallory's certificate for bob's device"
     );
     // Bob still has his device at alice's, and she still reads him.
-    let bob_seen = alice.call(Request::ContactList).await;
-    let bob_seen = bob_seen
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["alias"] == "bob")
-        .unwrap()
-        .clone();
+    let bob_seen = contact(&alice, "bob").await;
     assert_eq!(
         bob_seen["devices"], 1,
         "bob's device moved away: {bob_seen}"
     );
     bob.send("alice", "still me").await;
     bob.stop().await;
-    let from_bob: Vec<Vec<u8>> = handouts(&bob)
-        .into_iter()
-        .chain(bob.chain_envelopes(|_| true))
-        .collect();
-    alice.handle.deliver(from_bob).await.unwrap();
+    alice.handle.deliver(everything_from(&bob)).await.unwrap();
     alice.expect_text("bob", "still me").await;
     // And what she sends him is sealed to his DH key, not mallory's.
     alice.send("bob", "to the real bob").await;
@@ -289,25 +297,14 @@ async fn a_revocation_of_an_unseen_device_does_not_lock_it_out() {
     // Alice meets bob afterwards, and bob writes to her.
     alice.add_contact(&bob).await;
     bob.add_contact(&alice).await;
-    let bob_seen = alice.call(Request::ContactList).await;
-    let bob_seen = bob_seen
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["alias"] == "bob")
-        .unwrap()
-        .clone();
+    let bob_seen = contact(&alice, "bob").await;
     assert_eq!(
         bob_seen["devices"], 1,
         "bob's device is locked out: {bob_seen}"
     );
     bob.send("alice", "hello alice").await;
     bob.stop().await;
-    let from_bob: Vec<Vec<u8>> = handouts(&bob)
-        .into_iter()
-        .chain(bob.chain_envelopes(|_| true))
-        .collect();
-    alice.handle.deliver(from_bob).await.unwrap();
+    alice.handle.deliver(everything_from(&bob)).await.unwrap();
     alice.expect_text("bob", "hello alice").await;
 }
 
@@ -353,14 +350,7 @@ async fn a_revocation_seen_before_the_device_applies_once_it_is_certified() {
         ]))])
         .await
         .unwrap();
-    let bob_seen = alice.call(Request::ContactList).await;
-    let devices = bob_seen
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["alias"] == "bob")
-        .unwrap()["devices"]
-        .clone();
+    let devices = contact(&alice, "bob").await["devices"].clone();
     assert_eq!(devices, 1, "the revoked phone counts as bob's device");
     let _: DeviceId = phone.device_id();
 }
