@@ -425,16 +425,23 @@ async fn history_goes_only_to_the_accounts_own_devices() {
     }
 }
 
+/// The trio, with a new chain of carol's (crafted by hand) taken in by
+/// bob: carol forges what she sends him next.
+async fn carol_forging_to_bob(seed: u64) -> (TestNode, TestNode, TestNode, Forger) {
+    let (alice, bob, carol, conversation, _) = trio_with(seed, "hi").await;
+    let (forger, key) = Forger::new(
+        identity("carol", seed),
+        conversation,
+        &identity("bob", seed),
+    );
+    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    (alice, bob, carol, forger)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_signature_in_a_large_batch_is_refused_alone() {
     const SEED: u64 = 24;
-    let (_alice, bob, carol, conversation, _) = trio_with(SEED, "hi").await;
-    let (mut carol_sends, key) = Forger::new(
-        identity("carol", SEED),
-        conversation,
-        &identity("bob", SEED),
-    );
-    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    let (_alice, bob, carol, mut carol_sends) = carol_forging_to_bob(SEED).await;
     // Enough envelopes that their signatures are checked ahead, on two
     // threads; one of them tampered with.
     let mut batch: Vec<Vec<u8>> = (0..40)
@@ -522,13 +529,7 @@ async fn a_sender_key_with_a_hostile_name_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_over_the_limit_is_refused() {
     const SEED: u64 = 26;
-    let (_alice, bob, carol, conversation, _) = trio_with(SEED, "hi").await;
-    let (mut carol_sends, key) = Forger::new(
-        identity("carol", SEED),
-        conversation,
-        &identity("bob", SEED),
-    );
-    assert_eq!(bob.handle.deliver(vec![key]).await.unwrap(), 1);
+    let (_alice, bob, carol, mut carol_sends) = carol_forging_to_bob(SEED).await;
     let text = |len: usize, hlc: u64| {
         Payload::Text(weft_node::payload::TextMessage {
             text: "x".repeat(len),
