@@ -28,7 +28,7 @@ use criterion::Criterion;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{self, Envelope};
-use weft_node::ids::ConversationId;
+use weft_node::ids::RoutingTag;
 
 const MESSAGE_BYTES: usize = 200;
 const TARGET_RATIO: f64 = 0.80;
@@ -36,7 +36,7 @@ const TARGET_RATIO: f64 = 0.80;
 struct Fixture {
     signer: SigningKey,
     verifying: VerifyingKey,
-    conversation: ConversationId,
+    conversation: RoutingTag,
     message: Vec<u8>,
     sending: SendingChain,
     /// One chain envelope and the receiving chain positioned at its counter.
@@ -54,7 +54,7 @@ impl Fixture {
     fn new() -> Self {
         let signer = SigningKey::from_bytes(&[7; 32]);
         let verifying = signer.verifying_key();
-        let conversation = ConversationId([42; 32]);
+        let conversation = RoutingTag([42; 16]);
         let message: Vec<u8> = (0..MESSAGE_BYTES).map(|i| (i % 251) as u8).collect();
         let mut opener = SendingChain::new([5; 32]);
         let (ck, at) = opener.distribution();

@@ -36,6 +36,11 @@ pub struct GroupState {
     pub name: String,
     pub epoch: u64,
     pub members: Vec<GroupMember>,
+    /// The group's routing secret for this epoch (`crate::routing`): fresh
+    /// with every change of members, so a removed member cannot recognise
+    /// the group's envelopes or topic afterwards. The state travels only
+    /// sealed to member devices.
+    pub routing: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +65,10 @@ impl GroupState {
     pub fn is_admin(&self, user: &UserId) -> bool {
         self.member(user)
             .is_some_and(|m| m.role == GroupRole::Admin)
+    }
+
+    pub fn routing(&self) -> crate::routing::Routing {
+        crate::routing::Routing::from_bytes(self.routing)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -153,11 +162,13 @@ impl GroupState {
         Ok(())
     }
 
-    /// The state after `leaver` leaves: if no admin would remain, the
-    /// longest-standing remaining member becomes one.
-    pub fn without(&self, leaver: &UserId) -> GroupState {
+    /// The state after `leaver` leaves, with the next epoch's routing
+    /// secret: if no admin would remain, the longest-standing remaining
+    /// member becomes one.
+    pub fn without(&self, leaver: &UserId, routing: [u8; 32]) -> GroupState {
         let mut next = self.clone();
         next.epoch += 1;
+        next.routing = routing;
         next.members.retain(|m| &m.user != leaver);
         if !next.members.iter().any(|m| m.role == GroupRole::Admin)
             && let Some(first) = next.members.first_mut()
@@ -193,6 +204,7 @@ mod tests {
             name: "friends".into(),
             epoch: 1,
             members: vec![am, bm, cm],
+            routing: [8; 32],
         };
         (vec![a, b, c], state)
     }
@@ -220,7 +232,7 @@ mod tests {
     #[test]
     fn last_admin_leaving_promotes_someone() {
         let (ids, g) = group();
-        let next = g.without(&ids[0].user_id());
+        let next = g.without(&ids[0].user_id(), [9; 32]);
         assert!(next.members.iter().any(|m| m.role == GroupRole::Admin));
         assert_eq!(next.check_transition(Some(&g), &ids[0].user_id()), Ok(()));
     }

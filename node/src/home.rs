@@ -19,7 +19,7 @@ use crate::node::NodeError;
 use crate::store::Store;
 
 const KEY_FILE: &str = "identity.key";
-const KEY_FILE_VERSION: u8 = 1;
+const KEY_FILE_VERSION: u8 = 2;
 /// Room for an encoded key file (it takes about 300 bytes).
 const KEY_FILE_MAX_BYTES: usize = 1024;
 const DB_FILE: &str = "weft.db";
@@ -35,6 +35,16 @@ struct KeyFile {
     version: u8,
     secrets: SecretKeys,
     certificate: DeviceCertificate,
+}
+
+/// The key file of protocol 1 (no account key; a certificate without the
+/// device's consent): read once, to upgrade it.
+#[derive(Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+struct KeyFileV1 {
+    version: u8,
+    user: Option<[u8; 32]>,
+    device: [u8; 32],
+    device_dh: [u8; 32],
 }
 
 /// The layout of one device's home directory.
@@ -133,6 +143,10 @@ impl Home {
     /// Writes the key file (0600, never over an existing one).
     fn write_key_file(&self, identity: &Identity) -> Result<(), NodeError> {
         self.create_dir()?;
+        self.write_key_file_at(&self.key_path(), identity)
+    }
+
+    fn write_key_file_at(&self, path: &Path, identity: &Identity) -> Result<(), NodeError> {
         let key_file = KeyFile {
             version: KEY_FILE_VERSION,
             secrets: identity.secrets(),
@@ -148,7 +162,7 @@ impl Home {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(self.key_path())
+            .open(path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -196,6 +210,9 @@ impl Home {
             }
             Err(e) => return Err(e.into()),
         };
+        if bytes.first() == Some(&1) {
+            return self.upgrade_key_file_v1(&bytes);
+        }
         let key_file: KeyFile =
             postcard::from_bytes(&bytes).map_err(|_| NodeError::Corrupt("key file".into()))?;
         if key_file.version != KEY_FILE_VERSION {
@@ -209,6 +226,25 @@ impl Home {
             Some(key_file.certificate),
             0,
         )?)
+    }
+
+    /// Upgrades a protocol 1 key file in place (see
+    /// [`Identity::upgrade_v1`]): the new file is written beside it and
+    /// renamed over it, so a crash leaves one or the other whole.
+    fn upgrade_key_file_v1(&self, bytes: &[u8]) -> Result<Identity, NodeError> {
+        // Only the secrets are read: the old certificate that follows is
+        // replaced by a new one.
+        let (old, _certificate): (KeyFileV1, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|_| NodeError::Corrupt("key file (version 1)".into()))?;
+        let identity =
+            Identity::upgrade_v1(old.user, old.device, old.device_dh, crate::node::now_ms())?;
+        let next = self.dir.join("identity.key.v2");
+        let _ = fs::remove_file(&next);
+        self.write_key_file_at(&next, &identity)?;
+        fs::rename(&next, self.key_path())?;
+        File::open(&self.dir)?.sync_all()?;
+        tracing::info!("upgraded the key file to protocol 2");
+        Ok(identity)
     }
 
     /// Takes the home for this process: one process at a time writes it,

@@ -1,10 +1,14 @@
 //! Identity: account (user) keys, device keys, device certificates and
 //! invites. Pure: no I/O; the home module persists the secrets.
 //!
-//! An account is an ed25519 user key. Each device has its own ed25519
-//! device key (its libp2p peer id derives from it) and an X25519 key for
-//! receiving sealed keys; the user key certifies both in a
-//! [`DeviceCertificate`]. An [`Invite`] is the one string a person hands to
+//! An account is an ed25519 user key and an X25519 account key that all
+//! its devices hold (routing secrets of its one-to-one conversations
+//! derive from it, see [`crate::routing`]). Each device has its own
+//! ed25519 device key (its libp2p peer id derives from it) and an X25519
+//! key for receiving sealed keys. A [`DeviceCertificate`] binds them: the
+//! user key signs (user, device, DH key, account key) and the device key
+//! signs its consent to (user, device, DH key), so no account can claim
+//! another's device. An [`Invite`] is the one string a person hands to
 //! another: the user key, the device certificates, the display name and
 //! address hints, signed by the user key and protected by a checksum.
 
@@ -26,11 +30,17 @@ pub const MAX_ADDR_LEN: usize = 256;
 /// Longest invite string accepted (before decoding).
 pub const MAX_INVITE_CHARS: usize = 16 * 1024;
 
-const CERT_CONTEXT: &[u8] = b"weft v1 device certificate";
+const CERT_CONTEXT: &[u8] = b"weft v2 device certificate";
+const CONSENT_CONTEXT: &[u8] = b"weft v2 device consent";
 const REVOCATION_CONTEXT: &[u8] = b"weft v1 device revocation";
-const INVITE_CONTEXT: &[u8] = b"weft v1 invite";
+const INVITE_CONTEXT: &[u8] = b"weft v2 invite";
+/// The invite text's prefix names the string format (base32 with a
+/// checksum); the version byte inside names the protocol.
 const INVITE_PREFIX: &str = "weft1";
-const INVITE_VERSION: u8 = 1;
+const INVITE_VERSION: u8 = 2;
+/// Derives the account key of an account created before protocol 2 from
+/// its user key (see `Identity::upgrade_v1`).
+const ACCOUNT_KEY_CONTEXT: &str = "weft v2 account key from user key";
 
 /// What can go wrong with keys, certificates and invites.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +51,9 @@ pub enum IdentityError {
     InviteEncoding,
     #[error("invite checksum does not match (a character was mistyped or cut off)")]
     InviteChecksum,
-    #[error("invite version {0} is not supported by this version of Weft")]
+    #[error(
+        "invite version {0} is not supported by this version of Weft (an invite made before protocol 2: ask for a new one)"
+    )]
     InviteVersion(u8),
     #[error("invite is too long ({0} characters, at most {MAX_INVITE_CHARS})")]
     InviteTooLong(usize),
@@ -59,6 +71,10 @@ pub enum IdentityError {
     Random,
     #[error("not a valid link code: {0}")]
     LinkCode(&'static str),
+    #[error(
+        "this device was linked under protocol 1 and holds no account key: link it again (`weft init --link`)"
+    )]
+    LinkedBeforeV2,
 }
 
 /// Fills a buffer from the OS CSPRNG.
@@ -99,6 +115,8 @@ pub struct SecretKeys {
     pub user: Option<[u8; 32]>,
     pub device: [u8; 32],
     pub device_dh: [u8; 32],
+    /// The account's X25519 key, the same on every device of the account.
+    pub account_dh: [u8; 32],
 }
 
 impl std::fmt::Debug for SecretKeys {
@@ -114,6 +132,7 @@ pub struct Identity {
     user_id: UserId,
     device_key: SigningKey,
     device_dh: x25519_dalek::StaticSecret,
+    account_dh: x25519_dalek::StaticSecret,
     certificate: DeviceCertificate,
 }
 
@@ -133,6 +152,7 @@ impl Identity {
             user: Some(random_bytes()?),
             device: random_bytes()?,
             device_dh: random_bytes()?,
+            account_dh: random_bytes()?,
         };
         Self::from_secrets(&secrets, None, now_ms)
     }
@@ -144,6 +164,7 @@ impl Identity {
             user: Some(derive("weft test user key")),
             device: derive("weft test device key"),
             device_dh: derive("weft test device dh key"),
+            account_dh: derive("weft test account dh key"),
         };
         Self::from_secrets(&secrets, None, now_ms)
     }
@@ -157,15 +178,24 @@ impl Identity {
     ) -> Result<Self, IdentityError> {
         let device_key = SigningKey::from_bytes(&secrets.device);
         let device_dh = x25519_dalek::StaticSecret::from(secrets.device_dh);
+        let account_dh = x25519_dalek::StaticSecret::from(secrets.account_dh);
         let user_key = secrets.user.map(|b| SigningKey::from_bytes(&b));
         let certificate = match (certificate, &user_key) {
             (Some(cert), _) => cert,
-            (None, Some(user_key)) => DeviceCertificate::issue(
-                user_key,
-                &DeviceId(device_key.verifying_key().to_bytes()),
-                x25519_dalek::PublicKey::from(&device_dh).to_bytes(),
-                now_ms,
-            ),
+            (None, Some(user_key)) => {
+                let device = DeviceId(device_key.verifying_key().to_bytes());
+                let dh = x25519_dalek::PublicKey::from(&device_dh).to_bytes();
+                let user = UserId(user_key.verifying_key().to_bytes());
+                let consent = DeviceCertificate::consent(&device_key, &user, &dh);
+                DeviceCertificate::issue(
+                    user_key,
+                    &device,
+                    dh,
+                    x25519_dalek::PublicKey::from(&account_dh).to_bytes(),
+                    consent,
+                    now_ms,
+                )?
+            }
             (None, None) => return Err(IdentityError::Malformed("device has no certificate")),
         };
         certificate.verify()?;
@@ -176,11 +206,17 @@ impl Identity {
                 "certificate is for another device",
             ));
         }
+        if certificate.account_dh != x25519_dalek::PublicKey::from(&account_dh).to_bytes() {
+            return Err(IdentityError::Malformed(
+                "certificate names another account key",
+            ));
+        }
         Ok(Self {
             user_id: certificate.user,
             user_key,
             device_key,
             device_dh,
+            account_dh,
             certificate,
         })
     }
@@ -190,7 +226,37 @@ impl Identity {
             user: self.user_key.as_ref().map(SigningKey::to_bytes),
             device: self.device_key.to_bytes(),
             device_dh: self.device_dh.to_bytes(),
+            account_dh: self.account_dh.to_bytes(),
         }
+    }
+
+    /// Upgrades the keys of a device made under protocol 1 (no account
+    /// key, a certificate without the device's consent). Only a device
+    /// holding the user key can: it derives the account key from the user
+    /// key and certifies itself again. A device linked under protocol 1
+    /// must be linked again.
+    pub fn upgrade_v1(
+        user: Option<[u8; 32]>,
+        device: [u8; 32],
+        device_dh: [u8; 32],
+        now_ms: i64,
+    ) -> Result<Self, IdentityError> {
+        let Some(user) = user else {
+            return Err(IdentityError::LinkedBeforeV2);
+        };
+        let secrets = SecretKeys {
+            user: Some(user),
+            device,
+            device_dh,
+            account_dh: blake3::derive_key(ACCOUNT_KEY_CONTEXT, &user),
+        };
+        Self::from_secrets(&secrets, None, now_ms)
+    }
+
+    /// The account's X25519 key (routing secrets of direct conversations
+    /// derive from it).
+    pub fn account_dh_secret(&self) -> &x25519_dalek::StaticSecret {
+        &self.account_dh
     }
 
     pub fn user_id(&self) -> UserId {
@@ -229,17 +295,27 @@ impl Identity {
         self.user_key.is_some()
     }
 
-    /// Certifies another device of this account. Needs the user key.
+    /// Certifies another device of this account, which consented with
+    /// its own key (`consent`, see [`DeviceCertificate::consent`]). Needs
+    /// the user key.
     pub fn certify(
         &self,
         device: &DeviceId,
         dh: [u8; 32],
+        consent: [u8; 64],
         now_ms: i64,
     ) -> Result<DeviceCertificate, IdentityError> {
         let user_key = self.user_key.as_ref().ok_or(IdentityError::Malformed(
             "this device does not hold the user key",
         ))?;
-        Ok(DeviceCertificate::issue(user_key, device, dh, now_ms))
+        DeviceCertificate::issue(
+            user_key,
+            device,
+            dh,
+            self.certificate.account_dh,
+            consent,
+            now_ms,
+        )
     }
 
     /// Revokes a device of this account for good. Needs the user key.
@@ -280,48 +356,103 @@ pub fn peer_id_of(device: &DeviceId) -> PeerId {
     }
 }
 
-/// The user key's statement that a device key (and its DH key) belong to
-/// the account.
+/// The statement, signed by both keys, that a device (and its DH key)
+/// belongs to an account: the user key vouches for the device, and the
+/// device key consents to the account (without it, any account could
+/// certify someone else's device under its own name).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceCertificate {
     pub user: UserId,
     pub device: DeviceId,
     /// The device's X25519 public key: sealed keys are addressed to it.
     pub dh: [u8; 32],
+    /// The account's X25519 public key (the same in all its certificates).
+    pub account_dh: [u8; 32],
     pub created_at_ms: i64,
+    /// The user key's signature.
     #[serde(with = "sig_bytes")]
     pub signature: [u8; 64],
+    /// The device key's signature over (user, device, dh).
+    #[serde(with = "sig_bytes")]
+    pub consent: [u8; 64],
 }
 
 impl DeviceCertificate {
-    pub fn issue(user_key: &SigningKey, device: &DeviceId, dh: [u8; 32], now_ms: i64) -> Self {
+    /// The device key's consent to belong to `user`, with DH key `dh`.
+    pub fn consent(device_key: &SigningKey, user: &UserId, dh: &[u8; 32]) -> [u8; 64] {
+        let device = DeviceId(device_key.verifying_key().to_bytes());
+        device_key
+            .sign(&Self::consent_bytes(user, &device, dh))
+            .to_bytes()
+    }
+
+    /// Certifies `device` for the user key's account. Refuses a consent
+    /// the device key did not sign.
+    pub fn issue(
+        user_key: &SigningKey,
+        device: &DeviceId,
+        dh: [u8; 32],
+        account_dh: [u8; 32],
+        consent: [u8; 64],
+        now_ms: i64,
+    ) -> Result<Self, IdentityError> {
         let user = UserId(user_key.verifying_key().to_bytes());
-        let msg = Self::signed_bytes(&user, device, &dh, now_ms);
-        let signature = user_key.sign(&msg).to_bytes();
-        Self {
+        let msg = Self::signed_bytes(&user, device, &dh, &account_dh, now_ms);
+        let cert = Self {
             user,
             device: *device,
             dh,
+            account_dh,
             created_at_ms: now_ms,
-            signature,
-        }
+            signature: user_key.sign(&msg).to_bytes(),
+            consent,
+        };
+        cert.verify()?;
+        Ok(cert)
     }
 
-    fn signed_bytes(user: &UserId, device: &DeviceId, dh: &[u8; 32], at: i64) -> Vec<u8> {
-        let mut m = Vec::with_capacity(CERT_CONTEXT.len() + 104);
+    fn signed_bytes(
+        user: &UserId,
+        device: &DeviceId,
+        dh: &[u8; 32],
+        account_dh: &[u8; 32],
+        at: i64,
+    ) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CERT_CONTEXT.len() + 136);
         m.extend_from_slice(CERT_CONTEXT);
         m.extend_from_slice(&user.0);
         m.extend_from_slice(&device.0);
         m.extend_from_slice(dh);
+        m.extend_from_slice(account_dh);
         m.extend_from_slice(&at.to_be_bytes());
         m
     }
 
-    /// Checks that the user key signed this certificate.
+    fn consent_bytes(user: &UserId, device: &DeviceId, dh: &[u8; 32]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CONSENT_CONTEXT.len() + 96);
+        m.extend_from_slice(CONSENT_CONTEXT);
+        m.extend_from_slice(&user.0);
+        m.extend_from_slice(&device.0);
+        m.extend_from_slice(dh);
+        m
+    }
+
+    /// Checks that the user key signed this certificate and that the
+    /// device key consented to it.
     pub fn verify(&self) -> Result<(), IdentityError> {
-        let msg = Self::signed_bytes(&self.user, &self.device, &self.dh, self.created_at_ms);
+        let msg = Self::signed_bytes(
+            &self.user,
+            &self.device,
+            &self.dh,
+            &self.account_dh,
+            self.created_at_ms,
+        );
         verify(&self.user.0, &msg, &self.signature)
-            .map_err(|_| IdentityError::BadSignature("device certificate"))
+            .map_err(|_| IdentityError::BadSignature("device certificate"))?;
+        let consent = Self::consent_bytes(&self.user, &self.device, &self.dh);
+        verify(&self.device.0, &consent, &self.consent).map_err(|_| {
+            IdentityError::BadSignature("device certificate without the device's consent")
+        })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -121,6 +121,14 @@ hash_id!(
     "message id"
 );
 
+hash_id!(
+    /// What an envelope's header says about its conversation: derived from
+    /// a secret only the conversation's members hold (`crate::routing`).
+    RoutingTag,
+    16,
+    "routing tag"
+);
+
 /// The user-visible message id is the id of the envelope that created it.
 pub type MessageId = EnvelopeId;
 
@@ -151,13 +159,6 @@ impl ConversationId {
     pub fn is_group_form(&self) -> bool {
         let (nonce, check) = self.0.split_at(16);
         check == group_check(nonce)
-    }
-
-    /// The gossipsub topic name: a hash of the id, so it reveals nothing
-    /// readable (and not the id itself) to gossip peers.
-    pub fn topic(&self) -> String {
-        let h = blake3::derive_key("weft v1 gossip topic", &self.0);
-        format!("weft/1/{}", hex::encode(&h[..20]))
     }
 }
 

@@ -18,6 +18,7 @@ pub mod mailbox;
 pub mod net;
 pub mod node;
 pub mod payload;
+pub mod routing;
 pub mod store;
 
 pub use libp2p::{Multiaddr, PeerId};

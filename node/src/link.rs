@@ -8,10 +8,13 @@
 //! direct protocol for a certificate, proving it holds the code with
 //! `blake3::keyed_hash(secret, "weft link v1" | device id | dh key)`. The
 //! transport (noise) already proves that the asker holds the device key
-//! whose peer id it connects with. The linking device checks the proof,
-//! burns the code, certifies the new device with the user key and answers
-//! with the certificate and an invite for the account. The secret never
-//! travels; a code works once, for 10 minutes.
+//! whose peer id it connects with; the request also carries the device
+//! key's consent to belong to the account (part of the certificate). The
+//! linking device checks the proof, burns the code, certifies the new
+//! device with the user key and answers with the certificate, the
+//! account key (which every device of the account holds) and an invite for
+//! the account. The secret never travels; a code works once, for 10
+//! minutes.
 
 use data_encoding::BASE32_NOPAD;
 use serde::{Deserialize, Serialize};
@@ -20,7 +23,7 @@ use crate::identity::{DeviceCertificate, IdentityError};
 use crate::ids::{DeviceId, UserId};
 
 const LINK_PREFIX: &str = "weftlink1";
-const LINK_VERSION: u8 = 1;
+const LINK_VERSION: u8 = 2;
 const PROOF_CONTEXT: &[u8] = b"weft link v1";
 /// Longest code accepted.
 const MAX_CODE_CHARS: usize = 4096;
@@ -105,17 +108,40 @@ pub struct LinkRequest {
     pub device: DeviceId,
     pub dh: [u8; 32],
     pub proof: [u8; 32],
+    /// The device key's consent to belong to the code's account
+    /// ([`DeviceCertificate::consent`]).
+    #[serde(with = "crate::identity::sig_bytes")]
+    pub consent: [u8; 64],
 }
 
 /// The linking device's answer (inside `DirectResponse::Linked`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkGrant {
     pub certificate: DeviceCertificate,
+    /// The account's X25519 secret key, which all its devices hold. It
+    /// travels only here, to the device that proved both the code and
+    /// its key, inside the noise channel.
+    pub account_dh: [u8; 32],
     /// The account's display name.
     pub name: String,
     /// An invite for the account naming its devices, signed by the user
     /// key: what `weft id` shows on a device without the user key.
     pub invite: String,
+}
+
+impl Drop for LinkGrant {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.account_dh);
+    }
+}
+
+impl std::fmt::Debug for LinkGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkGrant")
+            .field("certificate", &self.certificate)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod common;
 
 use common::TestNode;
 use weft_node::api::Request;
-use weft_node::crypto::envelope::{Envelope, seal_to_devices};
+use weft_node::crypto::envelope::Envelope;
 use weft_node::group::{GroupMember, GroupRole, GroupState};
 use weft_node::home::Home;
 use weft_node::identity::{DeviceCertificate, Identity, Revocation};
@@ -57,18 +57,11 @@ impl Mallory {
         member(&self.me, "Mallory", role)
     }
 
-    /// An envelope in `conversation` sealed to `to`'s device.
+    /// An envelope in `conversation` sealed to `to`'s device (under the
+    /// tag of her direct conversation with `to`: the only one she knows).
     fn sealed(&self, conversation: ConversationId, to: &Identity, payload: &Payload) -> Vec<u8> {
-        seal_to_devices(
-            self.me.device_signing_key(),
-            conversation,
-            &[(to.device_id(), to.certificate().dh)],
-            [0x33; 32],
-            [0x44; 32],
-            &payload.encode(),
-        )
-        .unwrap()
-        .into_bytes()
+        let tag = common::direct_routing(&self.me, to).tag();
+        common::seal_by_hand(&self.me, tag, conversation, to, payload)
     }
 
     /// Whether any of `envelopes` opens with her device key.
@@ -79,6 +72,36 @@ impl Mallory {
                 .open_sealed(&self.me.device_id(), self.me.device_dh_secret())
                 .is_ok()
         })
+    }
+}
+
+/// A certificate, signed by `owner`'s user key, claiming `victim`'s
+/// device (with `owner`'s own DH key), carrying the only consent the
+/// victim's device ever gave: the one to its own account. What an
+/// account can make without the device's key.
+fn forged_certificate(
+    owner: &Identity,
+    victim: &DeviceCertificate,
+    at_ms: i64,
+) -> DeviceCertificate {
+    use ed25519_dalek::Signer;
+    let user_key = ed25519_dalek::SigningKey::from_bytes(&owner.secrets().user.unwrap());
+    let dh = owner.certificate().dh;
+    let account_dh = owner.certificate().account_dh;
+    let mut signed = b"weft v2 device certificate".to_vec();
+    signed.extend_from_slice(&owner.user_id().0);
+    signed.extend_from_slice(&victim.device.0);
+    signed.extend_from_slice(&dh);
+    signed.extend_from_slice(&account_dh);
+    signed.extend_from_slice(&at_ms.to_be_bytes());
+    DeviceCertificate {
+        user: owner.user_id(),
+        device: victim.device,
+        dh,
+        account_dh,
+        created_at_ms: at_ms,
+        signature: user_key.sign(&signed).to_bytes(),
+        consent: victim.consent,
     }
 }
 
@@ -154,6 +177,7 @@ async fn a_strangers_group_state_cannot_take_over_a_direct_conversation() {
             member(&alice_id, "Alice", GroupRole::Member),
             member(&bob_id, "Bob", GroupRole::Member),
         ],
+        routing: [0x77; 32],
     };
     let attack = mallory.sealed(direct, &alice_id, &Payload::Group(takeover));
     assert_eq!(
@@ -189,6 +213,7 @@ async fn a_strangers_group_state_cannot_claim_a_direct_id_in_advance() {
             member(&alice_id, "Alice", GroupRole::Member),
             member(&bob_id, "Bob", GroupRole::Member),
         ],
+        routing: [0x77; 32],
     };
     let attack = mallory.sealed(direct, &alice_id, &Payload::Group(squat));
     assert_eq!(
@@ -224,6 +249,7 @@ async fn a_strangers_group_state_cannot_join_the_account_conversation() {
             mallory.as_member(GroupRole::Admin),
             member(&alice_id, "Alice", GroupRole::Member),
         ],
+        routing: [0x77; 32],
     };
     let attack = mallory.sealed(account, &alice_id, &Payload::Group(squat));
     assert_eq!(
@@ -251,11 +277,9 @@ async fn a_device_list_cannot_rebind_another_accounts_device() {
     bob.add_contact(&alice).await;
     let mallory = Mallory::new(SEED);
     add_invite(&alice, mallory.invite(), "mallory").await;
-    // Mallory's user key certifies bob's device (with her own DH key).
-    let stolen = mallory
-        .me
-        .certify(&bob_id.device_id(), mallory.me.certificate().dh, 5)
-        .unwrap();
+    // Mallory's user key certifies bob's device (with her own DH key),
+    // and she replays the consent bob's device gave his own account.
+    let stolen = forged_certificate(&mallory.me, bob_id.certificate(), 5);
     let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
     let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Devices(vec![stolen]));
     assert_eq!(
@@ -321,22 +345,12 @@ async fn a_revocation_seen_before_the_device_applies_once_it_is_certified() {
     // Bob's account certifies a phone, then revokes it; alice hears of
     // the revocation before the phone's certificate.
     let phone = Identity::from_seed(b"bob's phone", 0).unwrap();
-    let phone_dh = x25519_dalek::PublicKey::from(phone.device_dh_secret()).to_bytes();
-    let phone_cert: DeviceCertificate = bob_id.certify(&phone.device_id(), phone_dh, 3).unwrap();
+    let phone_cert: DeviceCertificate = common::certify(&bob_id, &phone, 3);
     let revocation: Revocation = bob_id.revoke(&phone.device_id(), 4).unwrap();
     let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
-    let bob_says = |payload: Payload| {
-        seal_to_devices(
-            bob_id.device_signing_key(),
-            direct,
-            &[(alice_id.device_id(), alice_id.certificate().dh)],
-            [0x55; 32],
-            [0x66; 32],
-            &payload.encode(),
-        )
-        .unwrap()
-        .into_bytes()
-    };
+    let tag = common::direct_routing(&bob_id, &alice_id).tag();
+    let bob_says =
+        |payload: Payload| common::seal_by_hand(&bob_id, tag, direct, &alice_id, &payload);
     alice
         .handle
         .deliver(vec![bob_says(Payload::Revoked(revocation))])
@@ -353,4 +367,38 @@ async fn a_revocation_seen_before_the_device_applies_once_it_is_certified() {
     let devices = contact(&alice, "bob").await["devices"].clone();
     assert_eq!(devices, 1, "the revoked phone counts as bob's device");
     let _: DeviceId = phone.device_id();
+}
+
+/// An account certifying a device it does not hold, sent to a node that
+/// has never seen that device: without the device's consent in the
+/// certificate, the first account to name a device would keep it, and
+/// its real owner could never be heard by that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_cannot_claim_a_device_it_does_not_hold() {
+    const SEED: u64 = 46;
+    let (alice_id, carol_id) = (identity("alice", SEED), identity("carol", SEED));
+    let mut alice = offline("alice", SEED).await;
+    let mut carol = offline("carol", SEED).await;
+    let mallory = Mallory::new(SEED);
+    add_invite(&alice, mallory.invite(), "mallory").await;
+    // Mallory names carol's device as hers before alice ever meets carol.
+    let claim = forged_certificate(&mallory.me, carol_id.certificate(), 5);
+    let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
+    let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Devices(vec![claim]));
+    assert_eq!(
+        alice.handle.deliver(vec![attack]).await.unwrap(),
+        0,
+        "alice took mallory's certificate for a device mallory does not hold"
+    );
+    // Alice meets carol: her invite is taken, and they talk.
+    alice.add_contact(&carol).await;
+    carol.add_contact(&alice).await;
+    assert_eq!(contact(&alice, "carol").await["devices"], 1);
+    carol.send("alice", "it is me").await;
+    carol.stop().await;
+    alice.handle.deliver(everything_from(&carol)).await.unwrap();
+    alice.expect_text("carol", "it is me").await;
+    alice.send("carol", "hello carol").await;
+    alice.stop().await;
+    assert!(!mallory.opens_any(&handouts(&alice)));
 }

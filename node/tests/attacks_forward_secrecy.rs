@@ -159,7 +159,7 @@ async fn a_copied_home_opens_no_received_envelope_and_holds_no_deleted_message()
         .into_iter()
         .filter_map(|bytes| {
             let env = Envelope::decode(&bytes).ok()?;
-            let plain = env
+            let (_, plain) = env
                 .open_sealed(&bob_identity.device_id(), bob_identity.device_dh_secret())
                 .ok()?;
             match Payload::decode(&plain)? {
@@ -479,6 +479,7 @@ async fn a_deletion_taken_in_before_its_message_erases_it_only_if_allowed() {
         .map(|m| weft_node::hlc::Hlc(m["hlc"].as_u64().unwrap()))
         .unwrap();
     let second = alice.envelope_bytes(&id.to_string());
+    let tag = common::tag_of(&second);
 
     // Carol, a plain member, crafts a deletion of it with her real keys
     // (Weft would refuse to make it), and bob takes it in first.
@@ -486,6 +487,7 @@ async fn a_deletion_taken_in_before_its_message_erases_it_only_if_allowed() {
     let (chain_key, next_counter) = chain.distribution();
     let handout = seal_to_devices(
         carol_id.device_signing_key(),
+        tag,
         conversation,
         &[(bob_id.device_id(), bob_id.certificate().dh)],
         [0x11; 32],
@@ -506,7 +508,7 @@ async fn a_deletion_taken_in_before_its_message_erases_it_only_if_allowed() {
     let (counter, key) = chain.step().unwrap();
     let deletion = seal_chain(
         carol_id.device_signing_key(),
-        conversation,
+        tag,
         777,
         counter,
         &key,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use weft_node::api::Request;
 use weft_node::crypto::envelope::{seal_chain, seal_to_devices};
 use weft_node::identity::Revocation;
-use weft_node::ids::{ConversationId, UserId};
+use weft_node::ids::ConversationId;
 use weft_node::net::{self, NetCommand, NetConfig, NetEvent, NetHandle};
 use weft_node::node::{DirectRequest, DirectResponse};
 use weft_node::payload::{AccountChange, Annotate, EditText, MAX_TEXT_BYTES, Payload, SenderKey};
@@ -30,14 +30,6 @@ struct Mallory {
     topic: String,
 }
 
-async fn user_of(node: &TestNode) -> UserId {
-    node.call(Request::Id).await["user_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 impl Mallory {
     async fn join(
         seed: &[u8],
@@ -46,7 +38,9 @@ impl Mallory {
         b: &TestNode,
         peers: &[&TestNode],
     ) -> Self {
-        let topic = ConversationId::direct(&user_of(a).await, &user_of(b).await).topic();
+        // She hears topic names announced; which is whose she cannot
+        // tell, so the test names the one of a and b for her.
+        let topic = common::direct_routing(&a.identity(), &b.identity()).topic();
         let mut config = NetConfig::memory(a.port() + port_offset);
         config.bootstrap = peers.iter().map(|n| n.dial_addr()).collect();
         let key = weft_node::identity::Identity::from_seed(seed, 0)
@@ -117,15 +111,12 @@ async fn replayed_envelope_is_stored_once() {
     let alice = TestNode::start("alice", 21, &[]).await;
     let bob = TestNode::start("bob", 21, &[&alice]).await;
     befriend(&alice, &bob).await;
-    let mut mallory = Mallory::join(b"mallory2", 600_000, &alice, &bob, &[&alice, &bob]).await;
-    alice.send("bob", "once").await;
-    let NetEvent::Gossip { data: captured, .. } = mallory
-        .next(|ev| matches!(ev, NetEvent::Gossip { .. }))
-        .await
-    else {
-        unreachable!("matched a gossip event")
-    };
+    let mallory = Mallory::join(b"mallory2", 600_000, &alice, &bob, &[&alice, &bob]).await;
+    let sent = alice.send("bob", "once").await;
     bob.expect_text("alice", "once").await;
+    // Gossip does not reach her (she is no member): she got the envelope
+    // elsewhere, say from a relay's disk.
+    let captured = alice.envelope_bytes(sent["id"].as_str().unwrap());
     // Replay it to bob directly, several times.
     for _ in 0..3 {
         let request =
@@ -160,6 +151,7 @@ async fn replayed_envelope_is_stored_once() {
 struct Forger {
     me: weft_node::identity::Identity,
     conversation: ConversationId,
+    tag: weft_node::ids::RoutingTag,
     chain: weft_node::crypto::chain::SendingChain,
     epoch: u64,
 }
@@ -192,8 +184,10 @@ impl Forger {
             sender_cert: me.certificate().clone(),
             sender_name: name.into(),
         });
+        let tag = tag_for(&me, conversation, to);
         let env = seal_to_devices(
             me.device_signing_key(),
+            tag,
             conversation,
             &[(to.device_id(), to.certificate().dh)],
             [0x11; 32],
@@ -204,6 +198,7 @@ impl Forger {
         let forger = Self {
             me,
             conversation,
+            tag,
             chain,
             epoch,
         };
@@ -215,7 +210,7 @@ impl Forger {
         let (counter, mk) = self.chain.step().unwrap();
         seal_chain(
             self.me.device_signing_key(),
-            self.conversation,
+            self.tag,
             self.epoch,
             counter,
             &mk,
@@ -227,16 +222,7 @@ impl Forger {
 
     /// An envelope sealed to `to` carrying `payload`.
     fn sealed(&self, to: &weft_node::identity::Identity, payload: &Payload) -> Vec<u8> {
-        seal_to_devices(
-            self.me.device_signing_key(),
-            self.conversation,
-            &[(to.device_id(), to.certificate().dh)],
-            [0x33; 32],
-            [0x44; 32],
-            &payload.encode(),
-        )
-        .unwrap()
-        .into_bytes()
+        common::seal_by_hand(&self.me, self.tag, self.conversation, to, payload)
     }
 }
 
@@ -265,8 +251,34 @@ async fn trio_with(
     bob.expect_text("trio", first).await;
     let message = bob.messages("trio").await.remove(0);
     let conversation = message["conversation"].as_str().unwrap().parse().unwrap();
+    let tag = common::tag_of(&bob.envelope_bytes(message["id"].as_str().unwrap()));
+    GROUP_TAGS.lock().unwrap().insert(conversation, tag);
     (alice, bob, carol, conversation, message)
 }
+
+/// The routing tag a member uses in `conversation`: the direct one's
+/// derives from the account keys; a group's is the tag of the group's
+/// messages `to` holds (a member learns it from the group state).
+fn tag_for(
+    me: &weft_node::identity::Identity,
+    conversation: ConversationId,
+    to: &weft_node::identity::Identity,
+) -> weft_node::ids::RoutingTag {
+    if conversation == ConversationId::direct(&me.user_id(), &to.user_id()) {
+        return common::direct_routing(me, to).tag();
+    }
+    *GROUP_TAGS
+        .lock()
+        .unwrap()
+        .get(&conversation)
+        .expect("the group's tag was recorded by trio_with")
+}
+
+/// Group tags as the trio's members see them (one test process, many
+/// tests: keyed by conversation).
+static GROUP_TAGS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<ConversationId, weft_node::ids::RoutingTag>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// The keys a test node named `name` runs with.
 fn identity(name: &str, seed: u64) -> weft_node::identity::Identity {

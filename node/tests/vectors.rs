@@ -12,13 +12,14 @@ use ed25519_dalek::SigningKey;
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
-use weft_node::identity::Revocation;
-use weft_node::ids::{ConversationId, DeviceId, EnvelopeId};
+use weft_node::identity::{DeviceCertificate, Revocation};
+use weft_node::ids::{ConversationId, DeviceId, EnvelopeId, RoutingTag, UserId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
 use weft_node::payload::{
     AccountChange, Annotate, EditText, Payload, Receipt, ReceiptKind, TextMessage,
 };
+use weft_node::routing::Routing;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const SENDER_SEED: [u8; 32] = [0x11; 32];
@@ -28,21 +29,21 @@ const CONVERSATION: [u8; 32] = [0x44; 32];
 const EPHEMERAL: [u8; 32] = [0x55; 32];
 const CONTENT_KEY: [u8; 32] = [0x66; 32];
 const RECIPIENT_DEVICE: [u8; 32] = [0x77; 32];
+const TAG: [u8; 16] = [0x99; 16];
+/// Device key seed and DH secret of the certified device, and the
+/// account key secrets of two accounts (the sender's and the other's).
+const DEVICE_SEED: [u8; 32] = [0x12; 32];
+const ACCOUNT_A: [u8; 32] = [0xa1; 32];
+const ACCOUNT_B: [u8; 32] = [0xb2; 32];
+const USER_B_SEED: [u8; 32] = [0x13; 32];
 
 fn chain_vector() -> Vec<u8> {
     let signer = SigningKey::from_bytes(&SENDER_SEED);
     let mut chain = SendingChain::new(CHAIN_KEY);
     let (counter, mk) = chain.step().unwrap();
-    seal_chain(
-        &signer,
-        ConversationId(CONVERSATION),
-        1,
-        counter,
-        &mk,
-        b"hello, weft",
-    )
-    .unwrap()
-    .into_bytes()
+    seal_chain(&signer, RoutingTag(TAG), 1, counter, &mk, b"hello, weft")
+        .unwrap()
+        .into_bytes()
 }
 
 fn sealed_vector() -> Vec<u8> {
@@ -50,6 +51,7 @@ fn sealed_vector() -> Vec<u8> {
     let dh = PublicKey::from(&StaticSecret::from(RECIPIENT_DH_SEED)).to_bytes();
     seal_to_devices(
         &signer,
+        RoutingTag(TAG),
         ConversationId(CONVERSATION),
         &[(DeviceId(RECIPIENT_DEVICE), dh)],
         EPHEMERAL,
@@ -58,6 +60,42 @@ fn sealed_vector() -> Vec<u8> {
     )
     .unwrap()
     .into_bytes()
+}
+
+fn user_id(seed: &[u8; 32]) -> UserId {
+    UserId(SigningKey::from_bytes(seed).verifying_key().to_bytes())
+}
+
+/// The certificate user key `11` issues for device `12`, with the
+/// device's consent.
+fn certificate_vector() -> DeviceCertificate {
+    let user_key = SigningKey::from_bytes(&SENDER_SEED);
+    let device_key = SigningKey::from_bytes(&DEVICE_SEED);
+    let device = DeviceId(device_key.verifying_key().to_bytes());
+    let dh = PublicKey::from(&StaticSecret::from(RECIPIENT_DH_SEED)).to_bytes();
+    let account_dh = PublicKey::from(&StaticSecret::from(ACCOUNT_A)).to_bytes();
+    let consent = DeviceCertificate::consent(&device_key, &user_id(&SENDER_SEED), &dh);
+    DeviceCertificate::issue(
+        &user_key,
+        &device,
+        dh,
+        account_dh,
+        consent,
+        1_700_000_000_000,
+    )
+    .unwrap()
+}
+
+/// The routing secret of the one-to-one conversation between the users
+/// of seeds `11` (account key `a1`) and `13` (account key `b2`).
+fn direct_routing_vector() -> Routing {
+    Routing::direct(
+        &StaticSecret::from(ACCOUNT_A),
+        &user_id(&SENDER_SEED),
+        &PublicKey::from(&StaticSecret::from(ACCOUNT_B)).to_bytes(),
+        &user_id(&USER_B_SEED),
+    )
+    .unwrap()
 }
 
 fn text_payload() -> Payload {
@@ -118,6 +156,13 @@ fn deposit_request() -> MailboxRequest {
 fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("mailbox-deposit-v1", deposit_request().encode()),
+        ("device-certificate-v2", certificate_vector().to_bytes()),
+        ("direct-routing-v2", {
+            let r = direct_routing_vector();
+            let mut out = r.as_bytes().to_vec();
+            out.extend_from_slice(&r.tag().0);
+            out
+        }),
         ("payload-text-v2", text_payload().encode()),
         ("payload-receipt-v1", receipt_payload().encode()),
         ("payload-annotate-v1", annotate_payload().encode()),
@@ -168,6 +213,28 @@ fn payload_and_direct_vectors_match_and_decode() {
         MailboxRequest::decode(&documented("mailbox-deposit-v1")),
         Some(deposit_request())
     );
+    let cert = DeviceCertificate::from_bytes(&documented("device-certificate-v2")).unwrap();
+    assert_eq!(cert, certificate_vector());
+    // Without the device's consent, or with another's, it does not verify.
+    let mut unconsented = cert.clone();
+    unconsented.consent = [0; 64];
+    assert!(unconsented.verify().is_err());
+    // Both accounts derive the same secret; the topic follows from it.
+    let other_side = Routing::direct(
+        &StaticSecret::from(ACCOUNT_B),
+        &user_id(&USER_B_SEED),
+        &PublicKey::from(&StaticSecret::from(ACCOUNT_A)).to_bytes(),
+        &user_id(&SENDER_SEED),
+    )
+    .unwrap();
+    assert_eq!(other_side, direct_routing_vector());
+    assert_eq!(
+        other_side.topic(),
+        "weft/2/".to_string()
+            + &hex::encode(
+                &blake3::derive_key("weft v2 gossip topic", other_side.as_bytes())[..20]
+            )
+    );
     let decoded: DirectRequest = postcard::from_bytes(&documented("direct-sync-v1")).unwrap();
     assert_eq!(
         postcard::to_stdvec(&decoded).unwrap(),
@@ -194,7 +261,7 @@ fn documented(name: &str) -> Vec<u8> {
 
 #[test]
 fn chain_envelope_vector_matches_and_opens() {
-    let bytes = documented("chain-envelope-v1");
+    let bytes = documented("chain-envelope-v2");
     assert_eq!(
         bytes,
         chain_vector(),
@@ -202,8 +269,8 @@ fn chain_envelope_vector_matches_and_opens() {
     );
     let env = Envelope::decode(&bytes).unwrap();
     env.verify().unwrap();
-    assert_eq!(env.header.version, 1);
-    assert_eq!(env.header.conversation, ConversationId(CONVERSATION));
+    assert_eq!(env.header.version, 2);
+    assert_eq!(env.header.tag, RoutingTag(TAG));
     assert_eq!(
         env.header.sender.0,
         SigningKey::from_bytes(&SENDER_SEED)
@@ -225,7 +292,7 @@ fn chain_envelope_vector_matches_and_opens() {
 
 #[test]
 fn sealed_envelope_vector_matches_and_opens() {
-    let bytes = documented("sealed-envelope-v1");
+    let bytes = documented("sealed-envelope-v2");
     assert_eq!(
         bytes,
         sealed_vector(),
@@ -236,16 +303,27 @@ fn sealed_envelope_vector_matches_and_opens() {
     let me = StaticSecret::from(RECIPIENT_DH_SEED);
     assert_eq!(
         env.open_sealed(&DeviceId(RECIPIENT_DEVICE), &me).unwrap(),
-        b"sealed key"
+        (ConversationId(CONVERSATION), b"sealed key".to_vec())
     );
+}
+
+/// A version 1 envelope (its header named the conversation in clear) is
+/// refused with the reason, never read as version 2.
+#[test]
+fn a_version_1_envelope_is_refused_with_its_version() {
+    let v1 = documented("chain-envelope-v1");
+    assert_eq!(v1[0], 1);
+    let err = Envelope::decode(&v1).unwrap_err();
+    assert_eq!(err, weft_node::crypto::CryptoError::Version(1));
+    assert!(err.to_string().contains("version 1"), "{err}");
 }
 
 #[test]
 #[ignore = "prints vectors for docs/protocol.md"]
 fn print() {
     let mut all = vec![
-        ("chain-envelope-v1", chain_vector()),
-        ("sealed-envelope-v1", sealed_vector()),
+        ("chain-envelope-v2", chain_vector()),
+        ("sealed-envelope-v2", sealed_vector()),
     ];
     all.extend(encoded_vectors());
     for (name, bytes) in all {

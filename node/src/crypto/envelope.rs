@@ -2,12 +2,15 @@
 //! key, receipt and membership change travels in, on gossip, on direct
 //! streams, in relay mailboxes and on disk.
 //!
-//! Wire format (version 1, see docs/protocol.md):
+//! Wire format (version 2, see docs/protocol.md):
 //! `postcard(Header) | postcard(ciphertext: bytes) | ed25519 signature (64)`.
 //! The signature is by the sender device key over
-//! `"weft v1 envelope" | everything before it`; the AEAD's associated data
-//! is the encoded header, so conversation, sender, epoch and counter are
-//! bound to the ciphertext.
+//! `"weft v2 envelope" | everything before it`; the AEAD's associated data
+//! is the encoded header, so routing tag, sender, epoch and counter are
+//! bound to the ciphertext. The header names no conversation: its routing
+//! tag means something only to the members (`crate::routing`); an envelope
+//! sealed to devices carries its conversation id inside the ciphertext, so
+//! a device added to a group can open it before it knows the group's tag.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -19,15 +22,15 @@ use zeroize::Zeroize;
 use super::CryptoError;
 use super::chain::MessageKey;
 use super::seal;
-use crate::ids::{ConversationId, DeviceId, EnvelopeId};
+use crate::ids::{ConversationId, DeviceId, EnvelopeId, RoutingTag};
 
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 /// Largest envelope accepted from anyone (a sealed key for every device of
 /// a full group fits well within it).
 pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 /// Most recipient devices one sealed envelope may name.
 pub const MAX_RECIPIENTS: usize = 4096;
-const SIGNATURE_CONTEXT: &[u8] = b"weft v1 envelope";
+const SIGNATURE_CONTEXT: &[u8] = b"weft v2 envelope";
 
 /// How the ciphertext is keyed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +57,8 @@ pub struct Recipient {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     pub version: u8,
-    pub conversation: ConversationId,
+    /// The conversation's routing tag (for the epoch the sender is in).
+    pub tag: RoutingTag,
     pub sender: DeviceId,
     pub sealing: Sealing,
 }
@@ -98,6 +102,8 @@ impl Envelope {
         }
         let version = *bytes.first().ok_or(CryptoError::Malformed("empty"))?;
         if version != ENVELOPE_VERSION {
+            // Version 1 headers named the conversation in clear; they are
+            // refused, never read as version 2.
             return Err(CryptoError::Version(version));
         }
         if bytes.len() < 64 {
@@ -163,8 +169,13 @@ impl Envelope {
         )
     }
 
-    /// Opens an envelope sealed to this device.
-    pub fn open_sealed(&self, me: &DeviceId, my_dh: &StaticSecret) -> Result<Vec<u8>, CryptoError> {
+    /// Opens an envelope sealed to this device: its conversation and
+    /// plaintext.
+    pub fn open_sealed(
+        &self,
+        me: &DeviceId,
+        my_dh: &StaticSecret,
+    ) -> Result<(ConversationId, Vec<u8>), CryptoError> {
         let Sealing::Sealed {
             ephemeral,
             recipients,
@@ -176,19 +187,34 @@ impl Envelope {
             .iter()
             .find(|r| &r.device == me)
             .ok_or(CryptoError::NotARecipient)?;
-        let aad = wrap_aad(&self.header.conversation, &self.header.sender, me);
+        let aad = wrap_aad(&self.header.tag, &self.header.sender, me);
         let mut content_key = seal::unwrap(my_dh, ephemeral, &mine.wrapped_key, &aad)?;
         let (mut key, nonce) = content_key_material(&content_key);
         content_key.zeroize();
         let out = aead_open(&key, &nonce, self.ciphertext(), self.associated_data());
         key.zeroize();
-        out
+        let mut out = out?;
+        if out.len() < 32 {
+            out.zeroize();
+            return Err(CryptoError::Malformed(
+                "sealed content without a conversation",
+            ));
+        }
+        let conversation = ConversationId::from_slice(&out[..32]).ok_or(CryptoError::Malformed(
+            "sealed content without a conversation",
+        ))?;
+        // Shifted in place: no second copy of the plaintext is left behind.
+        out.copy_within(32.., 0);
+        let len = out.len() - 32;
+        out[len..].zeroize();
+        out.truncate(len);
+        Ok((conversation, out))
     }
 }
 
-fn wrap_aad(conversation: &ConversationId, sender: &DeviceId, recipient: &DeviceId) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(96);
-    aad.extend_from_slice(&conversation.0);
+fn wrap_aad(tag: &RoutingTag, sender: &DeviceId, recipient: &DeviceId) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(80);
+    aad.extend_from_slice(&tag.0);
     aad.extend_from_slice(&sender.0);
     aad.extend_from_slice(&recipient.0);
     aad
@@ -265,7 +291,7 @@ fn sender_of(signer: &SigningKey) -> DeviceId {
 /// Seals `plaintext` with a chain message key.
 pub fn seal_chain(
     signer: &SigningKey,
-    conversation: ConversationId,
+    tag: RoutingTag,
     epoch: u64,
     counter: u64,
     key: &MessageKey,
@@ -273,7 +299,7 @@ pub fn seal_chain(
 ) -> Result<Envelope, CryptoError> {
     let header = Header {
         version: ENVELOPE_VERSION,
-        conversation,
+        tag,
         sender: sender_of(signer),
         sealing: Sealing::Chain { epoch, counter },
     };
@@ -282,11 +308,14 @@ pub fn seal_chain(
     })
 }
 
-/// Seals `plaintext` to each `(device, dh public key)`. The caller supplies
-/// the randomness (ephemeral secret and content key) so this stays pure and
+/// Seals `plaintext` of `conversation` to each `(device, dh public key)`,
+/// under the conversation's routing `tag`. The caller supplies the
+/// randomness (ephemeral secret and content key) so this stays pure and
 /// test vectors stay fixed.
+#[allow(clippy::too_many_arguments)]
 pub fn seal_to_devices(
     signer: &SigningKey,
+    tag: RoutingTag,
     conversation: ConversationId,
     recipients: &[(DeviceId, [u8; 32])],
     ephemeral_secret: [u8; 32],
@@ -300,7 +329,7 @@ pub fn seal_to_devices(
     let ephemeral = StaticSecret::from(ephemeral_secret);
     let mut sealed = Vec::with_capacity(recipients.len());
     for (device, dh) in recipients {
-        let aad = wrap_aad(&conversation, &sender, device);
+        let aad = wrap_aad(&tag, &sender, device);
         sealed.push(Recipient {
             device: *device,
             wrapped_key: seal::wrap(&ephemeral, dh, &content_key, &aad)?,
@@ -308,7 +337,7 @@ pub fn seal_to_devices(
     }
     let header = Header {
         version: ENVELOPE_VERSION,
-        conversation,
+        tag,
         sender,
         sealing: Sealing::Sealed {
             ephemeral: PublicKey::from(&ephemeral).to_bytes(),
@@ -317,9 +346,10 @@ pub fn seal_to_devices(
     };
     let (mut key, nonce) = content_key_material(&content_key);
     content_key.zeroize();
-    let result = build(signer, header, |aad| {
-        aead_seal(&key, &nonce, plaintext, aad)
-    });
+    let mut inner = zeroize::Zeroizing::new(Vec::with_capacity(32 + plaintext.len()));
+    inner.extend_from_slice(&conversation.0);
+    inner.extend_from_slice(plaintext);
+    let result = build(signer, header, |aad| aead_seal(&key, &nonce, &inner, aad));
     key.zeroize();
     result
 }
@@ -343,13 +373,17 @@ mod tests {
         ConversationId([42; 32])
     }
 
+    fn tag() -> RoutingTag {
+        RoutingTag([43; 16])
+    }
+
     #[test]
     fn chain_envelope_round_trip() {
         let (alice, _) = device(1);
         let mut chain = SendingChain::new([5; 32]);
         let (ck, at) = chain.distribution();
         let (counter, mk) = chain.step().unwrap();
-        let env = seal_chain(&alice, conv(), 1, counter, &mk, b"hello").unwrap();
+        let env = seal_chain(&alice, tag(), 1, counter, &mk, b"hello").unwrap();
         let got = Envelope::decode(env.bytes()).unwrap();
         got.verify().unwrap();
         let (rk, _) = ReceivingChain::new(ck, at)
@@ -364,7 +398,7 @@ mod tests {
         let (alice, _) = device(1);
         let mut chain = SendingChain::new([5; 32]);
         let (counter, mk) = chain.step().unwrap();
-        let env = seal_chain(&alice, conv(), 1, counter, &mk, b"hello").unwrap();
+        let env = seal_chain(&alice, tag(), 1, counter, &mk, b"hello").unwrap();
         let good = env.bytes().to_vec();
         // Flip every byte in turn: each must fail to decode, verify or open.
         for i in 0..good.len() {
@@ -383,7 +417,7 @@ mod tests {
         let (mallory, _) = device(2);
         let mut chain = SendingChain::new([5; 32]);
         let (counter, mk) = chain.step().unwrap();
-        let env = seal_chain(&mallory, conv(), 1, counter, &mk, b"hi").unwrap();
+        let env = seal_chain(&mallory, tag(), 1, counter, &mk, b"hi").unwrap();
         // Mallory claims to be alice: header sender swapped, signature hers.
         let mut forged = Envelope::decode(env.bytes()).unwrap();
         forged.header.sender = sender_of(&alice);
@@ -405,6 +439,7 @@ mod tests {
         let carol = DeviceId([3; 32]);
         let env = seal_to_devices(
             &alice,
+            tag(),
             conv(),
             &[(bob, PublicKey::from(&bob_dh).to_bytes())],
             [11; 32],
@@ -414,7 +449,10 @@ mod tests {
         .unwrap();
         let got = Envelope::decode(env.bytes()).unwrap();
         got.verify().unwrap();
-        assert_eq!(got.open_sealed(&bob, &bob_dh).unwrap(), b"key");
+        assert_eq!(
+            got.open_sealed(&bob, &bob_dh).unwrap(),
+            (conv(), b"key".to_vec())
+        );
         assert_eq!(
             got.open_sealed(&carol, &carol_dh),
             Err(CryptoError::NotARecipient)
@@ -438,6 +476,7 @@ mod tests {
         let (ck2, _) = epoch2.distribution();
         let dist = seal_to_devices(
             &alice,
+            tag(),
             conv(),
             &[(bob, PublicKey::from(&bob_dh).to_bytes())],
             [13; 32],
@@ -450,10 +489,13 @@ mod tests {
             Err(CryptoError::NotARecipient)
         );
         assert_eq!(dist.open_sealed(&bob, &carol_dh), Err(CryptoError::Decrypt));
-        assert_eq!(dist.open_sealed(&bob, &bob_dh).unwrap(), ck2);
+        assert_eq!(
+            dist.open_sealed(&bob, &bob_dh).unwrap(),
+            (conv(), ck2.to_vec())
+        );
         // A message of epoch 2 does not open with carol's epoch-1 chain.
         let (counter, mk) = epoch2.step().unwrap();
-        let msg = seal_chain(&alice, conv(), 2, counter, &mk, b"after carol").unwrap();
+        let msg = seal_chain(&alice, tag(), 2, counter, &mk, b"after carol").unwrap();
         let (carol_key, _) = carol_chain.key_for(counter, 0, MAX_AGE).unwrap();
         assert_eq!(msg.open_chain(&carol_key), Err(CryptoError::Decrypt));
     }
@@ -464,7 +506,9 @@ mod tests {
             Envelope::decode(&vec![1u8; MAX_ENVELOPE_BYTES + 1]),
             Err(CryptoError::TooLarge(..))
         ));
-        assert_eq!(Envelope::decode(&[2u8; 100]), Err(CryptoError::Version(2)));
+        assert_eq!(Envelope::decode(&[3u8; 100]), Err(CryptoError::Version(3)));
+        // A version 1 header (conversation id in clear) is refused as such.
+        assert_eq!(Envelope::decode(&[1u8; 100]), Err(CryptoError::Version(1)));
         assert!(Envelope::decode(&[]).is_err());
     }
 
@@ -480,7 +524,7 @@ mod tests {
         fn truncations_never_panic(cut in 0usize..400) {
             let (alice, _) = device(1);
             let (counter, mk) = SendingChain::new([5; 32]).step().unwrap();
-            let env = seal_chain(&alice, conv(), 1, counter, &mk, &[7u8; 200]).unwrap();
+            let env = seal_chain(&alice, tag(), 1, counter, &mk, &[7u8; 200]).unwrap();
             let bytes = env.bytes();
             let cut = cut.min(bytes.len());
             if let Ok(e) = Envelope::decode(&bytes[..cut]) {

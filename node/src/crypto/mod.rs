@@ -14,7 +14,9 @@ pub mod seal;
 pub enum CryptoError {
     #[error("envelope is malformed: {0}")]
     Malformed(&'static str),
-    #[error("envelope version {0} is not supported")]
+    #[error(
+        "envelope version {0} is not supported (this node speaks version 2; version 1 named the conversation in clear)"
+    )]
     Version(u8),
     #[error("envelope is {0} bytes, more than the limit of {1}")]
     TooLarge(usize, usize),

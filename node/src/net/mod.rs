@@ -7,9 +7,11 @@
 //! what to publish, send and dial through a [`NetHandle`], and it reports
 //! what arrives as [`NetEvent`]s on a bounded channel. Gossip validation
 //! is the node's: messages wait in gossipsub's cache until the node
-//! reports accept, ignore or reject. Known peers (bootstrap, discovered,
-//! asked for) are redialed while disconnected, with jittered exponential
-//! backoff.
+//! reports accept, ignore or reject. Who gets a topic's gossip is the
+//! node's to say too: it names the peers allowed on each of its topics
+//! ([`NetCommand::TopicMembers`]), and no other peer may subscribe there
+//! (see `gate`). Known peers (bootstrap, discovered, asked for) are
+//! redialed while disconnected, with jittered exponential backoff.
 //!
 //! Circuit relays: the relay client transport is composed with the
 //! node's own, so circuit addresses
@@ -20,10 +22,12 @@
 //! punch a hole to a direct one; the relayed connection stays either way.
 
 mod codec;
+mod gate;
 mod mdns;
 mod relay_client;
 mod relay_discovery;
 
+pub use gate::{MAX_GATED_MEMBERS, MAX_GATED_TOPICS, MAX_MEMBERS_PER_TOPIC, MAX_PENDING_CLOSES};
 pub use relay_discovery::{HOP_PROTOCOL, RELAY_PROVIDER_KEY};
 
 use std::collections::HashMap;
@@ -185,6 +189,18 @@ pub struct NetStatus {
 pub enum NetCommand {
     Subscribe(String),
     Unsubscribe(String),
+    /// Replaces the peers (member devices) allowed to subscribe to
+    /// `topic`, and so to receive what we publish or forward on it;
+    /// empty: nobody. From the first of these the topic is gated, and it
+    /// stays so after `Unsubscribe`. A connected peer subscribed to it and
+    /// not allowed now has its connections closed. Topics never named here
+    /// are open to any peer. Bounds: [`MAX_GATED_TOPICS`] (the oldest is
+    /// forgotten, i.e. open again), [`MAX_MEMBERS_PER_TOPIC`],
+    /// [`MAX_GATED_MEMBERS`].
+    TopicMembers {
+        topic: String,
+        peers: Vec<PeerId>,
+    },
     Publish {
         topic: String,
         data: Vec<u8>,
@@ -306,11 +322,10 @@ impl NetHandle {
     }
 }
 
-type TopicFilter = gossipsub::MaxCountSubscriptionFilter<gossipsub::AllowAllSubscriptionFilter>;
-
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, TopicFilter>,
+    /// Gossipsub behind the per-topic membership gate.
+    gossipsub: gate::Gossip,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -343,15 +358,11 @@ fn build_behaviour(
     config: &NetConfig,
 ) -> Result<Behaviour, NetError> {
     let peer_id = key.public().to_peer_id();
-    let filter = gossipsub::MaxCountSubscriptionFilter {
-        filter: gossipsub::AllowAllSubscriptionFilter {},
-        max_subscribed_topics: MAX_TOPICS_PER_PEER,
-        max_subscriptions_per_request: MAX_TOPICS_PER_PEER,
-    };
-    let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+    let gossipsub = gate::Gossip::new(
         gossipsub::MessageAuthenticity::Anonymous,
         gossipsub_config()?,
-        filter,
+        MAX_TOPICS_PER_PEER,
+        MAX_TOPICS_PER_PEER,
     )
     .map_err(|e| NetError::Transport(e.to_string()))?;
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
@@ -889,6 +900,13 @@ impl NetworkTask {
             }
             NetCommand::Unsubscribe(topic) => {
                 behaviour.gossipsub.unsubscribe(&IdentTopic::new(topic));
+            }
+            NetCommand::TopicMembers { topic, peers } => {
+                let topic = IdentTopic::new(topic).hash();
+                for peer in behaviour.gossipsub.set_topic_members(topic, peers) {
+                    // No room to queue it in the gate: cut it off here.
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
             NetCommand::Publish { topic, data } => {
                 match behaviour.gossipsub.publish(IdentTopic::new(topic), data) {
@@ -1532,6 +1550,248 @@ mod tests {
             }
         }
         assert_eq!(rx.await.unwrap().unwrap(), b"ok");
+    }
+
+    /// The next event of `events`, failing at `deadline`.
+    async fn next_event(
+        events: &mut mpsc::Receiver<NetEvent>,
+        deadline: tokio::time::Instant,
+    ) -> NetEvent {
+        tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("timed out")
+            .expect("network task stopped")
+    }
+
+    /// A node on `/memory/{port}` that dials `bootstrap` (if any).
+    fn memory_node(
+        port: u64,
+        bootstrap: Option<(u64, PeerId)>,
+    ) -> (NetHandle, mpsc::Receiver<NetEvent>, PeerId) {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let mut config = NetConfig::memory(port);
+        config.redial_base = Duration::from_millis(100);
+        if let Some((port, to)) = bootstrap {
+            config.bootstrap = vec![format!("/memory/{port}/p2p/{to}").parse().unwrap()];
+        }
+        let (handle, events, _) = spawn(key, config).unwrap();
+        (handle, events, peer)
+    }
+
+    /// Who the publishing node of the gate tests saw subscribe to what.
+    #[derive(Default)]
+    struct Seen {
+        subscribed: Vec<(PeerId, String)>,
+    }
+
+    impl Seen {
+        /// Waits (until `deadline`) for `events` to yield what `done` wants,
+        /// noting every subscription on the way.
+        async fn until(
+            &mut self,
+            events: &mut mpsc::Receiver<NetEvent>,
+            deadline: tokio::time::Instant,
+            mut done: impl FnMut(&NetEvent) -> bool,
+        ) {
+            loop {
+                let ev = next_event(events, deadline).await;
+                if let NetEvent::Subscribed { peer, topic } = &ev {
+                    self.subscribed.push((*peer, topic.clone()));
+                }
+                if done(&ev) {
+                    return;
+                }
+            }
+        }
+
+        fn saw(&self, peer: PeerId, topic: &str) -> bool {
+            self.subscribed
+                .iter()
+                .any(|(p, t)| *p == peer && t == topic)
+        }
+    }
+
+    fn is_subscribed(ev: &NetEvent, who: PeerId, to: &str) -> bool {
+        matches!(ev, NetEvent::Subscribed { peer, topic } if *peer == who && topic == to)
+    }
+
+    async fn publish(node: &NetHandle, topic: &str, data: &[u8]) {
+        node.send(NetCommand::Publish {
+            topic: topic.into(),
+            data: data.to_vec(),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The data of the next `n` gossip messages on `topic` at `events`.
+    async fn gossip_on(
+        events: &mut mpsc::Receiver<NetEvent>,
+        topic: &str,
+        n: usize,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            if let NetEvent::Gossip { topic: t, data, .. } = next_event(events, deadline).await
+                && t == topic
+            {
+                got.push(data);
+            }
+        }
+        got
+    }
+
+    /// Everything gossiped to `events` up to and including `marker` on
+    /// `control`. One peer's messages come over one stream in the order
+    /// they were published: whatever was sent before the marker is here.
+    async fn gossip_until_marker(
+        events: &mut mpsc::Receiver<NetEvent>,
+        control: &str,
+        marker: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut got = Vec::new();
+        loop {
+            if let NetEvent::Gossip { topic, data, .. } = next_event(events, deadline).await {
+                let end = topic == control && data == marker;
+                got.push((topic, data));
+                if end {
+                    return got;
+                }
+            }
+        }
+    }
+
+    /// `a` publishes `n` messages on `topic`, `b` gets them all, then a
+    /// marker on `control`; returns what `s` got up to the marker.
+    async fn publish_and_watch(
+        a: &NetHandle,
+        b_events: &mut mpsc::Receiver<NetEvent>,
+        s_events: &mut mpsc::Receiver<NetEvent>,
+        topic: &str,
+        control: &str,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(String, Vec<u8>)> {
+        let sent: Vec<Vec<u8>> = (0..5).map(|i| format!("secret {i}").into_bytes()).collect();
+        for data in &sent {
+            publish(a, topic, data).await;
+        }
+        assert_eq!(gossip_on(b_events, topic, sent.len(), deadline).await, sent);
+        publish(a, control, b"marker").await;
+        gossip_until_marker(s_events, control, b"marker", deadline).await
+    }
+
+    #[tokio::test]
+    async fn a_stranger_that_subscribes_to_our_topic_receives_nothing() {
+        let port = 1_400_000 + u64::from(std::process::id() % 1000) * 10;
+        let (topic, control) = ("conversation", "control");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (a, mut a_events, a_peer) = memory_node(port, None);
+        let b_key = libp2p::identity::Keypair::generate_ed25519();
+        let b_peer = b_key.public().to_peer_id();
+        a.send(NetCommand::TopicMembers {
+            topic: topic.into(),
+            peers: vec![b_peer],
+        })
+        .await
+        .unwrap();
+        for t in [topic, control] {
+            a.send(NetCommand::Subscribe(t.into())).await.unwrap();
+        }
+        // Commands are handled in order: the gate is set from here on.
+        a.status().await.unwrap();
+
+        let mut b_config = NetConfig::memory(port + 1);
+        b_config.bootstrap = vec![format!("/memory/{port}/p2p/{a_peer}").parse().unwrap()];
+        let (b, mut b_events, _) = spawn(b_key, b_config).unwrap();
+        let (s, mut s_events, s_peer) = memory_node(port + 2, Some((port, a_peer)));
+        b.send(NetCommand::Subscribe(topic.into())).await.unwrap();
+        // The stranger asks for the topic first, then the control topic:
+        // once a has its control subscription it has had the other.
+        for t in [topic, control] {
+            s.send(NetCommand::Subscribe(t.into())).await.unwrap();
+        }
+        let mut seen = Seen::default();
+        let (mut b_in, mut s_in) = (false, false);
+        seen.until(&mut a_events, deadline, |ev| {
+            b_in |= is_subscribed(ev, b_peer, topic);
+            s_in |= is_subscribed(ev, s_peer, control);
+            b_in && s_in
+        })
+        .await;
+
+        let got =
+            publish_and_watch(&a, &mut b_events, &mut s_events, topic, control, deadline).await;
+        assert_eq!(got, vec![(control.to_string(), b"marker".to_vec())]);
+        // Nothing more has come in meanwhile.
+        while let Ok(ev) = a_events.try_recv() {
+            if let NetEvent::Subscribed { peer, topic } = ev {
+                seen.subscribed.push((peer, topic));
+            }
+        }
+        assert!(seen.saw(b_peer, topic));
+        assert!(!seen.saw(s_peer, topic), "{:?}", seen.subscribed);
+    }
+
+    #[tokio::test]
+    async fn a_stranger_subscribed_before_the_topic_was_registered_is_cut_off() {
+        let port = 1_500_000 + u64::from(std::process::id() % 1000) * 10;
+        let (topic, control) = ("conversation", "control");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (a, mut a_events, a_peer) = memory_node(port, None);
+        for t in [topic, control] {
+            a.send(NetCommand::Subscribe(t.into())).await.unwrap();
+        }
+        let (b, mut b_events, b_peer) = memory_node(port + 1, Some((port, a_peer)));
+        let (s, mut s_events, s_peer) = memory_node(port + 2, Some((port, a_peer)));
+        b.send(NetCommand::Subscribe(topic.into())).await.unwrap();
+        for t in [topic, control] {
+            s.send(NetCommand::Subscribe(t.into())).await.unwrap();
+        }
+        // Not registered yet: the stranger's subscription is taken.
+        let mut seen = Seen::default();
+        let (mut b_in, mut s_in, mut s_ctl) = (false, false, false);
+        seen.until(&mut a_events, deadline, |ev| {
+            b_in |= is_subscribed(ev, b_peer, topic);
+            s_in |= is_subscribed(ev, s_peer, topic);
+            s_ctl |= is_subscribed(ev, s_peer, control);
+            b_in && s_in && s_ctl
+        })
+        .await;
+
+        a.send(NetCommand::TopicMembers {
+            topic: topic.into(),
+            peers: vec![b_peer],
+        })
+        .await
+        .unwrap();
+        seen.until(
+            &mut a_events,
+            deadline,
+            |ev| matches!(ev, NetEvent::Disconnected { peer } if *peer == s_peer),
+        )
+        .await;
+        // The stranger redials on its own; its subscriptions come again
+        // with the new connection, in one message: the control topic is
+        // taken, the gated one is not.
+        seen.subscribed.clear();
+        seen.until(&mut a_events, deadline, |ev| {
+            is_subscribed(ev, s_peer, control)
+        })
+        .await;
+        assert!(!seen.saw(s_peer, topic), "{:?}", seen.subscribed);
+
+        let got =
+            publish_and_watch(&a, &mut b_events, &mut s_events, topic, control, deadline).await;
+        assert_eq!(got, vec![(control.to_string(), b"marker".to_vec())]);
+        while let Ok(ev) = a_events.try_recv() {
+            if let NetEvent::Subscribed { peer, topic } = ev {
+                seen.subscribed.push((peer, topic));
+            }
+        }
+        assert!(!seen.saw(s_peer, topic), "{:?}", seen.subscribed);
     }
 
     #[tokio::test]

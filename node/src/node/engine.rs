@@ -45,12 +45,13 @@ use crate::group::{GroupMember, GroupRole, GroupState};
 use crate::hlc::{Clock, Hlc};
 use crate::home::META_NAME;
 use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
-use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, RoutingTag, UserId};
 use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
+use crate::routing::Routing;
 use crate::store::{
     Binding, Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord,
-    MessageRecord, MessageStatus, OutboxEntry, Role, Store,
+    MessageRecord, MessageStatus, OutboxEntry, Role, Store, StoreError,
 };
 
 /// Most inputs handled in one transaction.
@@ -116,7 +117,11 @@ pub enum DirectResponse {
 struct Conv {
     id: ConversationId,
     kind: ConversationKind,
+    /// The gossip topic and routing tag of the current routing secret
+    /// (`crate::routing`); no tag for a conversation made under protocol 1
+    /// whose secret is not known yet (it takes no new messages).
     topic: String,
+    tag: Option<RoutingTag>,
     /// The group epoch (1 for direct conversations).
     epoch: u64,
     /// The epoch of this device's sending chain (see
@@ -131,11 +136,12 @@ struct Conv {
 
 impl Conv {
     /// A one-to-one conversation (or the account's own) as it starts.
-    fn direct(id: ConversationId, members: Vec<UserId>) -> Self {
+    fn direct(id: ConversationId, members: Vec<UserId>, routing: &Routing) -> Self {
         Conv {
             id,
             kind: ConversationKind::Direct,
-            topic: id.topic(),
+            topic: routing.topic(),
+            tag: Some(routing.tag()),
             epoch: 1,
             key_epoch: 1,
             members,
@@ -245,6 +251,11 @@ pub(super) struct Engine {
     outlets: Outlets,
     convs: HashMap<ConversationId, Conv>,
     by_topic: HashMap<String, ConversationId>,
+    /// Every routing tag known (current and earlier epochs).
+    by_tag: HashMap<RoutingTag, ConversationId>,
+    /// When the gossip gate (who may subscribe to which topic) is to be
+    /// told the member devices again (`None`: it is up to date).
+    gates_due: Option<tokio::time::Instant>,
     sending: HashMap<(ConversationId, u64), SendingSlot>,
     receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
     /// Receiving chains moved on in this batch and not written yet.
@@ -439,6 +450,8 @@ impl Engine {
             },
             convs: HashMap::new(),
             by_topic: HashMap::new(),
+            by_tag: HashMap::new(),
+            gates_due: Some(tokio::time::Instant::now()),
             sending: HashMap::new(),
             receiving: HashMap::new(),
             dirty_chains: HashSet::new(),
@@ -505,9 +518,16 @@ impl Engine {
         if db.device(&self.my_device)?.is_some_and(|d| d.revoked) {
             self.revoked.insert(self.my_device);
         }
+        // This device's own certificate (protocol 2 replaced it).
+        db.bind_device(
+            &self.my_device,
+            &self.my_user,
+            &self.identity.certificate().to_bytes(),
+        )?;
+        self.by_tag = db.routing_tags()?.into_iter().collect();
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
-        for record in records {
+        for mut record in records {
             let members = db
                 .members(&record.id)?
                 .into_iter()
@@ -519,10 +539,24 @@ impl Engine {
                 .and_then(GroupState::decode)
                 .map(Arc::new);
             let active = members.contains(&self.my_user);
+            if record.tag.is_none()
+                && record.kind == ConversationKind::Direct
+                && let Some(other) = members
+                    .iter()
+                    .find(|u| **u != self.my_user)
+                    .or(members.first())
+                && let Some(routing) = direct_routing(&self.identity, &db, other)?
+            {
+                // Made under protocol 1: its protocol 2 secret is known now.
+                db.set_routing(&record.id, &routing.topic(), &routing.tag())?;
+                self.by_tag.insert(routing.tag(), record.id);
+                (record.topic, record.tag) = (routing.topic(), Some(routing.tag()));
+            }
             convs.push(Conv {
                 id: record.id,
                 kind: record.kind,
                 topic: record.topic,
+                tag: record.tag,
                 epoch: record.epoch,
                 key_epoch: record.key_epoch,
                 members,
@@ -538,8 +572,11 @@ impl Engine {
         account::seed_account(&db, &self.my_user, &self.my_device, share)?;
         let own = account::account_conversation(&self.my_user);
         if !convs.iter().any(|c| c.id == own) {
-            let (record, conv) = account::new_account_conversation(&self.my_user);
+            let (record, conv) = account::new_account_conversation(&self.identity)?;
             db.insert_conversation(&record)?;
+            if let Some(tag) = conv.tag {
+                self.by_tag.insert(tag, conv.id);
+            }
             db.set_members(&own, &[(self.my_user, Role::Member)])?;
             convs.push(conv);
         }
@@ -547,7 +584,7 @@ impl Engine {
         let mut pending_outbox = Vec::new();
         let known = db.known_peers(4096)?;
         for conv in convs {
-            if conv.active {
+            if conv.active && conv.tag.is_some() {
                 self.outlets
                     .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
             }
@@ -757,6 +794,8 @@ impl Engine {
                     net_online: self.outlets.net.is_some(),
                     convs: &mut self.convs,
                     by_topic: &mut self.by_topic,
+                    by_tag: &mut self.by_tag,
+                    gates_due: &mut self.gates_due,
                     sending: &mut self.sending,
                     receiving: &mut self.receiving,
                     dirty_chains: &mut self.dirty_chains,
@@ -838,6 +877,7 @@ impl Engine {
             }
             state.save_shards();
             state.save_chains();
+            state.refresh_gates();
             durable_fx = std::mem::take(&mut state.durable_fx);
             if self.outlets.sent_early.replace(false) {
                 // Envelopes went out before the commit: on the wire with
@@ -1159,6 +1199,8 @@ struct EngineState<'a> {
     net_online: bool,
     convs: &'a mut HashMap<ConversationId, Conv>,
     by_topic: &'a mut HashMap<String, ConversationId>,
+    by_tag: &'a mut HashMap<RoutingTag, ConversationId>,
+    gates_due: &'a mut Option<tokio::time::Instant>,
     sending: &'a mut HashMap<(ConversationId, u64), SendingSlot>,
     receiving: &'a mut HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
     dirty_chains: &'a mut HashSet<(ConversationId, DeviceId, u64)>,
@@ -1627,15 +1669,45 @@ impl State<'_, '_, '_> {
             }
             return Ok(id);
         }
-        let record = ConversationRecord::direct(id, name, now_ms());
+        let Some(routing) = direct_routing(self.e.identity, self.db, user)? else {
+            return Err(ApiError::failed(format!(
+                "no protocol 2 certificate of {name} is known here: add their new invite (weft contact add)"
+            )));
+        };
+        let record = ConversationRecord::direct(id, name, &routing, now_ms());
         self.db.insert_conversation(&record)?;
         self.db.set_members(
             &id,
             &[(self.e.my_user, Role::Member), (*user, Role::Member)],
         )?;
         self.devices_changed();
-        self.add_conv(Conv::direct(id, vec![self.e.my_user, *user]));
+        self.add_conv(Conv::direct(id, vec![self.e.my_user, *user], &routing));
         Ok(id)
+    }
+
+    /// Gives a one-to-one conversation made under protocol 1 its routing
+    /// secret once a protocol 2 certificate of the other user is known.
+    fn upgrade_direct_routing(&mut self, user: &UserId) -> Result<(), ApiError> {
+        let id = ConversationId::direct(&self.e.my_user, user);
+        let Some(conv) = self.e.convs.get(&id) else {
+            return Ok(());
+        };
+        if conv.tag.is_some() || conv.kind != ConversationKind::Direct {
+            return Ok(());
+        }
+        let Some(routing) = direct_routing(self.e.identity, self.db, user)? else {
+            return Ok(());
+        };
+        self.db.set_routing(&id, &routing.topic(), &routing.tag())?;
+        let mut conv = conv.clone();
+        if conv.active {
+            self.fx
+                .push(Effect::Net(NetCommand::Unsubscribe(conv.topic.clone())));
+        }
+        conv.topic = routing.topic();
+        conv.tag = Some(routing.tag());
+        self.add_conv(conv);
+        Ok(())
     }
 
     /// The conversations this user is (still) a member of.
@@ -1649,12 +1721,65 @@ impl State<'_, '_, '_> {
     }
 
     fn add_conv(&mut self, conv: Conv) {
-        if conv.active {
+        // A conversation without a routing secret (protocol 1) has no
+        // topic to join.
+        if conv.active && conv.tag.is_some() {
             self.fx
                 .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
         self.e.by_topic.insert(conv.topic.clone(), conv.id);
+        let tag = conv.tag;
         self.e.convs.insert(conv.id, conv);
+        self.gates_changed(Duration::ZERO);
+        if let Some(tag) = tag {
+            self.learn_tag(tag);
+        }
+    }
+
+    /// Maps a routing tag to its conversation, and takes in the chain
+    /// envelopes that waited for it.
+    fn learn_tag(&mut self, tag: RoutingTag) {
+        let Some(conv) = self
+            .e
+            .convs
+            .values()
+            .find(|c| c.tag == Some(tag))
+            .map(|c| c.id)
+        else {
+            return;
+        };
+        if self.e.by_tag.insert(tag, conv).is_none() {
+            self.reprocess_pending(&tag_slot(&tag));
+        }
+    }
+
+    /// Members or devices changed: the gate is told again after `delay`
+    /// (never sooner than a change already waiting asked for).
+    fn gates_changed(&mut self, delay: Duration) {
+        let due = tokio::time::Instant::now() + delay;
+        *self.e.gates_due = Some(self.e.gates_due.map_or(due, |d| d.max(due)));
+    }
+
+    /// Tells the gossip gate, for every topic, which peers may take it:
+    /// the member devices of its conversation, nobody else.
+    fn refresh_gates(&mut self) {
+        match *self.e.gates_due {
+            Some(due) if due <= tokio::time::Instant::now() => *self.e.gates_due = None,
+            _ => return,
+        }
+        for conv in self.active_convs() {
+            let peers = match self.recipients(&conv) {
+                Ok(r) => r.devices.iter().map(|(d, _)| peer_id_of(d)).collect(),
+                Err(e) => {
+                    tracing::warn!("cannot list the member devices of a conversation: {e}");
+                    continue;
+                }
+            };
+            self.fx.push(Effect::Net(NetCommand::TopicMembers {
+                topic: conv.topic.clone(),
+                peers,
+            }));
+        }
     }
 
     /// Resolves TARGET: a contact alias, a group name, a user id or a
@@ -1869,6 +1994,7 @@ impl State<'_, '_, '_> {
 
     /// Forgets what was derived from device certificates and memberships.
     fn devices_changed(&mut self) {
+        self.gates_changed(Duration::ZERO);
         self.e.recipients.clear();
         self.e.device_users.clear();
         self.e.device_by_peer.clear();
@@ -1919,6 +2045,7 @@ impl State<'_, '_, '_> {
         plaintext: &[u8],
     ) -> Result<(Envelope, u64, bool), ApiError> {
         self.check_not_revoked()?;
+        let tag = routing_tag_of(conv)?;
         let key = (conv.id, conv.key_epoch);
         if !self.e.sending.contains_key(&key) {
             let slot = match self
@@ -1969,7 +2096,7 @@ impl State<'_, '_, '_> {
         let early = counter < slot.durable_until;
         let env = envelope::seal_chain(
             self.e.identity.device_signing_key(),
-            conv.id,
+            tag,
             conv.key_epoch,
             counter,
             &mk,
@@ -2013,8 +2140,13 @@ impl State<'_, '_, '_> {
         payload: &Payload,
     ) -> Result<Envelope, ApiError> {
         self.check_not_revoked()?;
+        let tag = match self.e.convs.get(&conv) {
+            Some(c) => routing_tag_of(c)?,
+            None => return Err(ApiError::failed("no such conversation")),
+        };
         Ok(envelope::seal_to_devices(
             self.e.identity.device_signing_key(),
+            tag,
             conv,
             recipients,
             fresh_key()?,
@@ -2103,7 +2235,7 @@ impl State<'_, '_, '_> {
         let now = now_ms();
         self.db.insert_envelope(&EnvelopeRecord {
             id: env.id(),
-            conversation: env.header.conversation,
+            conversation: conv.id,
             sender_device: self.e.my_device,
             epoch,
             counter,
@@ -2116,7 +2248,7 @@ impl State<'_, '_, '_> {
                 i64::try_from(self.e.settings.outbox_expiry.as_millis()).unwrap_or(i64::MAX);
             self.db.enqueue_outbox(&OutboxEntry {
                 envelope_id: env.id(),
-                conversation: env.header.conversation,
+                conversation: conv.id,
                 bytes: env.bytes().to_vec(),
                 created_at_ms: now,
                 attempts: 0,
@@ -2361,6 +2493,7 @@ impl State<'_, '_, '_> {
             name: name.to_string(),
             epoch: 1,
             members: vec![self.me_as_member(GroupRole::Admin)],
+            routing: fresh_key()?,
         };
         for alias in members {
             let m = self.contact_as_member(alias)?;
@@ -2369,11 +2502,13 @@ impl State<'_, '_, '_> {
             }
         }
         state.check().map_err(|e| ApiError::usage(e.to_string()))?;
+        let routing = state.routing();
         let record = ConversationRecord {
             id: state.id,
             kind: ConversationKind::Group,
             name: name.to_string(),
-            topic: state.id.topic(),
+            topic: routing.topic(),
+            tag: Some(routing.tag()),
             epoch: 0,
             state: None,
             created_at_ms: now_ms(),
@@ -2413,6 +2548,9 @@ impl State<'_, '_, '_> {
         }
         let mut next = GroupState::clone(&current);
         next.epoch += 1;
+        // A new epoch, a new routing secret: a removed member cannot tell
+        // the group's envelopes or topic from now on.
+        next.routing = fresh_key()?;
         match op {
             GroupOp::Add => {
                 let m = self.contact_as_member(alias)?;
@@ -2469,7 +2607,7 @@ impl State<'_, '_, '_> {
 
     fn group_leave(&mut self, group: &str) -> ApiResult {
         let (_, current) = self.active_group(group)?;
-        let next = current.without(&self.e.my_user);
+        let next = current.without(&self.e.my_user, fresh_key()?);
         let me = current
             .member(&self.e.my_user)
             .cloned()
@@ -2544,7 +2682,6 @@ impl State<'_, '_, '_> {
         self.db.set_members(&state.id, &members)?;
         self.devices_changed();
         let active = state.member(&self.e.my_user).is_some();
-        let was_active = self.e.convs.get(&state.id).is_some_and(|c| c.active);
         // Every group change starts new sending chains (after a removal,
         // the removed member must not read on).
         let key_epoch = match self.e.convs.get(&state.id) {
@@ -2553,26 +2690,31 @@ impl State<'_, '_, '_> {
             None => 1,
         };
         self.db.set_key_epoch(&state.id, key_epoch)?;
+        let routing = state.routing();
+        self.db
+            .set_routing(&state.id, &routing.topic(), &routing.tag())?;
         let conv = Conv {
             id: state.id,
             kind: ConversationKind::Group,
-            topic: state.id.topic(),
+            topic: routing.topic(),
+            tag: Some(routing.tag()),
             epoch: state.epoch,
             key_epoch,
             members: state.members.iter().map(|m| m.user).collect(),
             group: Some(Arc::new(state.clone())),
             active,
         };
-        if active && !was_active {
+        // The topic moves with the routing secret: leave the old one, join
+        // the new one (while still a member; a repeated subscription is a
+        // no-op).
+        if let Some(old) = self.e.convs.get(&state.id)
+            && old.active
+            && (!active || old.topic != conv.topic)
+        {
             self.fx
-                .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+                .push(Effect::Net(NetCommand::Unsubscribe(old.topic.clone())));
         }
-        if !active && was_active {
-            self.fx
-                .push(Effect::Net(NetCommand::Unsubscribe(conv.topic.clone())));
-        }
-        self.e.by_topic.insert(conv.topic.clone(), conv.id);
-        self.e.convs.insert(conv.id, conv.clone());
+        self.add_conv(conv.clone());
         self.fx.push(Effect::Event(Event::Member {
             conversation: state.id.to_string(),
             name: state.name.clone(),
@@ -2782,14 +2924,24 @@ impl State<'_, '_, '_> {
         via: Via,
         topic: Option<&str>,
     ) -> Result<Verdict, ApiError> {
-        let Ok(env) = Envelope::decode(bytes) else {
-            return Ok(Verdict::Reject("malformed envelope"));
+        let env = match Envelope::decode(bytes) {
+            Ok(env) => env,
+            Err(CryptoError::Version(v)) => {
+                tracing::debug!("refused an envelope of version {v} (this node speaks 2)");
+                return Ok(Verdict::Reject("envelope of another protocol version"));
+            }
+            Err(_) => return Ok(Verdict::Reject("malformed envelope")),
         };
-        let conv_id = env.header.conversation;
-        if let Some(topic) = topic
-            && self.e.by_topic.get(topic) != Some(&conv_id)
-        {
-            return Ok(Verdict::Reject("envelope for another conversation"));
+        // On gossip, the tag must belong to the topic's conversation (both
+        // derive from the same routing secret).
+        let tagged = self.e.by_tag.get(&env.header.tag).copied();
+        if let Some(topic) = topic {
+            let Some(topic_conv) = self.e.by_topic.get(topic).copied() else {
+                return Ok(Verdict::Ignore);
+            };
+            if tagged.is_some_and(|c| c != topic_conv) {
+                return Ok(Verdict::Reject("envelope for another conversation"));
+            }
         }
         if env.header.sender == self.e.my_device {
             return Ok(Verdict::Ignore);
@@ -2821,8 +2973,16 @@ impl State<'_, '_, '_> {
             return Ok(Verdict::Ignore);
         }
         match env.header.sealing.clone() {
-            Sealing::Sealed { .. } => self.receive_sealed(&env, via),
-            Sealing::Chain { epoch, counter } => self.receive_chain(&env, epoch, counter, via),
+            Sealing::Sealed { .. } => self.receive_sealed(&env, tagged, topic, via),
+            Sealing::Chain { epoch, counter } => match tagged {
+                Some(conv_id) => self.receive_chain(&env, conv_id, epoch, counter, via),
+                None => {
+                    // A tag we do not know (yet): a group whose state is
+                    // on its way. It waits under its tag.
+                    self.keep_pending(&env, &tag_slot(&env.header.tag))?;
+                    Ok(Verdict::Ignore)
+                }
+            },
         }
     }
 
@@ -2889,41 +3049,60 @@ impl State<'_, '_, '_> {
         Ok(user)
     }
 
-    fn keep_pending(&mut self, env: &Envelope) -> Result<(), ApiError> {
+    /// Keeps an envelope that cannot be taken yet, under its conversation
+    /// (or, for a tag not known yet, under [`tag_slot`]).
+    fn keep_pending(&mut self, env: &Envelope, slot: &ConversationId) -> Result<(), ApiError> {
         self.db
-            .add_pending(&env.header.conversation, env.bytes(), now_ms(), PENDING_CAP)?;
+            .add_pending(slot, env.bytes(), now_ms(), PENDING_CAP)?;
         Ok(())
     }
 
-    fn receive_sealed(&mut self, env: &Envelope, via: Via) -> Result<Verdict, ApiError> {
-        let plain = match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
-            Ok(p) => zeroize::Zeroizing::new(p),
-            Err(CryptoError::NotARecipient) => {
-                // For other members (e.g. keys for a later epoch): forward it
-                // if a member sent it.
-                let member = self.sender_user(&env.header.sender)?.is_some_and(|u| {
-                    self.e
-                        .convs
-                        .get(&env.header.conversation)
-                        .is_some_and(|c| c.members.contains(&u))
-                });
-                if !member {
-                    return Ok(Verdict::Ignore);
+    fn receive_sealed(
+        &mut self,
+        env: &Envelope,
+        tagged: Option<ConversationId>,
+        topic: Option<&str>,
+        via: Via,
+    ) -> Result<Verdict, ApiError> {
+        let (conv_id, plain) =
+            match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
+                Ok((conv_id, plain)) => (conv_id, zeroize::Zeroizing::new(plain)),
+                Err(CryptoError::NotARecipient) => {
+                    // For other members (e.g. keys for a later epoch): forward
+                    // it if a member sent it under a tag we know.
+                    let Some(conv_id) = tagged else {
+                        return Ok(Verdict::Ignore);
+                    };
+                    let member = self.sender_user(&env.header.sender)?.is_some_and(|u| {
+                        self.e
+                            .convs
+                            .get(&conv_id)
+                            .is_some_and(|c| c.members.contains(&u))
+                    });
+                    if !member {
+                        return Ok(Verdict::Ignore);
+                    }
+                    // Kept so that catch-up can hand it to the members it is for.
+                    self.store_envelope(env, &conv_id, 0, 0)?;
+                    return Ok(Verdict::Accept);
                 }
-                // Kept so that catch-up can hand it to the members it is for.
-                self.store_envelope(env, 0, 0)?;
-                return Ok(Verdict::Accept);
-            }
-            Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
-        };
+                Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
+            };
+        // The tag, where we know it, must name the conversation inside; on
+        // gossip, so must the topic.
+        if tagged.is_some_and(|c| c != conv_id)
+            || topic.is_some_and(|t| self.e.by_topic.get(t) != Some(&conv_id))
+        {
+            return Ok(Verdict::Reject("envelope for another conversation"));
+        }
         let Some(payload) = Payload::decode(&plain) else {
             return Ok(Verdict::Reject("malformed payload"));
         };
         match payload {
-            Payload::SenderKey(sk) => self.receive_sender_key(env, sk, via),
-            Payload::Devices(certs) => self.receive_devices(env, certs),
-            Payload::Revoked(revocation) => self.receive_revocation(env, revocation),
-            Payload::Group(state) => self.receive_group(env, state),
+            Payload::SenderKey(sk) => self.receive_sender_key(env, conv_id, sk, via),
+            Payload::Devices(certs) => self.receive_devices(env, conv_id, certs),
+            Payload::Revoked(revocation) => self.receive_revocation(env, conv_id, revocation),
+            Payload::Group(state) => self.receive_group(env, conv_id, state),
             Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) | Payload::Account(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
             }
@@ -2946,13 +3125,19 @@ impl State<'_, '_, '_> {
         }
     }
 
-    fn store_envelope(&mut self, env: &Envelope, epoch: u64, counter: u64) -> Result<(), ApiError> {
+    fn store_envelope(
+        &mut self,
+        env: &Envelope,
+        conv_id: &ConversationId,
+        epoch: u64,
+        counter: u64,
+    ) -> Result<(), ApiError> {
         if matches!(env.header.sealing, Sealing::Chain { .. }) {
-            self.chain_stored.insert(env.header.conversation);
+            self.chain_stored.insert(*conv_id);
         }
         self.db.insert_envelope(&EnvelopeRecord {
             id: env.id(),
-            conversation: env.header.conversation,
+            conversation: *conv_id,
             sender_device: env.header.sender,
             epoch,
             counter,
@@ -2966,6 +3151,7 @@ impl State<'_, '_, '_> {
     fn receive_sender_key(
         &mut self,
         env: &Envelope,
+        conv_id: ConversationId,
         sk: SenderKey,
         via: Via,
     ) -> Result<Verdict, ApiError> {
@@ -2982,7 +3168,6 @@ impl State<'_, '_, '_> {
         if self.e.blocked.contains(&user) {
             return Ok(Verdict::Ignore);
         }
-        let conv_id = env.header.conversation;
         if !self.e.convs.contains_key(&conv_id) {
             if conv_id == ConversationId::direct(&self.e.my_user, &user) {
                 // A first message from someone who has our invite.
@@ -2994,7 +3179,7 @@ impl State<'_, '_, '_> {
                 self.ensure_direct(&user, &name)?;
             } else {
                 // A group we have not heard of yet: its state may follow.
-                self.keep_pending(env)?;
+                self.keep_pending(env, &conv_id)?;
                 return Ok(if via == Via::Gossip {
                     Verdict::Ignore
                 } else {
@@ -3008,7 +3193,7 @@ impl State<'_, '_, '_> {
             .get(&conv_id)
             .is_some_and(|c| c.members.contains(&user));
         if !is_member {
-            self.keep_pending(env)?;
+            self.keep_pending(env, &conv_id)?;
             return Ok(Verdict::Ignore);
         }
         // A direct contact's device we learn about here must be certified by
@@ -3026,7 +3211,7 @@ impl State<'_, '_, '_> {
                 .put_chain(&conv_id, &cert.device, sk.epoch, &chain.to_bytes())?;
             self.cache_chain((conv_id, cert.device, sk.epoch), chain);
         }
-        self.store_envelope(env, sk.epoch, 0)?;
+        self.store_envelope(env, &conv_id, sk.epoch, 0)?;
         self.reprocess_pending(&conv_id);
         Ok(Verdict::Accept)
     }
@@ -3053,8 +3238,13 @@ impl State<'_, '_, '_> {
         }
     }
 
-    fn receive_group(&mut self, env: &Envelope, state: GroupState) -> Result<Verdict, ApiError> {
-        if state.id != env.header.conversation {
+    fn receive_group(
+        &mut self,
+        env: &Envelope,
+        conv_id: ConversationId,
+        state: GroupState,
+    ) -> Result<Verdict, ApiError> {
+        if state.id != conv_id {
             return Ok(Verdict::Reject("group state for another conversation"));
         }
         // Only a group's id takes a group state: a one-to-one or account
@@ -3104,7 +3294,14 @@ impl State<'_, '_, '_> {
         match state.check_transition(current.as_deref(), &author) {
             Ok(()) => {}
             Err(crate::group::GroupError::Stale) => {
-                self.store_envelope(env, state.epoch, 0)?;
+                // Envelopes sent under the state that lost still carry its
+                // tag: keep recognising it.
+                let tag = state.routing().tag();
+                self.db.add_routing_tag(&tag, &state.id)?;
+                if self.e.by_tag.insert(tag, state.id).is_none() {
+                    self.reprocess_pending(&tag_slot(&tag));
+                }
+                self.store_envelope(env, &conv_id, state.epoch, 0)?;
                 return Ok(Verdict::Accept);
             }
             Err(e) => {
@@ -3116,11 +3313,13 @@ impl State<'_, '_, '_> {
             if state.member(&self.e.my_user).is_none() {
                 return Ok(Verdict::Ignore);
             }
+            let routing = state.routing();
             self.db.insert_conversation(&ConversationRecord {
                 id: state.id,
                 kind: ConversationKind::Group,
                 name: state.name.clone(),
-                topic: state.id.topic(),
+                topic: routing.topic(),
+                tag: Some(routing.tag()),
                 epoch: 0,
                 state: None,
                 created_at_ms: now_ms(),
@@ -3130,7 +3329,7 @@ impl State<'_, '_, '_> {
             })?;
         }
         self.apply_group(&state, &[])?;
-        self.store_envelope(env, state.epoch, 0)?;
+        self.store_envelope(env, &conv_id, state.epoch, 0)?;
         self.reprocess_pending(&state.id);
         Ok(Verdict::Accept)
     }
@@ -3138,19 +3337,19 @@ impl State<'_, '_, '_> {
     fn receive_chain(
         &mut self,
         env: &Envelope,
+        conv_id: ConversationId,
         epoch: u64,
         counter: u64,
         via: Via,
     ) -> Result<Verdict, ApiError> {
-        let conv_id = env.header.conversation;
         let Some(conv) = self.e.convs.get(&conv_id).cloned() else {
-            self.keep_pending(env)?;
+            self.keep_pending(env, &conv_id)?;
             return Ok(Verdict::Ignore);
         };
         let Some(user) = self.sender_user(&env.header.sender)? else {
             // A device we have not met: its key (with its certificate) may
             // still be on the way.
-            self.keep_pending(env)?;
+            self.keep_pending(env, &conv_id)?;
             return Ok(Verdict::Ignore);
         };
         if !conv.members.contains(&user) {
@@ -3169,7 +3368,7 @@ impl State<'_, '_, '_> {
             },
         };
         let Some(chain) = chain else {
-            self.keep_pending(env)?;
+            self.keep_pending(env, &conv_id)?;
             // A member's envelope we cannot read yet: still forward it.
             return Ok(if via == Via::Gossip {
                 Verdict::Accept
@@ -3188,7 +3387,7 @@ impl State<'_, '_, '_> {
             // Far ahead of what we hold: we missed many of this sender's
             // messages (we were away). Keep it until catch-up fills the gap.
             Err(CryptoError::TooFarAhead { .. }) => {
-                self.keep_pending(env)?;
+                self.keep_pending(env, &conv_id)?;
                 self.e.gaps.insert(conv_id);
                 self.catch_up(conv_id);
                 return Ok(if via == Via::Gossip {
@@ -3213,7 +3412,7 @@ impl State<'_, '_, '_> {
             Payload::Text(t) => t,
             Payload::Receipt(receipt) => {
                 self.advance_chain(key, after)?;
-                self.store_envelope(env, epoch, counter)?;
+                self.store_envelope(env, &conv_id, epoch, counter)?;
                 if !blocked {
                     self.receive_receipt(&conv, user, env.header.sender, receipt)?;
                 }
@@ -3221,7 +3420,7 @@ impl State<'_, '_, '_> {
             }
             Payload::Annotate(a) => {
                 self.advance_chain(key, after)?;
-                self.store_envelope(env, epoch, counter)?;
+                self.store_envelope(env, &conv_id, epoch, counter)?;
                 if blocked {
                     return Ok(Verdict::Accept);
                 }
@@ -3239,7 +3438,7 @@ impl State<'_, '_, '_> {
                     return Ok(Verdict::Reject("account state outside the account"));
                 }
                 self.advance_chain(key, after)?;
-                self.store_envelope(env, epoch, counter)?;
+                self.store_envelope(env, &conv_id, epoch, counter)?;
                 return Ok(match self.receive_account_change(env.header.sender, a) {
                     Ok(()) => Verdict::Accept,
                     Err(why) => Verdict::Reject(why),
@@ -3282,7 +3481,7 @@ impl State<'_, '_, '_> {
             run_effects(self.outlets, vec![Effect::Event(Event::Message(view))]);
         }
         self.advance_chain(key, after)?;
-        self.store_envelope(env, epoch, counter)?;
+        self.store_envelope(env, &conv_id, epoch, counter)?;
         // Blocked: verified and forwarded (the group keeps working), but
         // neither stored as a message nor shown.
         if !blocked && self.db.insert_message(&record)? {
@@ -3334,6 +3533,47 @@ enum GroupOp {
     Add,
     Remove,
     Admin,
+}
+
+/// The routing secret of the one-to-one conversation with `other` (or of
+/// the account's own, when `other` is this user): `None` while no
+/// protocol 2 certificate of `other` is known (it carries their account
+/// key).
+fn direct_routing(
+    identity: &Identity,
+    db: &Db<'_>,
+    other: &UserId,
+) -> Result<Option<Routing>, StoreError> {
+    let me = identity.user_id();
+    let their_key = if *other == me {
+        Some(identity.certificate().account_dh)
+    } else {
+        db.devices_of_user(other)?
+            .iter()
+            .filter_map(|d| DeviceCertificate::from_stored_bytes(&d.cert).ok())
+            .max_by_key(|c| c.created_at_ms)
+            .map(|c| c.account_dh)
+    };
+    Ok(their_key
+        .and_then(|key| Routing::direct(identity.account_dh_secret(), &me, &key, other).ok()))
+}
+
+/// The routing tag a conversation's envelopes carry now.
+fn routing_tag_of(conv: &Conv) -> Result<RoutingTag, ApiError> {
+    conv.tag.ok_or_else(|| {
+        ApiError::failed(
+            "this conversation was made under protocol 1 and takes no new messages: exchange new invites (one-to-one) or make a new group",
+        )
+    })
+}
+
+/// Where chain envelopes of a routing tag not known yet wait: the tag,
+/// padded to a conversation id (no real id has 16 zero bytes at the end
+/// but with chance 2^-128).
+fn tag_slot(tag: &RoutingTag) -> ConversationId {
+    let mut slot = [0u8; 32];
+    slot[..16].copy_from_slice(&tag.0);
+    ConversationId(slot)
 }
 
 /// 32 bytes from the OS's random number generator.

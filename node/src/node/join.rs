@@ -40,6 +40,8 @@ pub async fn link_device(
         user: None,
         device: random_bytes()?,
         device_dh: random_bytes()?,
+        // Replaced by the account's key from the grant.
+        account_dh: [0; 32],
     };
     let device_key = ed25519_dalek::SigningKey::from_bytes(&secrets.device);
     let device = crate::ids::DeviceId(device_key.verifying_key().to_bytes());
@@ -75,6 +77,7 @@ pub async fn link_device(
             device,
             dh,
             proof: proof(&code.secret, &device, &dh),
+            consent: crate::identity::DeviceCertificate::consent(&device_key, &code.user, &dh),
         });
         let (reply, mut rx) = tokio::sync::oneshot::channel();
         handle
@@ -129,6 +132,10 @@ pub async fn link_device(
             "the linking device certified us for another account".into(),
         ));
     }
+    let mut secrets = secrets;
+    secrets.account_dh = grant.account_dh;
+    // Checks the certificate (both signatures) and that the account key
+    // is the one it names.
     let identity = Identity::from_secrets(&secrets, Some(grant.certificate.clone()), now_ms())?;
     let name = name.unwrap_or(&grant.name);
     let view = home.init_linked(&identity, name, &grant.invite)?;

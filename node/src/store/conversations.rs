@@ -7,7 +7,7 @@ use rusqlite::{Row, params};
 use serde::{Deserialize, Serialize};
 
 use super::{Db, StoreError, id_at, parsed_at, to_sql_int, u64_at};
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, RoutingTag, UserId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +89,9 @@ pub struct ConversationRecord {
     pub name: String,
     /// The gossip topic the conversation is published on.
     pub topic: String,
+    /// The routing tag its envelopes carry now (`None` for a conversation
+    /// made under protocol 1 whose routing secret is not known yet).
+    pub tag: Option<RoutingTag>,
     /// Group epoch (1 for direct conversations).
     pub epoch: u64,
     /// The epoch of this device's own sending chain: one more at every
@@ -103,12 +106,18 @@ pub struct ConversationRecord {
 
 impl ConversationRecord {
     /// A new one-to-one conversation.
-    pub fn direct(id: ConversationId, name: &str, created_at_ms: i64) -> Self {
+    pub fn direct(
+        id: ConversationId,
+        name: &str,
+        routing: &crate::routing::Routing,
+        created_at_ms: i64,
+    ) -> Self {
         ConversationRecord {
             id,
             kind: ConversationKind::Direct,
             name: name.to_string(),
-            topic: id.topic(),
+            topic: routing.topic(),
+            tag: Some(routing.tag()),
             epoch: 1,
             key_epoch: 1,
             state: None,
@@ -132,6 +141,13 @@ impl ConversationRecord {
             unread: u32::try_from(unread)
                 .map_err(|_| StoreError::Corrupt(format!("unread count {unread}")))?,
             key_epoch: u64_at(row, 9, "key epoch")?,
+            tag: row
+                .get::<_, Option<Vec<u8>>>(10)?
+                .map(|b| {
+                    RoutingTag::from_slice(&b)
+                        .ok_or_else(|| StoreError::Corrupt("routing tag".into()))
+                })
+                .transpose()?,
         })
     }
 }
@@ -140,7 +156,7 @@ macro_rules! select_conversations {
     ($rest:literal) => {
         concat!(
             "SELECT id, kind, name, topic, epoch, state, created_at, last_message_at, unread,
-                    key_epoch
+                    key_epoch, tag
              FROM conversations ",
             $rest
         )
@@ -154,8 +170,8 @@ impl Db<'_> {
         let inserted = self.execute(
             "INSERT INTO conversations
              (id, kind, name, topic, epoch, state, created_at, last_message_at, unread,
-              key_epoch)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+              key_epoch, tag)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (id) DO NOTHING",
             params![
                 conv.id.0,
@@ -168,9 +184,58 @@ impl Db<'_> {
                 conv.last_message_at_ms,
                 conv.unread,
                 to_sql_int(conv.key_epoch, "key epoch")?,
+                conv.tag.map(|t| t.0.to_vec()),
             ],
         )?;
+        if inserted > 0
+            && let Some(tag) = conv.tag
+        {
+            self.add_routing_tag(&tag, &conv.id)?;
+        }
         Ok(inserted > 0)
+    }
+
+    /// Moves a conversation to a new routing secret (a group's next epoch,
+    /// or the first protocol 2 secret of an older conversation). The old
+    /// tags stay known.
+    pub fn set_routing(
+        &self,
+        id: &ConversationId,
+        topic: &str,
+        tag: &RoutingTag,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE conversations SET topic = ?2, tag = ?3 WHERE id = ?1",
+            params![id.0, topic, tag.0],
+        )?;
+        self.add_routing_tag(tag, id)
+    }
+
+    /// Remembers that `tag` names `conversation` (kept for envelopes of
+    /// earlier epochs; a tag already known keeps its conversation).
+    pub fn add_routing_tag(
+        &self,
+        tag: &RoutingTag,
+        conversation: &ConversationId,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO routing_tags (tag, conversation) VALUES (?1, ?2)
+             ON CONFLICT (tag) DO NOTHING",
+            params![tag.0, conversation.0],
+        )?;
+        Ok(())
+    }
+
+    /// Every known routing tag and its conversation.
+    pub fn routing_tags(&self) -> Result<Vec<(RoutingTag, ConversationId)>, StoreError> {
+        self.query_vec("SELECT tag, conversation FROM routing_tags", [], |row| {
+            let tag: Vec<u8> = row.get(0)?;
+            Ok((
+                RoutingTag::from_slice(&tag)
+                    .ok_or_else(|| StoreError::Corrupt("routing tag".into()))?,
+                id_at(row, 1)?,
+            ))
+        })
     }
 
     /// Replaces the group name, epoch and state. False if the conversation

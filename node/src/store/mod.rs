@@ -50,6 +50,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/0005_shard_chunks.sql")),
     (6, include_str!("migrations/0006_message_epochs.sql")),
     (7, include_str!("migrations/0007_device_bindings.sql")),
+    (8, include_str!("migrations/0008_protocol_v2.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.
@@ -465,7 +466,8 @@ pub(crate) mod test_support {
             id,
             kind: ConversationKind::Group,
             name: format!("group {n}"),
-            topic: id.topic(),
+            topic: crate::routing::Routing::from_bytes([n; 32]).topic(),
+            tag: Some(crate::routing::Routing::from_bytes([n; 32]).tag()),
             epoch: 0,
             state: None,
             created_at_ms: 1_000 + i64::from(n),

@@ -132,7 +132,7 @@ impl Db<'_> {
             Some(d) if d.user_id != *user => Ok(Binding::OtherUser(d.user_id)),
             Some(_) => {
                 self.execute(
-                    "UPDATE devices SET cert = ?2 WHERE device_id = ?1",
+                    "UPDATE devices SET cert = ?2, cert_version = 2 WHERE device_id = ?1",
                     params![device.0, cert],
                 )?;
                 Ok(Binding::Known)
@@ -206,7 +206,7 @@ impl Db<'_> {
     /// many.
     pub fn forget_uncertified_devices(&self, keep: &DeviceId) -> Result<usize, StoreError> {
         self.execute(
-            "DELETE FROM devices WHERE length(cert) = 0 AND device_id != ?1",
+            "DELETE FROM devices WHERE length(cert) = 0 AND cert_version = 2 AND device_id != ?1",
             [keep.0],
         )
     }

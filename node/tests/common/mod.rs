@@ -371,3 +371,72 @@ pub async fn poll_until<T, F: std::future::Future<Output = Option<T>>>(
 pub fn json_text(v: &Value) -> String {
     json!(v).to_string()
 }
+
+/// The routing secret of the one-to-one conversation between `a` and `b`
+/// (or of `a`'s own account conversation when `b` is `a`), as either
+/// side's node computes it.
+pub fn direct_routing(a: &Identity, b: &Identity) -> weft_node::routing::Routing {
+    weft_node::routing::Routing::direct(
+        a.account_dh_secret(),
+        &a.user_id(),
+        &b.certificate().account_dh,
+        &b.user_id(),
+    )
+    .unwrap()
+}
+
+/// An envelope of `conversation` (routing `tag`) sealed by hand from
+/// `from`'s device to `to`'s, as a hostile peer would make it.
+pub fn seal_by_hand(
+    from: &Identity,
+    tag: weft_node::ids::RoutingTag,
+    conversation: weft_node::ids::ConversationId,
+    to: &Identity,
+    payload: &weft_node::payload::Payload,
+) -> Vec<u8> {
+    weft_node::crypto::envelope::seal_to_devices(
+        from.device_signing_key(),
+        tag,
+        conversation,
+        &[(to.device_id(), to.certificate().dh)],
+        [0x33; 32],
+        [0x44; 32],
+        &payload.encode(),
+    )
+    .unwrap()
+    .into_bytes()
+}
+
+/// The routing tag an envelope a node holds carries.
+pub fn tag_of(envelope: &[u8]) -> weft_node::ids::RoutingTag {
+    weft_node::crypto::envelope::Envelope::decode(envelope)
+        .unwrap()
+        .header
+        .tag
+}
+
+/// A certificate of `device` for `user`'s account, with the device's
+/// consent: what linking a device produces.
+pub fn certify(
+    user: &Identity,
+    device: &Identity,
+    at_ms: i64,
+) -> weft_node::identity::DeviceCertificate {
+    let dh = device.certificate().dh;
+    let consent = weft_node::identity::DeviceCertificate::consent(
+        device.device_signing_key(),
+        &user.user_id(),
+        &dh,
+    );
+    user.certify(&device.device_id(), dh, consent, at_ms)
+        .unwrap()
+}
+
+impl TestNode {
+    /// The keys this node runs with (read from its home).
+    pub fn identity(&self) -> Identity {
+        Home::new(self.dir.path().join("home"))
+            .load_identity()
+            .unwrap()
+    }
+}

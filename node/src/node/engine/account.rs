@@ -31,13 +31,25 @@ pub(super) fn account_conversation(user: &UserId) -> ConversationId {
     ConversationId::direct(user, user)
 }
 
-/// A new account conversation: its record and its in-memory form.
-pub(super) fn new_account_conversation(user: &UserId) -> (ConversationRecord, Conv) {
-    let id = account_conversation(user);
-    (
-        ConversationRecord::direct(id, "", now_ms()),
-        Conv::direct(id, vec![*user]),
+/// A new account conversation: its record and its in-memory form. Its
+/// routing secret derives from the account key, which only the account's
+/// devices hold.
+pub(super) fn new_account_conversation(
+    identity: &crate::identity::Identity,
+) -> Result<(ConversationRecord, Conv), NodeError> {
+    let user = identity.user_id();
+    let id = account_conversation(&user);
+    let routing = crate::routing::Routing::direct(
+        identity.account_dh_secret(),
+        &user,
+        &identity.certificate().account_dh,
+        &user,
     )
+    .map_err(|e| NodeError::Corrupt(format!("account key: {e}")))?;
+    Ok((
+        ConversationRecord::direct(id, "", &routing, now_ms()),
+        Conv::direct(id, vec![user], &routing),
+    ))
 }
 
 /// Gives a device that has no account document yet (made before there
@@ -97,7 +109,8 @@ impl State<'_, '_, '_> {
         if let Some(conv) = self.e.convs.get(&id) {
             return Ok(conv.clone());
         }
-        let (record, conv) = new_account_conversation(&self.e.my_user);
+        let (record, conv) = new_account_conversation(self.e.identity)
+            .map_err(|e| ApiError::failed(e.to_string()))?;
         self.db.insert_conversation(&record)?;
         self.db
             .set_members(&id, &[(self.e.my_user, Role::Member)])?;

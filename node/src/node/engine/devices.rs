@@ -11,6 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::identity::Revocation;
+
+/// How long a revoked device keeps its gossip topics, to hear that it is
+/// revoked (it can open nothing new meanwhile: chains moved on).
+const REVOKED_GATE_GRACE: Duration = Duration::from_secs(5);
+
+/// 16 random bytes (zeros if the OS fails: only used for placeholders).
+fn rand_id() -> [u8; 16] {
+    random_bytes().unwrap_or_default()
+}
 use crate::link::{CODE_LIFETIME_MS, LinkCode, LinkGrant, LinkRequest};
 
 /// Link codes waiting to be used, at most.
@@ -169,7 +178,7 @@ impl State<'_, '_, '_> {
             let cert = self
                 .e
                 .identity
-                .certify(&req.device, req.dh, now)
+                .certify(&req.device, req.dh, req.consent, now)
                 .map_err(|e| ApiError::failed(e.to_string()))?;
             if let Binding::OtherUser(owner) = self.bind_device(&cert)? {
                 return Err(ApiError::failed(format!(
@@ -181,6 +190,7 @@ impl State<'_, '_, '_> {
             let invite = self.account_invite(Vec::new())?;
             Ok(LinkGrant {
                 certificate: cert,
+                account_dh: self.e.identity.account_dh_secret().to_bytes(),
                 name: self.e.name.clone(),
                 invite,
             })
@@ -252,6 +262,7 @@ impl State<'_, '_, '_> {
     pub(super) fn receive_devices(
         &mut self,
         env: &Envelope,
+        conv_id: ConversationId,
         certs: Vec<DeviceCertificate>,
     ) -> Result<Verdict, ApiError> {
         let Some(sender) = self.db.device(&env.header.sender)? else {
@@ -286,7 +297,7 @@ impl State<'_, '_, '_> {
                 self.share_chains_with(&cert)?;
             }
         }
-        self.store_envelope(env, 0, 0)?;
+        self.store_envelope(env, &conv_id, 0, 0)?;
         Ok(Verdict::Accept)
     }
 
@@ -333,6 +344,7 @@ impl State<'_, '_, '_> {
             return Ok(binding);
         }
         self.devices_changed();
+        self.upgrade_direct_routing(&cert.user)?;
         if binding == Binding::New
             && let Some(bytes) = self.db.take_pending_revocation(&cert.user, &cert.device)?
             && let Ok(rev) = postcard::from_bytes::<Revocation>(&bytes)
@@ -444,6 +456,10 @@ impl State<'_, '_, '_> {
         if !self.db.revoke_device(&rev.device, &rev.user)? {
             return Ok(0);
         }
+        // The gate shuts the revoked device out of the account's topics (it
+        // is disconnected if subscribed), but only after it had time to
+        // hear of its revocation.
+        self.gates_changed(REVOKED_GATE_GRACE);
         // This device's own revocation is always held: it stops sending.
         if self.e.revoked.len() < MAX_REVOKED || rev.device == self.e.my_device {
             self.e.revoked.insert(rev.device);
@@ -521,6 +537,7 @@ impl State<'_, '_, '_> {
     pub(super) fn receive_revocation(
         &mut self,
         env: &Envelope,
+        conv_id: ConversationId,
         rev: Revocation,
     ) -> Result<Verdict, ApiError> {
         let Some(sender) = self.db.device(&env.header.sender)? else {
@@ -556,7 +573,7 @@ impl State<'_, '_, '_> {
                 )?;
             }
         }
-        self.store_envelope(env, 0, 0)?;
+        self.store_envelope(env, &conv_id, 0, 0)?;
         Ok(Verdict::Accept)
     }
 
@@ -795,6 +812,19 @@ impl State<'_, '_, '_> {
                 .as_deref()
                 .and_then(GroupState::decode)
                 .map(Arc::new);
+            // The routing secret: a group's is in its state; a one-to-one
+            // conversation's derives from the account keys.
+            let other = c
+                .members
+                .iter()
+                .map(|(u, _)| *u)
+                .find(|u| *u != self.e.my_user)
+                .unwrap_or(self.e.my_user);
+            let routing = match &group {
+                Some(g) => Some(g.routing()),
+                None if !c.group => super::direct_routing(self.e.identity, self.db, &other)?,
+                None => None,
+            };
             let record = ConversationRecord {
                 id: c.id,
                 kind: if c.group {
@@ -803,7 +833,12 @@ impl State<'_, '_, '_> {
                     ConversationKind::Direct
                 },
                 name: c.name.clone(),
-                topic: c.id.topic(),
+                topic: routing
+                    .as_ref()
+                    .map(|r| r.topic())
+                    // Never subscribed (no tag); unique, and says nothing.
+                    .unwrap_or_else(|| format!("weft/none/{}", hex::encode(rand_id()))),
+                tag: routing.as_ref().map(|r| r.tag()),
                 epoch: c.epoch,
                 state: c.state.clone(),
                 created_at_ms: c.created_at_ms,
@@ -824,6 +859,7 @@ impl State<'_, '_, '_> {
                     id: c.id,
                     kind: record.kind,
                     topic: record.topic.clone(),
+                    tag: record.tag,
                     epoch: c.epoch,
                     key_epoch: 1,
                     members: users,
