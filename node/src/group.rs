@@ -4,7 +4,8 @@
 //! A group's state is replaced whole by each change, with the epoch one
 //! higher. Only admins may change it, except that any member may leave. Of
 //! two concurrent changes with the same epoch, the one with the larger
-//! hash wins everywhere, so members converge.
+//! hash (of the state without its routing secret, then the larger secret)
+//! wins everywhere, so members converge.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,8 +80,14 @@ impl GroupState {
         postcard::from_bytes(bytes).ok()
     }
 
-    fn hash(&self) -> [u8; 32] {
-        *blake3::hash(&self.encode()).as_bytes()
+    /// Orders concurrent states of one epoch: the hash of the state
+    /// without its routing secret, then the secret. A removed member is
+    /// shown the state with the secret blanked (`routing` zero); ordered
+    /// this way it still picks the same winner as the members.
+    fn order_key(&self) -> ([u8; 32], [u8; 32]) {
+        let mut bare = self.clone();
+        bare.routing = [0; 32];
+        (*blake3::hash(&bare.encode()).as_bytes(), self.routing)
     }
 
     /// Checks the state on its own: sizes, names, certificates, an admin.
@@ -131,7 +138,7 @@ impl GroupState {
             return Err(GroupError::Invalid("another group"));
         }
         if self.epoch < current.epoch
-            || (self.epoch == current.epoch && self.hash() <= current.hash())
+            || (self.epoch == current.epoch && self.order_key() <= current.order_key())
         {
             return Err(GroupError::Stale);
         }

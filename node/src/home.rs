@@ -301,6 +301,56 @@ mod tests {
         assert_eq!(mode, 0o600);
     }
 
+    /// A key file of protocol 1, as that version wrote it.
+    fn v1_key_file(user: Option<[u8; 32]>, device: [u8; 32], device_dh: [u8; 32]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Secrets(Option<[u8; 32]>, [u8; 32], [u8; 32]);
+        #[derive(Serialize)]
+        struct Certificate(
+            [u8; 32],
+            [u8; 32],
+            [u8; 32],
+            i64,
+            #[serde(with = "crate::identity::sig_bytes")] [u8; 64],
+        );
+        postcard::to_stdvec(&(
+            1u8,
+            Secrets(user, device, device_dh),
+            Certificate([0; 32], device, [0; 32], 5, [7; 64]),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_protocol_1_key_file_is_upgraded_where_the_user_key_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("alice"));
+        home.create_dir().unwrap();
+        let (user, device, dh) = ([1; 32], [2; 32], [3; 32]);
+        fs::write(home.key_path(), v1_key_file(Some(user), device, dh)).unwrap();
+        fs::set_permissions(home.key_path(), fs::Permissions::from_mode(0o600)).unwrap();
+        let upgraded = home.load_identity().unwrap();
+        upgraded.certificate().verify().unwrap();
+        assert_eq!(upgraded.secrets().device, device);
+        // Written back: the next load reads version 2 and the same keys.
+        let again = home.load_identity().unwrap();
+        assert_eq!(again.certificate(), upgraded.certificate());
+        assert_eq!(again.secrets().account_dh, upgraded.secrets().account_dh);
+        let mode = fs::metadata(home.key_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_device_linked_under_protocol_1_is_told_to_link_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("phone"));
+        home.create_dir().unwrap();
+        fs::write(home.key_path(), v1_key_file(None, [2; 32], [3; 32])).unwrap();
+        fs::set_permissions(home.key_path(), fs::Permissions::from_mode(0o600)).unwrap();
+        let err = home.load_identity().unwrap_err().to_string();
+        assert!(err.contains("link it again"), "{err}");
+    }
+
     #[test]
     fn lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();

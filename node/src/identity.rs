@@ -679,6 +679,23 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_needs_the_devices_consent() {
+        let (a, b) = (alice(), Identity::from_seed(b"bob", 1).unwrap());
+        let dh = b.certificate().dh;
+        // Bob's device consented to bob's account, not to alice's.
+        let bobs_consent = b.certificate().consent;
+        assert!(matches!(
+            a.certify(&b.device_id(), dh, bobs_consent, 5),
+            Err(IdentityError::BadSignature(_))
+        ));
+        // With its consent to alice's account, it is hers.
+        let consent = DeviceCertificate::consent(b.device_signing_key(), &a.user_id(), &dh);
+        let cert = a.certify(&b.device_id(), dh, consent, 5).unwrap();
+        cert.verify().unwrap();
+        assert_eq!(cert.account_dh, a.certificate().account_dh);
+    }
+
+    #[test]
     fn revocation_verifies_and_detects_forgery() {
         let a = alice();
         let stolen = DeviceId([9; 32]);

@@ -64,6 +64,19 @@ impl Mallory {
         common::seal_by_hand(&self.me, tag, conversation, to, payload)
     }
 
+    /// Sends `victim` (running as `node`) a device list of hers naming
+    /// `cert`, in their direct conversation: how many envelopes it took.
+    async fn lists_device(
+        &self,
+        cert: DeviceCertificate,
+        node: &TestNode,
+        victim: &Identity,
+    ) -> u32 {
+        let with_her = ConversationId::direct(&victim.user_id(), &self.me.user_id());
+        let attack = self.sealed(with_her, victim, &Payload::Devices(vec![cert]));
+        node.handle.deliver(vec![attack]).await.unwrap()
+    }
+
     /// Whether any of `envelopes` opens with her device key.
     fn opens_any(&self, envelopes: &[Vec<u8>]) -> bool {
         envelopes.iter().any(|bytes| {
@@ -280,10 +293,8 @@ async fn a_device_list_cannot_rebind_another_accounts_device() {
     // Mallory's user key certifies bob's device (with her own DH key),
     // and she replays the consent bob's device gave his own account.
     let stolen = forged_certificate(&mallory.me, bob_id.certificate(), 5);
-    let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
-    let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Devices(vec![stolen]));
     assert_eq!(
-        alice.handle.deliver(vec![attack]).await.unwrap(),
+        mallory.lists_device(stolen, &alice, &alice_id).await,
         0,
         "alice accepted mallory's certificate for bob's device"
     );
@@ -383,10 +394,8 @@ async fn an_account_cannot_claim_a_device_it_does_not_hold() {
     add_invite(&alice, mallory.invite(), "mallory").await;
     // Mallory names carol's device as hers before alice ever meets carol.
     let claim = forged_certificate(&mallory.me, carol_id.certificate(), 5);
-    let with_mallory = ConversationId::direct(&alice_id.user_id(), &mallory.me.user_id());
-    let attack = mallory.sealed(with_mallory, &alice_id, &Payload::Devices(vec![claim]));
     assert_eq!(
-        alice.handle.deliver(vec![attack]).await.unwrap(),
+        mallory.lists_device(claim, &alice, &alice_id).await,
         0,
         "alice took mallory's certificate for a device mallory does not hold"
     );

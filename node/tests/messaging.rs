@@ -93,8 +93,20 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    alice.send("trio", "after carol").await;
+    let before = common::tag_of(
+        &alice.envelope_bytes(alice.messages("trio").await[0]["id"].as_str().unwrap()),
+    );
+    let after = alice.send("trio", "after carol").await;
     bob.expect_text("trio", "after carol").await;
+    // The group's envelopes moved to a new routing tag (and topic) that
+    // carol was not told: she cannot tell them apart from anyone else's.
+    let after = common::tag_of(&alice.envelope_bytes(after["id"].as_str().unwrap()));
+    assert_ne!(before, after);
+    assert!(carol.known_tags().contains(&before));
+    assert!(
+        !carol.known_tags().contains(&after),
+        "carol knows the new tag"
+    );
     bob.send("trio", "bob after carol").await;
     alice.expect_text("trio", "bob after carol").await;
     let carol_sees = carol.texts("trio").await;
@@ -113,6 +125,48 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), 2);
+}
+
+/// A member who leaves chooses the routing secret of the state saying so:
+/// the admin moves the group on to one the leaver never sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_leaves_cannot_follow_the_group() {
+    let alice = TestNode::start("alice", 4, &[]).await;
+    let bob = TestNode::start("bob", 4, &[&alice]).await;
+    let carol = TestNode::start("carol", 4, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    alice.send("trio", "hi all").await;
+    carol.expect_text("trio", "hi all").await;
+    carol
+        .call(Request::GroupLeave {
+            group: "trio".into(),
+        })
+        .await;
+    poll_until("alice to see carol leave", || async {
+        let members = alice
+            .call(Request::GroupMembers {
+                group: "trio".into(),
+            })
+            .await;
+        (members.as_array().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    let after = alice.send("trio", "after carol left").await;
+    bob.expect_text("trio", "after carol left").await;
+    let tag = common::tag_of(&alice.envelope_bytes(after["id"].as_str().unwrap()));
+    assert!(
+        !carol.known_tags().contains(&tag),
+        "carol can follow the group"
+    );
+    assert!(
+        !carol
+            .texts("trio")
+            .await
+            .iter()
+            .any(|t| t == "after carol left")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1605,6 +1605,15 @@ mod tests {
             }
         }
 
+        /// Notes the subscriptions already queued, without waiting.
+        fn drain(&mut self, events: &mut mpsc::Receiver<NetEvent>) {
+            while let Ok(ev) = events.try_recv() {
+                if let NetEvent::Subscribed { peer, topic } = ev {
+                    self.subscribed.push((peer, topic));
+                }
+            }
+        }
+
         fn saw(&self, peer: PeerId, topic: &str) -> bool {
             self.subscribed
                 .iter()
@@ -1726,11 +1735,7 @@ mod tests {
             publish_and_watch(&a, &mut b_events, &mut s_events, topic, control, deadline).await;
         assert_eq!(got, vec![(control.to_string(), b"marker".to_vec())]);
         // Nothing more has come in meanwhile.
-        while let Ok(ev) = a_events.try_recv() {
-            if let NetEvent::Subscribed { peer, topic } = ev {
-                seen.subscribed.push((peer, topic));
-            }
-        }
+        seen.drain(&mut a_events);
         assert!(seen.saw(b_peer, topic));
         assert!(!seen.saw(s_peer, topic), "{:?}", seen.subscribed);
     }
@@ -1786,11 +1791,7 @@ mod tests {
         let got =
             publish_and_watch(&a, &mut b_events, &mut s_events, topic, control, deadline).await;
         assert_eq!(got, vec![(control.to_string(), b"marker".to_vec())]);
-        while let Ok(ev) = a_events.try_recv() {
-            if let NetEvent::Subscribed { peer, topic } = ev {
-                seen.subscribed.push((peer, topic));
-            }
-        }
+        seen.drain(&mut a_events);
         assert!(!seen.saw(s_peer, topic), "{:?}", seen.subscribed);
     }
 

@@ -2626,25 +2626,33 @@ impl State<'_, '_, '_> {
         state: &GroupState,
         removed: &[GroupMember],
     ) -> Result<(), ApiError> {
-        let mut recipients: Vec<(DeviceId, [u8; 32])> = Vec::new();
-        for m in state.members.iter().chain(removed) {
-            for d in &m.devices {
-                if d.device != self.e.my_device && !recipients.iter().any(|(x, _)| *x == d.device) {
-                    recipients.push((d.device, d.dh));
+        let mut members: Vec<(DeviceId, [u8; 32])> = Vec::new();
+        let mut leaving: Vec<(DeviceId, [u8; 32])> = Vec::new();
+        for (list, of) in [(&mut members, &state.members[..]), (&mut leaving, removed)] {
+            for d in of.iter().flat_map(|m| &m.devices) {
+                if d.device != self.e.my_device && !list.iter().any(|(x, _)| *x == d.device) {
+                    list.push((d.device, d.dh));
                 }
             }
         }
-        if recipients.is_empty() {
-            return Ok(());
+        leaving.retain(|d| !members.contains(d));
+        if !members.is_empty() {
+            let env = self.seal_to(conv.id, &members, &Payload::Group(state.clone()))?;
+            self.send_envelope(conv, &env, state.epoch, 0, false, Ack::Publish)?;
         }
-        let env = self.seal_to(conv.id, &recipients, &Payload::Group(state.clone()))?;
-
-        // Removed members must hear it too: widen the delivery set.
-        let mut wide = conv.clone();
-        let mut all = state.clone();
-        all.members.extend(removed.iter().cloned());
-        wide.group = Some(Arc::new(all));
-        self.send_envelope(&wide, &env, state.epoch, 0, false, Ack::Publish)?;
+        if !leaving.is_empty() {
+            // Removed members must hear that they are out, but not the new
+            // routing secret: they could follow the group's envelopes and
+            // topic with it.
+            let mut told = state.clone();
+            told.routing = [0; 32];
+            let env = self.seal_to(conv.id, &leaving, &Payload::Group(told))?;
+            let mut them = conv.clone();
+            let mut only_them = state.clone();
+            only_them.members = removed.to_vec();
+            them.group = Some(Arc::new(only_them));
+            self.send_envelope(&them, &env, state.epoch, 0, false, Ack::Publish)?;
+        }
         Ok(())
     }
 
@@ -3331,6 +3339,16 @@ impl State<'_, '_, '_> {
         self.apply_group(&state, &[])?;
         self.store_envelope(env, &conv_id, state.epoch, 0)?;
         self.reprocess_pending(&state.id);
+        // A member who left chose the new epoch's routing secret: an
+        // admin moves the group on to one the leaver does not know.
+        // (Admins doing so at once converge like any concurrent change.)
+        if state.member(&author).is_none() && state.is_admin(&self.e.my_user) {
+            let mut next = state.clone();
+            next.epoch += 1;
+            next.routing = fresh_key()?;
+            let conv = self.apply_group(&next, &[])?;
+            self.announce_group(&conv, &next, &[])?;
+        }
         Ok(Verdict::Accept)
     }
 

@@ -567,6 +567,52 @@ mod tests {
         Ok(())
     }
 
+    /// A database of protocol 1 (schema 7) keeps its device bindings
+    /// through migration 0008, without the certificates it cannot use.
+    #[test]
+    fn protocol_1_certificates_stay_as_bindings() -> Result<(), StoreError> {
+        let conn = Connection::open_in_memory()?;
+        for (version, sql) in &MIGRATIONS[..7] {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", version)?;
+        }
+        let (device, user, group) = ([1u8; 32], [2u8; 32], ConversationId([9; 32]));
+        conn.execute(
+            "INSERT INTO devices (device_id, user_id, cert, revoked) VALUES (?1, ?2, ?3, 1)",
+            rusqlite::params![device, user, b"a protocol 1 certificate".to_vec()],
+        )?;
+        conn.execute(
+            "INSERT INTO conversations (id, kind, name, topic, epoch, state, created_at, key_epoch)
+             VALUES (?1, 'group', 'old', 'weft/1/x', 3, X'0102', 5, 1)",
+            [group.0],
+        )?;
+        let store = Store::configure(conn)?;
+        let bound = store.db().device(&DeviceId(device))?.expect("kept");
+        assert_eq!((bound.user_id, bound.revoked), (UserId(user), true));
+        assert!(
+            bound.cert.is_empty(),
+            "a protocol 1 certificate is not used"
+        );
+        // Another account cannot take it, and its own account's new
+        // certificate replaces the old one.
+        assert_eq!(
+            store
+                .db()
+                .bind_device(&DeviceId(device), &UserId([3; 32]), b"x")?,
+            Binding::OtherUser(UserId(user))
+        );
+        assert_eq!(
+            store
+                .db()
+                .bind_device(&DeviceId(device), &UserId(user), b"v2")?,
+            Binding::Known
+        );
+        // The old group keeps its record, without a state or a tag.
+        let record = store.db().conversation(&group)?.expect("kept");
+        assert_eq!((record.state, record.tag), (None, None));
+        Ok(())
+    }
+
     #[test]
     fn newer_schema_is_refused() -> Result<(), StoreError> {
         let dir = tempfile::tempdir()?;

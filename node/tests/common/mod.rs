@@ -433,6 +433,21 @@ pub fn certify(
 }
 
 impl TestNode {
+    /// Every routing tag this node knows (read through a second
+    /// connection to its store).
+    pub fn known_tags(&self) -> Vec<weft_node::ids::RoutingTag> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        store
+            .db()
+            .routing_tags()
+            .unwrap()
+            .into_iter()
+            .map(|(tag, _)| tag)
+            .collect()
+    }
+
     /// The keys this node runs with (read from its home).
     pub fn identity(&self) -> Identity {
         Home::new(self.dir.path().join("home"))
