@@ -68,6 +68,9 @@ const IN_FLIGHT: Duration = Duration::from_secs(10);
 const RETRY_BATCH: usize = 512;
 /// Most envelopes in one direct request.
 const DIRECT_BATCH: usize = 512;
+/// Bound of the routing-tag cache (tags of earlier epochs beyond it are
+/// read from the store).
+const ROUTING_TAGS_CACHE: usize = 65_536;
 /// Bound of the receiving-chain cache.
 const CHAIN_CACHE: usize = 20_000;
 
@@ -524,7 +527,8 @@ impl Engine {
             &self.my_user,
             &self.identity.certificate().to_bytes(),
         )?;
-        self.by_tag = db.routing_tags()?.into_iter().collect();
+        // Current tags only; earlier epochs' are looked up in the store
+        // when an envelope names one.
         let records = db.conversations()?;
         let mut convs = Vec::with_capacity(records.len());
         for mut record in records {
@@ -549,7 +553,6 @@ impl Engine {
             {
                 // Made under protocol 1: its protocol 2 secret is known now.
                 db.set_routing(&record.id, &routing.topic(), &routing.tag())?;
-                self.by_tag.insert(routing.tag(), record.id);
                 (record.topic, record.tag) = (routing.topic(), Some(routing.tag()));
             }
             convs.push(Conv {
@@ -574,9 +577,6 @@ impl Engine {
         if !convs.iter().any(|c| c.id == own) {
             let (record, conv) = account::new_account_conversation(&self.identity)?;
             db.insert_conversation(&record)?;
-            if let Some(tag) = conv.tag {
-                self.by_tag.insert(tag, conv.id);
-            }
             db.set_members(&own, &[(self.my_user, Role::Member)])?;
             convs.push(conv);
         }
@@ -584,6 +584,11 @@ impl Engine {
         let mut pending_outbox = Vec::new();
         let known = db.known_peers(4096)?;
         for conv in convs {
+            if let Some(tag) = conv.tag
+                && self.by_tag.len() < ROUTING_TAGS_CACHE
+            {
+                self.by_tag.insert(tag, conv.id);
+            }
             if conv.active && conv.tag.is_some() {
                 self.outlets
                     .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
@@ -1748,9 +1753,36 @@ impl State<'_, '_, '_> {
         else {
             return;
         };
+        self.tag_found(tag, conv);
+    }
+
+    /// Notes where a tag belongs (in a bounded cache: the store knows every
+    /// tag), and takes in the chain envelopes that waited for it.
+    fn tag_found(&mut self, tag: RoutingTag, conv: ConversationId) {
+        if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
+            self.e.by_tag.clear();
+        }
         if self.e.by_tag.insert(tag, conv).is_none() {
             self.reprocess_pending(&tag_slot(&tag));
         }
+    }
+
+    /// The conversation a routing tag names, if this node knows the tag.
+    fn conversation_of_tag(
+        &mut self,
+        tag: &RoutingTag,
+    ) -> Result<Option<ConversationId>, ApiError> {
+        if let Some(conv) = self.e.by_tag.get(tag) {
+            return Ok(Some(*conv));
+        }
+        let conv = self.db.conversation_of_tag(tag)?;
+        if let Some(conv) = conv {
+            if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
+                self.e.by_tag.clear();
+            }
+            self.e.by_tag.insert(*tag, conv);
+        }
+        Ok(conv)
     }
 
     /// Members or devices changed: the gate is told again after `delay`
@@ -2942,7 +2974,7 @@ impl State<'_, '_, '_> {
         };
         // On gossip, the tag must belong to the topic's conversation (both
         // derive from the same routing secret).
-        let tagged = self.e.by_tag.get(&env.header.tag).copied();
+        let tagged = self.conversation_of_tag(&env.header.tag)?;
         if let Some(topic) = topic {
             let Some(topic_conv) = self.e.by_topic.get(topic).copied() else {
                 return Ok(Verdict::Ignore);
@@ -3306,9 +3338,7 @@ impl State<'_, '_, '_> {
                 // tag: keep recognising it.
                 let tag = state.routing().tag();
                 self.db.add_routing_tag(&tag, &state.id)?;
-                if self.e.by_tag.insert(tag, state.id).is_none() {
-                    self.reprocess_pending(&tag_slot(&tag));
-                }
+                self.tag_found(tag, state.id);
                 self.store_envelope(env, &conv_id, state.epoch, 0)?;
                 return Ok(Verdict::Accept);
             }

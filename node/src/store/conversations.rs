@@ -226,6 +226,18 @@ impl Db<'_> {
         Ok(())
     }
 
+    /// The conversation a routing tag names.
+    pub fn conversation_of_tag(
+        &self,
+        tag: &RoutingTag,
+    ) -> Result<Option<ConversationId>, StoreError> {
+        self.query_opt(
+            "SELECT conversation FROM routing_tags WHERE tag = ?1",
+            [tag.0],
+            |row| id_at(row, 0),
+        )
+    }
+
     /// Every known routing tag and its conversation.
     pub fn routing_tags(&self) -> Result<Vec<(RoutingTag, ConversationId)>, StoreError> {
         self.query_vec("SELECT tag, conversation FROM routing_tags", [], |row| {
