@@ -52,12 +52,7 @@ fn shown(m: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_reactions_and_a_deletion_reach_every_member() {
-    let alice = TestNode::start("alice", 31, &[]).await;
-    let bob = TestNode::start("bob", 31, &[&alice]).await;
-    let carol = TestNode::start("carol", 31, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(31).await;
     let id = alice.send("trio", "see you at 7").await["id"]
         .as_str()
         .unwrap()

@@ -71,12 +71,7 @@ async fn wait_group(node: &TestNode, group: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_heals_with_every_message_once_in_order_and_receipts() {
-    let alice = TestNode::start("alice", 31, &[]).await;
-    let mut bob = TestNode::start("bob", 31, &[&alice]).await;
-    let carol = TestNode::start("carol", 31, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, mut bob, carol) = common::trio(31).await;
     wait_group(&bob, "trio").await;
     wait_group(&carol, "trio").await;
     alice.send("trio", "before").await;
@@ -213,12 +208,7 @@ async fn partition_heals_with_every_message_once_in_order_and_receipts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_from_a_third_party() {
-    let alice = TestNode::start("alice", 32, &[]).await;
-    let mut bob = TestNode::start("bob", 32, &[&alice]).await;
-    let carol = TestNode::start("carol", 32, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, mut bob, carol) = common::trio(32).await;
     wait_group(&bob, "trio").await;
     wait_group(&carol, "trio").await;
 

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{TestNode, befriend, group_create, link};
+use common::{TestNode, befriend, link};
 use weft_node::api::Request;
 
 fn count(ms: &[serde_json::Value], prefix: &str) -> usize {
@@ -18,12 +18,7 @@ fn count(ms: &[serde_json::Value], prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_device_gets_history_and_new_messages_and_speaks_for_the_account() {
-    let alice = TestNode::start("alice", 51, &[]).await;
-    let bob = TestNode::start("bob", 51, &[&alice]).await;
-    let carol = TestNode::start("carol", 51, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(51).await;
     for i in 0..5 {
         alice.send("bob", &format!("before-{i}")).await;
         alice.send("trio", &format!("group-before-{i}")).await;
@@ -210,12 +205,7 @@ async fn wait_contact_devices(node: &TestNode, alias: &str, devices: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_reads_nothing_sent_after_and_cannot_act_for_the_account() {
-    let alice = TestNode::start("alice", 54, &[]).await;
-    let bob = TestNode::start("bob", 54, &[&alice]).await;
-    let carol = TestNode::start("carol", 54, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(54).await;
     let mut phone = link(&alice, "alice-phone", &[&alice, &bob, &carol]).await;
     // The phone holds every member's chain in both conversations.
     bob.send("alice", "bob, before").await;

@@ -239,14 +239,7 @@ async fn trio_with(
     ConversationId,
     serde_json::Value,
 ) {
-    let alice = TestNode::start("alice", seed, &[]).await;
-    let bob = TestNode::start("bob", seed, &[&alice]).await;
-    let carol = TestNode::start("carol", seed, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice
-        .call(common::group_create("trio", &["bob", "carol"]))
-        .await;
+    let (alice, bob, carol) = common::trio(seed).await;
     alice.send("trio", first).await;
     bob.expect_text("trio", first).await;
     let message = bob.messages("trio").await.remove(0);

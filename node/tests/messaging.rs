@@ -48,12 +48,7 @@ async fn one_to_one_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_three_and_removed_member_reads_nothing_after() {
-    let alice = TestNode::start("alice", 2, &[]).await;
-    let bob = TestNode::start("bob", 2, &[&alice]).await;
-    let carol = TestNode::start("carol", 2, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(2).await;
     alice.send("trio", "hi all").await;
     bob.expect_text("trio", "hi all").await;
     carol.expect_text("trio", "hi all").await;
@@ -131,12 +126,7 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
 /// the admin moves the group on to one the leaver never sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_who_leaves_cannot_follow_the_group() {
-    let alice = TestNode::start("alice", 4, &[]).await;
-    let bob = TestNode::start("bob", 4, &[&alice]).await;
-    let carol = TestNode::start("carol", 4, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(4).await;
     alice.send("trio", "hi all").await;
     carol.expect_text("trio", "hi all").await;
     carol

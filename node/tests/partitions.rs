@@ -20,7 +20,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use common::{TestNode, befriend, group_create, link};
+use common::{TestNode, link};
 use serde_json::Value;
 use weft_node::api::Request;
 use weft_node::home::Home;
@@ -293,12 +293,7 @@ async fn act(mesh: &Mesh, who: usize, round: usize, rng: &mut Rng, invites: &[(S
 
 async fn run(seed: u64, rounds: usize) {
     // A real set-up: contacts, a group, two more devices with history.
-    let alice = TestNode::start("alice", seed, &[]).await;
-    let bob = TestNode::start("bob", seed, &[&alice]).await;
-    let carol = TestNode::start("carol", seed, &[&alice, &bob]).await;
-    befriend(&alice, &bob).await;
-    befriend(&alice, &carol).await;
-    alice.call(group_create("trio", &["bob", "carol"])).await;
+    let (alice, bob, carol) = common::trio(seed).await;
     alice.send("trio", "hello, trio").await;
     let phone = link(&alice, "alice-phone", &[&alice, &bob, &carol]).await;
     let tablet = link(&alice, "alice-tablet", &[&alice, &bob, &carol, &phone]).await;

@@ -455,3 +455,15 @@ impl TestNode {
             .unwrap()
     }
 }
+
+/// Alice, bob and carol (keys from `seed`), alice a contact of both, and
+/// the group "trio" alice made with them.
+pub async fn trio(seed: u64) -> (TestNode, TestNode, TestNode) {
+    let alice = TestNode::start("alice", seed, &[]).await;
+    let bob = TestNode::start("bob", seed, &[&alice]).await;
+    let carol = TestNode::start("carol", seed, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(group_create("trio", &["bob", "carol"])).await;
+    (alice, bob, carol)
+}
