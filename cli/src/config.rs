@@ -23,6 +23,10 @@
 //! skipped_key_max_age_days = 30  # how long the key of a message that has
 //!                                # not arrived (or came out of order) is
 //!                                # kept; then it can no longer be read
+//! handout_key_rotation_days = 7  # how often this device's handout key
+//!                                # (what key handouts are sealed to) is
+//!                                # replaced; a replaced one is erased
+//!                                # skipped_key_max_age_days later
 //!
 //! [relays]
 //! target = 2                   # relays to use; more are looked for in the
@@ -59,6 +63,7 @@ struct FileConfig {
 #[serde(default, deny_unknown_fields)]
 struct KeysSection {
     skipped_key_max_age_days: Option<u64>,
+    handout_key_rotation_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +199,12 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
         }
         s.skipped_key_max_age = Duration::from_secs(days * 24 * 3600);
     }
+    if let Some(days) = file.keys.handout_key_rotation_days {
+        if !(1..=MAX_DAYS).contains(&days) {
+            bail!("keys.handout_key_rotation_days = {days}: must be between 1 and {MAX_DAYS} days");
+        }
+        s.handout_key_rotation = Duration::from_secs(days * 24 * 3600);
+    }
     let mut out = FileSettings {
         node: s,
         ..FileSettings::default()
@@ -276,7 +287,8 @@ mod tests {
             "# timings\n[presence]\nheartbeat_secs = 10\ntyping_secs = 3\n\n[outbox]\n\
              expiry_days = 7\nretry_base_secs = 1\nretry_max_secs = 120\n\n[sync]\n\
              interval_secs = 15\n\n[receipts]\nread_receipts_max_group = 50\n\n\
-             [keys]\nskipped_key_max_age_days = 9\n\n[relays]\ntarget = 3\n",
+             [keys]\nskipped_key_max_age_days = 9\nhandout_key_rotation_days = 2\n\n\
+             [relays]\ntarget = 3\n",
         )?;
         assert_eq!(s.relay_target, 3);
         let s = s.node;
@@ -288,6 +300,7 @@ mod tests {
         assert_eq!(s.sync_interval, Duration::from_secs(15));
         assert_eq!(s.read_receipts_max_group, 50);
         assert_eq!(s.skipped_key_max_age, Duration::from_secs(9 * 24 * 3600));
+        assert_eq!(s.handout_key_rotation, Duration::from_secs(2 * 24 * 3600));
         Ok(())
     }
 
@@ -327,6 +340,8 @@ mod tests {
         assert!(err.contains("retry_base_secs"), "{err}");
         let err = error("[keys]\nskipped_key_max_age_days = 0\n");
         assert!(err.contains("keys.skipped_key_max_age_days"), "{err}");
+        let err = error("[keys]\nhandout_key_rotation_days = 0\n");
+        assert!(err.contains("keys.handout_key_rotation_days"), "{err}");
         let err = error("[relays]\ntarget = 9\n");
         assert!(err.contains("relays.target"), "{err}");
         let err = error("[sync\ninterval_secs = 1\n");

@@ -33,6 +33,7 @@ pub const MAX_INVITE_CHARS: usize = 16 * 1024;
 const CERT_CONTEXT: &[u8] = b"weft v2 device certificate";
 const CONSENT_CONTEXT: &[u8] = b"weft v2 device consent";
 const REVOCATION_CONTEXT: &[u8] = b"weft v1 device revocation";
+const HANDOUT_KEY_CONTEXT: &[u8] = b"weft v2 handout key";
 const INVITE_CONTEXT: &[u8] = b"weft v2 invite";
 /// The invite text's prefix names the string format (base32 with a
 /// checksum); the version byte inside names the protocol.
@@ -514,6 +515,49 @@ impl Revocation {
     }
 }
 
+/// A device's current X25519 key for what is sealed to it (key handouts,
+/// group states), signed by its device key. Devices replace it on a timer
+/// and erase the secret a while after: a later copy of the device then
+/// opens no handout sealed to an old one. The certified DH key is only the
+/// fallback for senders who know no handout key of the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoutKey {
+    pub device: DeviceId,
+    pub dh: [u8; 32],
+    pub created_at_ms: i64,
+    #[serde(with = "sig_bytes")]
+    pub signature: [u8; 64],
+}
+
+impl HandoutKey {
+    pub fn issue(device_key: &SigningKey, dh: [u8; 32], now_ms: i64) -> Self {
+        let device = DeviceId(device_key.verifying_key().to_bytes());
+        let msg = Self::signed_bytes(&device, &dh, now_ms);
+        Self {
+            device,
+            dh,
+            created_at_ms: now_ms,
+            signature: device_key.sign(&msg).to_bytes(),
+        }
+    }
+
+    fn signed_bytes(device: &DeviceId, dh: &[u8; 32], at: i64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(HANDOUT_KEY_CONTEXT.len() + 72);
+        m.extend_from_slice(HANDOUT_KEY_CONTEXT);
+        m.extend_from_slice(&device.0);
+        m.extend_from_slice(dh);
+        m.extend_from_slice(&at.to_be_bytes());
+        m
+    }
+
+    /// Checks that the device key signed it.
+    pub fn verify(&self) -> Result<(), IdentityError> {
+        let msg = Self::signed_bytes(&self.device, &self.dh, self.created_at_ms);
+        verify(&self.device.0, &msg, &self.signature)
+            .map_err(|_| IdentityError::BadSignature("handout key"))
+    }
+}
+
 /// Verifies an ed25519 signature made by `public` over `msg` (strict:
 /// rejects malleable and small-order forms).
 pub fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> Result<(), IdentityError> {
@@ -693,6 +737,19 @@ mod tests {
         let cert = a.certify(&b.device_id(), dh, consent, 5).unwrap();
         cert.verify().unwrap();
         assert_eq!(cert.account_dh, a.certificate().account_dh);
+    }
+
+    #[test]
+    fn a_handout_key_is_signed_by_its_device() {
+        let a = alice();
+        let key = HandoutKey::issue(a.device_signing_key(), [9; 32], 5);
+        key.verify().unwrap();
+        let mut moved = key.clone();
+        moved.dh[0] ^= 1;
+        assert!(moved.verify().is_err());
+        let mut claimed = key;
+        claimed.device = Identity::from_seed(b"bob", 1).unwrap().device_id();
+        assert!(claimed.verify().is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::group::GroupState;
 use crate::hlc::Hlc;
-use crate::identity::{DeviceCertificate, Revocation};
+use crate::identity::{DeviceCertificate, HandoutKey, Revocation};
 use crate::ids::MessageId;
 
 /// Longest message text, in bytes of UTF-8.
@@ -43,6 +43,9 @@ pub enum Payload {
     /// contacts, blocks, read positions, privacy), chain-sealed in the
     /// account's own conversation, so only its devices read it.
     Account(AccountChange),
+    /// The sending device's current handout key (sealed to member
+    /// devices): what to seal to it from now on.
+    HandoutKey(HandoutKey),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,13 +77,17 @@ impl Mallory {
         node.handle.deliver(vec![attack]).await.unwrap()
     }
 
-    /// Whether any of `envelopes` opens with her device key.
+    /// Whether any of `envelopes` opens with her device key to more than
+    /// a handout key (the public key a contact hands to all its contacts'
+    /// devices when their conversation starts).
     fn opens_any(&self, envelopes: &[Vec<u8>]) -> bool {
         envelopes.iter().any(|bytes| {
             Envelope::decode(bytes)
                 .unwrap()
                 .open_sealed(&self.me.device_id(), self.me.device_dh_secret())
-                .is_ok()
+                .is_ok_and(|(_, plain)| {
+                    !matches!(Payload::decode(&plain), Some(Payload::HandoutKey(_)))
+                })
         })
     }
 }

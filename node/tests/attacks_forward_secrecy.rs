@@ -373,6 +373,87 @@ async fn a_skipped_key_is_forgotten_after_the_max_age_on_a_quiet_chain() {
     assert!(texts.iter().any(|t| t == "three"));
 }
 
+/// Key handouts are sealed to the recipient's handout key, not to the
+/// certified DH key in `identity.key`; once that handout key has been
+/// replaced and its max age passed, a copy of the recipient's home opens
+/// none of the handouts captured on the wire (and so none of the chains
+/// they carried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_home_opens_no_key_handout_once_its_handout_key_is_replaced() {
+    let short = Settings {
+        skipped_key_max_age: Duration::from_secs(2),
+        handout_key_rotation: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let alice = TestNode::start("alice", 148, &[]).await;
+    let mut bob = TestNode::start_with("bob", 149, &[&alice], short).await;
+    befriend(&alice, &bob).await;
+    let bob_id = bob.identity();
+    let bob_device = bob_id.device_id();
+    poll_until("alice never got bob's handout key", || async {
+        alice.handout_key_of(&bob_device).map(|_| ())
+    })
+    .await;
+    for text in ["one", "two", "three"] {
+        alice.send("bob", text).await;
+    }
+    bob.expect_text("alice", "three").await;
+    // What alice sealed to bob, as it went on the wire.
+    let to_bob: Vec<Envelope> = alice
+        .sealed_envelopes(|c| c.kind == ConversationKind::Direct)
+        .iter()
+        .map(|bytes| Envelope::decode(bytes).unwrap())
+        .filter(|env| match &env.header.sealing {
+            Sealing::Sealed { recipients, .. } => recipients.iter().any(|r| r.device == bob_device),
+            Sealing::Chain { .. } => false,
+        })
+        .collect();
+    let opens = |env: &Envelope, keys: &[[u8; 32]]| {
+        keys.iter().any(|k| {
+            env.open_sealed(&bob_device, &x25519_dalek::StaticSecret::from(*k))
+                .is_ok()
+        })
+    };
+    let certified = bob_id.device_dh_secret().to_bytes();
+    // Which of them are key handouts (chains), read while bob can.
+    let mut held = bob.own_handout_secrets();
+    held.push(certified);
+    let handouts: Vec<&Envelope> = to_bob
+        .iter()
+        .filter(|env| {
+            held.iter().any(|k| {
+                env.open_sealed(&bob_device, &x25519_dalek::StaticSecret::from(*k))
+                    .ok()
+                    .and_then(|(_, plain)| Payload::decode(&plain))
+                    .is_some_and(|p| matches!(p, Payload::SenderKey(_)))
+            })
+        })
+        .collect();
+    assert!(!handouts.is_empty(), "alice handed bob her chain");
+    for handout in &handouts {
+        assert!(
+            !opens(handout, &[certified]),
+            "alice's key handout was sealed to bob's certified key"
+        );
+    }
+    // Bob replaces his handout key and erases the old one in time.
+    poll_until("bob still holds the key alice sealed to", || async {
+        let now = bob.own_handout_secrets();
+        handouts.iter().all(|h| !opens(h, &now)).then_some(())
+    })
+    .await;
+    bob.stop().await;
+    // The copy: every key in it.
+    let copy = TestNode::start_offline("bob", bob.dir).await;
+    let mut keys = copy.own_handout_secrets();
+    keys.push(copy.identity().device_dh_secret().to_bytes());
+    for handout in &handouts {
+        assert!(!opens(handout, &keys), "the copy opens a key handout");
+    }
+    // Bob still reads what he received.
+    assert_eq!(copy.texts("alice").await, ["one", "two", "three"]);
+}
+
 /// A sender's chain of an earlier epoch goes once a newer one has been
 /// here for the max age; this device's own sending chain of an earlier
 /// epoch goes at once. What was read stays.

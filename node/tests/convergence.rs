@@ -50,6 +50,8 @@ struct Recorded {
     envelopes: Vec<Vec<u8>>,
     /// Bob's histories.
     expected: Histories,
+    /// Bob's handout keys (public, secret, made at).
+    handout_keys: Vec<([u8; 32], [u8; 32], i64)>,
 }
 
 /// Runs alice, bob and carol, lets them talk, and returns every envelope
@@ -136,15 +138,26 @@ fn record() -> Recorded {
             rowids.extend(db.chain_positions(&conv).unwrap().into_iter().map(|p| p.3));
             envelopes.extend(db.envelope_bytes_by_rowid(&rowids).unwrap());
         }
+        // Bob's handout keys: what his key handouts were sealed to.
+        let handout_keys = db
+            .own_handout_keys()
+            .unwrap()
+            .iter()
+            .map(|k| (k.public, *k.secret, k.created_at_ms))
+            .collect();
         Recorded {
             envelopes,
             expected,
+            handout_keys,
         }
     })
 }
 
 /// A fresh, offline bob fed `chunks` one after another.
-async fn replay(chunks: Vec<Vec<Vec<u8>>>) -> Histories {
+async fn replay(
+    chunks: Vec<Vec<Vec<u8>>>,
+    handout_keys: &[([u8; 32], [u8; 32], i64)],
+) -> Histories {
     let dir = tempfile::Builder::new()
         .prefix("weft-bob-replay-")
         .tempdir()
@@ -152,6 +165,13 @@ async fn replay(chunks: Vec<Vec<Vec<u8>>>) -> Histories {
     let home = Home::new(dir.path().join("home"));
     let identity = Identity::from_seed(format!("bob/{SEED}").as_bytes(), 0).unwrap();
     home.init_with(&identity, "Bob").unwrap();
+    {
+        // The same device as the recorded bob: it holds his handout keys.
+        let store = Store::open(&home.db_path()).unwrap();
+        for (public, secret, at) in handout_keys {
+            store.db().add_own_handout_key(public, secret, *at).unwrap();
+        }
+    }
     let node = Node::start(NodeConfig::new(dir.path().join("home"), None))
         .await
         .unwrap();
@@ -223,7 +243,7 @@ fn any_order_duplication_and_delay_gives_the_same_history() {
             chunks.push(head.to_vec());
             rest = tail;
         }
-        let got = rt.block_on(replay(chunks));
+        let got = rt.block_on(replay(chunks, &recorded.handout_keys));
         prop_assert_eq!(got, expected.clone());
     });
 }

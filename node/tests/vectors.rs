@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
-use weft_node::identity::{DeviceCertificate, Revocation};
+use weft_node::identity::{DeviceCertificate, HandoutKey, Revocation};
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId, RoutingTag, UserId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
@@ -98,6 +98,15 @@ fn direct_routing_vector() -> Routing {
     .unwrap()
 }
 
+/// Device `12`'s handout key: X25519 secret `a1` × 32's public key.
+fn handout_key_payload() -> Payload {
+    Payload::HandoutKey(HandoutKey::issue(
+        &SigningKey::from_bytes(&DEVICE_SEED),
+        PublicKey::from(&StaticSecret::from(ACCOUNT_A)).to_bytes(),
+        1_700_000_000_000,
+    ))
+}
+
 fn text_payload() -> Payload {
     Payload::Text(TextMessage {
         text: "hi".into(),
@@ -157,6 +166,7 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("mailbox-deposit-v1", deposit_request().encode()),
         ("device-certificate-v2", certificate_vector().to_bytes()),
+        ("payload-handout-key-v2", handout_key_payload().encode()),
         ("direct-routing-v2", {
             let r = direct_routing_vector();
             let mut out = r.as_bytes().to_vec();
@@ -213,6 +223,13 @@ fn payload_and_direct_vectors_match_and_decode() {
         MailboxRequest::decode(&documented("mailbox-deposit-v1")),
         Some(deposit_request())
     );
+    match Payload::decode(&documented("payload-handout-key-v2")) {
+        Some(Payload::HandoutKey(k)) => {
+            k.verify().unwrap();
+            assert_eq!(Payload::HandoutKey(k), handout_key_payload());
+        }
+        other => panic!("payload-handout-key-v2 decodes to {other:?}"),
+    }
     let cert = DeviceCertificate::from_bytes(&documented("device-certificate-v2")).unwrap();
     assert_eq!(cert, certificate_vector());
     // Without the device's consent, or with another's, it does not verify.

@@ -169,6 +169,23 @@ impl Envelope {
         )
     }
 
+    /// Opens an envelope sealed to this device with whichever of its
+    /// keys it was sealed to (handout keys, then the certified one).
+    pub fn open_sealed_any(
+        &self,
+        me: &DeviceId,
+        keys: &[&StaticSecret],
+    ) -> Result<(ConversationId, Vec<u8>), CryptoError> {
+        let mut last = CryptoError::Decrypt;
+        for key in keys {
+            match self.open_sealed(me, key) {
+                Err(CryptoError::Decrypt) => last = CryptoError::Decrypt,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
     /// Opens an envelope sealed to this device: its conversation and
     /// plaintext.
     pub fn open_sealed(

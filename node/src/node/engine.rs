@@ -22,6 +22,7 @@ mod account;
 mod annotations;
 mod devices;
 mod expiry;
+mod handouts;
 mod presence;
 mod receipts;
 mod relay;
@@ -1686,7 +1687,9 @@ impl State<'_, '_, '_> {
             &[(self.e.my_user, Role::Member), (*user, Role::Member)],
         )?;
         self.devices_changed();
-        self.add_conv(Conv::direct(id, vec![self.e.my_user, *user], &routing));
+        let conv = Conv::direct(id, vec![self.e.my_user, *user], &routing);
+        self.add_conv(conv.clone());
+        self.hand_out_in(&conv)?;
         Ok(id)
     }
 
@@ -2064,7 +2067,10 @@ impl State<'_, '_, '_> {
                 }
             }
         }
-        Ok(out)
+        // Sealed to each device's handout key where one is known and young.
+        out.into_iter()
+            .map(|(device, dh)| Ok((device, self.sealing_key(&device, dh)?)))
+            .collect()
     }
 
     /// Seals a payload with this device's chain for the conversation's
@@ -2668,6 +2674,9 @@ impl State<'_, '_, '_> {
             }
         }
         leaving.retain(|d| !members.contains(d));
+        for (device, dh) in members.iter_mut().chain(leaving.iter_mut()) {
+            *dh = self.sealing_key(device, *dh)?;
+        }
         if !members.is_empty() {
             let env = self.seal_to(conv.id, &members, &Payload::Group(state.clone()))?;
             self.send_envelope(conv, &env, state.epoch, 0, false, Ack::Publish)?;
@@ -2747,6 +2756,7 @@ impl State<'_, '_, '_> {
         // The topic moves with the routing secret: leave the old one, join
         // the new one (while still a member; a repeated subscription is a
         // no-op).
+        let joined = active && self.e.convs.get(&state.id).is_none_or(|c| !c.active);
         if let Some(old) = self.e.convs.get(&state.id)
             && old.active
             && (!active || old.topic != conv.topic)
@@ -2755,6 +2765,9 @@ impl State<'_, '_, '_> {
                 .push(Effect::Net(NetCommand::Unsubscribe(old.topic.clone())));
         }
         self.add_conv(conv.clone());
+        if joined {
+            self.hand_out_in(&conv)?;
+        }
         self.fx.push(Effect::Event(Event::Member {
             conversation: state.id.to_string(),
             name: state.name.clone(),
@@ -3104,30 +3117,31 @@ impl State<'_, '_, '_> {
         topic: Option<&str>,
         via: Via,
     ) -> Result<Verdict, ApiError> {
-        let (conv_id, plain) =
-            match env.open_sealed(&self.e.my_device, self.e.identity.device_dh_secret()) {
-                Ok((conv_id, plain)) => (conv_id, zeroize::Zeroizing::new(plain)),
-                Err(CryptoError::NotARecipient) => {
-                    // For other members (e.g. keys for a later epoch): forward
-                    // it if a member sent it under a tag we know.
-                    let Some(conv_id) = tagged else {
-                        return Ok(Verdict::Ignore);
-                    };
-                    let member = self.sender_user(&env.header.sender)?.is_some_and(|u| {
-                        self.e
-                            .convs
-                            .get(&conv_id)
-                            .is_some_and(|c| c.members.contains(&u))
-                    });
-                    if !member {
-                        return Ok(Verdict::Ignore);
-                    }
-                    // Kept so that catch-up can hand it to the members it is for.
-                    self.store_envelope(env, &conv_id, 0, 0)?;
-                    return Ok(Verdict::Accept);
+        let keys = self.opening_keys()?;
+        let keys: Vec<&x25519_dalek::StaticSecret> = keys.iter().collect();
+        let (conv_id, plain) = match env.open_sealed_any(&self.e.my_device, &keys) {
+            Ok((conv_id, plain)) => (conv_id, zeroize::Zeroizing::new(plain)),
+            Err(CryptoError::NotARecipient) => {
+                // For other members (e.g. keys for a later epoch): forward
+                // it if a member sent it under a tag we know.
+                let Some(conv_id) = tagged else {
+                    return Ok(Verdict::Ignore);
+                };
+                let member = self.sender_user(&env.header.sender)?.is_some_and(|u| {
+                    self.e
+                        .convs
+                        .get(&conv_id)
+                        .is_some_and(|c| c.members.contains(&u))
+                });
+                if !member {
+                    return Ok(Verdict::Ignore);
                 }
-                Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
-            };
+                // Kept so that catch-up can hand it to the members it is for.
+                self.store_envelope(env, &conv_id, 0, 0)?;
+                return Ok(Verdict::Accept);
+            }
+            Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
+        };
         // The tag, where we know it, must name the conversation inside; on
         // gossip, so must the topic.
         if tagged.is_some_and(|c| c != conv_id)
@@ -3143,6 +3157,7 @@ impl State<'_, '_, '_> {
             Payload::Devices(certs) => self.receive_devices(env, conv_id, certs),
             Payload::Revoked(revocation) => self.receive_revocation(env, conv_id, revocation),
             Payload::Group(state) => self.receive_group(env, conv_id, state),
+            Payload::HandoutKey(key) => self.receive_handout_key(env, conv_id, key),
             Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) | Payload::Account(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
             }

@@ -122,6 +122,10 @@ pub struct Settings {
     /// After that the message can no longer be read: the key is gone, as
     /// forward secrecy needs.
     pub skipped_key_max_age: Duration,
+    /// How long this device's handout key (what others seal key handouts
+    /// to) is used before a new one replaces it. A replaced one is erased
+    /// `skipped_key_max_age` later.
+    pub handout_key_rotation: Duration,
 }
 
 impl Default for Settings {
@@ -137,6 +141,7 @@ impl Default for Settings {
             // Short enough that nobody watching a status notices.
             receipt_delay: Duration::from_millis(2),
             skipped_key_max_age: Duration::from_secs(30 * 24 * 3600),
+            handout_key_rotation: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

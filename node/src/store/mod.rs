@@ -13,6 +13,7 @@ mod annotations;
 mod chains;
 mod conversations;
 mod envelopes;
+mod handouts;
 mod messages;
 mod peers;
 mod people;
@@ -35,6 +36,7 @@ pub use annotations::PendingAnnotation;
 pub use chains::ChainPlace;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
+pub use handouts::OwnHandoutKey;
 pub use messages::{MessageRecord, MessageStatus};
 pub use people::{Binding, Contact, DeviceRecord};
 pub use receipts::UserReceipt;
@@ -51,6 +53,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_message_epochs.sql")),
     (7, include_str!("migrations/0007_device_bindings.sql")),
     (8, include_str!("migrations/0008_protocol_v2.sql")),
+    (9, include_str!("migrations/0009_handout_keys.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.

@@ -448,6 +448,24 @@ impl TestNode {
             .collect()
     }
 
+    /// The secrets of this node's handout keys still held (read through a
+    /// second connection to its store).
+    pub fn own_handout_secrets(&self) -> Vec<[u8; 32]> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        let keys = store.db().own_handout_keys().unwrap();
+        keys.iter().map(|k| *k.secret).collect()
+    }
+
+    /// The handout key this node knows for `device`, if any.
+    pub fn handout_key_of(&self, device: &weft_node::ids::DeviceId) -> Option<[u8; 32]> {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        store.db().handout_key(device).unwrap().map(|(dh, _)| dh)
+    }
+
     /// The keys this node runs with (read from its home).
     pub fn identity(&self) -> Identity {
         Home::new(self.dir.path().join("home"))

@@ -187,6 +187,7 @@ impl State<'_, '_, '_> {
             }
             self.announce_devices()?;
             self.share_chains_with(&cert)?;
+            self.hand_out_to_device(&cert)?;
             let invite = self.account_invite(Vec::new())?;
             Ok(LinkGrant {
                 certificate: cert,
@@ -295,6 +296,7 @@ impl State<'_, '_, '_> {
             }
             if self.bind_device(&cert)? == Binding::New && !self.is_revoked(&cert.device)? {
                 self.share_chains_with(&cert)?;
+                self.hand_out_to_device(&cert)?;
             }
         }
         self.store_envelope(env, &conv_id, 0, 0)?;
@@ -326,7 +328,8 @@ impl State<'_, '_, '_> {
             };
             // No chain yet: the first message will hand it to everyone.
             if let Some(distribution) = distribution {
-                self.send_chain_to(&conv, &[(cert.device, cert.dh)], distribution)?;
+                let to = (cert.device, self.sealing_key(&cert.device, cert.dh)?);
+                self.send_chain_to(&conv, &[to], distribution)?;
             }
         }
         Ok(())

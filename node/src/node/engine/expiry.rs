@@ -23,7 +23,10 @@ impl State<'_, '_, '_> {
     pub(super) fn expire_keys(&mut self) {
         let now = now_ms();
         let max_age = self.e.settings.skipped_key_max_age;
-        let every = i64::try_from(max_age.min(EXPIRY_EVERY).as_millis()).unwrap_or(i64::MAX);
+        let every = max_age
+            .min(self.e.settings.handout_key_rotation)
+            .min(EXPIRY_EVERY);
+        let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
         let last = match self.db.get_meta(META_KEYS_EXPIRED_AT) {
             Ok(last) => last,
             Err(e) => {
@@ -102,6 +105,7 @@ impl State<'_, '_, '_> {
         if changed > 0 {
             self.e.receiving.clear();
         }
+        self.handout_keys_pass(now)?;
         self.db.set_meta(META_KEYS_EXPIRED_AT, &now.to_be_bytes())?;
         // The chain states replaced since the last checkpoint (every
         // message moves one on) leave the -wal at least this often.
