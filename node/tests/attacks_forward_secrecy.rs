@@ -454,6 +454,33 @@ async fn a_copied_home_opens_no_key_handout_once_its_handout_key_is_replaced() {
     assert_eq!(copy.texts("alice").await, ["one", "two", "three"]);
 }
 
+/// A member added to a group is handed every member's handout key (not
+/// only the adder's), so what it seals to them goes to keys that will be
+/// erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_to_a_group_gets_the_members_handout_keys() {
+    let alice = TestNode::start("alice", 150, &[]).await;
+    let bob = TestNode::start("bob", 150, &[&alice]).await;
+    let carol = TestNode::start("carol", 150, &[&alice, &bob]).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    alice.call(common::group_create("duo", &["bob"])).await;
+    alice.send("duo", "hi").await;
+    bob.expect_text("duo", "hi").await;
+    alice
+        .call(Request::GroupAdd {
+            group: "duo".into(),
+            member: "carol".into(),
+        })
+        .await;
+    // Bob and carol are not contacts: only the group introduced them.
+    let bob_device = bob.identity().device_id();
+    poll_until("carol never got bob's handout key", || async {
+        carol.handout_key_of(&bob_device).map(|_| ())
+    })
+    .await;
+}
+
 /// A sender's chain of an earlier epoch goes once a newer one has been
 /// here for the max age; this device's own sending chain of an earlier
 /// epoch goes at once. What was read stays.

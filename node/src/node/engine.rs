@@ -2757,6 +2757,27 @@ impl State<'_, '_, '_> {
         // the new one (while still a member; a repeated subscription is a
         // no-op).
         let joined = active && self.e.convs.get(&state.id).is_none_or(|c| !c.active);
+        // Devices of members added since the state this device held: they
+        // are handed its handout key (one that joins has none of ours).
+        let known: HashSet<DeviceId> = self
+            .e
+            .convs
+            .get(&state.id)
+            .and_then(|c| c.group.as_deref())
+            .into_iter()
+            .flat_map(|g| {
+                g.members
+                    .iter()
+                    .flat_map(|m| m.devices.iter().map(|d| d.device))
+            })
+            .collect();
+        let added: Vec<(DeviceId, [u8; 32])> = state
+            .members
+            .iter()
+            .flat_map(|m| &m.devices)
+            .filter(|d| d.device != self.e.my_device && !known.contains(&d.device))
+            .map(|d| (d.device, d.dh))
+            .collect();
         if let Some(old) = self.e.convs.get(&state.id)
             && old.active
             && (!active || old.topic != conv.topic)
@@ -2767,6 +2788,8 @@ impl State<'_, '_, '_> {
         self.add_conv(conv.clone());
         if joined {
             self.hand_out_in(&conv)?;
+        } else if active {
+            self.hand_out_to_new_members(&conv, &added)?;
         }
         self.fx.push(Effect::Event(Event::Member {
             conversation: state.id.to_string(),

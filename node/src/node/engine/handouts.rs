@@ -83,6 +83,24 @@ impl State<'_, '_, '_> {
         self.hand_out_to(conv, &key, &devices)
     }
 
+    /// Hands this device's handout key to devices that just joined a
+    /// conversation this device is in (members added to a group).
+    pub(super) fn hand_out_to_new_members(
+        &mut self,
+        conv: &Conv,
+        devices: &[(DeviceId, [u8; 32])],
+    ) -> Result<(), ApiError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let key = self.current_handout_key(now_ms())?;
+        let mut to = Vec::with_capacity(devices.len());
+        for (device, certified) in devices {
+            to.push((*device, self.sealing_key(device, *certified)?));
+        }
+        self.hand_out_to(conv, &key, &to)
+    }
+
     /// Hands this device's handout key to a device learned later, in one
     /// conversation its user shares with this one.
     pub(super) fn hand_out_to_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
