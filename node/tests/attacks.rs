@@ -53,8 +53,30 @@ impl Mallory {
             .unwrap()
     }
 
-    fn as_member(&self, role: GroupRole) -> GroupMember {
-        member(&self.me, "Mallory", role)
+    /// Her group state for `id` (epoch `epoch`), with herself as admin
+    /// and `others` as members, sealed to `to`'s device.
+    fn group_state(
+        &self,
+        id: ConversationId,
+        name: &str,
+        epoch: u64,
+        others: &[(&Identity, &str)],
+        to: &Identity,
+    ) -> Vec<u8> {
+        let mut members = vec![member(&self.me, "Mallory", GroupRole::Admin)];
+        members.extend(
+            others
+                .iter()
+                .map(|(who, name)| member(who, name, GroupRole::Member)),
+        );
+        let state = GroupState {
+            id,
+            name: name.into(),
+            epoch,
+            members,
+            routing: [0x77; 32],
+        };
+        self.sealed(id, to, &Payload::Group(state))
     }
 
     /// An envelope in `conversation` sealed to `to`'s device (under the
@@ -185,18 +207,13 @@ async fn a_strangers_group_state_cannot_take_over_a_direct_conversation() {
     alice.add_contact(&bob).await;
     let mallory = Mallory::new(SEED);
     let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
-    let takeover = GroupState {
-        id: direct,
-        name: "bob".into(),
-        epoch: 2,
-        members: vec![
-            mallory.as_member(GroupRole::Admin),
-            member(&alice_id, "Alice", GroupRole::Member),
-            member(&bob_id, "Bob", GroupRole::Member),
-        ],
-        routing: [0x77; 32],
-    };
-    let attack = mallory.sealed(direct, &alice_id, &Payload::Group(takeover));
+    let attack = mallory.group_state(
+        direct,
+        "bob",
+        2,
+        &[(&alice_id, "Alice"), (&bob_id, "Bob")],
+        &alice_id,
+    );
     assert_eq!(
         alice.handle.deliver(vec![attack]).await.unwrap(),
         0,
@@ -221,18 +238,13 @@ async fn a_strangers_group_state_cannot_claim_a_direct_id_in_advance() {
     let bob = offline("bob", SEED).await;
     let mallory = Mallory::new(SEED);
     let direct = ConversationId::direct(&alice_id.user_id(), &bob_id.user_id());
-    let squat = GroupState {
-        id: direct,
-        name: "bob".into(),
-        epoch: 1,
-        members: vec![
-            mallory.as_member(GroupRole::Admin),
-            member(&alice_id, "Alice", GroupRole::Member),
-            member(&bob_id, "Bob", GroupRole::Member),
-        ],
-        routing: [0x77; 32],
-    };
-    let attack = mallory.sealed(direct, &alice_id, &Payload::Group(squat));
+    let attack = mallory.group_state(
+        direct,
+        "bob",
+        1,
+        &[(&alice_id, "Alice"), (&bob_id, "Bob")],
+        &alice_id,
+    );
     assert_eq!(
         alice.handle.deliver(vec![attack]).await.unwrap(),
         0,
@@ -258,17 +270,7 @@ async fn a_strangers_group_state_cannot_join_the_account_conversation() {
     let bob = offline("bob", SEED).await;
     let mallory = Mallory::new(SEED);
     let account = ConversationId::direct(&alice_id.user_id(), &alice_id.user_id());
-    let squat = GroupState {
-        id: account,
-        name: "alice".into(),
-        epoch: 2,
-        members: vec![
-            mallory.as_member(GroupRole::Admin),
-            member(&alice_id, "Alice", GroupRole::Member),
-        ],
-        routing: [0x77; 32],
-    };
-    let attack = mallory.sealed(account, &alice_id, &Payload::Group(squat));
+    let attack = mallory.group_state(account, "alice", 2, &[(&alice_id, "Alice")], &alice_id);
     assert_eq!(
         alice.handle.deliver(vec![attack]).await.unwrap(),
         0,

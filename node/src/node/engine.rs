@@ -1736,38 +1736,28 @@ impl State<'_, '_, '_> {
                 .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
         self.e.by_topic.insert(conv.topic.clone(), conv.id);
-        let tag = conv.tag;
-        self.e.convs.insert(conv.id, conv);
+        let (id, tag) = (conv.id, conv.tag);
+        self.e.convs.insert(id, conv);
         self.gates_changed(Duration::ZERO);
         if let Some(tag) = tag {
-            self.learn_tag(tag);
+            self.tag_found(tag, id);
         }
-    }
-
-    /// Maps a routing tag to its conversation, and takes in the chain
-    /// envelopes that waited for it.
-    fn learn_tag(&mut self, tag: RoutingTag) {
-        let Some(conv) = self
-            .e
-            .convs
-            .values()
-            .find(|c| c.tag == Some(tag))
-            .map(|c| c.id)
-        else {
-            return;
-        };
-        self.tag_found(tag, conv);
     }
 
     /// Notes where a tag belongs (in a bounded cache: the store knows every
     /// tag), and takes in the chain envelopes that waited for it.
     fn tag_found(&mut self, tag: RoutingTag, conv: ConversationId) {
+        if self.cache_tag(tag, conv) {
+            self.reprocess_pending(&tag_slot(&tag));
+        }
+    }
+
+    /// Puts a tag in the bounded cache; true if it was not there.
+    fn cache_tag(&mut self, tag: RoutingTag, conv: ConversationId) -> bool {
         if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
             self.e.by_tag.clear();
         }
-        if self.e.by_tag.insert(tag, conv).is_none() {
-            self.reprocess_pending(&tag_slot(&tag));
-        }
+        self.e.by_tag.insert(tag, conv).is_none()
     }
 
     /// The conversation a routing tag names, if this node knows the tag.
@@ -1780,10 +1770,7 @@ impl State<'_, '_, '_> {
         }
         let conv = self.db.conversation_of_tag(tag)?;
         if let Some(conv) = conv {
-            if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
-                self.e.by_tag.clear();
-            }
-            self.e.by_tag.insert(*tag, conv);
+            self.cache_tag(*tag, conv);
         }
         Ok(conv)
     }
