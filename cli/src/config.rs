@@ -27,6 +27,9 @@
 //!                                # (what key handouts are sealed to) is
 //!                                # replaced; a replaced one is erased
 //!                                # skipped_key_max_age_days later
+//! one_time_keys = 4              # one-time handout keys kept issued to
+//!                                # each device this one talks with (0 to
+//!                                # 16; 0: handouts use the handout key)
 //!
 //! [relays]
 //! target = 2                   # relays to use; more are looked for in the
@@ -64,6 +67,7 @@ struct FileConfig {
 struct KeysSection {
     skipped_key_max_age_days: Option<u64>,
     handout_key_rotation_days: Option<u64>,
+    one_time_keys: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +209,13 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
         }
         s.handout_key_rotation = Duration::from_secs(days * 24 * 3600);
     }
+    if let Some(n) = file.keys.one_time_keys {
+        let most = weft_node::identity::MAX_ONE_TIME_KEYS;
+        if n > most {
+            bail!("keys.one_time_keys = {n}: must be between 0 and {most}");
+        }
+        s.one_time_keys = n;
+    }
     let mut out = FileSettings {
         node: s,
         ..FileSettings::default()
@@ -287,7 +298,8 @@ mod tests {
             "# timings\n[presence]\nheartbeat_secs = 10\ntyping_secs = 3\n\n[outbox]\n\
              expiry_days = 7\nretry_base_secs = 1\nretry_max_secs = 120\n\n[sync]\n\
              interval_secs = 15\n\n[receipts]\nread_receipts_max_group = 50\n\n\
-             [keys]\nskipped_key_max_age_days = 9\nhandout_key_rotation_days = 2\n\n\
+             [keys]\nskipped_key_max_age_days = 9\nhandout_key_rotation_days = 2\n\
+             one_time_keys = 0\n\n\
              [relays]\ntarget = 3\n",
         )?;
         assert_eq!(s.relay_target, 3);
@@ -301,6 +313,7 @@ mod tests {
         assert_eq!(s.read_receipts_max_group, 50);
         assert_eq!(s.skipped_key_max_age, Duration::from_secs(9 * 24 * 3600));
         assert_eq!(s.handout_key_rotation, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(s.one_time_keys, 0);
         Ok(())
     }
 
@@ -342,6 +355,8 @@ mod tests {
         assert!(err.contains("keys.skipped_key_max_age_days"), "{err}");
         let err = error("[keys]\nhandout_key_rotation_days = 0\n");
         assert!(err.contains("keys.handout_key_rotation_days"), "{err}");
+        let err = error("[keys]\none_time_keys = 17\n");
+        assert!(err.contains("keys.one_time_keys"), "{err}");
         let err = error("[relays]\ntarget = 9\n");
         assert!(err.contains("relays.target"), "{err}");
         let err = error("[sync\ninterval_secs = 1\n");

@@ -34,6 +34,9 @@ const CERT_CONTEXT: &[u8] = b"weft v2 device certificate";
 const CONSENT_CONTEXT: &[u8] = b"weft v2 device consent";
 const REVOCATION_CONTEXT: &[u8] = b"weft v1 device revocation";
 const HANDOUT_KEY_CONTEXT: &[u8] = b"weft v2 handout key";
+const ONE_TIME_KEYS_CONTEXT: &[u8] = b"weft v2 one-time keys";
+/// Most one-time keys one batch carries.
+pub const MAX_ONE_TIME_KEYS: usize = 16;
 const INVITE_CONTEXT: &[u8] = b"weft v2 invite";
 /// The invite text's prefix names the string format (base32 with a
 /// checksum); the version byte inside names the protocol.
@@ -558,6 +561,72 @@ impl HandoutKey {
     }
 }
 
+/// One-time handout keys that a device (the issuer) gives one other
+/// device (the holder), signed by the issuer's device key. The holder
+/// seals one key handout to each and then forgets it; the issuer erases a
+/// key's secret as soon as the handout sealed to it opens, so a copy of
+/// the issuer taken after that opens the handout with nothing it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OneTimeKeys {
+    pub issuer: DeviceId,
+    pub holder: DeviceId,
+    /// Strictly increasing per (issuer, holder): a holder takes a batch
+    /// only if it is newer than the last, so a replayed batch cannot hand
+    /// it keys it already used.
+    pub created_at_ms: i64,
+    /// X25519 public keys, at most [`MAX_ONE_TIME_KEYS`].
+    pub keys: Vec<[u8; 32]>,
+    #[serde(with = "sig_bytes")]
+    pub signature: [u8; 64],
+}
+
+impl OneTimeKeys {
+    pub fn issue(
+        device_key: &SigningKey,
+        holder: DeviceId,
+        keys: Vec<[u8; 32]>,
+        now_ms: i64,
+    ) -> Result<Self, IdentityError> {
+        if keys.is_empty() || keys.len() > MAX_ONE_TIME_KEYS {
+            return Err(IdentityError::Malformed("number of one-time keys"));
+        }
+        let issuer = DeviceId(device_key.verifying_key().to_bytes());
+        let msg = Self::signed_bytes(&issuer, &holder, now_ms, &keys);
+        Ok(Self {
+            issuer,
+            holder,
+            created_at_ms: now_ms,
+            keys,
+            signature: device_key.sign(&msg).to_bytes(),
+        })
+    }
+
+    fn signed_bytes(issuer: &DeviceId, holder: &DeviceId, at: i64, keys: &[[u8; 32]]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(ONE_TIME_KEYS_CONTEXT.len() + 76 + 32 * keys.len());
+        m.extend_from_slice(ONE_TIME_KEYS_CONTEXT);
+        m.extend_from_slice(&issuer.0);
+        m.extend_from_slice(&holder.0);
+        m.extend_from_slice(&at.to_be_bytes());
+        // At most MAX_ONE_TIME_KEYS once verified; saturated otherwise.
+        m.extend_from_slice(&u32::try_from(keys.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for key in keys {
+            m.extend_from_slice(key);
+        }
+        m
+    }
+
+    /// Checks the number of keys and that the issuer's device key signed
+    /// them.
+    pub fn verify(&self) -> Result<(), IdentityError> {
+        if self.keys.is_empty() || self.keys.len() > MAX_ONE_TIME_KEYS {
+            return Err(IdentityError::Malformed("number of one-time keys"));
+        }
+        let msg = Self::signed_bytes(&self.issuer, &self.holder, self.created_at_ms, &self.keys);
+        verify(&self.issuer.0, &msg, &self.signature)
+            .map_err(|_| IdentityError::BadSignature("one-time keys"))
+    }
+}
+
 /// Verifies an ed25519 signature made by `public` over `msg` (strict:
 /// rejects malleable and small-order forms).
 pub fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> Result<(), IdentityError> {
@@ -750,6 +819,25 @@ mod tests {
         let mut claimed = key;
         claimed.device = Identity::from_seed(b"bob", 1).unwrap().device_id();
         assert!(claimed.verify().is_err());
+    }
+
+    #[test]
+    fn one_time_keys_are_signed_for_their_holder() {
+        let a = alice();
+        let bob = Identity::from_seed(b"bob", 1).unwrap().device_id();
+        let keys =
+            OneTimeKeys::issue(a.device_signing_key(), bob, vec![[1; 32], [2; 32]], 5).unwrap();
+        keys.verify().unwrap();
+        let mut other_holder = keys.clone();
+        other_holder.holder = a.device_id();
+        assert!(other_holder.verify().is_err());
+        let mut fewer = keys.clone();
+        fewer.keys.pop();
+        assert!(fewer.verify().is_err());
+        let mut too_many = keys;
+        too_many.keys = vec![[3; 32]; MAX_ONE_TIME_KEYS + 1];
+        assert!(too_many.verify().is_err());
+        assert!(OneTimeKeys::issue(a.device_signing_key(), bob, Vec::new(), 5).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::group::GroupState;
 use crate::hlc::Hlc;
-use crate::identity::{DeviceCertificate, HandoutKey, Revocation};
+use crate::identity::{DeviceCertificate, HandoutKey, OneTimeKeys, Revocation};
 use crate::ids::MessageId;
 
 /// Longest message text, in bytes of UTF-8.
@@ -46,6 +46,10 @@ pub enum Payload {
     /// The sending device's current handout key (sealed to member
     /// devices): what to seal to it from now on.
     HandoutKey(HandoutKey),
+    /// One-time handout keys the sending device gives member devices, a
+    /// batch for each (sealed to those devices): a holder seals one key
+    /// handout to each key of its batch.
+    OneTimeKeys(Vec<OneTimeKeys>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

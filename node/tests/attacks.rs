@@ -100,15 +100,18 @@ impl Mallory {
     }
 
     /// Whether any of `envelopes` opens with her device key to more than
-    /// a handout key (the public key a contact hands to all its contacts'
-    /// devices when their conversation starts).
+    /// public keys for her: a handout key or one-time keys (what a contact
+    /// hands to its contacts' devices when their conversation starts).
     fn opens_any(&self, envelopes: &[Vec<u8>]) -> bool {
         envelopes.iter().any(|bytes| {
             Envelope::decode(bytes)
                 .unwrap()
                 .open_sealed(&self.me.device_id(), self.me.device_dh_secret())
                 .is_ok_and(|(_, plain)| {
-                    !matches!(Payload::decode(&plain), Some(Payload::HandoutKey(_)))
+                    !matches!(
+                        Payload::decode(&plain),
+                        Some(Payload::HandoutKey(_) | Payload::OneTimeKeys(_))
+                    )
                 })
         })
     }

@@ -6,7 +6,9 @@
 //! every one of those envelopes, out of order (so he held skipped keys,
 //! used since), and one message was deleted before the copy. From the
 //! copy, no key may open any recorded envelope, and the deleted message
-//! may be found neither as text nor as its envelope.
+//! may be found neither as text nor as its envelope. Nor may any key in
+//! the copy open alice's key handout as recorded on the wire: that would
+//! give the chain from its start.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestNode, befriend, poll_until};
+use common::{TestNode, befriend, opening_secrets_in, poll_until};
 use weft_node::Settings;
 use weft_node::api::Request;
 use weft_node::crypto::chain::{MAX_SKIP, MessageKey, ReceivingChain, SendingChain};
@@ -24,6 +26,7 @@ use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices
 use weft_node::identity::Identity;
 use weft_node::payload::{Annotate, Payload, SenderKey};
 use weft_node::store::ConversationKind;
+use x25519_dalek::StaticSecret;
 
 /// How many messages alice sends after the first, and the order bob
 /// receives them in (1-based).
@@ -75,6 +78,17 @@ async fn a_copied_home_opens_no_received_envelope_and_holds_no_deleted_message()
     let mut alice = TestNode::start("alice", 141, &[]).await;
     let mut bob = TestNode::start("bob", 142, &[&alice]).await;
     befriend(&alice, &bob).await;
+    let bob_device = Identity::from_seed(b"bob/142", 0).unwrap().device_id();
+    let alice_device = Identity::from_seed(b"alice/141", 0).unwrap().device_id();
+    // alice writes once she holds bob's keys for handouts (what any
+    // conversation whose members have been online together reaches).
+    poll_until("alice never got bob's one-time keys", || async {
+        (alice.one_time_keys_of(&bob_device) > 0).then_some(())
+    })
+    .await;
+    // The truth, to compare with: every key bob could open a handout with
+    // now (the attacker does not have these).
+    let truth_secrets = opening_secrets_in(&bob.dir.path().join("home"));
     let hello = alice.send("bob", "hello").await["id"]
         .as_str()
         .unwrap()
@@ -133,6 +147,12 @@ async fn a_copied_home_opens_no_received_envelope_and_holds_no_deleted_message()
         .tempdir()
         .unwrap();
     copy_dir(&bob.dir.path().join("home"), copy.path());
+    // Made private, as the node insists, so it reads the keys file.
+    std::fs::set_permissions(
+        copy.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let files = files_under(copy.path());
     let mut broken: Vec<String> = Vec::new();
 
@@ -147,23 +167,26 @@ async fn a_copied_home_opens_no_received_envelope_and_holds_no_deleted_message()
     }
     recorded.push(("the deletion".into(), Envelope::decode(&change[0]).unwrap()));
 
-    // The truth, to compare with: alice's chain from its start, through
-    // her key handout to bob (sealed to his device key, which the test
-    // knows from its seed). The message key of each recorded counter, and
-    // every chain key up to the highest one (each derives the keys of
-    // every later counter).
-    let bob_identity = Identity::from_seed(b"bob/142", 0).unwrap();
-    let alice_device = Identity::from_seed(b"alice/141", 0).unwrap().device_id();
+    // The truth: alice's chain from its start, through her key handout to
+    // bob as recorded on the wire (opened with the keys bob held before it
+    // came). The message key of each recorded counter, and every chain key
+    // up to the highest one (each derives the keys of every later counter).
+    let mut handouts: Vec<(Envelope, [u8; 32])> = Vec::new();
     let handout = bob
         .sealed_envelopes(|c| c.kind == ConversationKind::Direct)
         .into_iter()
         .filter_map(|bytes| {
             let env = Envelope::decode(&bytes).ok()?;
-            let (_, plain) = env
-                .open_sealed(&bob_identity.device_id(), bob_identity.device_dh_secret())
-                .ok()?;
+            let (secret, plain) = truth_secrets.iter().find_map(|(_, secret)| {
+                let key = StaticSecret::from(*secret);
+                let (_, plain) = env.open_sealed(&bob_device, &key).ok()?;
+                Some((*secret, plain))
+            })?;
             match Payload::decode(&plain)? {
-                Payload::SenderKey(sk) if sk.sender_cert.device == alice_device => Some(sk),
+                Payload::SenderKey(sk) if sk.sender_cert.device == alice_device => {
+                    handouts.push((env, secret));
+                    Some(sk)
+                }
                 _ => None,
             }
         })
@@ -234,14 +257,33 @@ async fn a_copied_home_opens_no_received_envelope_and_holds_no_deleted_message()
     }
     broken.extend(opened);
 
-    // 2. Any remnant anywhere in the copied files (an old chain state in a
+    // 2. The key handout as recorded on the wire: every secret key the
+    //    copy holds (identity.key, the database) is tried on it.
+    for (what, secret) in opening_secrets_in(copy.path()) {
+        let key = StaticSecret::from(secret);
+        if handouts
+            .iter()
+            .any(|(env, _)| env.open_sealed(&bob_device, &key).is_ok())
+        {
+            broken.push(format!("the copy's {what} opens alice's key handout"));
+        }
+    }
+
+    // 3. Any remnant anywhere in the copied files (an old chain state in a
     //    free page or the -wal): none of those keys, as raw bytes.
-    // 3. The deleted message: neither its text nor its envelope.
+    // 4. The deleted message: neither its text nor its envelope.
     let tail = &deleted_bytes[deleted_bytes.len() - 96..];
     for (name, bytes) in &files {
         for (counter, chain_key) in &chain_keys {
             if contains(bytes, chain_key) {
                 broken.push(format!("{name} holds the chain key of counter {counter}"));
+            }
+        }
+        for (_, sealed_to) in &handouts {
+            if contains(bytes, sealed_to) {
+                broken.push(format!(
+                    "{name} holds the key alice's handout was sealed to"
+                ));
             }
         }
         for (key, (label, _)) in &message_keys {
@@ -373,16 +415,17 @@ async fn a_skipped_key_is_forgotten_after_the_max_age_on_a_quiet_chain() {
     assert!(texts.iter().any(|t| t == "three"));
 }
 
-/// Key handouts are sealed to the recipient's handout key, not to the
-/// certified DH key in `identity.key`; once that handout key has been
-/// replaced and its max age passed, a copy of the recipient's home opens
-/// none of the handouts captured on the wire (and so none of the chains
-/// they carried).
+/// Without one-time keys (none issued, or all used), key handouts are
+/// sealed to the recipient's handout key, not to the certified DH key in
+/// `identity.key`; once that handout key has been replaced and its max age
+/// passed, a copy of the recipient's home opens none of the handouts
+/// captured on the wire (and so none of the chains they carried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_home_opens_no_key_handout_once_its_handout_key_is_replaced() {
     let short = Settings {
         skipped_key_max_age: Duration::from_secs(2),
         handout_key_rotation: Duration::from_secs(2),
+        one_time_keys: 0,
         ..Settings::default()
     };
     let alice = TestNode::start("alice", 148, &[]).await;
@@ -668,4 +711,145 @@ async fn a_deletion_taken_in_before_its_message_erases_it_only_if_allowed() {
             .any(|m| m["id"] == id.to_string().as_str() && m["deleted"] == true)
     })
     .await;
+}
+
+/// The one-time keys of `issuer` that `node` holds (read through a second
+/// connection to its store).
+fn held_one_time_keys(node: &TestNode, issuer: &weft_node::ids::DeviceId) -> Vec<[u8; 32]> {
+    let home = weft_node::home::Home::new(node.dir.path().join("home"));
+    let db = rusqlite::Connection::open(home.db_path()).unwrap();
+    db.prepare("SELECT public FROM one_time_keys WHERE issuer = ?1")
+        .unwrap()
+        .query_map([issuer.0], |row| row.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|k| k.unwrap().try_into().unwrap())
+        .collect()
+}
+
+/// Which of `secrets` opens `env` for `device`, and the payload inside.
+fn opened_by(
+    env: &Envelope,
+    device: &weft_node::ids::DeviceId,
+    secrets: &[(&'static str, [u8; 32])],
+) -> Option<(&'static str, [u8; 32], Payload)> {
+    secrets.iter().find_map(|(what, secret)| {
+        let (_, plain) = env.open_sealed(device, &StaticSecret::from(*secret)).ok()?;
+        Some((*what, *secret, Payload::decode(&plain)?))
+    })
+}
+
+/// A key handout is sealed to one of the recipient's one-time keys, which
+/// the sender then forgets and the recipient erases once it opened it;
+/// the recipient tops the sender's supply up once half is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_key_is_used_once_and_replaced() {
+    let two = Settings {
+        one_time_keys: 2,
+        ..Settings::default()
+    };
+    let alice = TestNode::start("alice", 151, &[]).await;
+    let bob = TestNode::start_with("bob", 152, &[&alice], two).await;
+    befriend(&alice, &bob).await;
+    let bob_device = bob.identity().device_id();
+    let alice_device = alice.identity().device_id();
+    let first = poll_until("alice never got bob's two one-time keys", || async {
+        let held = held_one_time_keys(&alice, &bob_device);
+        (held.len() == 2).then_some(held)
+    })
+    .await;
+    let truth = opening_secrets_in(&bob.dir.path().join("home"));
+
+    alice.send("bob", "hello").await;
+    bob.expect_text("alice", "hello").await;
+    // The handout of alice's chain: sealed to one of those two keys.
+    let handout = bob
+        .sealed_envelopes(|c| c.kind == ConversationKind::Direct)
+        .into_iter()
+        .map(|bytes| Envelope::decode(&bytes).unwrap())
+        .filter(|env| env.header.sender == alice_device)
+        .find_map(|env| match opened_by(&env, &bob_device, &truth) {
+            Some((what, secret, Payload::SenderKey(_))) => Some((env, what, secret)),
+            _ => None,
+        })
+        .expect("bob holds alice's key handout");
+    let (handout, what, secret) = handout;
+    assert_eq!(
+        what, "one-time key",
+        "alice's handout was sealed to bob's {what}"
+    );
+    let used = x25519_dalek::PublicKey::from(&StaticSecret::from(secret)).to_bytes();
+    assert!(first.contains(&used));
+    // Bob erased it; nothing he holds opens the handout any more.
+    let now = opening_secrets_in(&bob.dir.path().join("home"));
+    assert!(
+        opened_by(&handout, &bob_device, &now).is_none(),
+        "bob can still open alice's handout"
+    );
+    // Half of alice's supply is used: bob sends her a new key, and she
+    // never holds the used one again.
+    poll_until("bob never topped alice's one-time keys up", || async {
+        let held = held_one_time_keys(&alice, &bob_device);
+        (held.len() == 2 && !held.contains(&used)).then_some(())
+    })
+    .await;
+}
+
+/// A key handout for a group the recipient has not heard of yet waits
+/// pending, and so keeps its one-time key: it opens once the group's
+/// state arrives, and only then is the key erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_key_handout_keeps_its_one_time_key_until_taken() {
+    let mut alice = TestNode::start("alice", 153, &[]).await;
+    let mut bob = TestNode::start("bob", 154, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    let bob_device = bob.identity().device_id();
+    let alice_device = alice.identity().device_id();
+    poll_until("alice never got bob's one-time keys", || async {
+        (alice.one_time_keys_of(&bob_device) > 0).then_some(())
+    })
+    .await;
+    alice.stop().await;
+    bob.stop().await;
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+
+    alice.call(common::group_create("duo", &["bob"])).await;
+    alice.send("duo", "in the group").await;
+    let truth = opening_secrets_in(&bob.dir.path().join("home"));
+    let mut handout = None;
+    let mut others = Vec::new();
+    for bytes in alice.sealed_envelopes(|c| c.kind == ConversationKind::Group) {
+        let env = Envelope::decode(&bytes).unwrap();
+        match opened_by(&env, &bob_device, &truth) {
+            Some((what, secret, Payload::SenderKey(sk)))
+                if sk.sender_cert.device == alice_device =>
+            {
+                assert_eq!(what, "one-time key");
+                handout = Some((bytes, secret));
+            }
+            _ => others.push(bytes),
+        }
+    }
+    let (handout, secret) = handout.expect("alice handed bob her group chain");
+    let holds_it = || {
+        opening_secrets_in(&bob.dir.path().join("home"))
+            .iter()
+            .any(|(_, s)| *s == secret)
+    };
+    // The message, then the handout: the group is unknown, both wait.
+    bob.handle
+        .deliver(
+            alice
+                .chain_envelopes(|c| c.kind == ConversationKind::Group)
+                .into_iter()
+                .collect(),
+        )
+        .await
+        .unwrap();
+    bob.handle.deliver(vec![handout]).await.unwrap();
+    assert!(holds_it(), "bob erased the key of a handout still pending");
+    // The group's state: the handout is taken, the message read, the key gone.
+    bob.handle.deliver(others).await.unwrap();
+    bob.expect_text("duo", "in the group").await;
+    assert!(!holds_it(), "bob kept the key of a handout he took");
 }

@@ -64,7 +64,14 @@ fn record() -> Recorded {
         .unwrap();
     rt.block_on(async {
         let alice = TestNode::start("alice", SEED, &[]).await;
-        let mut bob = TestNode::start("bob", SEED, &[&alice]).await;
+        // Bob issues no one-time keys: a handout sealed to one opens once,
+        // and its key is erased then (forward secrecy), so a second home
+        // could not open it again. They are sealed to his handout keys.
+        let no_one_time_keys = weft_node::Settings {
+            one_time_keys: 0,
+            ..weft_node::Settings::default()
+        };
+        let mut bob = TestNode::start_with("bob", SEED, &[&alice], no_one_time_keys).await;
         let carol = TestNode::start("carol", SEED, &[&alice, &bob]).await;
         befriend(&alice, &bob).await;
         befriend(&alice, &carol).await;

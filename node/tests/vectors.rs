@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use weft_node::crypto::chain::{ReceivingChain, SendingChain};
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
-use weft_node::identity::{DeviceCertificate, HandoutKey, Revocation};
+use weft_node::identity::{DeviceCertificate, HandoutKey, OneTimeKeys, Revocation};
 use weft_node::ids::{ConversationId, DeviceId, EnvelopeId, RoutingTag, UserId};
 use weft_node::mailbox::{MailboxId, MailboxRequest};
 use weft_node::node::{ChainHave, DirectRequest, SyncRequest};
@@ -107,6 +107,23 @@ fn handout_key_payload() -> Payload {
     ))
 }
 
+/// Device `12`'s one-time keys for device `77` × 32: the X25519 public
+/// keys of secrets `a1` × 32 and `b2` × 32.
+fn one_time_keys_payload() -> Payload {
+    Payload::OneTimeKeys(vec![
+        OneTimeKeys::issue(
+            &SigningKey::from_bytes(&DEVICE_SEED),
+            DeviceId(RECIPIENT_DEVICE),
+            vec![
+                PublicKey::from(&StaticSecret::from(ACCOUNT_A)).to_bytes(),
+                PublicKey::from(&StaticSecret::from(ACCOUNT_B)).to_bytes(),
+            ],
+            1_700_000_000_000,
+        )
+        .unwrap(),
+    ])
+}
+
 fn text_payload() -> Payload {
     Payload::Text(TextMessage {
         text: "hi".into(),
@@ -167,6 +184,7 @@ fn encoded_vectors() -> Vec<(&'static str, Vec<u8>)> {
         ("mailbox-deposit-v1", deposit_request().encode()),
         ("device-certificate-v2", certificate_vector().to_bytes()),
         ("payload-handout-key-v2", handout_key_payload().encode()),
+        ("payload-one-time-keys-v2", one_time_keys_payload().encode()),
         ("direct-routing-v2", {
             let r = direct_routing_vector();
             let mut out = r.as_bytes().to_vec();
@@ -229,6 +247,15 @@ fn payload_and_direct_vectors_match_and_decode() {
             assert_eq!(Payload::HandoutKey(k), handout_key_payload());
         }
         other => panic!("payload-handout-key-v2 decodes to {other:?}"),
+    }
+    match Payload::decode(&documented("payload-one-time-keys-v2")) {
+        Some(Payload::OneTimeKeys(batches)) => {
+            for batch in &batches {
+                batch.verify().unwrap();
+            }
+            assert_eq!(Payload::OneTimeKeys(batches), one_time_keys_payload());
+        }
+        other => panic!("payload-one-time-keys-v2 decodes to {other:?}"),
     }
     let cert = DeviceCertificate::from_bytes(&documented("device-certificate-v2")).unwrap();
     assert_eq!(cert, certificate_vector());

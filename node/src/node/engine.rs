@@ -23,6 +23,7 @@ mod annotations;
 mod devices;
 mod expiry;
 mod handouts;
+mod one_time_keys;
 mod presence;
 mod receipts;
 mod relay;
@@ -2146,6 +2147,8 @@ impl State<'_, '_, '_> {
         devices: &[(DeviceId, [u8; 32])],
         (chain_key, next_counter): ([u8; 32], u64),
     ) -> Result<(), ApiError> {
+        // Sealed to one-time keys where this device holds them.
+        let devices = self.take_one_time_keys(devices)?;
         let payload = Payload::SenderKey(SenderKey {
             epoch: conv.key_epoch,
             chain_key,
@@ -2153,7 +2156,7 @@ impl State<'_, '_, '_> {
             sender_cert: self.e.identity.certificate().clone(),
             sender_name: self.e.name.clone(),
         });
-        let env = self.seal_to(conv.id, devices, &payload)?;
+        let env = self.seal_to(conv.id, &devices, &payload)?;
         self.send_envelope(conv, &env, conv.key_epoch, 0, false, Ack::Publish)?;
         Ok(())
     }
@@ -3127,6 +3130,17 @@ impl State<'_, '_, '_> {
         topic: Option<&str>,
         via: Via,
     ) -> Result<Verdict, ApiError> {
+        if let Some(opened) = self.open_with_one_time_key(env)? {
+            let verdict =
+                self.receive_opened(env, opened.conv, &opened.plain, tagged, topic, via)?;
+            // Spent once the envelope is stored: it is never opened again.
+            // One kept pending (a group not known yet) or set aside (a
+            // blocked sender) may have to open again later.
+            if self.db.has_envelope(&env.id())? {
+                self.one_time_key_used(&opened.key, env.header.sender)?;
+            }
+            return Ok(verdict);
+        }
         let keys = self.opening_keys()?;
         let keys: Vec<&x25519_dalek::StaticSecret> = keys.iter().collect();
         let (conv_id, plain) = match env.open_sealed_any(&self.e.my_device, &keys) {
@@ -3150,8 +3164,27 @@ impl State<'_, '_, '_> {
                 self.store_envelope(env, &conv_id, 0, 0)?;
                 return Ok(Verdict::Accept);
             }
+            Err(CryptoError::Decrypt) if self.sender_user(&env.header.sender)?.is_some() => {
+                // Signed by a device we know: sealed to a key erased since
+                // (an old envelope offered again), not junk.
+                return Ok(Verdict::Ignore);
+            }
             Err(_) => return Ok(Verdict::Reject("sealed envelope does not open")),
         };
+        self.receive_opened(env, conv_id, &plain, tagged, topic, via)
+    }
+
+    /// A sealed envelope opened: its conversation checked against how it
+    /// came, its payload taken.
+    fn receive_opened(
+        &mut self,
+        env: &Envelope,
+        conv_id: ConversationId,
+        plain: &[u8],
+        tagged: Option<ConversationId>,
+        topic: Option<&str>,
+        via: Via,
+    ) -> Result<Verdict, ApiError> {
         // The tag, where we know it, must name the conversation inside; on
         // gossip, so must the topic.
         if tagged.is_some_and(|c| c != conv_id)
@@ -3159,7 +3192,7 @@ impl State<'_, '_, '_> {
         {
             return Ok(Verdict::Reject("envelope for another conversation"));
         }
-        let Some(payload) = Payload::decode(&plain) else {
+        let Some(payload) = Payload::decode(plain) else {
             return Ok(Verdict::Reject("malformed payload"));
         };
         match payload {
@@ -3168,6 +3201,7 @@ impl State<'_, '_, '_> {
             Payload::Revoked(revocation) => self.receive_revocation(env, conv_id, revocation),
             Payload::Group(state) => self.receive_group(env, conv_id, state),
             Payload::HandoutKey(key) => self.receive_handout_key(env, conv_id, key),
+            Payload::OneTimeKeys(batches) => self.receive_one_time_keys(env, conv_id, batches),
             Payload::Text(_) | Payload::Receipt(_) | Payload::Annotate(_) | Payload::Account(_) => {
                 Ok(Verdict::Reject("messages must be chain-sealed"))
             }

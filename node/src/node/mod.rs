@@ -126,6 +126,11 @@ pub struct Settings {
     /// to) is used before a new one replaces it. A replaced one is erased
     /// `skipped_key_max_age` later.
     pub handout_key_rotation: Duration,
+    /// How many one-time handout keys this device keeps issued to each
+    /// device it shares a conversation with (at most
+    /// `identity::MAX_ONE_TIME_KEYS`; 0 issues none, and key handouts to
+    /// this device are then sealed to its handout key).
+    pub one_time_keys: usize,
 }
 
 impl Default for Settings {
@@ -142,6 +147,7 @@ impl Default for Settings {
             receipt_delay: Duration::from_millis(2),
             skipped_key_max_age: Duration::from_secs(30 * 24 * 3600),
             handout_key_rotation: Duration::from_secs(7 * 24 * 3600),
+            one_time_keys: 4,
         }
     }
 }

@@ -15,6 +15,7 @@ mod conversations;
 mod envelopes;
 mod handouts;
 mod messages;
+mod one_time_keys;
 mod peers;
 mod people;
 mod receipts;
@@ -38,6 +39,7 @@ pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
 pub use handouts::OwnHandoutKey;
 pub use messages::{MessageRecord, MessageStatus};
+pub use one_time_keys::OwnOneTimeKey;
 pub use people::{Binding, Contact, DeviceRecord};
 pub use receipts::UserReceipt;
 pub use wal_sync::WalSyncer;
@@ -54,6 +56,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("migrations/0007_device_bindings.sql")),
     (8, include_str!("migrations/0008_protocol_v2.sql")),
     (9, include_str!("migrations/0009_handout_keys.sql")),
+    (10, include_str!("migrations/0010_one_time_keys.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.

@@ -263,10 +263,18 @@ impl TestNode {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
+                let call = self.handle.call(Request::Messages {
+                    target: target.into(),
+                    limit: Some(10_000),
+                    before: None,
+                });
+                let have = match call.await {
+                    Ok(v) => v.to_string(),
+                    Err(e) => format!("({e})"),
+                };
                 panic!(
-                    "{}: {text:?} never arrived in {target}; have {:?}",
-                    self.name,
-                    self.texts(target).await
+                    "{}: {text:?} never arrived in {target}; have {have}",
+                    self.name
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -466,12 +474,52 @@ impl TestNode {
         store.db().handout_key(device).unwrap().map(|(dh, _)| dh)
     }
 
+    /// How many one-time keys of `issuer` this node holds.
+    pub fn one_time_keys_of(&self, issuer: &weft_node::ids::DeviceId) -> u64 {
+        let store =
+            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
+                .unwrap();
+        store.db().one_time_key_count(issuer).unwrap()
+    }
+
     /// The keys this node runs with (read from its home).
     pub fn identity(&self) -> Identity {
         Home::new(self.dir.path().join("home"))
             .load_identity()
             .unwrap()
     }
+}
+
+/// Every secret key a home holds that something sealed to its device may
+/// have been sealed to, each with what it is: the certified DH key in
+/// `identity.key`, and the handout and one-time key secrets in its
+/// database (what an attacker with a copy of the home would try).
+pub fn opening_secrets_in(home: &std::path::Path) -> Vec<(&'static str, [u8; 32])> {
+    let home = Home::new(home.to_path_buf());
+    let identity = home.load_identity().unwrap();
+    let mut out = vec![("certified DH key", identity.device_dh_secret().to_bytes())];
+    let store = weft_node::store::Store::open(&home.db_path()).unwrap();
+    for k in store.db().own_handout_keys().unwrap() {
+        out.push(("handout key", *k.secret));
+    }
+    let mut issued: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let db = rusqlite::Connection::open(home.db_path()).unwrap();
+    let holders: Vec<Vec<u8>> = db
+        .prepare("SELECT DISTINCT holder FROM own_one_time_keys")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for holder in holders {
+        let holder = weft_node::ids::DeviceId(holder.as_slice().try_into().unwrap());
+        for k in store.db().own_one_time_keys_for(&holder).unwrap() {
+            if issued.insert(k.public.to_vec()) {
+                out.push(("one-time key", *k.secret));
+            }
+        }
+    }
+    out
 }
 
 /// Alice, bob and carol (keys from `seed`), alice a contact of both, and

@@ -16,7 +16,7 @@ use crate::identity::HandoutKey;
 /// A handout key dated further ahead than this is refused.
 const HANDOUT_KEY_SKEW_MS: i64 = 5 * 60 * 1000;
 
-fn millis(d: Duration) -> i64 {
+pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -72,7 +72,7 @@ impl State<'_, '_, '_> {
         }
         let env = self.seal_to(conv.id, devices, &Payload::HandoutKey(key.clone()))?;
         self.send_envelope(conv, &env, conv.key_epoch, 0, false, Ack::Publish)?;
-        Ok(())
+        self.hand_out_one_time_keys(conv, devices)
     }
 
     /// Hands this device's handout key to the member devices of a
@@ -129,8 +129,17 @@ impl State<'_, '_, '_> {
             tracing::debug!(erased, "erased replaced handout keys");
             self.db.note_erased();
         }
+        self.expire_one_time_keys(now)?;
         self.devices_changed();
         Ok(())
+    }
+
+    /// How long after it was made another device's handout (or one-time)
+    /// key is sealed to: while the device surely still holds it (half the
+    /// max age of slack for envelopes in flight or in mailboxes).
+    pub(super) fn handout_key_usable_for(&self) -> i64 {
+        millis(self.e.settings.handout_key_rotation)
+            .saturating_add(millis(self.e.settings.skipped_key_max_age) / 2)
     }
 
     /// The key to seal to `device`: its newest handout key while young
@@ -142,8 +151,7 @@ impl State<'_, '_, '_> {
         device: &DeviceId,
         certified: [u8; 32],
     ) -> Result<[u8; 32], ApiError> {
-        let usable_for = millis(self.e.settings.handout_key_rotation)
-            .saturating_add(millis(self.e.settings.skipped_key_max_age) / 2);
+        let usable_for = self.handout_key_usable_for();
         Ok(match self.db.handout_key(device)? {
             Some((dh, created)) if now_ms() < created.saturating_add(usable_for) => dh,
             _ => certified,
