@@ -1,25 +1,22 @@
-//! Weft's node library: identity, end-to-end encryption, storage,
-//! networking and the engine that ties them together. The `weft`,
-//! `weft-relay` and `weft-sim` binaries are thin layers over it.
+//! Weft's node library: this device's keys, storage, networking and the
+//! engine that ties them together, over the wire protocol of
+//! `weft-proto` (re-exported here as `crypto`, `ids`, `payload`, ...).
+//! The `weft` binary is a thin layer over it.
 //!
 //! Start with [`Node::start`] and talk to it through a [`NodeHandle`]
 //! with the JSON-shaped requests of [`api`].
 
 pub mod api;
 pub mod control;
-pub mod crypto;
-pub mod group;
-pub mod hlc;
 pub mod home;
 pub mod identity;
-pub mod ids;
 pub mod link;
-pub mod mailbox;
 pub mod net;
 pub mod node;
-pub mod payload;
-pub mod routing;
 pub mod store;
+
+// The wire protocol, under the paths the node has always used.
+pub use weft_proto::{crypto, group, hlc, ids, mailbox, payload, routing};
 
 pub use libp2p::{Multiaddr, PeerId};
 pub use net::NetConfig;

@@ -189,10 +189,44 @@ impl GroupState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Identity;
+    use crate::ids::DeviceId;
 
-    fn member(seed: &str, role: GroupRole) -> (Identity, GroupMember) {
-        let id = Identity::from_seed(seed.as_bytes(), 1).unwrap();
+    /// A seeded account with one certified device.
+    struct Account {
+        user: UserId,
+        certificate: DeviceCertificate,
+    }
+
+    impl Account {
+        fn from_seed(seed: &str) -> Self {
+            let key = |what: &str| {
+                blake3::derive_key("weft test account", format!("{seed}/{what}").as_bytes())
+            };
+            let user_key = ed25519_dalek::SigningKey::from_bytes(&key("user"));
+            let device_key = ed25519_dalek::SigningKey::from_bytes(&key("device"));
+            let public = |secret: [u8; 32]| {
+                x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes()
+            };
+            let (dh, account_dh) = (public(key("dh")), public(key("account")));
+            let user = UserId(user_key.verifying_key().to_bytes());
+            let device = DeviceId(device_key.verifying_key().to_bytes());
+            let consent = DeviceCertificate::consent(&device_key, &user, &dh);
+            let certificate =
+                DeviceCertificate::issue(&user_key, &device, dh, account_dh, consent, 1).unwrap();
+            Self { user, certificate }
+        }
+
+        fn user_id(&self) -> UserId {
+            self.user
+        }
+
+        fn certificate(&self) -> &DeviceCertificate {
+            &self.certificate
+        }
+    }
+
+    fn member(seed: &str, role: GroupRole) -> (Account, GroupMember) {
+        let id = Account::from_seed(seed);
         let m = GroupMember {
             user: id.user_id(),
             name: seed.to_string(),
@@ -202,7 +236,7 @@ mod tests {
         (id, m)
     }
 
-    fn group() -> (Vec<Identity>, GroupState) {
+    fn group() -> (Vec<Account>, GroupState) {
         let (a, am) = member("alice", GroupRole::Admin);
         let (b, bm) = member("bob", GroupRole::Member);
         let (c, cm) = member("carol", GroupRole::Member);

@@ -1,13 +1,22 @@
-//! The direct protocol's framing: one length-prefixed byte string each
-//! way (`u32` big-endian length, then the bytes). What the bytes mean is
-//! the node's business (docs/protocol.md, "Direct exchanges").
+//! Weft's libp2p protocol names, and the framing of its direct and
+//! mailbox protocols: one length-prefixed byte string each way (`u32`
+//! big-endian length, then the bytes). What the bytes mean is in the
+//! node's direct exchanges and in [`crate::mailbox`] (docs/protocol.md).
 
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use libp2p_request_response::Codec;
+use libp2p_swarm::StreamProtocol;
 
 pub const DIRECT_PROTOCOL: &str = "/weft/direct/1";
+/// Kademlia's protocol name: Weft's own DHT, never the public IPFS one.
+pub const KAD_PROTOCOL: &str = "/weft/kad/1.0.0";
+pub const IDENTIFY_PROTOCOL: &str = "/weft/1.0.0";
+/// The DNS-SD service type Weft nodes advertise on the LAN.
+pub const MDNS_SERVICE: &str = "_weft._udp.local.";
+/// The DHT key relays provide.
+pub const RELAY_PROVIDER_KEY: &[u8] = b"/weft/relays/1";
 /// Largest request: a batch of envelopes.
 pub const MAX_DIRECT_REQUEST: usize = 8 * 1024 * 1024;
 /// Largest response: a batch of envelopes during catch-up.
@@ -55,7 +64,7 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io.close().await
 }
 
-impl libp2p::request_response::Codec for DirectCodec {
+impl Codec for DirectCodec {
     type Protocol = StreamProtocol;
     type Request = Vec<u8>;
     type Response = Vec<u8>;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
-use weft_node::ids::UserId;
+use weft_proto::ids::UserId;
 
 use crate::store::StoreLimits;
 

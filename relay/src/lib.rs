@@ -1,7 +1,7 @@
 //! weft-relay: a community-run Weft relay. A libp2p node that serves
 //! circuit relay v2 (so NATed devices can be reached), AutoNAT, Kademlia
 //! (it doubles as a bootstrap node) and the mailbox protocol
-//! (`/weft/mailbox/1`, `weft_node::mailbox`): store-and-forward
+//! (`/weft/mailbox/1`, `weft_proto::mailbox`): store-and-forward
 //! mailboxes for devices that are away, with push wakeups.
 //!
 //! The binary (`main.rs`) is a thin layer over [`Relay`]:
@@ -28,3 +28,10 @@ pub mod wakeup;
 
 pub use config::Config;
 pub use server::{Relay, RelayError};
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

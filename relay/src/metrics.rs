@@ -21,7 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use weft_node::mailbox::Refusal;
+use weft_proto::mailbox::Refusal;
 
 use crate::store::{StoreHandle, Totals};
 

@@ -30,8 +30,8 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
-use weft_node::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
-use weft_node::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVIDER_KEY};
+use weft_proto::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
+use weft_proto::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVIDER_KEY};
 
 use crate::config::Config;
 use crate::limiter::TokenBucket;
@@ -567,10 +567,10 @@ impl NetTask {
                     || self.in_flight_bytes + size > MAX_IN_FLIGHT_BYTES
                 {
                     self.relay_metrics
-                        .refused(weft_node::mailbox::Refusal::Unavailable);
+                        .refused(weft_proto::mailbox::Refusal::Unavailable);
                     let busy = Handled {
-                        response: weft_node::mailbox::MailboxResponse::refused(
-                            weft_node::mailbox::Refusal::Unavailable,
+                        response: weft_proto::mailbox::MailboxResponse::refused(
+                            weft_proto::mailbox::Refusal::Unavailable,
                             "the relay is busy; try again shortly",
                         ),
                         wake: None,
@@ -578,7 +578,7 @@ impl NetTask {
                     futures::future::ready(busy).boxed()
                 } else {
                     self.service
-                        .handle(peer, &request, Instant::now(), weft_node::now_ms())
+                        .handle(peer, &request, Instant::now(), crate::now_ms())
                 };
                 self.in_flight_bytes += size;
                 self.in_flight

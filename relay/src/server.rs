@@ -204,7 +204,7 @@ async fn sweep(store: StoreHandle, interval: Duration, mut stop: oneshot::Receiv
         }
         let (mut envelopes, mut mailboxes) = (0, 0);
         loop {
-            match store.expire(weft_node::now_ms()).await {
+            match store.expire(crate::now_ms()).await {
                 Ok(e) => {
                     envelopes += e.envelopes;
                     mailboxes += e.mailboxes;

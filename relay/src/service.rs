@@ -13,12 +13,12 @@ use std::time::Instant;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
-use weft_node::crypto::envelope::MAX_ENVELOPE_BYTES;
-use weft_node::mailbox::{
+use weft_proto::crypto::envelope::MAX_ENVELOPE_BYTES;
+use weft_proto::mailbox::{
     MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse, Refusal, Registration,
     RegistrationError,
 };
-use weft_node::net::MAX_DIRECT_RESPONSE;
+use weft_proto::net::MAX_DIRECT_RESPONSE;
 
 use crate::config::Access;
 use crate::limiter::RateLimiter;

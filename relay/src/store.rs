@@ -20,7 +20,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
-use weft_node::mailbox::MailboxId;
+use weft_proto::mailbox::MailboxId;
 
 use crate::metrics::RelayMetrics;
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
-use weft_node::mailbox::MailboxId;
+use weft_proto::mailbox::MailboxId;
 
 use crate::metrics::RelayMetrics;
 use crate::store::WakeTarget;

@@ -21,7 +21,6 @@
 //! whether or not it is directly. Over a relayed connection DCUtR tries to
 //! punch a hole to a direct one; the relayed connection stays either way.
 
-mod codec;
 mod gate;
 mod mdns;
 mod relay_client;
@@ -45,16 +44,14 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-pub use codec::{DIRECT_PROTOCOL, DirectCodec, MAX_DIRECT_REQUEST, MAX_DIRECT_RESPONSE};
 pub use libp2p::multiaddr::Protocol as AddrProtocol;
+pub use weft_proto::net::{
+    DIRECT_PROTOCOL, DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_DIRECT_REQUEST,
+    MAX_DIRECT_RESPONSE, MDNS_SERVICE,
+};
 
 use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 
-/// Kademlia's protocol name: Weft's own DHT, never the public IPFS one.
-pub const KAD_PROTOCOL: &str = "/weft/kad/1.0.0";
-pub const IDENTIFY_PROTOCOL: &str = "/weft/1.0.0";
-/// The DNS-SD service type Weft nodes advertise on the LAN.
-pub const MDNS_SERVICE: &str = "_weft._udp.local.";
 /// Most topics a peer may subscribe to: a person is in many conversations
 /// (gossipsub's default filter stops at 100).
 pub const MAX_TOPICS_PER_PEER: usize = 10_000;

@@ -14,8 +14,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, kad};
 use tokio::time::Instant;
 
-/// The DHT key relays provide.
-pub const RELAY_PROVIDER_KEY: &[u8] = b"/weft/relays/1";
+pub use weft_proto::net::RELAY_PROVIDER_KEY;
 /// The circuit relay v2 protocol a relay must speak to be adopted.
 pub const HOP_PROTOCOL: &str = "/libp2p/circuit/relay/0.2.0/hop";
 

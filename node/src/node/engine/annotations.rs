@@ -609,3 +609,11 @@ impl State<'_, '_, '_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_wire_and_the_documents_agree_on_the_shard_period() {
+        assert_eq!(crate::payload::SHARD_PERIOD_MS, weft_crdt::PERIOD_MS);
+    }
+}
