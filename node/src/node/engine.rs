@@ -248,81 +248,14 @@ enum Verdict {
 }
 
 pub(super) struct Engine {
-    identity: Identity,
-    my_user: UserId,
-    my_device: DeviceId,
-    name: String,
+    /// What the engine knows besides its store and outlets (lent to each
+    /// batch).
+    state: EngineState,
     store: Store,
     outlets: Outlets,
-    convs: HashMap<ConversationId, Conv>,
-    by_topic: HashMap<String, ConversationId>,
-    /// Every routing tag known (current and earlier epochs).
-    by_tag: HashMap<RoutingTag, ConversationId>,
-    /// When the gossip gate (who may subscribe to which topic) is to be
-    /// told the member devices again (`None`: it is up to date).
-    gates_due: Option<tokio::time::Instant>,
-    sending: HashMap<(ConversationId, u64), SendingSlot>,
-    receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
-    /// Receiving chains moved on in this batch and not written yet.
-    dirty_chains: HashSet<(ConversationId, DeviceId, u64)>,
-    /// Senders' device keys, decoded.
-    verifying_keys: HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
-    recipients: HashMap<ConversationId, Arc<Recipients>>,
-    device_users: HashMap<DeviceId, Option<UserId>>,
-    blocked: HashSet<UserId>,
-    /// Devices revoked by their accounts (at most `MAX_REVOKED` kept in
-    /// memory; the store keeps all): nothing from them is accepted.
-    revoked: HashSet<DeviceId>,
-    connected: HashSet<PeerId>,
-    topic_peers: HashMap<String, HashSet<PeerId>>,
-    /// Envelopes in the outbox and the member peers not yet known to have
-    /// them.
-    unreached: HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
-    /// When each envelope was last offered to each peer directly.
-    offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
-    settings: Settings,
-    clock: Clock,
-    share: Share,
-    /// Which device (and user) each peer id is, derived from certificates
-    /// (`None`: not a known device).
-    device_by_peer: HashMap<PeerId, Option<(DeviceId, UserId)>>,
-    presence: HashMap<UserId, presence::Presence>,
-    typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
-    /// Catch-up sessions in progress, with their round count.
-    syncing: HashMap<(PeerId, ConversationId), u32>,
     /// Makes a commit durable off this thread (none for a store in memory).
     wal: Option<crate::store::WalSyncer>,
-    /// Relays in use, configured and found (peer id, address with /p2p/).
-    relays: Vec<(PeerId, Multiaddr)>,
-    /// Those of `relays` found through the DHT.
-    found_relays: HashSet<PeerId>,
-    /// Relays a fetch is in flight from.
-    fetching: HashSet<PeerId>,
-    /// The last mail cursor acknowledged per relay.
-    mail_cursor: HashMap<PeerId, u64>,
-    /// Envelopes deposited for a device at its relays.
-    deposited: HashSet<(EnvelopeId, PeerId)>,
-    /// Our mailbox at each relay that accepted our registration, and how
-    /// much was fetched from it.
-    mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
-    /// Conversations with an envelope waiting for a gap in its sender's
-    /// chain to be filled (it came too far ahead).
-    gaps: HashSet<ConversationId>,
-    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
-    shards: HashMap<annotations::ShardId, weft_crdt::Annotations>,
-    /// Those changed in the batch in progress.
-    dirty_shards: HashSet<annotations::ShardId>,
-    /// Link codes issued and not used yet.
-    link_codes: Vec<devices::LinkSecret>,
-    /// The device a history transfer is coming from.
-    history_peer: Option<PeerId>,
-    /// The account's private state (loaded when first needed), and
-    /// whether it changed since it was saved.
-    account: Option<weft_crdt::AccountState>,
-    account_dirty: bool,
-    /// The account's read position per conversation, as last read from it.
-    read_positions: HashMap<ConversationId, u64>,
     /// Messages stored and not acknowledged yet (at most
     /// `MAX_RECEIPT_IDS`), when their delivered receipts leave, and when
     /// the last ones left (see `Settings::receipt_delay`).
@@ -441,11 +374,52 @@ impl Engine {
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_else(|| "me".to_string());
         let (internal_tx, internal_rx) = mpsc::channel(1024);
+        let net_online = net.is_some();
         let mut engine = Self {
-            my_user: identity.user_id(),
-            my_device: identity.device_id(),
-            identity,
-            name,
+            state: EngineState {
+                my_user: identity.user_id(),
+                my_device: identity.device_id(),
+                identity,
+                name,
+                convs: HashMap::new(),
+                by_topic: HashMap::new(),
+                by_tag: HashMap::new(),
+                gates_due: Some(tokio::time::Instant::now()),
+                sending: HashMap::new(),
+                receiving: HashMap::new(),
+                dirty_chains: HashSet::new(),
+                verifying_keys: HashMap::new(),
+                recipients: HashMap::new(),
+                device_users: HashMap::new(),
+                blocked: HashSet::new(),
+                revoked: HashSet::new(),
+                connected: HashSet::new(),
+                topic_peers: HashMap::new(),
+                unreached: HashMap::new(),
+                offered: HashMap::new(),
+                settings,
+                clock,
+                share,
+                device_by_peer: HashMap::new(),
+                presence: HashMap::new(),
+                typing: HashMap::new(),
+                syncing: HashMap::new(),
+                relays,
+                found_relays,
+                fetching: HashSet::new(),
+                mail_cursor: HashMap::new(),
+                deposited: HashSet::new(),
+                mailboxes: HashMap::new(),
+                gaps: HashSet::new(),
+                shards: HashMap::new(),
+                dirty_shards: HashSet::new(),
+                link_codes: Vec::new(),
+                history_peer: None,
+                account: None,
+                account_dirty: false,
+                read_positions: HashMap::new(),
+                net_online,
+            },
             store,
             outlets: Outlets {
                 sent_early: std::cell::Cell::new(false),
@@ -453,45 +427,8 @@ impl Engine {
                 events,
                 internal_tx,
             },
-            convs: HashMap::new(),
-            by_topic: HashMap::new(),
-            by_tag: HashMap::new(),
-            gates_due: Some(tokio::time::Instant::now()),
-            sending: HashMap::new(),
-            receiving: HashMap::new(),
-            dirty_chains: HashSet::new(),
-            verifying_keys: HashMap::new(),
-            recipients: HashMap::new(),
-            device_users: HashMap::new(),
-            blocked: HashSet::new(),
-            revoked: HashSet::new(),
-            connected: HashSet::new(),
-            topic_peers: HashMap::new(),
-            unreached: HashMap::new(),
-            offered: HashMap::new(),
             internal_rx: Some(internal_rx),
-            settings,
-            clock,
-            share,
-            device_by_peer: HashMap::new(),
-            presence: HashMap::new(),
-            typing: HashMap::new(),
-            syncing: HashMap::new(),
             wal,
-            relays,
-            found_relays,
-            fetching: HashSet::new(),
-            mail_cursor: HashMap::new(),
-            deposited: HashSet::new(),
-            mailboxes: HashMap::new(),
-            gaps: HashSet::new(),
-            shards: HashMap::new(),
-            dirty_shards: HashSet::new(),
-            link_codes: Vec::new(),
-            history_peer: None,
-            account: None,
-            account_dirty: false,
-            read_positions: HashMap::new(),
             unacknowledged: Vec::new(),
             receipts_due: None,
             acknowledged_at: None,
@@ -504,7 +441,7 @@ impl Engine {
     /// conversation's topic and dials known peers.
     fn load(&mut self) -> Result<(), NodeError> {
         let db = self.store.db();
-        self.blocked = db
+        self.state.blocked = db
             .contacts()?
             .into_iter()
             .filter(|c| c.blocked)
@@ -512,22 +449,22 @@ impl Engine {
             .collect();
         // Revocations of devices never certified here were once recorded
         // as revoked devices of whoever signed them: they bind nothing.
-        let forgotten = db.forget_uncertified_devices(&self.my_device)?;
+        let forgotten = db.forget_uncertified_devices(&self.state.my_device)?;
         if forgotten > 0 {
             tracing::info!(
                 forgotten,
                 "forgot revocations of devices never certified here"
             );
         }
-        self.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
-        if db.device(&self.my_device)?.is_some_and(|d| d.revoked) {
-            self.revoked.insert(self.my_device);
+        self.state.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
+        if db.device(&self.state.my_device)?.is_some_and(|d| d.revoked) {
+            self.state.revoked.insert(self.state.my_device);
         }
         // This device's own certificate (protocol 2 replaced it).
         db.bind_device(
-            &self.my_device,
-            &self.my_user,
-            &self.identity.certificate().to_bytes(),
+            &self.state.my_device,
+            &self.state.my_user,
+            &self.state.identity.certificate().to_bytes(),
         )?;
         // Current tags only; earlier epochs' are looked up in the store
         // when an envelope names one.
@@ -544,14 +481,14 @@ impl Engine {
                 .as_deref()
                 .and_then(GroupState::decode)
                 .map(Arc::new);
-            let active = members.contains(&self.my_user);
+            let active = members.contains(&self.state.my_user);
             if record.tag.is_none()
                 && record.kind == ConversationKind::Direct
                 && let Some(other) = members
                     .iter()
-                    .find(|u| **u != self.my_user)
+                    .find(|u| **u != self.state.my_user)
                     .or(members.first())
-                && let Some(routing) = direct_routing(&self.identity, &db, other)?
+                && let Some(routing) = direct_routing(&self.state.identity, &db, other)?
             {
                 // Made under protocol 1: its protocol 2 secret is known now.
                 db.set_routing(&record.id, &routing.topic(), &routing.tag())?;
@@ -573,13 +510,13 @@ impl Engine {
         // its document.
         let share = db
             .get_meta(presence::META_SHARE)?
-            .map(|_| self.share.as_str());
-        account::seed_account(&db, &self.my_user, &self.my_device, share)?;
-        let own = account::account_conversation(&self.my_user);
+            .map(|_| self.state.share.as_str());
+        account::seed_account(&db, &self.state.my_user, &self.state.my_device, share)?;
+        let own = account::account_conversation(&self.state.my_user);
         if !convs.iter().any(|c| c.id == own) {
-            let (record, conv) = account::new_account_conversation(&self.identity)?;
+            let (record, conv) = account::new_account_conversation(&self.state.identity)?;
             db.insert_conversation(&record)?;
-            db.set_members(&own, &[(self.my_user, Role::Member)])?;
+            db.set_members(&own, &[(self.state.my_user, Role::Member)])?;
             convs.push(conv);
         }
         let outbox = db.outbox_due(i64::MAX, 100_000)?;
@@ -587,16 +524,16 @@ impl Engine {
         let known = db.known_peers(4096)?;
         for conv in convs {
             if let Some(tag) = conv.tag
-                && self.by_tag.len() < ROUTING_TAGS_CACHE
+                && self.state.by_tag.len() < ROUTING_TAGS_CACHE
             {
-                self.by_tag.insert(tag, conv.id);
+                self.state.by_tag.insert(tag, conv.id);
             }
             if conv.active && conv.tag.is_some() {
                 self.outlets
                     .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
             }
-            self.by_topic.insert(conv.topic.clone(), conv.id);
-            self.convs.insert(conv.id, conv);
+            self.state.by_topic.insert(conv.topic.clone(), conv.id);
+            self.state.convs.insert(conv.id, conv);
         }
         for entry in outbox {
             pending_outbox.push(entry);
@@ -605,7 +542,8 @@ impl Engine {
             // Who still lacks it is unknown after a restart: offer it to
             // every member device (receivers deduplicate).
             let peers = self.outbox_targets(&entry.conversation)?;
-            self.unreached
+            self.state
+                .unreached
                 .insert(entry.envelope_id, (entry.conversation, peers));
         }
         let mut by_peer: HashMap<String, Vec<Multiaddr>> = HashMap::new();
@@ -615,8 +553,9 @@ impl Engine {
             }
         }
         // Member devices with no known address: the DHT may know them.
-        let me = peer_id_of(&self.my_device);
+        let me = peer_id_of(&self.state.my_device);
         let ids: Vec<ConversationId> = self
+            .state
             .convs
             .values()
             .filter(|c| c.active)
@@ -651,7 +590,7 @@ impl Engine {
     fn outbox_targets(&self, conv: &ConversationId) -> Result<HashSet<PeerId>, NodeError> {
         let db = self.store.db();
         let mut peers = HashSet::new();
-        let Some(c) = self.convs.get(conv) else {
+        let Some(c) = self.state.convs.get(conv) else {
             return Ok(peers);
         };
         if let Some(g) = &c.group {
@@ -667,7 +606,7 @@ impl Engine {
                 }
             }
         }
-        peers.remove(&peer_id_of(&self.my_device));
+        peers.remove(&peer_id_of(&self.state.my_device));
         Ok(peers)
     }
 
@@ -682,9 +621,9 @@ impl Engine {
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        let mut heartbeat = tokio::time::interval(self.state.settings.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sync = tokio::time::interval(self.settings.sync_interval);
+        let mut sync = tokio::time::interval(self.state.settings.sync_interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first ticks of these fire at once: nobody is connected yet.
         heartbeat.tick().await;
@@ -753,7 +692,7 @@ impl Engine {
             return;
         }
         let now = tokio::time::Instant::now();
-        let receipt_delay = self.settings.receipt_delay;
+        let receipt_delay = self.state.settings.receipt_delay;
         // Receipts leave at once after a quiet spell, else together with
         // the others of the same `receipt_delay`.
         let acknowledge = batch.iter().any(|i| matches!(i, Input::Acknowledge))
@@ -793,50 +732,7 @@ impl Engine {
             };
             let db = txn.db();
             let mut state = State {
-                e: &mut EngineState {
-                    identity: &self.identity,
-                    my_user: self.my_user,
-                    my_device: self.my_device,
-                    name: &mut self.name,
-                    net_online: self.outlets.net.is_some(),
-                    convs: &mut self.convs,
-                    by_topic: &mut self.by_topic,
-                    by_tag: &mut self.by_tag,
-                    gates_due: &mut self.gates_due,
-                    sending: &mut self.sending,
-                    receiving: &mut self.receiving,
-                    dirty_chains: &mut self.dirty_chains,
-                    verifying_keys: &mut self.verifying_keys,
-                    recipients: &mut self.recipients,
-                    device_users: &mut self.device_users,
-                    blocked: &mut self.blocked,
-                    revoked: &mut self.revoked,
-                    connected: &mut self.connected,
-                    topic_peers: &mut self.topic_peers,
-                    unreached: &mut self.unreached,
-                    offered: &mut self.offered,
-                    settings: &self.settings,
-                    clock: &mut self.clock,
-                    share: &mut self.share,
-                    device_by_peer: &mut self.device_by_peer,
-                    presence: &mut self.presence,
-                    typing: &mut self.typing,
-                    syncing: &mut self.syncing,
-                    relays: &mut self.relays,
-                    found_relays: &mut self.found_relays,
-                    fetching: &mut self.fetching,
-                    mail_cursor: &mut self.mail_cursor,
-                    deposited: &mut self.deposited,
-                    mailboxes: &mut self.mailboxes,
-                    gaps: &mut self.gaps,
-                    shards: &mut self.shards,
-                    dirty_shards: &mut self.dirty_shards,
-                    link_codes: &mut self.link_codes,
-                    history_peer: &mut self.history_peer,
-                    account: &mut self.account,
-                    account_dirty: &mut self.account_dirty,
-                    read_positions: &mut self.read_positions,
-                },
+                e: &mut self.state,
                 db: &db,
                 fx: &mut fx,
                 outlets: &self.outlets,
@@ -908,15 +804,15 @@ impl Engine {
                     _ => {}
                 }
             }
-            self.sending.clear();
-            self.receiving.clear();
-            self.dirty_chains.clear();
+            self.state.sending.clear();
+            self.state.receiving.clear();
+            self.state.dirty_chains.clear();
             // They may hold changes the disk does not.
-            self.shards.clear();
-            self.dirty_shards.clear();
-            self.account = None;
-            self.account_dirty = false;
-            self.read_positions.clear();
+            self.state.shards.clear();
+            self.state.dirty_shards.clear();
+            self.state.account = None;
+            self.state.account_dirty = false;
+            self.state.read_positions.clear();
             // This batch stored nothing to acknowledge. Receipts taken for
             // sending in it are lost; the senders' retries bring them back
             // (a duplicate offered directly is acknowledged again).
@@ -932,7 +828,7 @@ impl Engine {
             .then(|| self.acknowledged_at.map_or(now, |at| at + receipt_delay));
         if durability == Durability::Full {
             // Only an fsynced reservation may let envelopes leave early.
-            for slot in self.sending.values_mut() {
+            for slot in self.state.sending.values_mut() {
                 slot.durable_until = slot.reserved_until;
             }
         }
@@ -1196,55 +1092,85 @@ fn fail_inputs(batch: Vec<Input>, why: &str) {
     }
 }
 
-/// The engine's mutable state, borrowed apart from the store so a
-/// transaction and the state can be used together.
-struct EngineState<'a> {
-    identity: &'a Identity,
+/// Everything the engine knows besides its store and outlets: owned by
+/// the engine, lent to a batch's [`State`] next to the open transaction.
+struct EngineState {
+    identity: Identity,
     my_user: UserId,
     my_device: DeviceId,
-    name: &'a mut String,
+    name: String,
+    /// Whether a network task runs (not for an offline node).
     net_online: bool,
-    convs: &'a mut HashMap<ConversationId, Conv>,
-    by_topic: &'a mut HashMap<String, ConversationId>,
-    by_tag: &'a mut HashMap<RoutingTag, ConversationId>,
-    gates_due: &'a mut Option<tokio::time::Instant>,
-    sending: &'a mut HashMap<(ConversationId, u64), SendingSlot>,
-    receiving: &'a mut HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
-    dirty_chains: &'a mut HashSet<(ConversationId, DeviceId, u64)>,
-    verifying_keys: &'a mut HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
-    recipients: &'a mut HashMap<ConversationId, Arc<Recipients>>,
-    device_users: &'a mut HashMap<DeviceId, Option<UserId>>,
-    blocked: &'a mut HashSet<UserId>,
-    revoked: &'a mut HashSet<DeviceId>,
-    connected: &'a mut HashSet<PeerId>,
-    topic_peers: &'a mut HashMap<String, HashSet<PeerId>>,
-    unreached: &'a mut HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
-    offered: &'a mut HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
-    settings: &'a Settings,
-    clock: &'a mut Clock,
-    share: &'a mut Share,
-    device_by_peer: &'a mut HashMap<PeerId, Option<(DeviceId, UserId)>>,
-    presence: &'a mut HashMap<UserId, presence::Presence>,
-    typing: &'a mut HashMap<(ConversationId, UserId), tokio::time::Instant>,
-    syncing: &'a mut HashMap<(PeerId, ConversationId), u32>,
-    relays: &'a mut Vec<(PeerId, Multiaddr)>,
-    found_relays: &'a mut HashSet<PeerId>,
-    fetching: &'a mut HashSet<PeerId>,
-    mail_cursor: &'a mut HashMap<PeerId, u64>,
-    deposited: &'a mut HashSet<(EnvelopeId, PeerId)>,
-    mailboxes: &'a mut HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
-    gaps: &'a mut HashSet<ConversationId>,
-    shards: &'a mut HashMap<annotations::ShardId, weft_crdt::Annotations>,
-    dirty_shards: &'a mut HashSet<annotations::ShardId>,
-    link_codes: &'a mut Vec<devices::LinkSecret>,
-    history_peer: &'a mut Option<PeerId>,
-    account: &'a mut Option<weft_crdt::AccountState>,
-    account_dirty: &'a mut bool,
-    read_positions: &'a mut HashMap<ConversationId, u64>,
+    convs: HashMap<ConversationId, Conv>,
+    by_topic: HashMap<String, ConversationId>,
+    /// Every routing tag known (current and earlier epochs).
+    by_tag: HashMap<RoutingTag, ConversationId>,
+    /// When the gossip gate (who may subscribe to which topic) is to be
+    /// told the member devices again (`None`: it is up to date).
+    gates_due: Option<tokio::time::Instant>,
+    sending: HashMap<(ConversationId, u64), SendingSlot>,
+    receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
+    /// Receiving chains moved on in this batch and not written yet.
+    dirty_chains: HashSet<(ConversationId, DeviceId, u64)>,
+    /// Senders' device keys, decoded.
+    verifying_keys: HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
+    recipients: HashMap<ConversationId, Arc<Recipients>>,
+    device_users: HashMap<DeviceId, Option<UserId>>,
+    blocked: HashSet<UserId>,
+    /// Devices revoked by their accounts (at most `MAX_REVOKED` kept in
+    /// memory; the store keeps all): nothing from them is accepted.
+    revoked: HashSet<DeviceId>,
+    connected: HashSet<PeerId>,
+    topic_peers: HashMap<String, HashSet<PeerId>>,
+    /// Envelopes in the outbox and the member peers not yet known to have
+    /// them.
+    unreached: HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
+    /// When each envelope was last offered to each peer directly.
+    offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
+    settings: Settings,
+    clock: Clock,
+    share: Share,
+    /// Which device (and user) each peer id is, derived from certificates
+    /// (`None`: not a known device).
+    device_by_peer: HashMap<PeerId, Option<(DeviceId, UserId)>>,
+    presence: HashMap<UserId, presence::Presence>,
+    typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    /// Catch-up sessions in progress, with their round count.
+    syncing: HashMap<(PeerId, ConversationId), u32>,
+    /// Relays in use, configured and found (peer id, address with /p2p/).
+    relays: Vec<(PeerId, Multiaddr)>,
+    /// Those of `relays` found through the DHT.
+    found_relays: HashSet<PeerId>,
+    /// Relays a fetch is in flight from.
+    fetching: HashSet<PeerId>,
+    /// The last mail cursor acknowledged per relay.
+    mail_cursor: HashMap<PeerId, u64>,
+    /// Envelopes deposited for a device at its relays.
+    deposited: HashSet<(EnvelopeId, PeerId)>,
+    /// Our mailbox at each relay that accepted our registration, and how
+    /// much was fetched from it.
+    mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
+    /// Conversations with an envelope waiting for a gap in its sender's
+    /// chain to be filled (it came too far ahead).
+    gaps: HashSet<ConversationId>,
+    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
+    shards: HashMap<annotations::ShardId, weft_crdt::Annotations>,
+    /// Those changed in the batch in progress.
+    dirty_shards: HashSet<annotations::ShardId>,
+    /// Link codes issued and not used yet.
+    link_codes: Vec<devices::LinkSecret>,
+    /// The device a history transfer is coming from.
+    history_peer: Option<PeerId>,
+    /// The account's private state (loaded when first needed), and
+    /// whether it changed since it was saved.
+    account: Option<weft_crdt::AccountState>,
+    account_dirty: bool,
+    /// The account's read position per conversation, as last read from it.
+    read_positions: HashMap<ConversationId, u64>,
 }
 
-struct State<'s, 'a, 'd> {
-    e: &'s mut EngineState<'a>,
+struct State<'s, 'd> {
+    e: &'s mut EngineState,
     db: &'s Db<'d>,
     /// Run after the commit.
     fx: &'s mut Vec<Effect>,
@@ -1293,7 +1219,7 @@ impl From<CryptoError> for ApiError {
     }
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Command(Command::Api {
@@ -1676,7 +1602,7 @@ impl State<'_, '_, '_> {
             }
             return Ok(id);
         }
-        let Some(routing) = direct_routing(self.e.identity, self.db, user)? else {
+        let Some(routing) = direct_routing(&self.e.identity, self.db, user)? else {
             return Err(ApiError::failed(format!(
                 "no protocol 2 certificate of {name} is known here: add their new invite (weft contact add)"
             )));
@@ -1704,7 +1630,7 @@ impl State<'_, '_, '_> {
         if conv.tag.is_some() || conv.kind != ConversationKind::Direct {
             return Ok(());
         }
-        let Some(routing) = direct_routing(self.e.identity, self.db, user)? else {
+        let Some(routing) = direct_routing(&self.e.identity, self.db, user)? else {
             return Ok(());
         };
         self.db.set_routing(&id, &routing.topic(), &routing.tag())?;
@@ -1780,14 +1706,14 @@ impl State<'_, '_, '_> {
     /// (never sooner than a change already waiting asked for).
     fn gates_changed(&mut self, delay: Duration) {
         let due = tokio::time::Instant::now() + delay;
-        *self.e.gates_due = Some(self.e.gates_due.map_or(due, |d| d.max(due)));
+        self.e.gates_due = Some(self.e.gates_due.map_or(due, |d| d.max(due)));
     }
 
     /// Tells the gossip gate, for every topic, which peers may take it:
     /// the member devices of its conversation, nobody else.
     fn refresh_gates(&mut self) {
-        match *self.e.gates_due {
-            Some(due) if due <= tokio::time::Instant::now() => *self.e.gates_due = None,
+        match self.e.gates_due {
+            Some(due) if due <= tokio::time::Instant::now() => self.e.gates_due = None,
             _ => return,
         }
         for conv in self.active_convs() {
@@ -3327,7 +3253,7 @@ impl State<'_, '_, '_> {
     /// Writes the receiving chains this batch moved on (once each, however
     /// many envelopes moved them), before the batch commits.
     fn save_chains(&mut self) {
-        for key in std::mem::take(self.e.dirty_chains) {
+        for key in std::mem::take(&mut self.e.dirty_chains) {
             let Some(chain) = self.e.receiving.get(&key) else {
                 continue;
             };

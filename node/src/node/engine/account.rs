@@ -85,7 +85,7 @@ fn crdt_failed(e: CrdtError) -> ApiError {
     ApiError::failed(format!("account state: {e}"))
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// The account document, loaded if needed.
     fn account(&mut self) -> Result<&mut AccountState, ApiError> {
         if self.e.account.is_none() {
@@ -95,7 +95,7 @@ impl State<'_, '_, '_> {
                 Some(bytes) => AccountState::load(&bytes, &device).map_err(crdt_failed)?,
                 None => AccountState::new(&device),
             };
-            *self.e.account = Some(doc);
+            self.e.account = Some(doc);
         }
         self.e
             .account
@@ -109,7 +109,7 @@ impl State<'_, '_, '_> {
         if let Some(conv) = self.e.convs.get(&id) {
             return Ok(conv.clone());
         }
-        let (record, conv) = new_account_conversation(self.e.identity)
+        let (record, conv) = new_account_conversation(&self.e.identity)
             .map_err(|e| ApiError::failed(e.to_string()))?;
         self.db.insert_conversation(&record)?;
         self.db
@@ -204,7 +204,7 @@ impl State<'_, '_, '_> {
     /// The document changed: to be saved, and its read positions read
     /// again.
     fn account_changed(&mut self) {
-        *self.e.account_dirty = true;
+        self.e.account_dirty = true;
         self.e.read_positions.clear();
     }
 
@@ -249,7 +249,7 @@ impl State<'_, '_, '_> {
         {
             tracing::warn!("account state not applied: {e:?}");
         }
-        if !std::mem::take(self.e.account_dirty) {
+        if !std::mem::take(&mut self.e.account_dirty) {
             return;
         }
         let conv = account_conversation(&self.e.my_user);
@@ -265,7 +265,7 @@ impl State<'_, '_, '_> {
         };
         if let Err(e) = written {
             tracing::error!("cannot save the account state: {e}");
-            *self.e.account = None;
+            self.e.account = None;
             self.e.read_positions.clear();
         }
     }
@@ -317,11 +317,11 @@ impl State<'_, '_, '_> {
             }
         }
         if let Some(share) = view.privacy.as_deref().and_then(Share::parse)
-            && share != *self.e.share
+            && share != self.e.share
         {
             self.db
                 .set_meta(presence::META_SHARE, share.as_str().as_bytes())?;
-            *self.e.share = share;
+            self.e.share = share;
         }
         for (conv, settings) in &view.conversations {
             let Some(conv) = weft_crdt::unhex(conv)

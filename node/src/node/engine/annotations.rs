@@ -87,7 +87,7 @@ fn shard_id_of(conv: &ConversationId, epoch: u64, hlc: u64) -> ShardId {
     (*conv, crate::payload::shard_of(epoch, Hlc(hlc)))
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// The shard, loaded from the store (or new) if not cached.
     fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, ApiError> {
         if !self.e.shards.contains_key(&id) {
@@ -111,7 +111,7 @@ impl State<'_, '_, '_> {
 
     /// Writes the shards changed in this batch (before its commit).
     pub(super) fn save_shards(&mut self) {
-        for id in std::mem::take(self.e.dirty_shards) {
+        for id in std::mem::take(&mut self.e.dirty_shards) {
             if let Some(shard) = self.e.shards.get_mut(&id) {
                 let written = match shard.persist() {
                     weft_crdt::Persist::Nothing => Ok(()),

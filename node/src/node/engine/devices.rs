@@ -111,7 +111,7 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// Whether `peer` is another, unrevoked device of this account.
     fn own_device(&mut self, peer: &PeerId) -> bool {
         *peer != self.e.identity.peer_id()
@@ -607,7 +607,7 @@ impl State<'_, '_, '_> {
             Ok(Some(b)) => String::from_utf8_lossy(&b).parse().unwrap_or(0),
             _ => return,
         };
-        *self.e.history_peer = Some(peer);
+        self.e.history_peer = Some(peer);
         self.fx.push(Effect::History {
             peer,
             request: HistoryRequest {
@@ -739,13 +739,13 @@ impl State<'_, '_, '_> {
             Some(DirectResponse::History(page)) => page,
             other => {
                 tracing::warn!(%peer, ?other, "history sync stopped; it resumes on the next connection");
-                *self.e.history_peer = None;
+                self.e.history_peer = None;
                 return;
             }
         };
         if let Err(e) = self.import_history(&page) {
             tracing::warn!(%peer, "history import failed: {e}");
-            *self.e.history_peer = None;
+            self.e.history_peer = None;
             return;
         }
         match page.next {
@@ -765,7 +765,7 @@ impl State<'_, '_, '_> {
             None => {
                 tracing::info!(%peer, "history received from another device of the account");
                 let _ = self.db.delete_meta(META_HISTORY_NEEDED);
-                *self.e.history_peer = None;
+                self.e.history_peer = None;
             }
         }
     }
@@ -825,7 +825,7 @@ impl State<'_, '_, '_> {
                 .unwrap_or(self.e.my_user);
             let routing = match &group {
                 Some(g) => Some(g.routing()),
-                None if !c.group => super::direct_routing(self.e.identity, self.db, &other)?,
+                None if !c.group => super::direct_routing(&self.e.identity, self.db, &other)?,
                 None => None,
             };
             let record = ConversationRecord {

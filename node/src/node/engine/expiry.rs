@@ -18,7 +18,7 @@ const META_KEYS_EXPIRED_AT: &str = "keys_expired_at";
 /// Longest time between passes.
 const EXPIRY_EVERY: Duration = Duration::from_secs(3600);
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// Runs a pass if one is due.
     pub(super) fn expire_keys(&mut self) {
         let now = now_ms();
@@ -60,7 +60,7 @@ impl State<'_, '_, '_> {
         self.save_chains();
         let me = self.e.my_device;
         self.db.delete_replaced_sending_chains(&me)?;
-        let convs = &*self.e.convs;
+        let convs = &self.e.convs;
         self.e
             .sending
             .retain(|(conv, epoch), _| convs.get(conv).is_none_or(|c| *epoch >= c.key_epoch));

@@ -20,7 +20,7 @@ pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// This device's current handout key; a new one (handed to every
     /// member device of every conversation) if there is none or the
     /// current one is due for replacement.

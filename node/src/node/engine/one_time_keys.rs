@@ -37,7 +37,7 @@ pub(super) struct OpenedWithOneTimeKey {
     pub(super) key: [u8; 32],
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     fn one_time_target(&self) -> u64 {
         u64::try_from(self.e.settings.one_time_keys.min(MAX_ONE_TIME_KEYS)).unwrap_or(0)
     }

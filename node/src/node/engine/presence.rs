@@ -58,7 +58,7 @@ pub(in crate::node) struct Presence {
     last_seen_ms: i64,
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// The device and user behind a peer id, if it is a known device.
     pub(super) fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
         if let Some(who) = self.e.device_by_peer.get(peer) {
@@ -84,7 +84,7 @@ impl State<'_, '_, '_> {
         if self.e.blocked.contains(user) || *user == self.e.my_user {
             return false;
         }
-        match *self.e.share {
+        match self.e.share {
             Share::Nobody => false,
             Share::Contacts => self.db.contact(user).ok().flatten().is_some(),
             Share::Everyone => self
@@ -241,7 +241,7 @@ impl State<'_, '_, '_> {
                 ))
             })?;
             self.db.set_meta(META_SHARE, share.as_str().as_bytes())?;
-            *self.e.share = share;
+            self.e.share = share;
             self.change_account(|a| a.set_privacy(share.as_str()))?;
         }
         to_value(&PrivacyView {

@@ -12,7 +12,7 @@ use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
 /// Most messages marked read (and acknowledged) by one `read`.
 const MAX_READ: usize = 10_000;
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// Sends delivered receipts for the messages stored and not yet
     /// acknowledged; they leave once the batch's commit is on the disk.
     pub(super) fn flush_delivered(&mut self) {

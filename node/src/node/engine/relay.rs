@@ -154,7 +154,7 @@ fn relays_in(addrs: &[String], device: &PeerId) -> Vec<(PeerId, Multiaddr)> {
     out
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// The network adopted a relay found through the DHT: keep a mailbox
     /// there too, and remember it.
     pub(super) fn relay_found(&mut self, relay: PeerId, addr: Multiaddr) {
@@ -214,7 +214,7 @@ impl State<'_, '_, '_> {
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok());
-        let registration = Registration::new(self.e.identity, &relay, now_ms(), wakeup, None);
+        let registration = Registration::new(&self.e.identity, &relay, now_ms(), wakeup, None);
         self.fx.push(Effect::Mailbox {
             peer: relay,
             request: MailboxRequest::Register(Box::new(registration)),

@@ -70,7 +70,7 @@ fn covers(ranges: &[(u64, u64)], counter: u64) -> bool {
     i > 0 && counter < ranges[i - 1].1
 }
 
-impl State<'_, '_, '_> {
+impl State<'_, '_> {
     /// Starts catch-up with a peer that just connected, for every
     /// conversation it is a member device of.
     pub(super) fn sync_with(&mut self, peer: PeerId) {
