@@ -1,0 +1,300 @@
+//! The API: what each request of a `NodeHandle` (and so of the control
+//! socket) does, and the views it answers with.
+
+use super::*;
+
+impl State<'_, '_> {
+    pub(super) fn handle(&mut self, input: Input) {
+        match input {
+            Input::Command(Command::Api {
+                request,
+                listen,
+                reply,
+            }) => {
+                let result = self.api(request, listen);
+                self.fx.push(Effect::Reply(reply, result));
+            }
+            Input::Command(Command::Deliver { envelopes, reply }) => {
+                let mut accepted = 0u32;
+                self.preverify(envelopes.iter().map(Vec::as_slice));
+                for bytes in &envelopes {
+                    match self.receive(bytes, Via::Direct, None) {
+                        Verdict::Reject(why) => {
+                            tracing::debug!(why, "a delivered envelope is refused");
+                        }
+                        _ => accepted += 1,
+                    }
+                }
+                self.fx.push(Effect::Accepted(reply, accepted));
+            }
+            Input::Command(Command::Shutdown(_)) => {}
+            Input::Net(ev) => self.on_net(ev),
+            Input::Internal(Internal::DirectAck { peer, ids, ok }) => {
+                for id in &ids {
+                    self.e.offered.remove(&(*id, peer));
+                }
+                if ok {
+                    for id in ids {
+                        self.reached(&id, &peer);
+                    }
+                    // Keep a flush to a peer that just came online going.
+                    self.flush_to(peer, None);
+                }
+            }
+            Input::Internal(Internal::Durable(effects)) => run_effects(self.outlets, effects),
+            Input::Internal(Internal::MailboxReply {
+                relay,
+                then,
+                response,
+            }) => self.on_mailbox_reply(relay, then, response),
+            Input::Internal(Internal::Synced {
+                peer,
+                conv,
+                response,
+            }) => self.on_synced(peer, conv, response),
+            Input::Internal(Internal::History { peer, response }) => {
+                self.on_history(peer, response)
+            }
+            Input::Tick => {
+                self.retry();
+                self.expire_presence();
+                self.expire_keys();
+            }
+            Input::Heartbeat => {
+                self.heartbeat();
+                self.purge_offered();
+            }
+            Input::SyncTick => self.sync_all(),
+            // Acted on at the batch's end.
+            Input::Acknowledge => {}
+        }
+    }
+
+    pub(super) fn api(&mut self, request: Request, listen: Vec<Multiaddr>) -> ApiResult {
+        match request {
+            Request::Id => self.id(listen),
+            Request::Status => {
+                let view = StatusView {
+                    peer_id: self.e.identity.peer_id().to_string(),
+                    listen: Vec::new(),
+                    peers: Vec::new(),
+                    relays: self.e.relays.iter().map(|(_, a)| a.to_string()).collect(),
+                    online: self.e.net_online,
+                    outbox: self.db.outbox_len()?,
+                };
+                to_value(&view)
+            }
+            Request::ContactAdd { invite, name } => self.contact_add(&invite, name.as_deref()),
+            Request::ContactList => {
+                let mut out = Vec::new();
+                for c in self.db.contacts()? {
+                    out.push(self.contact_view(&c)?);
+                }
+                to_value(&out)
+            }
+            Request::ContactRemove { alias } => {
+                let c = self.contact(&alias)?;
+                self.db.remove_contact(&c.user_id)?;
+                self.e.blocked.remove(&c.user_id);
+                self.change_account(|a| a.remove_contact(&c.user_id.0))?;
+                to_value(&self.contact_view(&c)?)
+            }
+            Request::ContactBlock { alias } => self.set_blocked(&alias, true),
+            Request::ContactUnblock { alias } => self.set_blocked(&alias, false),
+            Request::Send {
+                target,
+                text,
+                reply_to,
+            } => self.send(&target, text, reply_to.as_deref()),
+            Request::GroupCreate { name, members } => self.group_create(&name, &members),
+            Request::GroupAdd { group, member } => self.group_change(&group, &member, GroupOp::Add),
+            Request::GroupRemove { group, member } => {
+                self.group_change(&group, &member, GroupOp::Remove)
+            }
+            Request::GroupAdmin { group, member } => {
+                self.group_change(&group, &member, GroupOp::Admin)
+            }
+            Request::GroupLeave { group } => self.group_leave(&group),
+            Request::GroupList => {
+                let mut out = Vec::new();
+                for conv in self
+                    .e
+                    .convs
+                    .values()
+                    .filter(|c| c.kind == ConversationKind::Group)
+                {
+                    let Some(g) = &conv.group else { continue };
+                    if !conv.active {
+                        continue;
+                    }
+                    out.push(GroupView {
+                        id: conv.id.to_string(),
+                        name: g.name.clone(),
+                        members: g.members.len(),
+                        role: g
+                            .member(&self.e.my_user)
+                            .map_or("none", |m| role_name(m.role))
+                            .into(),
+                        epoch: g.epoch,
+                    });
+                }
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                to_value(&out)
+            }
+            Request::GroupMembers { group } => {
+                let conv = self.group(&group)?;
+                let g = conv
+                    .group
+                    .as_ref()
+                    .ok_or_else(|| ApiError::failed("group has no state"))?;
+                to_value(&member_views(g))
+            }
+            Request::Conversations => {
+                let mut out = Vec::new();
+                let hidden = account::account_conversation(&self.e.my_user);
+                for r in self.db.conversations()? {
+                    if r.id == hidden {
+                        continue;
+                    }
+                    out.push(ConversationView {
+                        id: r.id.to_string(),
+                        kind: r.kind.as_str().to_string(),
+                        name: r.name,
+                        unread: r.unread,
+                        last_message_at: r.last_message_at_ms,
+                    });
+                }
+                to_value(&out)
+            }
+            Request::Messages {
+                target,
+                limit,
+                before,
+            } => {
+                let conv = self.resolve(&target)?;
+                let before = match before {
+                    Some(b) => Some(
+                        b.parse::<MessageId>()
+                            .map_err(|_| ApiError::usage(format!("not a message id: {b}")))?,
+                    ),
+                    None => None,
+                };
+                let limit = limit.unwrap_or(50).min(10_000);
+                let records = self.db.messages(&conv, limit, before.as_ref())?;
+                let mut out = Vec::with_capacity(records.len());
+                for r in &records {
+                    out.push(self.message_view(r, true)?);
+                }
+                to_value(&out)
+            }
+            Request::Read { target } => {
+                let conv = self.resolve(&target)?;
+                self.mark_read(conv)
+            }
+            Request::DevicesLink => self.devices_link(listen),
+            Request::DevicesList => self.devices_list(),
+            Request::DevicesRevoke { device } => self.devices_revoke(&device),
+            Request::Edit { id, text } => self.edit_message(&id, text),
+            Request::Delete { id } => self.delete_message(&id),
+            Request::React { id, emoji, remove } => self.react(&id, &emoji, !remove),
+            Request::Presence { target } => self.presence_of(&target),
+            Request::Typing { target, typing } => self.send_typing(&target, typing),
+            Request::Privacy { presence } => self.privacy(presence.as_deref()),
+            Request::RelayList => self.relay_list(),
+            Request::PushRegister { url } => self.push_register(Some(url)),
+            Request::PushUnregister => self.push_register(None),
+            Request::Watch => Err(ApiError::usage("watch is a stream: use the control socket")),
+        }
+    }
+
+    /// Where this device can be reached, with its `/p2p/`: the listen
+    /// addresses (not the unspecified ones) and the circuit addresses
+    /// through its relays, each once. For invites and link codes.
+    pub(super) fn reachable_at(&self, listen: Vec<Multiaddr>) -> Vec<String> {
+        let peer = self.e.identity.peer_id();
+        listen
+            .into_iter()
+            .filter(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
+            })
+            .map(|a| a.with(Protocol::P2p(peer)).to_string())
+            .chain(self.relay_addrs())
+            .fold(Vec::new(), |mut seen: Vec<String>, a| {
+                // A relay may announce the circuit address we also build.
+                if !seen.contains(&a) {
+                    seen.push(a);
+                }
+                seen
+            })
+    }
+
+    pub(super) fn id(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+        let peer = self.e.identity.peer_id();
+        let addrs = self.reachable_at(listen);
+        let invite = self.account_invite(addrs)?;
+        to_value(&IdView {
+            user_id: self.e.my_user.to_string(),
+            device_id: self.e.my_device.to_string(),
+            peer_id: peer.to_string(),
+            name: self.e.name.clone(),
+            invite,
+        })
+    }
+
+    pub(super) fn user_name(&self, user: &UserId) -> String {
+        if *user == self.e.my_user {
+            return self.e.name.clone();
+        }
+        if let Ok(Some(c)) = self.db.contact(user) {
+            return c.alias;
+        }
+        self.db
+            .user_name(user)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| user.to_string()[..8].to_string())
+    }
+
+    /// The API's view of a message. `with_receipts`: look up the per-member
+    /// receipts and progress (not needed for a message just received).
+    pub(super) fn message_view(
+        &self,
+        r: &MessageRecord,
+        with_receipts: bool,
+    ) -> Result<MessageView, ApiError> {
+        let conv = self.e.convs.get(&r.conversation);
+        let outgoing = r.sender_user == self.e.my_user;
+        let (receipts, progress) = match conv {
+            Some(c) if with_receipts => {
+                let (receipts, progress) = self.receipt_views(c, r)?;
+                let receipts = (c.kind == ConversationKind::Group).then_some(receipts);
+                (receipts, outgoing.then_some(progress))
+            }
+            _ => (None, None),
+        };
+        Ok(MessageView {
+            id: r.id.to_string(),
+            conversation: r.conversation.to_string(),
+            sender: r.sender_user.to_string(),
+            sender_name: self.user_name(&r.sender_user),
+            text: r.text.clone(),
+            sent_at: r.sent_at_ms,
+            status: r.status.as_str().to_string(),
+            reply_to: r.reply_to.map(|m| m.to_string()),
+            edited: r.edited,
+            deleted: r.deleted,
+            reactions: {
+                let mut by_emoji = std::collections::BTreeMap::<String, Vec<String>>::new();
+                for (user, emoji) in self.db.reactions(&r.id)? {
+                    by_emoji.entry(emoji).or_default().push(user.to_string());
+                }
+                by_emoji
+            },
+            receipts,
+            progress,
+            hlc: r.hlc,
+            outgoing,
+        })
+    }
+}

@@ -1,0 +1,254 @@
+//! Conversations: finding one by name, tag or topic, the gossip gate of
+//! who may subscribe to each, and each one's recipient devices (with the
+//! keys to seal to).
+
+use super::*;
+
+impl State<'_, '_> {
+    /// The conversations this user is (still) a member of.
+    pub(super) fn active_convs(&self) -> Vec<Conv> {
+        self.e
+            .convs
+            .values()
+            .filter(|c| c.active)
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn add_conv(&mut self, conv: Conv) {
+        // A conversation without a routing secret (protocol 1) has no
+        // topic to join.
+        if conv.active && conv.tag.is_some() {
+            self.fx
+                .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
+        }
+        self.e.by_topic.insert(conv.topic.clone(), conv.id);
+        let (id, tag) = (conv.id, conv.tag);
+        self.e.convs.insert(id, conv);
+        self.gates_changed(Duration::ZERO);
+        if let Some(tag) = tag {
+            self.tag_found(tag, id);
+        }
+    }
+
+    /// Notes where a tag belongs (in a bounded cache: the store knows every
+    /// tag), and takes in the chain envelopes that waited for it.
+    pub(super) fn tag_found(&mut self, tag: RoutingTag, conv: ConversationId) {
+        if self.cache_tag(tag, conv) {
+            self.reprocess_pending(&tag_slot(&tag));
+        }
+    }
+
+    /// Puts a tag in the bounded cache; true if it was not there.
+    pub(super) fn cache_tag(&mut self, tag: RoutingTag, conv: ConversationId) -> bool {
+        if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
+            self.e.by_tag.clear();
+        }
+        self.e.by_tag.insert(tag, conv).is_none()
+    }
+
+    /// The conversation a routing tag names, if this node knows the tag.
+    pub(super) fn conversation_of_tag(
+        &mut self,
+        tag: &RoutingTag,
+    ) -> Result<Option<ConversationId>, ApiError> {
+        if let Some(conv) = self.e.by_tag.get(tag) {
+            return Ok(Some(*conv));
+        }
+        let conv = self.db.conversation_of_tag(tag)?;
+        if let Some(conv) = conv {
+            self.cache_tag(*tag, conv);
+        }
+        Ok(conv)
+    }
+
+    /// Members or devices changed: the gate is told again after `delay`
+    /// (never sooner than a change already waiting asked for).
+    pub(super) fn gates_changed(&mut self, delay: Duration) {
+        let due = tokio::time::Instant::now() + delay;
+        self.e.gates_due = Some(self.e.gates_due.map_or(due, |d| d.max(due)));
+    }
+
+    /// Tells the gossip gate, for every topic, which peers may take it:
+    /// the member devices of its conversation, nobody else.
+    pub(super) fn refresh_gates(&mut self) {
+        match self.e.gates_due {
+            Some(due) if due <= tokio::time::Instant::now() => self.e.gates_due = None,
+            _ => return,
+        }
+        for conv in self.active_convs() {
+            let peers = match self.recipients(&conv) {
+                Ok(r) => r.devices.iter().map(|(d, _)| peer_id_of(d)).collect(),
+                Err(e) => {
+                    tracing::warn!("cannot list the member devices of a conversation: {e}");
+                    continue;
+                }
+            };
+            self.fx.push(Effect::Net(NetCommand::TopicMembers {
+                topic: conv.topic.clone(),
+                peers,
+            }));
+        }
+    }
+
+    /// Resolves TARGET: a contact alias, a group name, a user id or a
+    /// conversation id.
+    pub(super) fn resolve(&mut self, target: &str) -> Result<ConversationId, ApiError> {
+        if let Some(c) = self.db.contact_by_alias(target)? {
+            return self.ensure_direct(&c.user_id, &c.alias);
+        }
+        let groups: Vec<ConversationId> = self
+            .db
+            .conversations_named(target)?
+            .into_iter()
+            .filter(|r| r.kind == ConversationKind::Group)
+            .map(|r| r.id)
+            .collect();
+        match groups.len() {
+            1 => return Ok(groups[0]),
+            0 => {}
+            n => {
+                return Err(ApiError::usage(format!(
+                    "{n} groups are named {target}: use the conversation id (weft group list)"
+                )));
+            }
+        }
+        if let Ok(user) = target.parse::<UserId>() {
+            if user == self.e.my_user {
+                return Err(ApiError::usage("that is your own user id"));
+            }
+            if let Some(c) = self.db.contact(&user)? {
+                return self.ensure_direct(&user, &c.alias);
+            }
+            let id = ConversationId::direct(&self.e.my_user, &user);
+            if self.e.convs.contains_key(&id) {
+                return Ok(id);
+            }
+            return Err(ApiError::usage(format!(
+                "user {target} is not a contact: add their invite first"
+            )));
+        }
+        if let Ok(id) = target.parse::<ConversationId>()
+            && self.e.convs.contains_key(&id)
+            && id != account::account_conversation(&self.e.my_user)
+        {
+            return Ok(id);
+        }
+        Err(ApiError::usage(format!(
+            "unknown contact, group or conversation: {target}"
+        )))
+    }
+
+    pub(super) fn group(&mut self, target: &str) -> Result<Conv, ApiError> {
+        let id = self.resolve(target)?;
+        match self.e.convs.get(&id) {
+            Some(c) if c.kind == ConversationKind::Group => Ok(c.clone()),
+            _ => Err(ApiError::usage(format!("{target} is not a group"))),
+        }
+    }
+
+    /// TARGET's conversation, which this user must still be a member of.
+    pub(super) fn active_conversation(&mut self, target: &str) -> Result<Conv, ApiError> {
+        let id = self.resolve(target)?;
+        let conv = self
+            .e
+            .convs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
+        if !conv.active {
+            return Err(ApiError::usage("you are no longer a member of this group"));
+        }
+        Ok(conv)
+    }
+
+    /// The member peers of a conversation that are connected now.
+    pub(super) fn connected_members(&mut self, conv: &Conv) -> Vec<PeerId> {
+        match self.recipients(conv) {
+            Ok(r) => r
+                .peers
+                .iter()
+                .filter(|p| self.e.connected.contains(p))
+                .copied()
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Member devices of a conversation other than this one, with their DH
+    /// keys.
+    pub(super) fn recipients(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
+        let fingerprint = (
+            conv.key_epoch,
+            conv.group
+                .as_ref()
+                .map_or(conv.members.len(), |g| g.members.len()),
+        );
+        if let Some(r) = self.e.recipients.get(&conv.id)
+            && r.fingerprint == fingerprint
+        {
+            return Ok(r.clone());
+        }
+        let devices = self.compute_recipients(conv)?;
+        let peers = devices.iter().map(|(d, _)| peer_id_of(d)).collect();
+        let r = Arc::new(Recipients {
+            fingerprint,
+            devices,
+            peers,
+        });
+        if self.e.recipients.len() >= RECIPIENTS_CACHE {
+            self.e.recipients.clear();
+        }
+        self.e.recipients.insert(conv.id, r.clone());
+        Ok(r)
+    }
+
+    /// Forgets what was derived from device certificates and memberships.
+    pub(super) fn devices_changed(&mut self) {
+        self.gates_changed(Duration::ZERO);
+        self.e.recipients.clear();
+        self.e.device_users.clear();
+        self.e.device_by_peer.clear();
+    }
+
+    pub(super) fn compute_recipients(
+        &self,
+        conv: &Conv,
+    ) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
+        let mut out = Vec::new();
+        if let Some(g) = &conv.group {
+            for m in &g.members {
+                for d in &m.devices {
+                    if d.device != self.e.my_device && !self.is_revoked(&d.device)? {
+                        out.push((d.device, d.dh));
+                    }
+                }
+                // Devices the member's account announced since the group
+                // state was made.
+                for d in self.db.devices_of_user(&m.user)? {
+                    if d.device_id != self.e.my_device
+                        && !out.iter().any(|(id, _)| *id == d.device_id)
+                        && let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert)
+                    {
+                        out.push((cert.device, cert.dh));
+                    }
+                }
+            }
+        } else {
+            for user in &conv.members {
+                for d in self.db.devices_of_user(user)? {
+                    if d.device_id == self.e.my_device {
+                        continue;
+                    }
+                    if let Ok(cert) = DeviceCertificate::from_stored_bytes(&d.cert) {
+                        out.push((cert.device, cert.dh));
+                    }
+                }
+            }
+        }
+        // Sealed to each device's handout key where one is known and young.
+        out.into_iter()
+            .map(|(device, dh)| Ok((device, self.sealing_key(&device, dh)?)))
+            .collect()
+    }
+}
