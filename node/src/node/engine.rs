@@ -371,11 +371,8 @@ struct EngineState {
     revoked: HashSet<DeviceId>,
     connected: HashSet<PeerId>,
     topic_peers: HashMap<String, HashSet<PeerId>>,
-    /// Envelopes in the outbox and the member peers not yet known to have
-    /// them.
-    unreached: HashMap<EnvelopeId, (ConversationId, HashSet<PeerId>)>,
-    /// When each envelope was last offered to each peer directly.
-    offered: HashMap<(EnvelopeId, PeerId), tokio::time::Instant>,
+    /// Who still misses what this device sent, and offers in flight.
+    outbox: outbox::Outbox,
     settings: Settings,
     clock: Clock,
     share: Share,

@@ -31,7 +31,7 @@ impl State<'_, '_> {
             Input::Net(ev) => self.on_net(ev),
             Input::Internal(Internal::DirectAck { peer, ids, ok }) => {
                 for id in &ids {
-                    self.e.offered.remove(&(*id, peer));
+                    self.e.outbox.answered(id, &peer);
                 }
                 if ok {
                     for id in ids {

@@ -395,14 +395,7 @@ impl State<'_, '_> {
         }
         self.devices_changed();
         let peer = peer_id_of(&rev.device);
-        let mut done = Vec::new();
-        for (id, (_, missing)) in self.e.unreached.iter_mut() {
-            if missing.remove(&peer) && missing.is_empty() {
-                done.push(*id);
-            }
-        }
-        for id in done {
-            self.e.unreached.remove(&id);
+        for id in self.e.outbox.drop_peer(&peer) {
             self.db.remove_outbox(&id)?;
         }
         self.fx.push(Effect::Event(Event::Device {

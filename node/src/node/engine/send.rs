@@ -329,7 +329,7 @@ impl State<'_, '_> {
                 next_attempt_at_ms: now + self.retry_delay_ms(0),
                 expires_at_ms: now.saturating_add(expiry),
             })?;
-            self.e.unreached.insert(env.id(), (conv.id, missing));
+            self.e.outbox.track(env.id(), conv.id, missing);
         }
         Ok(reached)
     }

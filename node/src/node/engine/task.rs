@@ -74,8 +74,7 @@ impl Engine {
                 revoked: HashSet::new(),
                 connected: HashSet::new(),
                 topic_peers: HashMap::new(),
-                unreached: HashMap::new(),
-                offered: HashMap::new(),
+                outbox: outbox::Outbox::default(),
                 settings,
                 clock,
                 share,
@@ -222,8 +221,8 @@ impl Engine {
             // every member device (receivers deduplicate).
             let peers = self.outbox_targets(&entry.conversation)?;
             self.state
-                .unreached
-                .insert(entry.envelope_id, (entry.conversation, peers));
+                .outbox
+                .track(entry.envelope_id, entry.conversation, peers);
         }
         let mut by_peer: HashMap<String, Vec<Multiaddr>> = HashMap::new();
         for (peer, addr) in known {
