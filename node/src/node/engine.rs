@@ -21,6 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod account;
 mod annotations;
 mod api;
+mod chains;
 mod contacts;
 mod conversations;
 mod devices;
@@ -47,6 +48,7 @@ mod sync;
 pub use presence::Share;
 pub use sync::{ChainHave, SyncRequest};
 
+use chains::SendingSlot;
 use effects::{
     Input, Outlets, fail_inputs, let_network_run, recv_opt, run_effects, sleep_until_opt,
 };
@@ -89,8 +91,6 @@ const DIRECT_BATCH: usize = 512;
 /// Bound of the routing-tag cache (tags of earlier epochs beyond it are
 /// read from the store).
 const ROUTING_TAGS_CACHE: usize = 65_536;
-/// Bound of the receiving-chain cache.
-const CHAIN_CACHE: usize = 20_000;
 
 /// What travels on the direct protocol (docs/protocol.md).
 #[derive(Debug, Serialize, Deserialize)]
@@ -291,18 +291,6 @@ struct SealedText {
     hlc: Hlc,
 }
 
-/// This device's sending chain for one conversation epoch, with how far
-/// its counters are reserved on disk.
-struct SendingSlot {
-    chain: SendingChain,
-    /// The disk holds the chain at this counter (committed): counters
-    /// below it can never be reused, even after a crash, so envelopes
-    /// sealed with them may leave before the batch commits.
-    durable_until: u64,
-    /// The same, as written in the open transaction.
-    reserved_until: u64,
-}
-
 /// The member devices of a conversation other than this one, with their
 /// DH keys and peer ids: derived from certificates once, used per send.
 #[derive(Debug)]
@@ -318,8 +306,6 @@ const RECIPIENTS_CACHE: usize = 4096;
 const DEVICE_USERS_CACHE: usize = 16_384;
 /// Fewer envelopes than this are checked on this thread alone.
 const PARALLEL_VERIFY_MIN: usize = 32;
-/// Decoded device keys kept.
-const VERIFYING_KEYS: usize = 16_384;
 /// Revoked devices held in memory (the store answers for the rest).
 const MAX_REVOKED: usize = 4096;
 
@@ -357,12 +343,8 @@ struct EngineState {
     /// When the gossip gate (who may subscribe to which topic) is to be
     /// told the member devices again (`None`: it is up to date).
     gates_due: Option<tokio::time::Instant>,
-    sending: HashMap<(ConversationId, u64), SendingSlot>,
-    receiving: HashMap<(ConversationId, DeviceId, u64), ReceivingChain>,
-    /// Receiving chains moved on in this batch and not written yet.
-    dirty_chains: HashSet<(ConversationId, DeviceId, u64)>,
-    /// Senders' device keys, decoded.
-    verifying_keys: HashMap<DeviceId, ed25519_dalek::VerifyingKey>,
+    /// Chains in use and decoded device keys.
+    chains: chains::ChainCache,
     recipients: HashMap<ConversationId, Arc<Recipients>>,
     device_users: HashMap<DeviceId, Option<UserId>>,
     blocked: HashSet<UserId>,

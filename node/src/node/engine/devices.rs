@@ -242,7 +242,7 @@ impl State<'_, '_> {
             .collect();
         for conv in convs {
             let key = (conv.id, conv.key_epoch);
-            let distribution = match self.e.sending.get(&key) {
+            let distribution = match self.e.chains.sending(&key.0, key.1) {
                 Some(slot) => Some(slot.chain.distribution()),
                 None => match self
                     .db
@@ -432,7 +432,7 @@ impl State<'_, '_> {
         let old = conv.key_epoch;
         conv.key_epoch = old.saturating_add(1);
         let new = conv.key_epoch;
-        self.e.sending.remove(&(*id, old));
+        self.e.chains.remove_sending(id, old);
         self.db.set_key_epoch(id, new)?;
         Ok(())
     }

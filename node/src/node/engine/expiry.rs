@@ -62,8 +62,8 @@ impl State<'_, '_> {
         self.db.delete_replaced_sending_chains(&me)?;
         let convs = &self.e.convs;
         self.e
-            .sending
-            .retain(|(conv, epoch), _| convs.get(conv).is_none_or(|c| *epoch >= c.key_epoch));
+            .chains
+            .retain_sending(|conv, epoch| convs.get(conv).is_none_or(|c| epoch >= c.key_epoch));
 
         let states = self.db.receiving_chain_states(&me)?;
         let mut newest: HashMap<(ConversationId, DeviceId), u64> = HashMap::new();
@@ -103,7 +103,7 @@ impl State<'_, '_> {
             }
         }
         if changed > 0 {
-            self.e.receiving.clear();
+            self.e.chains.forget_receiving();
         }
         self.handout_keys_pass(now)?;
         self.db.set_meta(META_KEYS_EXPIRED_AT, &now.to_be_bytes())?;

@@ -89,15 +89,7 @@ impl State<'_, '_> {
         &mut self,
         device: &DeviceId,
     ) -> Option<ed25519_dalek::VerifyingKey> {
-        if let Some(key) = self.e.verifying_keys.get(device) {
-            return Some(*key);
-        }
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&device.0).ok()?;
-        if self.e.verifying_keys.len() >= VERIFYING_KEYS {
-            self.e.verifying_keys.clear();
-        }
-        self.e.verifying_keys.insert(*device, key);
-        Some(key)
+        self.e.chains.verifying_key(device)
     }
 
     /// Checks the signatures of many envelopes ahead of receiving them one
@@ -359,21 +351,19 @@ impl State<'_, '_> {
         key: (ConversationId, DeviceId, u64),
         chain: ReceivingChain,
     ) {
-        if self.e.receiving.len() >= CHAIN_CACHE {
-            // Nothing moved on may be dropped unwritten.
-            self.save_chains();
-            self.e.receiving.clear();
-        }
-        self.e.receiving.insert(key, chain);
+        let unwritten = self.e.chains.insert_receiving(key, chain, false);
+        self.write_chains(unwritten);
     }
 
     /// Writes the receiving chains this batch moved on (once each, however
     /// many envelopes moved them), before the batch commits.
     pub(super) fn save_chains(&mut self) {
-        for key in std::mem::take(&mut self.e.dirty_chains) {
-            let Some(chain) = self.e.receiving.get(&key) else {
-                continue;
-            };
+        let moved_on = self.e.chains.take_moved_on();
+        self.write_chains(moved_on);
+    }
+
+    fn write_chains(&mut self, chains: Vec<(chains::ChainKey, ReceivingChain)>) {
+        for (key, chain) in chains {
             if let Err(e) = self.db.put_chain(&key.0, &key.1, key.2, &chain.to_bytes()) {
                 tracing::error!("cannot save a receiving chain: {e}");
             }
@@ -510,7 +500,7 @@ impl State<'_, '_> {
         }
         let key = (conv_id, env.header.sender, epoch);
         let now = now_ms();
-        let chain = match self.e.receiving.get(&key) {
+        let chain = match self.e.chains.receiving(&key) {
             Some(c) => Some(c.clone()),
             None => match self.db.get_chain(&conv_id, &env.header.sender, epoch)? {
                 Some(bytes) => Some(ReceivingChain::from_bytes(&bytes, now)?),
@@ -654,8 +644,8 @@ impl State<'_, '_> {
     ) -> Result<(), ApiError> {
         if let Some(after) = after {
             // Written once at the end of the batch.
-            self.cache_chain(key, after);
-            self.e.dirty_chains.insert(key);
+            let unwritten = self.e.chains.insert_receiving(key, after, true);
+            self.write_chains(unwritten);
         }
         Ok(())
     }

@@ -114,8 +114,7 @@ impl State<'_, '_> {
     ) -> Result<(Envelope, u64, bool), ApiError> {
         self.check_not_revoked()?;
         let tag = routing_tag_of(conv)?;
-        let key = (conv.id, conv.key_epoch);
-        if !self.e.sending.contains_key(&key) {
+        if self.e.chains.sending(&conv.id, conv.key_epoch).is_none() {
             let slot = match self
                 .db
                 .get_chain(&conv.id, &self.e.my_device, conv.key_epoch)?
@@ -141,12 +140,12 @@ impl State<'_, '_> {
                     }
                 }
             };
-            self.e.sending.insert(key, slot);
+            self.e.chains.insert_sending(conv.id, conv.key_epoch, slot);
         }
         let slot = self
             .e
-            .sending
-            .get_mut(&key)
+            .chains
+            .sending_mut(&conv.id, conv.key_epoch)
             .ok_or_else(|| ApiError::failed("chain vanished"))?;
         let (counter, mk) = slot.chain.step()?;
         if slot.chain.counter() > slot.reserved_until {

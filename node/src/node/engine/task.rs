@@ -64,10 +64,7 @@ impl Engine {
                 by_topic: HashMap::new(),
                 by_tag: HashMap::new(),
                 gates_due: Some(tokio::time::Instant::now()),
-                sending: HashMap::new(),
-                receiving: HashMap::new(),
-                dirty_chains: HashSet::new(),
-                verifying_keys: HashMap::new(),
+                chains: chains::ChainCache::default(),
                 recipients: HashMap::new(),
                 device_users: HashMap::new(),
                 blocked: HashSet::new(),
@@ -485,9 +482,7 @@ impl Engine {
                     _ => {}
                 }
             }
-            self.state.sending.clear();
-            self.state.receiving.clear();
-            self.state.dirty_chains.clear();
+            self.state.chains.forget_all();
             // They may hold changes the disk does not.
             self.state.shards.clear();
             self.state.dirty_shards.clear();
@@ -509,9 +504,7 @@ impl Engine {
             .then(|| self.acknowledged_at.map_or(now, |at| at + receipt_delay));
         if durability == Durability::Full {
             // Only an fsynced reservation may let envelopes leave early.
-            for slot in self.state.sending.values_mut() {
-                slot.durable_until = slot.reserved_until;
-            }
+            self.state.chains.reservations_durable();
         }
         run_effects(&self.outlets, fx);
         self.after_fsync(durability, durable_fx);
