@@ -25,6 +25,7 @@ mod chains;
 mod contacts;
 mod conversations;
 mod devices;
+mod directory;
 mod effects;
 mod expiry;
 mod groups;
@@ -49,6 +50,7 @@ pub use presence::Share;
 pub use sync::{ChainHave, SyncRequest};
 
 use chains::SendingSlot;
+use directory::{MAX_REVOKED, Recipients};
 use effects::{
     Input, Outlets, fail_inputs, let_network_run, recv_opt, run_effects, sleep_until_opt,
 };
@@ -291,23 +293,8 @@ struct SealedText {
     hlc: Hlc,
 }
 
-/// The member devices of a conversation other than this one, with their
-/// DH keys and peer ids: derived from certificates once, used per send.
-#[derive(Debug)]
-struct Recipients {
-    /// Epoch and member count it was computed for.
-    fingerprint: (u64, usize),
-    devices: Vec<(DeviceId, [u8; 32])>,
-    peers: HashSet<PeerId>,
-}
-
-/// Bounds of the derived caches.
-const RECIPIENTS_CACHE: usize = 4096;
-const DEVICE_USERS_CACHE: usize = 16_384;
 /// Fewer envelopes than this are checked on this thread alone.
 const PARALLEL_VERIFY_MIN: usize = 32;
-/// Revoked devices held in memory (the store answers for the rest).
-const MAX_REVOKED: usize = 4096;
 
 /// How many counters one reservation covers: a crash skips at most this
 /// many, which receivers absorb as skipped keys.
@@ -345,12 +332,8 @@ struct EngineState {
     gates_due: Option<tokio::time::Instant>,
     /// Chains in use and decoded device keys.
     chains: chains::ChainCache,
-    recipients: HashMap<ConversationId, Arc<Recipients>>,
-    device_users: HashMap<DeviceId, Option<UserId>>,
-    blocked: HashSet<UserId>,
-    /// Devices revoked by their accounts (at most `MAX_REVOKED` kept in
-    /// memory; the store keeps all): nothing from them is accepted.
-    revoked: HashSet<DeviceId>,
+    /// Who is who: recipients, devices' users, blocked and revoked.
+    directory: directory::Directory,
     connected: HashSet<PeerId>,
     topic_peers: HashMap<String, HashSet<PeerId>>,
     /// Who still misses what this device sent, and offers in flight.
@@ -358,9 +341,6 @@ struct EngineState {
     settings: Settings,
     clock: Clock,
     share: Share,
-    /// Which device (and user) each peer id is, derived from certificates
-    /// (`None`: not a known device).
-    device_by_peer: HashMap<PeerId, Option<(DeviceId, UserId)>>,
     presence: HashMap<UserId, presence::Presence>,
     typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
     /// Catch-up sessions in progress, with their round count.

@@ -279,7 +279,7 @@ impl State<'_, '_> {
         for c in self.db.contacts()? {
             if !view.contacts.contains_key(&weft_crdt::hex(&c.user_id.0)) {
                 self.db.remove_contact(&c.user_id)?;
-                self.e.blocked.remove(&c.user_id);
+                self.e.directory.blocked.remove(&c.user_id);
             }
         }
         for (user, entry) in &view.contacts {
@@ -311,9 +311,9 @@ impl State<'_, '_> {
                 self.db.set_blocked(&c.user_id, blocked)?;
             }
             if blocked {
-                self.e.blocked.insert(c.user_id);
+                self.e.directory.blocked.insert(c.user_id);
             } else {
-                self.e.blocked.remove(&c.user_id);
+                self.e.directory.blocked.remove(&c.user_id);
             }
         }
         if let Some(share) = view.privacy.as_deref().and_then(Share::parse)

@@ -95,7 +95,7 @@ impl State<'_, '_> {
             Request::ContactRemove { alias } => {
                 let c = self.contact(&alias)?;
                 self.db.remove_contact(&c.user_id)?;
-                self.e.blocked.remove(&c.user_id);
+                self.e.directory.blocked.remove(&c.user_id);
                 self.change_account(|a| a.remove_contact(&c.user_id.0))?;
                 to_value(&self.contact_view(&c)?)
             }

@@ -33,9 +33,9 @@ impl State<'_, '_> {
         let c = self.contact(alias)?;
         self.db.set_blocked(&c.user_id, blocked)?;
         if blocked {
-            self.e.blocked.insert(c.user_id);
+            self.e.directory.blocked.insert(c.user_id);
         } else {
-            self.e.blocked.remove(&c.user_id);
+            self.e.directory.blocked.remove(&c.user_id);
         }
         self.change_account(|a| a.block(&c.user_id.0, blocked))?;
         let c = self.contact(alias)?;

@@ -184,10 +184,8 @@ impl State<'_, '_> {
                 .as_ref()
                 .map_or(conv.members.len(), |g| g.members.len()),
         );
-        if let Some(r) = self.e.recipients.get(&conv.id)
-            && r.fingerprint == fingerprint
-        {
-            return Ok(r.clone());
+        if let Some(r) = self.e.directory.recipients(&conv.id, fingerprint) {
+            return Ok(r);
         }
         let devices = self.compute_recipients(conv)?;
         let peers = devices.iter().map(|(d, _)| peer_id_of(d)).collect();
@@ -196,19 +194,14 @@ impl State<'_, '_> {
             devices,
             peers,
         });
-        if self.e.recipients.len() >= RECIPIENTS_CACHE {
-            self.e.recipients.clear();
-        }
-        self.e.recipients.insert(conv.id, r.clone());
+        self.e.directory.keep_recipients(conv.id, r.clone());
         Ok(r)
     }
 
     /// Forgets what was derived from device certificates and memberships.
     pub(super) fn devices_changed(&mut self) {
         self.gates_changed(Duration::ZERO);
-        self.e.recipients.clear();
-        self.e.device_users.clear();
-        self.e.device_by_peer.clear();
+        self.e.directory.changed();
     }
 
     pub(super) fn compute_recipients(

@@ -288,10 +288,10 @@ impl State<'_, '_> {
 
     /// Whether a device was revoked by its account.
     pub(super) fn is_revoked(&self, device: &DeviceId) -> Result<bool, ApiError> {
-        if self.e.revoked.contains(device) {
+        if self.e.directory.revoked.contains(device) {
             return Ok(true);
         }
-        if self.e.revoked.len() < MAX_REVOKED {
+        if self.e.directory.revoked.len() < MAX_REVOKED {
             return Ok(false);
         }
         // More revocations than memory holds: the store knows them all.
@@ -300,7 +300,7 @@ impl State<'_, '_> {
 
     /// Refuses to send from a device its account revoked.
     pub(super) fn check_not_revoked(&self) -> Result<(), ApiError> {
-        if self.e.revoked.contains(&self.e.my_device) {
+        if self.e.directory.revoked.contains(&self.e.my_device) {
             return Err(ApiError::usage(
                 "this device was revoked by its account: it can no longer send",
             ));
@@ -390,8 +390,8 @@ impl State<'_, '_> {
         // hear of its revocation.
         self.gates_changed(REVOKED_GATE_GRACE);
         // This device's own revocation is always held: it stops sending.
-        if self.e.revoked.len() < MAX_REVOKED || rev.device == self.e.my_device {
-            self.e.revoked.insert(rev.device);
+        if self.e.directory.revoked.len() < MAX_REVOKED || rev.device == self.e.my_device {
+            self.e.directory.revoked.insert(rev.device);
         }
         self.devices_changed();
         let peer = peer_id_of(&rev.device);

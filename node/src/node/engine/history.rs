@@ -286,7 +286,7 @@ impl State<'_, '_> {
                     Err(e) => tracing::debug!("contact {} not imported: {e}", c.alias),
                 }
                 if c.blocked {
-                    self.e.blocked.insert(c.user);
+                    self.e.directory.blocked.insert(c.user);
                 }
             }
         }

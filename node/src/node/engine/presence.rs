@@ -61,27 +61,25 @@ pub(in crate::node) struct Presence {
 impl State<'_, '_> {
     /// The device and user behind a peer id, if it is a known device.
     pub(super) fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
-        if let Some(who) = self.e.device_by_peer.get(peer) {
-            return *who;
+        if let Some(who) = self.e.directory.peer_device(peer) {
+            return who;
         }
         // Rebuilt on a miss (certificates change rarely); an unknown peer
         // is remembered as unknown until devices change.
         let devices = self.db.all_devices(MAX_DEVICES).ok()?;
-        self.e.device_by_peer.clear();
-        for (device, user) in devices {
-            self.e
-                .device_by_peer
-                .insert(peer_id_of(&device), Some((device, user)));
-        }
-        if self.e.device_by_peer.len() < MAX_DEVICES {
-            self.e.device_by_peer.entry(*peer).or_insert(None);
-        }
-        self.e.device_by_peer.get(peer).copied().flatten()
+        self.e.directory.rebuild_peers(
+            devices
+                .into_iter()
+                .map(|(device, user)| (peer_id_of(&device), device, user)),
+            *peer,
+            MAX_DEVICES,
+        );
+        self.e.directory.peer_device(peer).flatten()
     }
 
     /// Whether this user's presence and typing may go to `user`.
     fn shares_with(&self, user: &UserId) -> bool {
-        if self.e.blocked.contains(user) || *user == self.e.my_user {
+        if self.e.directory.blocked.contains(user) || *user == self.e.my_user {
             return false;
         }
         match self.e.share {
@@ -121,7 +119,7 @@ impl State<'_, '_> {
         let Some((_, user)) = self.who(&peer) else {
             return;
         };
-        if self.e.blocked.contains(&user) {
+        if self.e.directory.blocked.contains(&user) {
             return;
         }
         let interval = interval_ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS);
@@ -282,7 +280,7 @@ impl State<'_, '_> {
         let Some((_, user)) = self.who(&peer) else {
             return;
         };
-        if self.e.blocked.contains(&user)
+        if self.e.directory.blocked.contains(&user)
             || !self
                 .e
                 .convs

@@ -127,18 +127,15 @@ impl State<'_, '_> {
     }
 
     pub(super) fn sender_user(&mut self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
-        if let Some(user) = self.e.device_users.get(device) {
-            return Ok(*user);
+        if let Some(user) = self.e.directory.device_user(device) {
+            return Ok(user);
         }
         let user = self
             .db
             .device(device)?
             .filter(|d| !d.revoked)
             .map(|d| d.user_id);
-        if self.e.device_users.len() >= DEVICE_USERS_CACHE {
-            self.e.device_users.clear();
-        }
-        self.e.device_users.insert(*device, user);
+        self.e.directory.keep_device_user(*device, user);
         Ok(user)
     }
 
@@ -295,7 +292,7 @@ impl State<'_, '_> {
             return Ok(Verdict::Reject("sender key with an invalid name"));
         }
         let user = cert.user;
-        if self.e.blocked.contains(&user) {
+        if self.e.directory.blocked.contains(&user) {
             return Ok(Verdict::Ignore);
         }
         if !self.e.convs.contains_key(&conv_id) {
@@ -420,7 +417,7 @@ impl State<'_, '_> {
                 }
             }
         }
-        if self.e.blocked.contains(&author) && current.is_none() {
+        if self.e.directory.blocked.contains(&author) && current.is_none() {
             return Ok(Verdict::Ignore);
         }
         match state.check_transition(current.as_deref(), &author) {
@@ -544,7 +541,7 @@ impl State<'_, '_> {
         let Some(payload) = Payload::decode(&plain) else {
             return Ok(Verdict::Reject("malformed payload"));
         };
-        let blocked = self.e.blocked.contains(&user);
+        let blocked = self.e.directory.blocked.contains(&user);
         let t = match payload {
             Payload::Text(t) if t.text.len() > MAX_TEXT_BYTES => {
                 return Ok(Verdict::Reject("text over the length limit"));

@@ -65,17 +65,13 @@ impl Engine {
                 by_tag: HashMap::new(),
                 gates_due: Some(tokio::time::Instant::now()),
                 chains: chains::ChainCache::default(),
-                recipients: HashMap::new(),
-                device_users: HashMap::new(),
-                blocked: HashSet::new(),
-                revoked: HashSet::new(),
+                directory: directory::Directory::default(),
                 connected: HashSet::new(),
                 topic_peers: HashMap::new(),
                 outbox: outbox::Outbox::default(),
                 settings,
                 clock,
                 share,
-                device_by_peer: HashMap::new(),
                 presence: HashMap::new(),
                 typing: HashMap::new(),
                 syncing: HashMap::new(),
@@ -116,7 +112,7 @@ impl Engine {
     /// conversation's topic and dials known peers.
     pub(super) fn load(&mut self) -> Result<(), NodeError> {
         let db = self.store.db();
-        self.state.blocked = db
+        self.state.directory.blocked = db
             .contacts()?
             .into_iter()
             .filter(|c| c.blocked)
@@ -131,9 +127,9 @@ impl Engine {
                 "forgot revocations of devices never certified here"
             );
         }
-        self.state.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
+        self.state.directory.revoked = db.revoked_devices(MAX_REVOKED)?.into_iter().collect();
         if db.device(&self.state.my_device)?.is_some_and(|d| d.revoked) {
-            self.state.revoked.insert(self.state.my_device);
+            self.state.directory.revoked.insert(self.state.my_device);
         }
         // This device's own certificate (protocol 2 replaced it).
         db.bind_device(
