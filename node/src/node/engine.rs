@@ -324,57 +324,26 @@ struct EngineState {
     /// Whether a network task runs (not for an offline node).
     net_online: bool,
     convs: HashMap<ConversationId, Conv>,
-    by_topic: HashMap<String, ConversationId>,
-    /// Every routing tag known (current and earlier epochs).
-    by_tag: HashMap<RoutingTag, ConversationId>,
-    /// When the gossip gate (who may subscribe to which topic) is to be
-    /// told the member devices again (`None`: it is up to date).
-    gates_due: Option<tokio::time::Instant>,
+    topics: conversations::Topics,
     /// Chains in use and decoded device keys.
     chains: chains::ChainCache,
     /// Who is who: recipients, devices' users, blocked and revoked.
     directory: directory::Directory,
     connected: HashSet<PeerId>,
-    topic_peers: HashMap<String, HashSet<PeerId>>,
     /// Who still misses what this device sent, and offers in flight.
     outbox: outbox::Outbox,
     settings: Settings,
     clock: Clock,
-    share: Share,
-    presence: HashMap<UserId, presence::Presence>,
-    typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    presence: presence::PresenceBook,
     /// Catch-up sessions in progress, with their round count.
     syncing: HashMap<(PeerId, ConversationId), u32>,
-    /// Relays in use, configured and found (peer id, address with /p2p/).
-    relays: Vec<(PeerId, Multiaddr)>,
-    /// Those of `relays` found through the DHT.
-    found_relays: HashSet<PeerId>,
-    /// Relays a fetch is in flight from.
-    fetching: HashSet<PeerId>,
-    /// The last mail cursor acknowledged per relay.
-    mail_cursor: HashMap<PeerId, u64>,
-    /// Envelopes deposited for a device at its relays.
-    deposited: HashSet<(EnvelopeId, PeerId)>,
-    /// Our mailbox at each relay that accepted our registration, and how
-    /// much was fetched from it.
-    mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
+    relays: relay::Relays,
     /// Conversations with an envelope waiting for a gap in its sender's
     /// chain to be filled (it came too far ahead).
     gaps: HashSet<ConversationId>,
-    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
-    shards: HashMap<annotations::ShardId, weft_crdt::Annotations>,
-    /// Those changed in the batch in progress.
-    dirty_shards: HashSet<annotations::ShardId>,
-    /// Link codes issued and not used yet.
-    link_codes: Vec<devices::LinkSecret>,
-    /// The device a history transfer is coming from.
-    history_peer: Option<PeerId>,
-    /// The account's private state (loaded when first needed), and
-    /// whether it changed since it was saved.
-    account: Option<weft_crdt::AccountState>,
-    account_dirty: bool,
-    /// The account's read position per conversation, as last read from it.
-    read_positions: HashMap<ConversationId, u64>,
+    shards: annotations::ShardCache,
+    linking: devices::Linking,
+    account: account::AccountCache,
 }
 
 struct State<'s, 'd> {

@@ -85,20 +85,33 @@ fn crdt_failed(e: CrdtError) -> ApiError {
     ApiError::failed(format!("account state: {e}"))
 }
 
+/// The account's private state (loaded when first needed), whether it
+/// changed since it was saved, and the read positions last read from it.
+#[derive(Default)]
+pub(super) struct AccountCache {
+    /// The account's private state (loaded when first needed), and
+    /// whether it changed since it was saved.
+    pub(super) doc: Option<weft_crdt::AccountState>,
+    pub(super) dirty: bool,
+    /// The account's read position per conversation, as last read from it.
+    pub(super) read_positions: HashMap<ConversationId, u64>,
+}
+
 impl State<'_, '_> {
     /// The account document, loaded if needed.
     fn account(&mut self) -> Result<&mut AccountState, ApiError> {
-        if self.e.account.is_none() {
+        if self.e.account.doc.is_none() {
             let conv = account_conversation(&self.e.my_user);
             let device = self.e.my_device.0;
             let doc = match self.db.shard(&conv, ACCOUNT_PERIOD)? {
                 Some(bytes) => AccountState::load(&bytes, &device).map_err(crdt_failed)?,
                 None => AccountState::new(&device),
             };
-            self.e.account = Some(doc);
+            self.e.account.doc = Some(doc);
         }
         self.e
             .account
+            .doc
             .as_mut()
             .ok_or_else(|| ApiError::failed("account state vanished"))
     }
@@ -204,24 +217,24 @@ impl State<'_, '_> {
     /// The document changed: to be saved, and its read positions read
     /// again.
     fn account_changed(&mut self) {
-        self.e.account_dirty = true;
-        self.e.read_positions.clear();
+        self.e.account.dirty = true;
+        self.e.account.read_positions.clear();
     }
 
     /// How far the account has read `conv` (0: not at all). Asked for
     /// every message received, so kept until the document changes.
     pub(super) fn read_position(&mut self, conv: &ConversationId) -> u64 {
-        if let Some(at) = self.e.read_positions.get(conv) {
+        if let Some(at) = self.e.account.read_positions.get(conv) {
             return *at;
         }
         let at = match self.account() {
             Ok(a) => a.read_up_to(&conv.0),
             Err(_) => return 0,
         };
-        if self.e.read_positions.len() >= READ_POSITIONS {
-            self.e.read_positions.clear();
+        if self.e.account.read_positions.len() >= READ_POSITIONS {
+            self.e.account.read_positions.clear();
         }
-        self.e.read_positions.insert(*conv, at);
+        self.e.account.read_positions.insert(*conv, at);
         at
     }
 
@@ -249,11 +262,11 @@ impl State<'_, '_> {
         {
             tracing::warn!("account state not applied: {e:?}");
         }
-        if !std::mem::take(&mut self.e.account_dirty) {
+        if !std::mem::take(&mut self.e.account.dirty) {
             return;
         }
         let conv = account_conversation(&self.e.my_user);
-        let Some(doc) = self.e.account.as_mut() else {
+        let Some(doc) = self.e.account.doc.as_mut() else {
             return;
         };
         let written = match doc.doc().persist() {
@@ -265,8 +278,8 @@ impl State<'_, '_> {
         };
         if let Err(e) = written {
             tracing::error!("cannot save the account state: {e}");
-            self.e.account = None;
-            self.e.read_positions.clear();
+            self.e.account.doc = None;
+            self.e.account.read_positions.clear();
         }
     }
 
@@ -317,11 +330,11 @@ impl State<'_, '_> {
             }
         }
         if let Some(share) = view.privacy.as_deref().and_then(Share::parse)
-            && share != self.e.share
+            && share != self.e.presence.share
         {
             self.db
                 .set_meta(presence::META_SHARE, share.as_str().as_bytes())?;
-            self.e.share = share;
+            self.e.presence.share = share;
         }
         for (conv, settings) in &view.conversations {
             let Some(conv) = weft_crdt::unhex(conv)

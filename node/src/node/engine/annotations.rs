@@ -87,32 +87,42 @@ fn shard_id_of(conv: &ConversationId, epoch: u64, hlc: u64) -> ShardId {
     (*conv, crate::payload::shard_of(epoch, Hlc(hlc)))
 }
 
+/// Annotation shards loaded, and those changed in the batch in progress.
+#[derive(Default)]
+pub(super) struct ShardCache {
+    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
+    pub(super) loaded: HashMap<annotations::ShardId, weft_crdt::Annotations>,
+    /// Those changed in the batch in progress.
+    pub(super) dirty: HashSet<annotations::ShardId>,
+}
+
 impl State<'_, '_> {
     /// The shard, loaded from the store (or new) if not cached.
     fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, ApiError> {
-        if !self.e.shards.contains_key(&id) {
-            if self.e.shards.len() >= SHARD_CACHE {
+        if !self.e.shards.loaded.contains_key(&id) {
+            if self.e.shards.loaded.len() >= SHARD_CACHE {
                 // Saved already (dirty ones are saved before eviction).
                 self.save_shards();
-                self.e.shards.clear();
+                self.e.shards.loaded.clear();
             }
             let device = self.e.my_device.0;
             let shard = match self.db.shard(&id.0, id.1)? {
                 Some(bytes) => Annotations::load(&bytes, &device).map_err(crdt_err)?,
                 None => Annotations::new(&device),
             };
-            self.e.shards.insert(id, shard);
+            self.e.shards.loaded.insert(id, shard);
         }
         self.e
             .shards
+            .loaded
             .get_mut(&id)
             .ok_or_else(|| ApiError::failed("shard vanished"))
     }
 
     /// Writes the shards changed in this batch (before its commit).
     pub(super) fn save_shards(&mut self) {
-        for id in std::mem::take(&mut self.e.dirty_shards) {
-            if let Some(shard) = self.e.shards.get_mut(&id) {
+        for id in std::mem::take(&mut self.e.shards.dirty) {
+            if let Some(shard) = self.e.shards.loaded.get_mut(&id) {
                 let written = match shard.persist() {
                     weft_crdt::Persist::Nothing => Ok(()),
                     weft_crdt::Persist::Whole(bytes) => self.db.put_shard(&id.0, id.1, &bytes),
@@ -121,7 +131,7 @@ impl State<'_, '_> {
                 if let Err(e) = written {
                     tracing::error!("cannot save an annotation shard: {e}");
                     // What the disk holds is unknown now: load it again.
-                    self.e.shards.remove(&id);
+                    self.e.shards.loaded.remove(&id);
                 }
             }
         }
@@ -239,7 +249,7 @@ impl State<'_, '_> {
         edit: Option<EditText>,
         deleting: bool,
     ) -> ApiResult {
-        self.e.dirty_shards.insert(shard_id);
+        self.e.shards.dirty.insert(shard_id);
         let payload = Payload::Annotate(Annotate {
             message: m.id,
             period: shard_id.1,
@@ -464,7 +474,7 @@ impl State<'_, '_> {
                 match self.shard(shard_id).map(|s| s.apply_batch(inspected)) {
                     Ok(Ok(0)) => {}
                     Ok(Ok(_)) => {
-                        self.e.dirty_shards.insert(shard_id);
+                        self.e.shards.dirty.insert(shard_id);
                     }
                     Ok(Err(e)) => tracing::warn!("annotation changes not applied: {e}"),
                     Err(e) => tracing::warn!("annotation shard unreadable: {e:?}"),

@@ -4,6 +4,19 @@
 
 use super::*;
 
+/// Conversations by gossip topic and routing tag, who is subscribed to
+/// each topic, and when the gossip gate is due to be told the members.
+#[derive(Default)]
+pub(super) struct Topics {
+    pub(super) by_topic: HashMap<String, ConversationId>,
+    /// Every routing tag known (current and earlier epochs).
+    pub(super) by_tag: HashMap<RoutingTag, ConversationId>,
+    pub(super) subscribed: HashMap<String, HashSet<PeerId>>,
+    /// When the gossip gate (who may subscribe to which topic) is to be
+    /// told the member devices again (`None`: it is up to date).
+    pub(super) gates_due: Option<tokio::time::Instant>,
+}
+
 impl State<'_, '_> {
     /// The conversations this user is (still) a member of.
     pub(super) fn active_convs(&self) -> Vec<Conv> {
@@ -22,7 +35,7 @@ impl State<'_, '_> {
             self.fx
                 .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
-        self.e.by_topic.insert(conv.topic.clone(), conv.id);
+        self.e.topics.by_topic.insert(conv.topic.clone(), conv.id);
         let (id, tag) = (conv.id, conv.tag);
         self.e.convs.insert(id, conv);
         self.gates_changed(Duration::ZERO);
@@ -41,10 +54,10 @@ impl State<'_, '_> {
 
     /// Puts a tag in the bounded cache; true if it was not there.
     pub(super) fn cache_tag(&mut self, tag: RoutingTag, conv: ConversationId) -> bool {
-        if self.e.by_tag.len() >= ROUTING_TAGS_CACHE {
-            self.e.by_tag.clear();
+        if self.e.topics.by_tag.len() >= ROUTING_TAGS_CACHE {
+            self.e.topics.by_tag.clear();
         }
-        self.e.by_tag.insert(tag, conv).is_none()
+        self.e.topics.by_tag.insert(tag, conv).is_none()
     }
 
     /// The conversation a routing tag names, if this node knows the tag.
@@ -52,7 +65,7 @@ impl State<'_, '_> {
         &mut self,
         tag: &RoutingTag,
     ) -> Result<Option<ConversationId>, ApiError> {
-        if let Some(conv) = self.e.by_tag.get(tag) {
+        if let Some(conv) = self.e.topics.by_tag.get(tag) {
             return Ok(Some(*conv));
         }
         let conv = self.db.conversation_of_tag(tag)?;
@@ -66,14 +79,14 @@ impl State<'_, '_> {
     /// (never sooner than a change already waiting asked for).
     pub(super) fn gates_changed(&mut self, delay: Duration) {
         let due = tokio::time::Instant::now() + delay;
-        self.e.gates_due = Some(self.e.gates_due.map_or(due, |d| d.max(due)));
+        self.e.topics.gates_due = Some(self.e.topics.gates_due.map_or(due, |d| d.max(due)));
     }
 
     /// Tells the gossip gate, for every topic, which peers may take it:
     /// the member devices of its conversation, nobody else.
     pub(super) fn refresh_gates(&mut self) {
-        match self.e.gates_due {
-            Some(due) if due <= tokio::time::Instant::now() => self.e.gates_due = None,
+        match self.e.topics.gates_due {
+            Some(due) if due <= tokio::time::Instant::now() => self.e.topics.gates_due = None,
             _ => return,
         }
         for conv in self.active_convs() {

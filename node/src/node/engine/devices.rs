@@ -37,6 +37,16 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Link codes issued and not used yet, and the device a history transfer
+/// is coming from.
+#[derive(Default)]
+pub(super) struct Linking {
+    /// Link codes issued and not used yet.
+    pub(super) codes: Vec<devices::LinkSecret>,
+    /// The device a history transfer is coming from.
+    pub(super) history_peer: Option<PeerId>,
+}
+
 impl State<'_, '_> {
     /// Whether `peer` is another, unrevoked device of this account.
     pub(super) fn own_device(&mut self, peer: &PeerId) -> bool {
@@ -60,12 +70,12 @@ impl State<'_, '_> {
         }
         let secret: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
         let now = now_ms();
-        self.e.link_codes.retain(|c| c.expires_at_ms > now);
-        if self.e.link_codes.len() >= MAX_LINK_CODES {
-            self.e.link_codes.remove(0);
+        self.e.linking.codes.retain(|c| c.expires_at_ms > now);
+        if self.e.linking.codes.len() >= MAX_LINK_CODES {
+            self.e.linking.codes.remove(0);
         }
         let expires_at_ms = now + CODE_LIFETIME_MS;
-        self.e.link_codes.push(LinkSecret {
+        self.e.linking.codes.push(LinkSecret {
             secret,
             expires_at_ms,
         });
@@ -89,8 +99,8 @@ impl State<'_, '_> {
             return DirectResponse::Refused("the device is not the one connected".into());
         }
         let now = now_ms();
-        self.e.link_codes.retain(|c| c.expires_at_ms > now);
-        let Some(at) = self.e.link_codes.iter().position(|c| {
+        self.e.linking.codes.retain(|c| c.expires_at_ms > now);
+        let Some(at) = self.e.linking.codes.iter().position(|c| {
             same(
                 &crate::link::proof(&c.secret, &req.device, &req.dh),
                 &req.proof,
@@ -99,7 +109,7 @@ impl State<'_, '_> {
             return DirectResponse::Refused("no such link code (expired or used)".into());
         };
         // One use only.
-        self.e.link_codes.remove(at);
+        self.e.linking.codes.remove(at);
         let grant = (|| -> Result<LinkGrant, ApiError> {
             let cert = self
                 .e

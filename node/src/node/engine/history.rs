@@ -81,14 +81,14 @@ impl State<'_, '_> {
     /// Another device of the account connected: fetch history from it if
     /// this device still needs it.
     pub(super) fn history_from(&mut self, peer: PeerId) {
-        if self.e.history_peer.is_some() || !self.own_device(&peer) {
+        if self.e.linking.history_peer.is_some() || !self.own_device(&peer) {
             return;
         }
         let since_ms = match self.db.get_meta(META_HISTORY_NEEDED) {
             Ok(Some(b)) => String::from_utf8_lossy(&b).parse().unwrap_or(0),
             _ => return,
         };
-        self.e.history_peer = Some(peer);
+        self.e.linking.history_peer = Some(peer);
         self.fx.push(Effect::History {
             peer,
             request: HistoryRequest {
@@ -220,13 +220,13 @@ impl State<'_, '_> {
             Some(DirectResponse::History(page)) => page,
             other => {
                 tracing::warn!(%peer, ?other, "history sync stopped; it resumes on the next connection");
-                self.e.history_peer = None;
+                self.e.linking.history_peer = None;
                 return;
             }
         };
         if let Err(e) = self.import_history(&page) {
             tracing::warn!(%peer, "history import failed: {e}");
-            self.e.history_peer = None;
+            self.e.linking.history_peer = None;
             return;
         }
         match page.next {
@@ -246,7 +246,7 @@ impl State<'_, '_> {
             None => {
                 tracing::info!(%peer, "history received from another device of the account");
                 let _ = self.db.delete_meta(META_HISTORY_NEEDED);
-                self.e.history_peer = None;
+                self.e.linking.history_peer = None;
             }
         }
     }
@@ -356,7 +356,7 @@ impl State<'_, '_> {
             }
         }
         for (conv, period, doc) in &page.shards {
-            self.e.shards.remove(&(*conv, *period));
+            self.e.shards.loaded.remove(&(*conv, *period));
             let merged = match self.db.shard(conv, *period)? {
                 None => doc.clone(),
                 Some(mine) => {

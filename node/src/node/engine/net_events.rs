@@ -74,7 +74,7 @@ impl State<'_, '_> {
             NetEvent::Disconnected { peer } => {
                 self.e.connected.remove(&peer);
                 self.peer_gone(peer);
-                for peers in self.e.topic_peers.values_mut() {
+                for peers in self.e.topics.subscribed.values_mut() {
                     peers.remove(&peer);
                 }
                 self.fx.push(Effect::Event(Event::Peer {
@@ -83,15 +83,15 @@ impl State<'_, '_> {
                 }));
             }
             NetEvent::Subscribed { peer, topic } => {
-                let peers = self.e.topic_peers.entry(topic.clone()).or_default();
+                let peers = self.e.topics.subscribed.entry(topic.clone()).or_default();
                 peers.insert(peer);
-                let conv = self.e.by_topic.get(&topic).copied();
+                let conv = self.e.topics.by_topic.get(&topic).copied();
                 if conv.is_some() {
                     self.flush_to(peer, conv);
                 }
             }
             NetEvent::Unsubscribed { peer, topic } => {
-                if let Some(peers) = self.e.topic_peers.get_mut(&topic) {
+                if let Some(peers) = self.e.topics.subscribed.get_mut(&topic) {
                     peers.remove(&peer);
                 }
             }
@@ -99,7 +99,7 @@ impl State<'_, '_> {
             NetEvent::RelayFound { relay, addr } => self.relay_found(relay, addr),
             NetEvent::PeerAddrs { peer, addrs } => self.peer_addrs(peer, addrs),
             NetEvent::MailWaiting { relay } => {
-                if self.e.relays.iter().any(|(p, _)| *p == relay) {
+                if self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
                     self.fetch_mail(relay);
                 }
             }

@@ -22,11 +22,12 @@ const MAX_TRACKED: usize = 4096;
 const MAX_DEVICES: usize = 65_536;
 
 /// Who sees this user's presence and typing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Share {
     /// Anyone this user shares a conversation with.
     Everyone,
     /// Contacts only (the default).
+    #[default]
     Contacts,
     Nobody,
 }
@@ -58,6 +59,15 @@ pub(in crate::node) struct Presence {
     last_seen_ms: i64,
 }
 
+/// What this node knows of others' presence and typing, and whom it
+/// shares its own with.
+#[derive(Default)]
+pub(super) struct PresenceBook {
+    pub(super) seen: HashMap<UserId, presence::Presence>,
+    pub(super) typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    pub(super) share: Share,
+}
+
 impl State<'_, '_> {
     /// The device and user behind a peer id, if it is a known device.
     pub(super) fn who(&mut self, peer: &PeerId) -> Option<(DeviceId, UserId)> {
@@ -82,7 +92,7 @@ impl State<'_, '_> {
         if self.e.directory.blocked.contains(user) || *user == self.e.my_user {
             return false;
         }
-        match self.e.share {
+        match self.e.presence.share {
             Share::Nobody => false,
             Share::Contacts => self.db.contact(user).ok().flatten().is_some(),
             Share::Everyone => self
@@ -128,11 +138,11 @@ impl State<'_, '_> {
         if let Err(e) = self.db.set_last_seen(&user, now) {
             tracing::warn!("last seen: {e}");
         }
-        if self.e.presence.len() >= MAX_TRACKED && !self.e.presence.contains_key(&user) {
+        if self.e.presence.seen.len() >= MAX_TRACKED && !self.e.presence.seen.contains_key(&user) {
             return;
         }
-        let was_online = self.e.presence.contains_key(&user);
-        self.e.presence.insert(
+        let was_online = self.e.presence.seen.contains_key(&user);
+        self.e.presence.seen.insert(
             user,
             Presence {
                 until: tokio::time::Instant::now() + grace,
@@ -161,11 +171,12 @@ impl State<'_, '_> {
         if still_here {
             return;
         }
-        if let Some(p) = self.e.presence.remove(&user) {
+        if let Some(p) = self.e.presence.seen.remove(&user) {
             self.presence_event(user, false, Some(p.last_seen_ms));
         }
         let typing: Vec<ConversationId> = self
             .e
+            .presence
             .typing
             .keys()
             .filter(|(_, u)| *u == user)
@@ -182,16 +193,18 @@ impl State<'_, '_> {
         let gone: Vec<(UserId, i64)> = self
             .e
             .presence
+            .seen
             .iter()
             .filter(|(_, p)| p.until <= now)
             .map(|(u, p)| (*u, p.last_seen_ms))
             .collect();
         for (user, last_seen) in gone {
-            self.e.presence.remove(&user);
+            self.e.presence.seen.remove(&user);
             self.presence_event(user, false, Some(last_seen));
         }
         let stopped: Vec<(ConversationId, UserId)> = self
             .e
+            .presence
             .typing
             .iter()
             .filter(|(_, until)| **until <= now)
@@ -220,7 +233,7 @@ impl State<'_, '_> {
                 Err(_) => return Err(e),
             },
         };
-        let online = self.e.presence.contains_key(&user);
+        let online = self.e.presence.seen.contains_key(&user);
         let last_seen = self.db.last_seen(&user)?;
         to_value(&PresenceView {
             user_id: user.to_string(),
@@ -239,11 +252,11 @@ impl State<'_, '_> {
                 ))
             })?;
             self.db.set_meta(META_SHARE, share.as_str().as_bytes())?;
-            self.e.share = share;
+            self.e.presence.share = share;
             self.change_account(|a| a.set_privacy(share.as_str()))?;
         }
         to_value(&PrivacyView {
-            presence: self.e.share.as_str().to_string(),
+            presence: self.e.presence.share.as_str().to_string(),
         })
     }
 
@@ -293,18 +306,20 @@ impl State<'_, '_> {
             self.typing_done(conv, user);
             return;
         }
-        if self.e.typing.len() >= MAX_TRACKED && !self.e.typing.contains_key(&(conv, user)) {
+        if self.e.presence.typing.len() >= MAX_TRACKED
+            && !self.e.presence.typing.contains_key(&(conv, user))
+        {
             return;
         }
         let until = tokio::time::Instant::now() + self.e.settings.typing_ttl;
-        if self.e.typing.insert((conv, user), until).is_none() {
+        if self.e.presence.typing.insert((conv, user), until).is_none() {
             self.typing_event(conv, user, true);
         }
     }
 
     /// The user stopped typing (said so, timed out, or sent the message).
     pub(super) fn typing_done(&mut self, conv: ConversationId, user: UserId) {
-        if self.e.typing.remove(&(conv, user)).is_some() {
+        if self.e.presence.typing.remove(&(conv, user)).is_some() {
             self.typing_event(conv, user, false);
         }
     }

@@ -154,14 +154,33 @@ fn relays_in(addrs: &[String], device: &PeerId) -> Vec<(PeerId, Multiaddr)> {
     out
 }
 
+/// The relays this device uses and its mailboxes there: what was
+/// deposited for others, what is being fetched, how far.
+#[derive(Default)]
+pub(super) struct Relays {
+    /// Relays in use, configured and found (peer id, address with /p2p/).
+    pub(super) in_use: Vec<(PeerId, Multiaddr)>,
+    /// Those of `relays` found through the DHT.
+    pub(super) found: HashSet<PeerId>,
+    /// Relays a fetch is in flight from.
+    pub(super) fetching: HashSet<PeerId>,
+    /// The last mail cursor acknowledged per relay.
+    pub(super) mail_cursor: HashMap<PeerId, u64>,
+    /// Envelopes deposited for a device at its relays.
+    pub(super) deposited: HashSet<(EnvelopeId, PeerId)>,
+    /// Our mailbox at each relay that accepted our registration, and how
+    /// much was fetched from it.
+    pub(super) mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
+}
+
 impl State<'_, '_> {
     /// The network adopted a relay found through the DHT: keep a mailbox
     /// there too, and remember it.
     pub(super) fn relay_found(&mut self, relay: PeerId, addr: Multiaddr) {
-        if !self.e.relays.iter().any(|(p, _)| *p == relay) {
-            self.e.relays.push((relay, addr.clone()));
+        if !self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
+            self.e.relays.in_use.push((relay, addr.clone()));
         }
-        self.e.found_relays.insert(relay);
+        self.e.relays.found.insert(relay);
         self.note_found_relay(&addr);
         if self.e.connected.contains(&relay) {
             self.relay_connected(relay);
@@ -205,7 +224,7 @@ impl State<'_, '_> {
 
     /// A configured relay connected: (re)register, then fetch.
     pub(super) fn relay_connected(&mut self, relay: PeerId) {
-        if !self.e.relays.iter().any(|(p, _)| *p == relay) {
+        if !self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
             return;
         }
         let wakeup = self
@@ -224,10 +243,10 @@ impl State<'_, '_> {
 
     /// Asks a relay for the next page of our mail.
     pub(super) fn fetch_mail(&mut self, relay: PeerId) {
-        if !self.e.fetching.insert(relay) {
+        if !self.e.relays.fetching.insert(relay) {
             return;
         }
-        let after = self.e.mail_cursor.get(&relay).copied().unwrap_or(0);
+        let after = self.e.relays.mail_cursor.get(&relay).copied().unwrap_or(0);
         self.fx.push(Effect::Mailbox {
             peer: relay,
             request: MailboxRequest::Fetch {
@@ -247,22 +266,22 @@ impl State<'_, '_> {
         match (then, response) {
             (MailboxThen::Registered, Some(MailboxResponse::Registered { mailbox, .. })) => {
                 tracing::debug!(%relay, %mailbox, "mailbox registered");
-                if self.e.found_relays.contains(&relay)
-                    && let Some((_, addr)) = self.e.relays.iter().find(|(p, _)| *p == relay)
+                if self.e.relays.found.contains(&relay)
+                    && let Some((_, addr)) = self.e.relays.in_use.iter().find(|(p, _)| *p == relay)
                 {
                     let addr = addr.clone();
                     self.note_found_relay(&addr);
                 }
-                let fetched = self.e.mailboxes.get(&relay).map_or(0, |m| m.1);
-                self.e.mailboxes.insert(relay, (mailbox, fetched));
+                let fetched = self.e.relays.mailboxes.get(&relay).map_or(0, |m| m.1);
+                self.e.relays.mailboxes.insert(relay, (mailbox, fetched));
                 self.fetch_mail(relay);
             }
             (MailboxThen::Fetched, Some(MailboxResponse::Mail { items, more })) => {
-                self.e.fetching.remove(&relay);
+                self.e.relays.fetching.remove(&relay);
                 let Some(up_to) = items.iter().map(|(c, _)| *c).max() else {
                     return;
                 };
-                if let Some(m) = self.e.mailboxes.get_mut(&relay) {
+                if let Some(m) = self.e.relays.mailboxes.get_mut(&relay) {
                     m.1 += items.len() as u64;
                 }
                 self.preverify(items.iter().map(|(_, bytes)| bytes.as_slice()));
@@ -275,7 +294,7 @@ impl State<'_, '_> {
                 }
                 // Acknowledged after this batch's durable commit (the batch
                 // is promised: see `handle_batch`), then the next page.
-                self.e.mail_cursor.insert(relay, up_to);
+                self.e.relays.mail_cursor.insert(relay, up_to);
                 self.fx.push(Effect::Mailbox {
                     peer: relay,
                     request: MailboxRequest::Ack { up_to },
@@ -293,7 +312,7 @@ impl State<'_, '_> {
             }
             (then, other) => {
                 if matches!(then, MailboxThen::Fetched) {
-                    self.e.fetching.remove(&relay);
+                    self.e.relays.fetching.remove(&relay);
                 }
                 tracing::debug!(%relay, ?then, ?other, "mailbox request not answered as hoped");
             }
@@ -303,7 +322,7 @@ impl State<'_, '_> {
     /// A deposit went through: the message is `relayed` (unless further
     /// along), and this device is not deposited for again.
     fn relayed(&mut self, id: &EnvelopeId, device: PeerId) {
-        self.e.deposited.insert((*id, device));
+        self.e.relays.deposited.insert((*id, device));
         let Ok(Some(m)) = self.db.message(id) else {
             return;
         };
@@ -328,7 +347,8 @@ impl State<'_, '_> {
         // (relay, device) -> envelopes
         let mut by_mailbox: HashMap<(PeerId, PeerId), Vec<Held>> = HashMap::new();
         for (device, id, bytes) in todo {
-            if self.e.connected.contains(&device) || self.e.deposited.contains(&(id, device)) {
+            if self.e.connected.contains(&device) || self.e.relays.deposited.contains(&(id, device))
+            {
                 continue;
             }
             let addrs = self.db.peer_addrs(&device.to_string()).unwrap_or_default();
@@ -374,19 +394,20 @@ impl State<'_, '_> {
         let views: Vec<crate::api::RelayView> = self
             .e
             .relays
+            .in_use
             .iter()
             .map(|(peer, addr)| crate::api::RelayView {
                 peer_id: peer.to_string(),
                 addr: addr.to_string(),
-                found: if self.e.found_relays.contains(peer) {
+                found: if self.e.relays.found.contains(peer) {
                     "dht"
                 } else {
                     "config"
                 }
                 .to_string(),
                 connected: self.e.connected.contains(peer),
-                mailbox: self.e.mailboxes.get(peer).map(|m| m.0.to_string()),
-                fetched: self.e.mailboxes.get(peer).map_or(0, |m| m.1),
+                mailbox: self.e.relays.mailboxes.get(peer).map(|m| m.0.to_string()),
+                fetched: self.e.relays.mailboxes.get(peer).map_or(0, |m| m.1),
             })
             .collect();
         to_value(&views)
@@ -411,6 +432,7 @@ impl State<'_, '_> {
         let connected: Vec<PeerId> = self
             .e
             .relays
+            .in_use
             .iter()
             .map(|(p, _)| *p)
             .filter(|p| self.e.connected.contains(p))
@@ -429,6 +451,7 @@ impl State<'_, '_> {
         let me = self.e.identity.peer_id();
         self.e
             .relays
+            .in_use
             .iter()
             .map(|(_, addr)| {
                 addr.clone()

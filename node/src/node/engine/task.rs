@@ -60,36 +60,32 @@ impl Engine {
                 my_device: identity.device_id(),
                 identity,
                 name,
+                net_online,
                 convs: HashMap::new(),
-                by_topic: HashMap::new(),
-                by_tag: HashMap::new(),
-                gates_due: Some(tokio::time::Instant::now()),
+                topics: conversations::Topics {
+                    gates_due: Some(tokio::time::Instant::now()),
+                    ..Default::default()
+                },
                 chains: chains::ChainCache::default(),
                 directory: directory::Directory::default(),
                 connected: HashSet::new(),
-                topic_peers: HashMap::new(),
                 outbox: outbox::Outbox::default(),
                 settings,
                 clock,
-                share,
-                presence: HashMap::new(),
-                typing: HashMap::new(),
+                presence: presence::PresenceBook {
+                    share,
+                    ..Default::default()
+                },
                 syncing: HashMap::new(),
-                relays,
-                found_relays,
-                fetching: HashSet::new(),
-                mail_cursor: HashMap::new(),
-                deposited: HashSet::new(),
-                mailboxes: HashMap::new(),
+                relays: relay::Relays {
+                    in_use: relays,
+                    found: found_relays,
+                    ..Default::default()
+                },
                 gaps: HashSet::new(),
-                shards: HashMap::new(),
-                dirty_shards: HashSet::new(),
-                link_codes: Vec::new(),
-                history_peer: None,
-                account: None,
-                account_dirty: false,
-                read_positions: HashMap::new(),
-                net_online,
+                shards: annotations::ShardCache::default(),
+                linking: devices::Linking::default(),
+                account: account::AccountCache::default(),
             },
             store,
             outlets: Outlets {
@@ -181,7 +177,7 @@ impl Engine {
         // its document.
         let share = db
             .get_meta(presence::META_SHARE)?
-            .map(|_| self.state.share.as_str());
+            .map(|_| self.state.presence.share.as_str());
         account::seed_account(&db, &self.state.my_user, &self.state.my_device, share)?;
         let own = account::account_conversation(&self.state.my_user);
         if !convs.iter().any(|c| c.id == own) {
@@ -195,15 +191,18 @@ impl Engine {
         let known = db.known_peers(4096)?;
         for conv in convs {
             if let Some(tag) = conv.tag
-                && self.state.by_tag.len() < ROUTING_TAGS_CACHE
+                && self.state.topics.by_tag.len() < ROUTING_TAGS_CACHE
             {
-                self.state.by_tag.insert(tag, conv.id);
+                self.state.topics.by_tag.insert(tag, conv.id);
             }
             if conv.active && conv.tag.is_some() {
                 self.outlets
                     .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
             }
-            self.state.by_topic.insert(conv.topic.clone(), conv.id);
+            self.state
+                .topics
+                .by_topic
+                .insert(conv.topic.clone(), conv.id);
             self.state.convs.insert(conv.id, conv);
         }
         for entry in outbox {
@@ -480,11 +479,11 @@ impl Engine {
             }
             self.state.chains.forget_all();
             // They may hold changes the disk does not.
-            self.state.shards.clear();
-            self.state.dirty_shards.clear();
-            self.state.account = None;
-            self.state.account_dirty = false;
-            self.state.read_positions.clear();
+            self.state.shards.loaded.clear();
+            self.state.shards.dirty.clear();
+            self.state.account.doc = None;
+            self.state.account.dirty = false;
+            self.state.account.read_positions.clear();
             // This batch stored nothing to acknowledge. Receipts taken for
             // sending in it are lost; the senders' retries bring them back
             // (a duplicate offered directly is acknowledged again).
