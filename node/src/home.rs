@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 use crate::identity::{DeviceCertificate, Identity, SecretKeys, validate_name};
 use crate::node::NodeError;
 use crate::store::Store;
+use crate::store::meta;
 
 const KEY_FILE: &str = "identity.key";
 const KEY_FILE_VERSION: u8 = 2;
@@ -27,8 +28,6 @@ const SOCKET_FILE: &str = "weft.sock";
 const LOCK_FILE: &str = "node.lock";
 /// Mode bits that let the group or others read, write or enter.
 const OPEN_TO_OTHERS: u32 = 0o077;
-/// Meta key under which the display name is stored.
-pub(crate) const META_NAME: &str = "display_name";
 
 #[derive(Serialize, Deserialize)]
 struct KeyFile {
@@ -102,7 +101,7 @@ impl Home {
         validate_name(name)?;
         self.write_key_file(identity)?;
         let store = Store::open(&self.db_path())?;
-        store.db().set_meta(META_NAME, name.as_bytes())?;
+        store.db().set_meta(meta::NAME, name.as_bytes())?;
         let invite = identity.invite(
             name,
             vec![identity.certificate().clone()],
@@ -187,10 +186,10 @@ impl Home {
         validate_name(name)?;
         self.write_key_file(identity)?;
         let store = Store::open(&self.db_path())?;
-        store.db().set_meta(META_NAME, name.as_bytes())?;
+        store.db().set_meta(meta::NAME, name.as_bytes())?;
         store
             .db()
-            .set_meta(crate::node::META_ACCOUNT_INVITE, invite.as_bytes())?;
+            .set_meta(meta::ACCOUNT_INVITE, invite.as_bytes())?;
         Ok(crate::api::IdView {
             user_id: identity.user_id().to_string(),
             device_id: identity.device_id().to_string(),

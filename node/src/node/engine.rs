@@ -40,8 +40,6 @@ mod receive;
 mod relay;
 mod send;
 mod task;
-pub(crate) use devices::META_ACCOUNT_INVITE;
-pub(crate) use history::META_HISTORY_NEEDED;
 pub use history::{HistoryCursor, HistoryRequest};
 pub(super) use relay::found_relays;
 mod sync;
@@ -65,12 +63,12 @@ use crate::crypto::chain::{ReceivingChain, SendingChain};
 use crate::crypto::envelope::{self, Envelope, Sealing};
 use crate::group::{GroupMember, GroupRole, GroupState};
 use crate::hlc::{Clock, Hlc};
-use crate::home::META_NAME;
 use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, RoutingTag, UserId};
 use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
 use crate::routing::Routing;
+use crate::store::meta;
 use crate::store::{
     Binding, Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord,
     MessageRecord, MessageStatus, OutboxEntry, Role, Store, StoreError,

@@ -14,6 +14,7 @@ use crate::home::Home;
 use crate::identity::{Identity, IdentityError, SecretKeys, peer_id_of, random_bytes};
 use crate::link::{LinkCode, LinkRequest, proof};
 use crate::net::{NetCommand, NetConfig, NetEvent, PeerSource};
+use crate::store::meta;
 
 /// How long the linking device has to answer.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,7 +156,7 @@ pub async fn link_device(
         db.bind_device(&cert.device, &cert.user, &cert.to_bytes())?;
     }
     db.set_meta(
-        super::engine::META_HISTORY_NEEDED,
+        meta::HISTORY_NEEDED,
         history_since_ms.max(0).to_string().as_bytes(),
     )?;
     Ok(view)

@@ -9,7 +9,6 @@
 mod engine;
 mod join;
 
-pub(crate) use engine::META_ACCOUNT_INVITE;
 pub use engine::{
     ChainHave, DirectRequest, DirectResponse, HistoryCursor, HistoryRequest, Share, SyncRequest,
 };

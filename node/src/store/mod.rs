@@ -15,6 +15,7 @@ mod conversations;
 mod envelopes;
 mod handouts;
 mod messages;
+pub mod meta;
 mod one_time_keys;
 mod peers;
 mod people;

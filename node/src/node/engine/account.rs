@@ -333,7 +333,7 @@ impl State<'_, '_> {
             && share != self.e.presence.share
         {
             self.db
-                .set_meta(presence::META_SHARE, share.as_str().as_bytes())?;
+                .set_meta(meta::PRESENCE_SHARE, share.as_str().as_bytes())?;
             self.e.presence.share = share;
         }
         for (conv, settings) in &view.conversations {

@@ -19,8 +19,6 @@ use crate::link::{CODE_LIFETIME_MS, LinkCode, LinkGrant, LinkRequest};
 
 /// Link codes waiting to be used, at most.
 const MAX_LINK_CODES: usize = 4;
-/// `meta`: the account's invite, for a device without the user key.
-pub(crate) const META_ACCOUNT_INVITE: &str = "account_invite";
 /// Revocations kept for devices not known yet, at most.
 const MAX_PENDING_REVOCATIONS: usize = 4096;
 /// Shortest device id prefix `weft devices revoke` accepts.
@@ -165,7 +163,7 @@ impl State<'_, '_> {
         if !self.e.identity.holds_user_key() {
             return self
                 .db
-                .get_meta(META_ACCOUNT_INVITE)?
+                .get_meta(meta::ACCOUNT_INVITE)?
                 .and_then(|b| String::from_utf8(b).ok())
                 .ok_or_else(|| ApiError::failed("this linked device has no account invite"));
         }

@@ -13,8 +13,6 @@
 
 use super::*;
 
-/// When the last pass ran (`meta` table, big-endian unix ms).
-const META_KEYS_EXPIRED_AT: &str = "keys_expired_at";
 /// Longest time between passes.
 const EXPIRY_EVERY: Duration = Duration::from_secs(3600);
 
@@ -27,7 +25,7 @@ impl State<'_, '_> {
             .min(self.e.settings.handout_key_rotation)
             .min(EXPIRY_EVERY);
         let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
-        let last = match self.db.get_meta(META_KEYS_EXPIRED_AT) {
+        let last = match self.db.get_meta(meta::KEYS_EXPIRED_AT) {
             Ok(last) => last,
             Err(e) => {
                 tracing::warn!("key expiry: {e}");
@@ -106,7 +104,8 @@ impl State<'_, '_> {
             self.e.chains.forget_receiving();
         }
         self.handout_keys_pass(now)?;
-        self.db.set_meta(META_KEYS_EXPIRED_AT, &now.to_be_bytes())?;
+        self.db
+            .set_meta(meta::KEYS_EXPIRED_AT, &now.to_be_bytes())?;
         // The chain states replaced since the last checkpoint (every
         // message moves one on) leave the -wal at least this often.
         self.db.note_erased();

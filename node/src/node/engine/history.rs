@@ -12,9 +12,6 @@ const HISTORY_PAGE: usize = 1000;
 const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Shards per history page.
 const HISTORY_SHARDS: usize = 64;
-/// `meta`: this device still has to fetch the account's history (set when
-/// it is linked; holds the window start in ms, decimal).
-pub(crate) const META_HISTORY_NEEDED: &str = "history_needed";
 
 /// Where a history transfer is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +81,7 @@ impl State<'_, '_> {
         if self.e.linking.history_peer.is_some() || !self.own_device(&peer) {
             return;
         }
-        let since_ms = match self.db.get_meta(META_HISTORY_NEEDED) {
+        let since_ms = match self.db.get_meta(meta::HISTORY_NEEDED) {
             Ok(Some(b)) => String::from_utf8_lossy(&b).parse().unwrap_or(0),
             _ => return,
         };
@@ -233,7 +230,7 @@ impl State<'_, '_> {
             Some(cursor) => {
                 let since_ms = self
                     .db
-                    .get_meta(META_HISTORY_NEEDED)
+                    .get_meta(meta::HISTORY_NEEDED)
                     .ok()
                     .flatten()
                     .and_then(|b| String::from_utf8_lossy(&b).parse().ok())
@@ -245,7 +242,7 @@ impl State<'_, '_> {
             }
             None => {
                 tracing::info!(%peer, "history received from another device of the account");
-                let _ = self.db.delete_meta(META_HISTORY_NEEDED);
+                let _ = self.db.delete_meta(meta::HISTORY_NEEDED);
                 self.e.linking.history_peer = None;
             }
         }

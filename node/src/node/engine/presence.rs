@@ -9,8 +9,6 @@
 use super::*;
 use crate::api::{PresenceView, PrivacyView};
 
-/// Where the privacy setting is kept (`meta` table).
-pub(super) const META_SHARE: &str = "presence_share";
 /// A device counts as online this many heartbeat intervals after the last.
 const ONLINE_GRACE: f64 = 2.5;
 /// Bounds a peer may ask for between heartbeats.
@@ -251,7 +249,8 @@ impl State<'_, '_> {
                     "presence sharing must be everyone, contacts or nobody, not {mode}"
                 ))
             })?;
-            self.db.set_meta(META_SHARE, share.as_str().as_bytes())?;
+            self.db
+                .set_meta(meta::PRESENCE_SHARE, share.as_str().as_bytes())?;
             self.e.presence.share = share;
             self.change_account(|a| a.set_privacy(share.as_str()))?;
         }

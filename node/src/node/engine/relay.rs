@@ -39,11 +39,6 @@ fn deposit_chunks(envelopes: &[Held]) -> Vec<&[Held]> {
     out
 }
 
-/// Where the push (wakeup) endpoint is kept (`meta` table).
-const META_PUSH_URL: &str = "push_url";
-
-/// Relays found through the DHT (`meta` table): lines `<seen ms> <addr>`.
-const META_RELAYS_FOUND: &str = "relays_found";
 /// Found relays kept.
 const MAX_FOUND_RELAYS: usize = 8;
 /// A found relay not reached for this long is forgotten: mail there has
@@ -53,7 +48,7 @@ const FOUND_RELAY_MAX_AGE_MS: i64 = 14 * 24 * 3600 * 1000;
 /// The relays found through the DHT, newest first, with when each was
 /// last reached; those not reached for too long are left out.
 fn read_found(db: &crate::store::Db<'_>, now: i64) -> Vec<(i64, Multiaddr)> {
-    let Ok(Some(bytes)) = db.get_meta(META_RELAYS_FOUND) else {
+    let Ok(Some(bytes)) = db.get_meta(meta::RELAYS_FOUND) else {
         return Vec::new();
     };
     let mut found: Vec<(i64, Multiaddr)> = String::from_utf8_lossy(&bytes)
@@ -77,10 +72,6 @@ pub(in crate::node) fn found_relays(db: &crate::store::Db<'_>) -> Vec<Multiaddr>
         .collect()
 }
 
-/// The relays the last daemon was started with (`meta` table), one
-/// address per line: what an invite made offline names.
-const META_RELAYS_USED: &str = "relays_used";
-
 /// Records the relays a daemon starts with.
 pub(in crate::node) fn remember_relays(db: &crate::store::Db<'_>, relays: &[Multiaddr]) {
     let text: String = relays
@@ -88,7 +79,7 @@ pub(in crate::node) fn remember_relays(db: &crate::store::Db<'_>, relays: &[Mult
         .take(MAX_FOUND_RELAYS * 2)
         .map(|a| format!("{a}\n"))
         .collect();
-    if let Err(e) = db.set_meta(META_RELAYS_USED, text.as_bytes()) {
+    if let Err(e) = db.set_meta(meta::RELAYS_USED, text.as_bytes()) {
         tracing::warn!("cannot record the relays in use: {e}");
     }
 }
@@ -96,7 +87,7 @@ pub(in crate::node) fn remember_relays(db: &crate::store::Db<'_>, relays: &[Mult
 /// The relays the last daemon used, and those found since.
 pub(in crate::node) fn last_relays(db: &crate::store::Db<'_>) -> Vec<Multiaddr> {
     let mut relays: Vec<Multiaddr> = db
-        .get_meta(META_RELAYS_USED)
+        .get_meta(meta::RELAYS_USED)
         .ok()
         .flatten()
         .map(|b| {
@@ -198,7 +189,7 @@ impl State<'_, '_> {
             .iter()
             .map(|(seen, a)| format!("{seen} {a}\n"))
             .collect();
-        if let Err(e) = self.db.set_meta(META_RELAYS_FOUND, text.as_bytes()) {
+        if let Err(e) = self.db.set_meta(meta::RELAYS_FOUND, text.as_bytes()) {
             tracing::warn!("cannot remember the relays found: {e}");
         }
     }
@@ -229,7 +220,7 @@ impl State<'_, '_> {
         }
         let wakeup = self
             .db
-            .get_meta(META_PUSH_URL)
+            .get_meta(meta::PUSH_URL)
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok());
@@ -426,8 +417,8 @@ impl State<'_, '_> {
             )));
         }
         match &url {
-            Some(u) => self.db.set_meta(META_PUSH_URL, u.as_bytes())?,
-            None => self.db.delete_meta(META_PUSH_URL)?,
+            Some(u) => self.db.set_meta(meta::PUSH_URL, u.as_bytes())?,
+            None => self.db.delete_meta(meta::PUSH_URL)?,
         }
         let connected: Vec<PeerId> = self
             .e

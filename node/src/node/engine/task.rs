@@ -44,12 +44,12 @@ impl Engine {
         let clock = Clock::resume(Hlc(store.db().max_hlc()?));
         let share = store
             .db()
-            .get_meta(presence::META_SHARE)?
+            .get_meta(meta::PRESENCE_SHARE)?
             .and_then(|b| Share::parse(&String::from_utf8_lossy(&b)))
             .unwrap_or(Share::Contacts);
         let name = store
             .db()
-            .get_meta(META_NAME)?
+            .get_meta(meta::NAME)?
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_else(|| "me".to_string());
         let (internal_tx, internal_rx) = mpsc::channel(1024);
@@ -176,7 +176,7 @@ impl Engine {
         // The account's own conversation (its devices' private state), and
         // its document.
         let share = db
-            .get_meta(presence::META_SHARE)?
+            .get_meta(meta::PRESENCE_SHARE)?
             .map(|_| self.state.presence.share.as_str());
         account::seed_account(&db, &self.state.my_user, &self.state.my_device, share)?;
         let own = account::account_conversation(&self.state.my_user);
