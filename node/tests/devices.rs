@@ -184,23 +184,16 @@ async fn concurrent_edits_of_one_message_on_two_devices_converge() {
 
 /// Waits until `node` counts `devices` devices for its contact `alias`.
 async fn wait_contact_devices(node: &TestNode, alias: &str, devices: u64) {
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
+    let what = format!("{}: {alias} never had {devices} devices", node.name);
+    common::poll_until(&what, || async {
         let list = node.call(Request::ContactList).await;
         let count = list
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["alias"] == alias))
             .and_then(|c| c["devices"].as_u64());
-        if count == Some(devices) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: {alias} still has {count:?} devices, expected {devices}",
-            node.name
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+        (count == Some(devices)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,19 +320,12 @@ async fn wait_for(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
+    let what = format!("{}: timed out waiting for {what}", node.name);
+    common::poll_until(&what, || async {
         let got = node.call(req.clone()).await;
-        if check(&got) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: timed out waiting for {what}; have {got}",
-            node.name
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+        check(&got).then_some(())
+    })
+    .await;
 }
 
 fn contact<'a>(list: &'a serde_json::Value, alias: &str) -> Option<&'a serde_json::Value> {

@@ -76,18 +76,11 @@ async fn group_of_three_and_removed_member_reads_nothing_after() {
         })
         .await;
     // Wait until carol knows she was removed.
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
+    common::poll_until("carol never learned of her removal", || async {
         let groups = carol.call(Request::GroupList).await;
-        if groups.as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "carol never learned of her removal"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        groups.as_array().unwrap().is_empty().then_some(())
+    })
+    .await;
     let before = common::tag_of(
         &alice.envelope_bytes(alice.messages("trio").await[0]["id"].as_str().unwrap()),
     );
@@ -232,14 +225,10 @@ async fn blocked_contact_messages_are_dropped() {
     // group's sake), then check it was not stored as a message.
     let store =
         weft_node::store::Store::open(&alice.dir.path().join("home").join("weft.db")).unwrap();
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    while !store.db().has_envelope(&id).unwrap() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never received the envelope"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    common::poll_until("alice never received the envelope", || async {
+        store.db().has_envelope(&id).unwrap().then_some(())
+    })
+    .await;
     assert!(store.db().message(&id).unwrap().is_none());
     assert_eq!(alice.texts("bob").await, vec!["first".to_string()]);
     alice
@@ -264,8 +253,7 @@ async fn group_members_find_each_other_through_the_dht() {
     alice.send("dht", "hello").await;
     carol.expect_text("dht", "hello").await;
     let carol_peer = carol.handle.peer_id().to_string();
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
+    common::poll_until("bob and carol never met through the DHT", || async {
         let status = bob.call(Request::Status).await;
         let found = status["peers"]
             .as_array()
@@ -279,13 +267,7 @@ async fn group_members_find_each_other_through_the_dht() {
             .any(|p| {
                 p["peer_id"] == bob.handle.peer_id().to_string().as_str() && p["source"] == "dht"
             });
-        if found || inbound {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bob and carol never met through the DHT: {status}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        (found || inbound).then_some(())
+    })
+    .await;
 }

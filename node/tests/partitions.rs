@@ -306,8 +306,8 @@ async fn run(seed: u64, rounds: usize) {
         (&phone, "bob"),
         (&tablet, "carol"),
     ] {
-        let deadline = tokio::time::Instant::now() + common::DEADLINE;
-        loop {
+        let what = format!("{}: {alias}'s devices never all known", node.name);
+        common::poll_until(&what, || async {
             let list = node.call(Request::ContactList).await;
             let devices = list
                 .as_array()
@@ -315,16 +315,9 @@ async fn run(seed: u64, rounds: usize) {
                 .iter()
                 .find(|c| c["alias"] == alias)
                 .and_then(|c| c["devices"].as_u64());
-            if devices == Some(if alias == "alice" { 3 } else { 1 }) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: {list}",
-                node.name
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+            (devices == Some(if alias == "alice" { 3 } else { 1 })).then_some(())
+        })
+        .await;
     }
 
     // Off the network: from here on the test carries every envelope.
