@@ -12,11 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::gossipsub::{MessageAcceptance, MessageId as GossipId};
-use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 mod account;
 mod annotations;
@@ -53,26 +51,17 @@ use effects::{
     Input, Outlets, fail_inputs, let_network_run, recv_opt, run_effects, sleep_until_opt,
 };
 
-use super::{Command, NodeError, Settings, now_ms};
-use crate::api::{
-    ApiError, ContactView, ConversationView, Event, GroupView, IdView, MemberView, MessageView,
-    Request, SendView, StatusView,
-};
+use super::Settings;
+use crate::api::{ApiError, Event, MemberView};
 use crate::crypto::CryptoError;
-use crate::crypto::chain::{ReceivingChain, SendingChain};
-use crate::crypto::envelope::{self, Envelope, Sealing};
-use crate::group::{GroupMember, GroupRole, GroupState};
+use crate::crypto::envelope::Envelope;
+use crate::group::{GroupRole, GroupState};
 use crate::hlc::{Clock, Hlc};
-use crate::identity::{DeviceCertificate, Identity, Invite, peer_id_of, random_bytes};
+use crate::identity::{DeviceCertificate, Identity, random_bytes};
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, RoutingTag, UserId};
-use crate::net::{NetCommand, NetEvent, NetHandle, NetStatus, PeerSource};
-use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
+use crate::net::{NetCommand, NetStatus};
 use crate::routing::Routing;
-use crate::store::meta;
-use crate::store::{
-    Binding, Contact, ConversationKind, ConversationRecord, Db, Durability, EnvelopeRecord,
-    MessageRecord, MessageStatus, OutboxEntry, Role, Store, StoreError,
-};
+use crate::store::{ConversationKind, Db, Role, Store, StoreError};
 
 /// Most inputs handled in one transaction.
 const BATCH: usize = 256;

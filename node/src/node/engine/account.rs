@@ -13,11 +13,19 @@
 //! the merged document. The document is saved with the annotation shards
 //! (conversation: the account's own, period 0).
 
+use std::collections::{HashMap, HashSet};
+
 use weft_crdt::{AccountState, CrdtError, Inspected};
 
-use super::*;
+use crate::api::ApiError;
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::node::now_ms;
+use crate::payload::Payload;
 use crate::payload::{AccountChange, MAX_CHANGE_BYTES};
-use crate::store::PendingAnnotation;
+use crate::store::{ConversationRecord, Db, PendingAnnotation, Role, meta};
+
+use super::{Ack, Conv, Share, State};
+use crate::node::NodeError;
 
 /// What account changes waiting for earlier ones are kept under.
 const ACCOUNT_WAITS_FOR: &[u8] = b"account";

@@ -15,11 +15,20 @@
 //! message here or not, allowed or not; only one allowed here, checked
 //! with the message at hand, erases it.
 
+use std::collections::{HashMap, HashSet};
+
 use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations};
 
-use super::*;
+use crate::api::{ApiError, Event};
+use crate::hlc::Hlc;
+use crate::identity::random_bytes;
+use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
+use crate::node::now_ms;
 use crate::payload::{Annotate, EditText, MAX_CHANGE_BYTES};
-use crate::store::PendingAnnotation;
+use crate::payload::{MAX_TEXT_BYTES, Payload};
+use crate::store::{MessageRecord, PendingAnnotation};
+
+use super::{Ack, ApiResult, Conv, Effect, State, to_value};
 
 /// Shards kept loaded (each is saved when changed, so any may go).
 pub(super) const SHARD_CACHE: usize = 64;
@@ -91,9 +100,9 @@ fn shard_id_of(conv: &ConversationId, epoch: u64, hlc: u64) -> ShardId {
 #[derive(Default)]
 pub(super) struct ShardCache {
     /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
-    pub(super) loaded: HashMap<annotations::ShardId, weft_crdt::Annotations>,
+    pub(super) loaded: HashMap<ShardId, weft_crdt::Annotations>,
     /// Those changed in the batch in progress.
-    pub(super) dirty: HashSet<annotations::ShardId>,
+    pub(super) dirty: HashSet<ShardId>,
 }
 
 impl State<'_, '_> {

@@ -1,7 +1,18 @@
 //! The API: what each request of a `NodeHandle` (and so of the control
 //! socket) does, and the views it answers with.
 
-use super::*;
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+
+use crate::api::{ApiError, ConversationView, GroupView, IdView, MessageView, Request, StatusView};
+use crate::ids::{MessageId, UserId};
+use crate::store::{ConversationKind, MessageRecord};
+
+use super::{
+    ApiResult, Effect, GroupOp, Input, Internal, State, Verdict, Via, account, member_views,
+    role_name, run_effects, to_value,
+};
+use crate::node::Command;
 
 impl State<'_, '_> {
     pub(super) fn handle(&mut self, input: Input) {

@@ -1,7 +1,19 @@
 //! Contacts: adding one from an invite, blocking, and the one-to-one
 //! conversation each contact has.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::api::{ApiError, ContactView};
+use crate::identity::{DeviceCertificate, Invite, peer_id_of};
+use crate::ids::{ConversationId, UserId};
+use crate::net::{NetCommand, PeerSource};
+use crate::node::now_ms;
+use crate::store::{Binding, Contact, ConversationKind, ConversationRecord, Role};
+
+use super::{ApiResult, Conv, Effect, State, direct_routing, store_err, to_value};
 
 impl State<'_, '_> {
     pub(super) fn contact(&self, alias: &str) -> Result<Contact, ApiError> {

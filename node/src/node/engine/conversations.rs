@@ -2,7 +2,19 @@
 //! who may subscribe to each, and each one's recipient devices (with the
 //! keys to seal to).
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+
+use crate::api::ApiError;
+use crate::identity::{DeviceCertificate, peer_id_of};
+use crate::ids::{ConversationId, DeviceId, RoutingTag, UserId};
+use crate::net::NetCommand;
+use crate::store::ConversationKind;
+
+use super::{Conv, Effect, ROUTING_TAGS_CACHE, Recipients, State, account, tag_slot};
 
 /// Conversations by gossip topic and routing tag, who is subscribed to
 /// each topic, and when the gossip gate is due to be told the members.

@@ -4,8 +4,20 @@
 //! sending chains to devices learned later, revocations and `weft
 //! devices list`. History sync for a new device is in `history.rs`.
 
-use super::*;
-use crate::identity::Revocation;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+
+use crate::api::{ApiError, Event};
+use crate::crypto::chain::SendingChain;
+use crate::crypto::envelope::Envelope;
+use crate::identity::{DeviceCertificate, Revocation, peer_id_of, random_bytes};
+use crate::ids::{ConversationId, DeviceId};
+use crate::node::now_ms;
+use crate::payload::Payload;
+use crate::store::{Binding, meta};
+
+use super::{Ack, ApiResult, Conv, DirectResponse, Effect, MAX_REVOKED, State, Verdict, to_value};
 
 /// How long a revoked device keeps its gossip topics, to hear that it is
 /// revoked (it can open nothing new meanwhile: chains moved on).
@@ -40,7 +52,7 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[derive(Default)]
 pub(super) struct Linking {
     /// Link codes issued and not used yet.
-    pub(super) codes: Vec<devices::LinkSecret>,
+    pub(super) codes: Vec<LinkSecret>,
     /// The device a history transfer is coming from.
     pub(super) history_peer: Option<PeerId>,
 }

@@ -2,7 +2,15 @@
 //! replies, events), run after its commit or, for envelopes that may
 //! leave early, at once; and the engine's inputs.
 
-use super::*;
+use libp2p::PeerId;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::api::{ApiError, Event};
+use crate::ids::EnvelopeId;
+use crate::net::{NetCommand, NetEvent, NetHandle};
+
+use super::{DIRECT_BATCH, DirectRequest, DirectResponse, Effect, Internal, relay};
+use crate::node::Command;
 
 /// Where effects go: the network, `watch` subscribers, and the engine's
 /// own queue of direct-send results.

@@ -11,7 +11,16 @@
 //! once per [`EXPIRY_EVERY`] (or per max age if shorter), and its
 //! deletions leave the `-wal` at the end of its batch.
 
-use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::api::ApiError;
+use crate::crypto::chain::ReceivingChain;
+use crate::ids::{ConversationId, DeviceId};
+use crate::node::now_ms;
+use crate::store::meta;
+
+use super::State;
 
 /// Longest time between passes.
 const EXPIRY_EVERY: Duration = Duration::from_secs(3600);

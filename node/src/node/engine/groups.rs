@@ -1,7 +1,21 @@
 //! Groups: creating one, adding, removing and promoting members, leaving,
 //! and applying a new group state (a new key epoch and routing secret).
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::api::{ApiError, Event, GroupView};
+use crate::group::{GroupMember, GroupRole, GroupState};
+use crate::identity::{DeviceCertificate, random_bytes};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::net::NetCommand;
+use crate::node::now_ms;
+use crate::payload::Payload;
+use crate::store::{Binding, ConversationKind, ConversationRecord, Role};
+
+use super::{
+    Ack, ApiResult, Conv, Effect, GroupOp, State, fresh_key, member_views, role_of, to_value,
+};
 
 impl State<'_, '_> {
     pub(super) fn me_as_member(&self, role: GroupRole) -> GroupMember {

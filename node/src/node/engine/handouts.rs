@@ -8,10 +8,19 @@
 //! learned later, and to everyone at each replacement; senders use the
 //! newest they know while it is young enough to still be held.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::*;
-use crate::identity::HandoutKey;
+use crate::api::ApiError;
+use crate::crypto::envelope::Envelope;
+use crate::identity::{DeviceCertificate, HandoutKey};
+use crate::ids::{ConversationId, DeviceId};
+use crate::node::now_ms;
+use crate::payload::Payload;
+
+use super::{Ack, Conv, State, Verdict, fresh_key};
 
 /// A handout key dated further ahead than this is refused.
 const HANDOUT_KEY_SKEW_MS: i64 = 5 * 60 * 1000;

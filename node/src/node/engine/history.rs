@@ -3,9 +3,23 @@
 //! reactions) and annotation shards they hold, page by page, over the
 //! direct protocol. Only the account's own devices are answered.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use crate::api::ApiError;
+use crate::group::GroupState;
+use crate::identity::DeviceCertificate;
+use crate::ids::{ConversationId, EnvelopeId, MessageId, UserId};
+use crate::node::now_ms;
+use crate::store::{
+    Binding, Contact, ConversationKind, ConversationRecord, MessageRecord, MessageStatus, Role,
+    meta,
+};
+
+use super::{Conv, DirectResponse, Effect, State};
 
 /// Messages per history page, and their text bytes.
 const HISTORY_PAGE: usize = 1000;

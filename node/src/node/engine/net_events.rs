@@ -1,7 +1,13 @@
 //! Network events: what the network task reports (gossip, direct
 //! requests, connections, relays) and the verdict on each gossip message.
 
-use super::*;
+use libp2p::PeerId;
+use libp2p::gossipsub::{MessageAcceptance, MessageId as GossipId};
+
+use crate::api::Event;
+use crate::net::{NetCommand, NetEvent};
+
+use super::{DIRECT_BATCH, DirectRequest, DirectResponse, Effect, State, Verdict, Via};
 
 impl State<'_, '_> {
     pub(super) fn on_net(&mut self, ev: NetEvent) {

@@ -10,9 +10,17 @@
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::handouts::millis;
-use super::*;
+use crate::api::ApiError;
+use crate::crypto::CryptoError;
+use crate::crypto::envelope::Envelope;
+use crate::identity::DeviceCertificate;
 use crate::identity::{MAX_ONE_TIME_KEYS, OneTimeKeys};
+use crate::ids::{ConversationId, DeviceId};
+use crate::node::now_ms;
+use crate::payload::Payload;
+
+use super::handouts::millis;
+use super::{Ack, Conv, State, Verdict, fresh_key};
 
 /// Most issued keys this device keeps in all: past it, it issues no more
 /// (handouts to it fall back to its handout key) until some are used or

@@ -4,7 +4,17 @@
 //! argument, so it is tested without a network); the `State` methods
 //! below read and write the store and send.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use libp2p::PeerId;
+
+use crate::api::Event;
+use crate::ids::{ConversationId, EnvelopeId};
+use crate::node::now_ms;
+use crate::store::MessageStatus;
+
+use super::{DIRECT_BATCH, Effect, IN_FLIGHT, RETRY_BATCH, State, run_effects};
 
 /// Who still misses each envelope this device sent (member peers not yet
 /// known to have it), and when each was last offered to each peer

@@ -6,8 +6,19 @@
 //! Both travel on the direct protocol to connected peers: the connection
 //! itself (noise, keyed by the device key) says which device is speaking.
 
-use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use libp2p::PeerId;
+
+use crate::api::{ApiError, Event};
 use crate::api::{PresenceView, PrivacyView};
+use crate::identity::peer_id_of;
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::node::now_ms;
+use crate::store::meta;
+
+use super::{ApiResult, DirectRequest, Effect, State, to_value};
 
 /// A device counts as online this many heartbeat intervals after the last.
 const ONLINE_GRACE: f64 = 2.5;
@@ -61,7 +72,7 @@ pub(in crate::node) struct Presence {
 /// shares its own with.
 #[derive(Default)]
 pub(super) struct PresenceBook {
-    pub(super) seen: HashMap<UserId, presence::Presence>,
+    pub(super) seen: HashMap<UserId, Presence>,
     pub(super) typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
     pub(super) share: Share,
 }

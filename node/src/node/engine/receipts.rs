@@ -5,9 +5,18 @@
 //! A receipt is a chain-sealed envelope in the conversation like any
 //! message: signed, encrypted, gossiped, retried and caught up alike.
 
-use super::*;
+use std::collections::HashMap;
+
+use crate::api::{ApiError, Event};
 use crate::api::{Progress, ReceiptView};
+use crate::identity::peer_id_of;
+use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
+use crate::node::now_ms;
+use crate::payload::Payload;
 use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
+use crate::store::{ConversationKind, MessageRecord, MessageStatus};
+
+use super::{Ack, ApiResult, Conv, Effect, State, to_value};
 
 /// Most messages marked read (and acknowledged) by one `read`.
 const MAX_READ: usize = 10_000;

@@ -2,7 +2,22 @@
 //! pending): checks, opening, and what each payload does; chains moving
 //! on, gaps, and envelopes kept until they can be placed.
 
-use super::*;
+use crate::api::{ApiError, Event};
+use crate::crypto::CryptoError;
+use crate::crypto::chain::ReceivingChain;
+use crate::crypto::envelope::{Envelope, Sealing};
+use crate::group::GroupState;
+use crate::ids::{ConversationId, DeviceId, EnvelopeId, UserId};
+use crate::node::now_ms;
+use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey};
+use crate::store::{
+    Binding, ConversationKind, ConversationRecord, EnvelopeRecord, MessageRecord, MessageStatus,
+};
+
+use super::{
+    Effect, PARALLEL_VERIFY_MIN, PENDING_CAP, State, Verdict, Via, account, chains, fresh_key,
+    run_effects, tag_slot,
+};
 
 impl State<'_, '_> {
     /// Validates, opens and stores one envelope from the network.

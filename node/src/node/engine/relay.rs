@@ -9,10 +9,19 @@
 //! `<relay addr>/p2p/<relay>/p2p-circuit/p2p/<device>` (invites carry
 //! them) names a relay where the device keeps a mailbox.
 
-use libp2p::multiaddr::Protocol;
+use std::collections::{HashMap, HashSet};
 
-use super::*;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::api::{ApiError, Event};
+use crate::ids::EnvelopeId;
 use crate::mailbox::{MAX_DEPOSIT, MailboxId, MailboxRequest, MailboxResponse, Registration};
+use crate::net::{NetCommand, PeerSource};
+use crate::node::now_ms;
+use crate::store::{MessageStatus, meta};
+
+use super::{ApiResult, Effect, State, Verdict, Via, to_value};
 
 /// An envelope to deposit: its id and bytes.
 type Held = (EnvelopeId, Vec<u8>);

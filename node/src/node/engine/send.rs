@@ -2,7 +2,24 @@
 //! chain out first when it is new), sealing to devices, and sending an
 //! envelope by gossip, directly and through relays.
 
-use super::*;
+use std::collections::HashSet;
+
+use libp2p::PeerId;
+
+use crate::api::{ApiError, Event, SendView};
+use crate::crypto::chain::SendingChain;
+use crate::crypto::envelope;
+use crate::crypto::envelope::{Envelope, Sealing};
+use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId};
+use crate::net::NetCommand;
+use crate::node::now_ms;
+use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
+use crate::store::{EnvelopeRecord, MessageRecord, MessageStatus, OutboxEntry};
+
+use super::{
+    Ack, ApiResult, COUNTER_RESERVATION, Conv, Effect, SealedText, SendingSlot, State, fresh_key,
+    routing_tag_of, run_effects, to_value,
+};
 
 impl State<'_, '_> {
     pub(super) fn send(&mut self, target: &str, text: String, reply_to: Option<&str>) -> ApiResult {

@@ -10,9 +10,16 @@
 //! them through the usual validation and asks again. A session ends when
 //! nothing more remains or a round brings nothing new.
 
+use std::collections::{HashMap, HashSet};
+
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use crate::api::ApiError;
+use crate::ids::{ConversationId, DeviceId, EnvelopeId};
+use crate::net::NetCommand;
+
+use super::{DirectRequest, DirectResponse, Effect, State, Verdict, Via};
 
 /// Most ranges listed per chain; a longer list is cut (the answerer then
 /// sends some envelopes the asker has, which it ignores).

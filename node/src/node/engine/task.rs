@@ -2,7 +2,28 @@
 //! loop (one transaction per batch of inputs, effects after the commit)
 //! and the durability of what it promised.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::api::{ApiError, Event, Request};
+use crate::group::GroupState;
+use crate::hlc::{Clock, Hlc};
+use crate::identity::{Identity, peer_id_of};
+use crate::ids::ConversationId;
+use crate::net::{NetCommand, NetEvent, NetHandle, PeerSource};
+use crate::node::{Command, NodeError, Settings};
+use crate::store::{ConversationKind, Durability, Role, Store, meta};
+
+use super::{
+    BATCH, Conv, Effect, Engine, EngineState, Input, Internal, MAX_REVOKED, Outlets,
+    ROUTING_TAGS_CACHE, Share, State, TICK, account, annotations, chains, conversations, devices,
+    direct_routing, directory, fail_inputs, let_network_run, outbox, presence, recv_opt, relay,
+    run_effects, sleep_until_opt,
+};
 
 impl Engine {
     pub(in crate::node) fn new(
