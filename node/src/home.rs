@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::error::NodeError;
 use crate::identity::{DeviceCertificate, Identity, SecretKeys, validate_name};
-use crate::node::NodeError;
 use crate::store::Store;
 use crate::store::meta;
 
@@ -87,7 +87,7 @@ impl Home {
     /// exists: keys are never overwritten.
     pub fn init(&self, name: &str) -> Result<crate::api::IdView, NodeError> {
         validate_name(name)?;
-        let identity = Identity::generate(crate::node::now_ms())?;
+        let identity = Identity::generate(crate::now_ms())?;
         self.init_with(&identity, name)
     }
 
@@ -106,7 +106,7 @@ impl Home {
             name,
             vec![identity.certificate().clone()],
             Vec::new(),
-            crate::node::now_ms(),
+            crate::now_ms(),
         )?;
         Ok(crate::api::IdView {
             user_id: identity.user_id().to_string(),
@@ -235,8 +235,7 @@ impl Home {
         // replaced by a new one.
         let (old, _certificate): (KeyFileV1, &[u8]) = postcard::take_from_bytes(bytes)
             .map_err(|_| NodeError::Corrupt("key file (version 1)".into()))?;
-        let identity =
-            Identity::upgrade_v1(old.user, old.device, old.device_dh, crate::node::now_ms())?;
+        let identity = Identity::upgrade_v1(old.user, old.device, old.device_dh, crate::now_ms())?;
         let next = self.dir.join("identity.key.v2");
         let _ = fs::remove_file(&next);
         self.write_key_file_at(&next, &identity)?;

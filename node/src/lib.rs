@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod control;
+pub mod error;
 pub mod home;
 pub mod identity;
 pub mod link;
@@ -20,4 +21,12 @@ pub use weft_proto::{crypto, group, hlc, ids, mailbox, payload, routing};
 
 pub use libp2p::{Multiaddr, PeerId};
 pub use net::NetConfig;
-pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, link_device, now_ms};
+pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, link_device};
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

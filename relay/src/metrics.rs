@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use weft_proto::mailbox::Refusal;
 
-use crate::store::{StoreHandle, Totals};
+use crate::store::{StoreHandle, StoreObserver, Totals};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -203,6 +203,16 @@ impl RelayMetrics {
     pub fn observe_batch(&self, jobs: usize, took: Duration) {
         self.batch_size.observe(jobs as f64);
         self.batch_seconds.observe(took.as_secs_f64());
+    }
+}
+
+impl StoreObserver for RelayMetrics {
+    fn batch(&self, jobs: usize, took: Duration) {
+        self.observe_batch(jobs, took);
+    }
+
+    fn totals(&self, totals: Totals) {
+        self.set_totals(totals);
     }
 }
 

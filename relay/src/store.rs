@@ -22,8 +22,6 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::mailbox::MailboxId;
 
-use crate::metrics::RelayMetrics;
-
 /// Schema migrations in order: (the `user_version` they bring the database
 /// to, their SQL). Append only; never edit one that has shipped.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
@@ -803,13 +801,27 @@ impl std::fmt::Debug for Msg {
     }
 }
 
+/// What the store thread reports as it works (the relay's metrics
+/// implement it; `()` reports nothing).
+pub trait StoreObserver: Send + 'static {
+    /// A batch of `jobs` committed, taking `took`.
+    fn batch(&self, jobs: usize, took: std::time::Duration);
+    /// What the store holds now.
+    fn totals(&self, totals: Totals);
+}
+
+impl StoreObserver for () {
+    fn batch(&self, _: usize, _: std::time::Duration) {}
+    fn totals(&self, _: Totals) {}
+}
+
 impl StoreHandle {
     /// Moves `store` onto its own thread. `metrics` gets the totals after
     /// every batch.
-    pub fn spawn(store: Store, metrics: RelayMetrics) -> Result<StoreHandle, StoreError> {
+    pub fn spawn(store: Store, metrics: impl StoreObserver) -> Result<StoreHandle, StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let limits = store.limits.clone();
-        metrics.set_totals(store.totals());
+        metrics.totals(store.totals());
         std::thread::Builder::new()
             .name("weft-relay-store".into())
             .spawn(move || run_thread(store, rx, metrics))?;
@@ -921,7 +933,7 @@ impl StoreHandle {
     }
 }
 
-fn run_thread(mut store: Store, mut rx: mpsc::Receiver<Msg>, metrics: RelayMetrics) {
+fn run_thread(mut store: Store, mut rx: mpsc::Receiver<Msg>, metrics: impl StoreObserver) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = Vec::new();
         let mut weight = 0usize;
@@ -947,8 +959,8 @@ fn run_thread(mut store: Store, mut rx: mpsc::Receiver<Msg>, metrics: RelayMetri
             let started = std::time::Instant::now();
             let n = jobs.len();
             store.run_batch(jobs);
-            metrics.observe_batch(n, started.elapsed());
-            metrics.set_totals(store.totals());
+            metrics.batch(n, started.elapsed());
+            metrics.totals(store.totals());
         }
         if let Some(done) = close {
             rx.close();
@@ -1271,8 +1283,7 @@ mod tests {
         l.max_envelopes = 10_000;
         l.max_bytes = 10_000_000;
         let store = Store::open(&path, l.clone()).unwrap();
-        let metrics = RelayMetrics::default();
-        let handle = StoreHandle::spawn(store, metrics).unwrap();
+        let handle = StoreHandle::spawn(store, ()).unwrap();
         handle.register(mailbox(1), peer(1), None, 0).await.unwrap();
         let mut tasks = Vec::new();
         for n in 0..200u32 {

@@ -14,6 +14,9 @@ pub use engine::{
 };
 pub use join::link_device;
 
+pub use crate::error::NodeError;
+pub use crate::now_ms;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,53 +25,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::api::{ApiError, Event, Request};
 use crate::home::Home;
-use crate::identity::IdentityError;
-use crate::net::{NetConfig, NetError, NetHandle};
-use crate::store::StoreError;
+use crate::net::{NetConfig, NetHandle};
 
 /// Bound of the request queue into the engine.
 pub const REQUEST_CAPACITY: usize = 1024;
 /// How many events a slow `watch` subscriber may lag before it skips.
 pub const EVENT_BACKLOG: usize = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("an identity already exists in {0}; keys are never overwritten")]
-    AlreadyInitialized(PathBuf),
-    #[error("no identity in {0}: run `weft init --name NAME` first")]
-    NotInitialized(PathBuf),
-    #[error("another Weft process (a daemon?) is using {0}")]
-    Locked(PathBuf),
-    #[error(
-        "{} has mode {mode:04o}: other users may read or change it; run `chmod {fix:o} {}`",
-        .path.display(),
-        .path.display()
-    )]
-    NotPrivate { path: PathBuf, mode: u32, fix: u32 },
-    #[error("corrupt {0}")]
-    Corrupt(String),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Net(#[from] NetError),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the node has stopped")]
-    Stopped,
-    #[error("control protocol: {0}")]
-    Protocol(String),
-}
-
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> Self {
-        match e {
-            NodeError::Identity(_) => ApiError::usage(e.to_string()),
-            _ => ApiError::failed(e.to_string()),
-        }
-    }
-}
 
 /// How to start a node.
 #[derive(Clone, Debug)]
@@ -330,12 +292,4 @@ impl Node {
         }
         Ok(())
     }
-}
-
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
