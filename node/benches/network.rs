@@ -501,7 +501,7 @@ enum Authenticity {
 }
 
 fn bare_swarm(auth: Authenticity) -> Swarm<gossipsub::Behaviour> {
-    // Weft's gossipsub settings (net/mod.rs) but for authenticity, and
+    // Weft's gossipsub settings (net/behaviour.rs) but for authenticity, and
     // without application validation.
     let mode = match auth {
         Authenticity::Anonymous => gossipsub::ValidationMode::Anonymous,

@@ -1,0 +1,165 @@
+//! The libp2p side of the network task: the composed [`Behaviour`]
+//! (gossipsub behind the topic gate, Kademlia, identify, ping, the direct
+//! and mailbox request-response protocols, the circuit relay client and
+//! DCUtR), its settings, and the swarm built around it on the configured
+//! transport.
+
+use std::time::Duration;
+
+use libp2p::gossipsub::{self, MessageId};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{StreamProtocol, Swarm, dcutr, identify, kad, noise, ping, relay, tcp, yamux};
+
+use super::config::{NetConfig, TransportKind};
+use super::gate;
+use super::{
+    DIRECT_PROTOCOL, DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_TOPICS_PER_PEER, NetError,
+};
+use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
+
+/// Everything the swarm speaks, composed.
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    /// Gossipsub behind the per-topic membership gate.
+    pub(super) gossipsub: gate::Gossip,
+    pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(super) identify: identify::Behaviour,
+    pub(super) ping: ping::Behaviour,
+    pub(super) direct: request_response::Behaviour<DirectCodec>,
+    pub(super) mailbox: request_response::Behaviour<DirectCodec>,
+    pub(super) relay_client: relay::client::Behaviour,
+    pub(super) dcutr: dcutr::Behaviour,
+}
+
+fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
+    gossipsub::ConfigBuilder::default()
+        // The envelope is signed by its sender device; gossipsub signing
+        // would sign again per hop and expose the author's peer id.
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        // Content-addressed ids: with anonymous messages anything else
+        // would make every message collide.
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
+        })
+        .validate_messages()
+        .max_transmit_size(MAX_ENVELOPE_BYTES + 16 * 1024)
+        .heartbeat_interval(Duration::from_millis(700))
+        .build()
+        .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))
+}
+
+fn build_behaviour(
+    key: &libp2p::identity::Keypair,
+    relay_client: relay::client::Behaviour,
+    config: &NetConfig,
+) -> Result<Behaviour, NetError> {
+    let peer_id = key.public().to_peer_id();
+    let gossipsub = gate::Gossip::new(
+        gossipsub::MessageAuthenticity::Anonymous,
+        gossipsub_config()?,
+        MAX_TOPICS_PER_PEER,
+        MAX_TOPICS_PER_PEER,
+    )
+    .map_err(|e| NetError::Transport(e.to_string()))?;
+    let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    kad.set_mode(Some(if config.dht_server {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("weft/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let direct = request_response::Behaviour::with_codec(
+        DirectCodec,
+        [(StreamProtocol::new(DIRECT_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(256),
+    );
+    // Same framing as the direct protocol; relays answer, and a relay may
+    // ask a connected device to fetch (a wakeup).
+    let mailbox = request_response::Behaviour::with_codec(
+        DirectCodec,
+        [(
+            StreamProtocol::new(crate::mailbox::MAILBOX_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(64),
+    );
+    Ok(Behaviour {
+        gossipsub,
+        kad,
+        identify,
+        // A connection whose pings fail is closed (below): a network that
+        // went away silently is noticed in about 15 s, not when TCP gives up
+        // retransmitting (~15 minutes), and redialing can start.
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(10)),
+        ),
+        direct,
+        mailbox,
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
+    })
+}
+
+fn boxed(
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// The swarm of `key` on the transport `config` names.
+pub(super) fn build_swarm(
+    key: libp2p::identity::Keypair,
+    config: &NetConfig,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let idle = config.idle_timeout;
+    let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    match config.transport {
+        TransportKind::Network => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| err(&e))?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| err(&e))?
+            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build()),
+        TransportKind::Memory => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                use libp2p::core::transport::Transport as _;
+                use libp2p::core::upgrade::Version;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libp2p::core::transport::MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key).map_err(boxed)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| err(&e))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| err(&e))?
+            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build()),
+    }
+}

@@ -1,0 +1,77 @@
+//! Network settings: [`NetConfig`], and the [`TransportKind`] the swarm
+//! runs over.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+
+/// How the swarm reaches other nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP and QUIC over the OS network stack.
+    Network,
+    /// libp2p's in-process memory transport: many nodes in one process
+    /// (tests, simulations). Listen on `/memory/N`.
+    Memory,
+}
+
+/// Network settings of a node.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and keep dialing (multiaddrs with /p2p/).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Relays (multiaddrs with /p2p/): kept connected like bootstrap peers;
+    /// the node keeps a mailbox at each and, once connected, listens
+    /// through each (circuit relay v2), so that it is reachable at
+    /// `<relay addr>/p2p-circuit/p2p/<node>`.
+    pub relays: Vec<Multiaddr>,
+    /// Relays to use in all: while fewer are in use (configured ones
+    /// count), the node looks for more in the DHT, where relays announce
+    /// themselves. 0: none are looked for.
+    pub relay_target: usize,
+    /// Advertise and browse `_weft._udp.local.` with mdns-sd.
+    pub mdns: bool,
+    pub transport: TransportKind,
+    /// Kademlia in server mode (answers queries): for reachable nodes.
+    pub dht_server: bool,
+    pub idle_timeout: Duration,
+    /// First wait before redialing a known peer after a failed dial or a
+    /// lost connection; it doubles with each failure.
+    pub redial_base: Duration,
+    /// Longest wait between redials of a known peer (before jitter).
+    pub redial_max: Duration,
+}
+
+impl NetConfig {
+    pub fn new(listen: Vec<Multiaddr>) -> Self {
+        Self {
+            listen,
+            bootstrap: Vec::new(),
+            relays: Vec::new(),
+            relay_target: 2,
+            mdns: false,
+            transport: TransportKind::Network,
+            dht_server: true,
+            idle_timeout: Duration::from_secs(3600),
+            redial_base: Duration::from_secs(1),
+            redial_max: Duration::from_secs(30),
+        }
+    }
+
+    /// One TCP listener on 127.0.0.1 with an OS-chosen port.
+    pub fn loopback() -> Self {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/0"
+            .parse()
+            .unwrap_or_else(|_| Multiaddr::empty());
+        Self::new(vec![addr])
+    }
+
+    /// The in-memory transport on `/memory/{port}`.
+    pub fn memory(port: u64) -> Self {
+        let mut c = Self::new(vec![Multiaddr::empty().with(Protocol::Memory(port))]);
+        c.transport = TransportKind::Memory;
+        c
+    }
+}
