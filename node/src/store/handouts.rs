@@ -4,7 +4,7 @@
 use rusqlite::params;
 use zeroize::Zeroizing;
 
-use super::{Db, StoreError};
+use super::{Db, StoreError, key_at};
 use crate::ids::DeviceId;
 
 /// One of this device's handout keys.
@@ -20,10 +20,6 @@ impl std::fmt::Debug for OwnHandoutKey {
             .field("created_at_ms", &self.created_at_ms)
             .finish_non_exhaustive()
     }
-}
-
-fn key_at(bytes: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
-    <[u8; 32]>::try_from(bytes).map_err(|_| StoreError::Corrupt(what.into()))
 }
 
 impl Db<'_> {

@@ -351,6 +351,11 @@ impl<'a> Db<'a> {
     }
 }
 
+/// A stored 32-byte key (`what` names it if the row is corrupt).
+fn key_at(bytes: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| StoreError::Corrupt(what.into()))
+}
+
 /// Creates the file mode 0600 before SQLite opens it, so it is never
 /// readable by others, and tightens an existing file to 0600.
 fn create_private_file(path: &Path) -> Result<(), StoreError> {
