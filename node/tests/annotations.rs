@@ -212,3 +212,44 @@ async fn a_member_added_later_sees_reactions_to_what_it_can_read() {
         "carol reads nothing from before she joined"
     );
 }
+
+/// A long chain of changes to one shard, arriving newest first in one
+/// batch: each change waits for the one before it, and every one is
+/// applied in the end (none is taken from waiting and then dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chain_of_edits_arriving_newest_first_is_applied_whole() {
+    const EDITS: usize = 12;
+    let mut alice = TestNode::start("alice", 34, &[]).await;
+    let mut bob = TestNode::start("bob", 34, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    let id = alice.send("bob", "draft 0").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.expect_text("alice", "draft 0").await;
+    alice.stop().await;
+    bob.stop().await;
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+
+    // Each edit builds on the one before it in the message's shard.
+    let mut edits = Vec::new();
+    for n in 1..=EDITS {
+        let before = alice.chain_envelopes(|_| true);
+        alice.call(edit(&id, &format!("draft {n}"))).await;
+        let new: Vec<Vec<u8>> = alice
+            .chain_envelopes(|_| true)
+            .into_iter()
+            .filter(|e| !before.contains(e))
+            .collect();
+        assert_eq!(new.len(), 1, "one envelope carries edit {n}");
+        edits.extend(new);
+    }
+    edits.reverse();
+    bob.handle.deliver(edits).await.unwrap();
+    let last = format!("draft {EDITS}");
+    wait_for(&bob, "alice", &id, "the last edit", |m| {
+        m["text"] == last.as_str()
+    })
+    .await;
+}

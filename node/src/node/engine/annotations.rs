@@ -450,8 +450,12 @@ impl State<'_, '_> {
     /// Applies the changes this batch received, shard by shard, shows
     /// their effect, and lets what waited for those shards try again.
     pub(super) fn flush_annotations(&mut self) {
-        // Retried changes may queue more; a few rounds settle any chain.
-        for _ in 0..8 {
+        // Retried changes may queue more: rounds go on until none does.
+        // Changes taken back from waiting and queued must be applied in
+        // this batch (they are no longer kept on disk), so there is no
+        // round limit; it ends because every round applies changes that
+        // were queued, each one once.
+        loop {
             let queued = std::mem::take(&mut self.annotations);
             self.annotation_hashes.clear();
             if queued.is_empty() {
