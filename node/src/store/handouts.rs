@@ -2,41 +2,17 @@
 //! newest known of other devices.
 
 use rusqlite::params;
-use zeroize::Zeroizing;
 
-use super::{Db, StoreError, key_at};
+use super::{Db, OwnKey, StoreError, key_at, own_key_at};
 use crate::ids::DeviceId;
-
-/// One of this device's handout keys.
-pub struct OwnHandoutKey {
-    pub public: [u8; 32],
-    pub secret: Zeroizing<[u8; 32]>,
-    pub created_at_ms: i64,
-}
-
-impl std::fmt::Debug for OwnHandoutKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnHandoutKey")
-            .field("created_at_ms", &self.created_at_ms)
-            .finish_non_exhaustive()
-    }
-}
 
 impl Db<'_> {
     /// This device's handout keys still held, the newest first.
-    pub fn own_handout_keys(&self) -> Result<Vec<OwnHandoutKey>, StoreError> {
+    pub fn own_handout_keys(&self) -> Result<Vec<OwnKey>, StoreError> {
         self.query_vec(
             "SELECT public, secret, created_at FROM own_handout_keys ORDER BY created_at DESC",
             [],
-            |row| {
-                let public: Vec<u8> = row.get(0)?;
-                let secret: Zeroizing<Vec<u8>> = Zeroizing::new(row.get(1)?);
-                Ok(OwnHandoutKey {
-                    public: key_at(&public, "handout key")?,
-                    secret: Zeroizing::new(key_at(&secret, "handout key secret")?),
-                    created_at_ms: row.get(2)?,
-                })
-            },
+            |row| own_key_at(row, "handout key"),
         )
     }
 

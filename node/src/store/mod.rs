@@ -32,15 +32,15 @@ use std::time::Duration;
 use rusqlite::config::DbConfig;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, Row, TransactionBehavior};
 
+use zeroize::Zeroizing;
+
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 
 pub use annotations::PendingAnnotation;
 pub use chains::ChainPlace;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
 pub use envelopes::{EnvelopeRecord, OutboxEntry};
-pub use handouts::OwnHandoutKey;
 pub use messages::{MessageRecord, MessageStatus};
-pub use one_time_keys::OwnOneTimeKey;
 pub use people::{Binding, Contact, DeviceRecord};
 pub use receipts::UserReceipt;
 pub use wal_sync::WalSyncer;
@@ -349,6 +349,32 @@ impl<'a> Db<'a> {
         }
         result
     }
+}
+
+/// One of this device's own X25519 keys (a handout or a one-time key).
+pub struct OwnKey {
+    pub public: [u8; 32],
+    pub secret: Zeroizing<[u8; 32]>,
+    pub created_at_ms: i64,
+}
+
+impl std::fmt::Debug for OwnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnKey")
+            .field("created_at_ms", &self.created_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An [`OwnKey`] from a row of (public, secret, created_at).
+fn own_key_at(row: &Row<'_>, what: &str) -> Result<OwnKey, StoreError> {
+    let public: Vec<u8> = row.get(0)?;
+    let secret: Zeroizing<Vec<u8>> = Zeroizing::new(row.get(1)?);
+    Ok(OwnKey {
+        public: key_at(&public, what)?,
+        secret: Zeroizing::new(key_at(&secret, what)?),
+        created_at_ms: row.get(2)?,
+    })
 }
 
 /// A stored 32-byte key (`what` names it if the row is corrupt).

@@ -5,23 +5,8 @@
 use rusqlite::params;
 use zeroize::Zeroizing;
 
-use super::{Db, StoreError, key_at};
+use super::{Db, OwnKey, StoreError, key_at, own_key_at};
 use crate::ids::DeviceId;
-
-/// A one-time key this device issued.
-pub struct OwnOneTimeKey {
-    pub public: [u8; 32],
-    pub secret: Zeroizing<[u8; 32]>,
-    pub created_at_ms: i64,
-}
-
-impl std::fmt::Debug for OwnOneTimeKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnOneTimeKey")
-            .field("created_at_ms", &self.created_at_ms)
-            .finish_non_exhaustive()
-    }
-}
 
 impl Db<'_> {
     /// Records secrets issued to `holder` in a batch made at `at_ms`.
@@ -58,23 +43,12 @@ impl Db<'_> {
     }
 
     /// The keys issued to `holder` still held, oldest first.
-    pub fn own_one_time_keys_for(
-        &self,
-        holder: &DeviceId,
-    ) -> Result<Vec<OwnOneTimeKey>, StoreError> {
+    pub fn own_one_time_keys_for(&self, holder: &DeviceId) -> Result<Vec<OwnKey>, StoreError> {
         self.query_vec(
             "SELECT public, secret, created_at FROM own_one_time_keys
              WHERE holder = ?1 ORDER BY created_at, public",
             [holder.0],
-            |row| {
-                let public: Vec<u8> = row.get(0)?;
-                let secret: Zeroizing<Vec<u8>> = Zeroizing::new(row.get(1)?);
-                Ok(OwnOneTimeKey {
-                    public: key_at(&public, "one-time key")?,
-                    secret: Zeroizing::new(key_at(&secret, "one-time key secret")?),
-                    created_at_ms: row.get(2)?,
-                })
-            },
+            |row| own_key_at(row, "one-time key"),
         )
     }
 
