@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use serde_json::Value;
-use weft_node::api::{ApiError, Request};
+use weft_node::api::{ApiError, Request, Response};
 use weft_node::control::ControlClient;
 use weft_node::home::Home;
 use weft_node::{Node, NodeConfig, NodeError};
@@ -48,7 +47,7 @@ pub async fn connect_daemon(home: &Home) -> Option<ControlClient> {
 
 /// Answers one request: through the daemon if one runs, otherwise with an
 /// offline node started for the purpose.
-pub async fn call(home: &Home, request: Request) -> anyhow::Result<Value> {
+pub async fn call(home: &Home, request: Request) -> anyhow::Result<Response> {
     let deadline = Instant::now() + LOCKED_PATIENCE;
     loop {
         if let Some(mut client) = connect_daemon(home).await {

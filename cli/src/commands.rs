@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
 use clap::CommandFactory;
-use serde_json::Value;
-use weft_node::api::{ConversationView, Request};
+use weft_node::api::{ApiError, Event, IdView, LinkCodeView, Request, Response};
 use weft_node::home::Home;
 
 use crate::cli::{
@@ -21,7 +20,22 @@ use crate::error::usage;
 use crate::{client, daemon, demo, output};
 
 /// How a reply is shown to people.
-type Render = Box<dyn FnOnce(&Value) -> String>;
+type Render = Box<dyn FnOnce(Response) -> String>;
+
+/// Renders the view an answer should carry with `render`; an answer of
+/// another shape (a daemon of another version) is shown as JSON.
+fn show<T>(render: impl FnOnce(T) -> String + 'static) -> Render
+where
+    T: TryFrom<Response, Error = ApiError>,
+{
+    Box::new(move |response: Response| {
+        let json = response.to_json();
+        match T::try_from(response) {
+            Ok(view) => render(view),
+            Err(_) => output::pretty(&json),
+        }
+    })
+}
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,7 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 output::out_json(&reply)
             } else {
-                output::out(&render(&reply))
+                output::out(&render(reply))
             }
         }
     }
@@ -68,17 +82,15 @@ fn home(flag: Option<PathBuf>) -> anyhow::Result<Home> {
 /// The request of a plain command and how to show its reply.
 fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
     Ok(match command {
-        Command::Status => (Request::Status, Box::new(output::status)),
+        Command::Status => (Request::Status, show(output::status)),
         Command::Contact(ContactCommand::Add { invite, name }) => (
             Request::ContactAdd {
                 invite: invite.trim().to_string(),
                 name,
             },
-            Box::new(output::contact_added),
+            show(output::contact_added),
         ),
-        Command::Contact(ContactCommand::List) => {
-            (Request::ContactList, Box::new(output::contacts))
-        }
+        Command::Contact(ContactCommand::List) => (Request::ContactList, show(output::contacts)),
         Command::Contact(ContactCommand::Remove { alias }) => (
             Request::ContactRemove {
                 alias: alias.clone(),
@@ -111,12 +123,12 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                     text,
                     reply_to,
                 },
-                Box::new(move |reply: &Value| output::sent(reply, &target)),
+                show(move |reply| output::sent(reply, &target)),
             )
         }
         Command::Group(GroupCommand::Create { name, members }) => (
             Request::GroupCreate { name, members },
-            Box::new(output::group_created),
+            show(output::group_created),
         ),
         Command::Group(GroupCommand::Add { group, alias }) => (
             Request::GroupAdd {
@@ -145,11 +157,11 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
             },
             done(format!("You left {group}.")),
         ),
-        Command::Group(GroupCommand::List) => (Request::GroupList, Box::new(output::groups)),
+        Command::Group(GroupCommand::List) => (Request::GroupList, show(output::groups)),
         Command::Group(GroupCommand::Members { group }) => {
-            (Request::GroupMembers { group }, Box::new(output::members))
+            (Request::GroupMembers { group }, show(output::members))
         }
-        Command::Conversations => (Request::Conversations, Box::new(output::conversations)),
+        Command::Conversations => (Request::Conversations, show(output::conversations)),
         Command::Messages(args) => {
             let ids = args.ids;
             (
@@ -158,7 +170,7 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                     limit: args.limit,
                     before: args.before,
                 },
-                Box::new(move |reply: &Value| output::messages(reply, ids)),
+                show(move |reply| output::messages(reply, ids)),
             )
         }
         Command::Edit { id, text } => (
@@ -166,11 +178,11 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                 id: id.clone(),
                 text: text.clone(),
             },
-            Box::new(|reply: &Value| output::changed(reply, "Edited")),
+            show(|reply| output::changed(reply, "Edited")),
         ),
         Command::Delete { id } => (
             Request::Delete { id: id.clone() },
-            Box::new(|reply: &Value| output::changed(reply, "Deleted")),
+            show(|reply| output::changed(reply, "Deleted")),
         ),
         Command::React { id, emoji, remove } => (
             Request::React {
@@ -178,39 +190,39 @@ fn request_for(command: Command) -> anyhow::Result<(Request, Render)> {
                 emoji: emoji.clone(),
                 remove,
             },
-            Box::new(|reply: &Value| output::changed(reply, "Reactions updated")),
+            show(|reply| output::changed(reply, "Reactions updated")),
         ),
         Command::Read { target } => (
             Request::Read {
                 target: target.clone(),
             },
-            Box::new(move |reply: &Value| output::marked_read(reply, &target)),
+            show(move |reply| output::marked_read(reply, &target)),
         ),
         Command::Presence { target } => (
             Request::Presence {
                 target: target.clone(),
             },
-            Box::new(move |reply: &Value| output::presence(reply, &target)),
+            show(move |reply| output::presence(reply, &target)),
         ),
         Command::Typing(TypingArgs { target, stop }) => (
             Request::Typing {
                 target: target.clone(),
                 typing: !stop,
             },
-            Box::new(move |reply: &Value| output::typing(reply, &target)),
+            show(move |reply| output::typing(reply, &target)),
         ),
         Command::Privacy(PrivacyArgs { presence }) => {
             let changed = presence.is_some();
             (
                 Request::Privacy { presence },
-                Box::new(move |reply: &Value| output::privacy(reply, changed)),
+                show(move |reply| output::privacy(reply, changed)),
             )
         }
-        Command::Relay(RelayCommand::List) => (Request::RelayList, Box::new(output::relays)),
-        Command::Devices(DevicesCommand::List) => (Request::DevicesList, Box::new(output::devices)),
+        Command::Relay(RelayCommand::List) => (Request::RelayList, show(output::relays)),
+        Command::Devices(DevicesCommand::List) => (Request::DevicesList, show(output::devices)),
         Command::Devices(DevicesCommand::Revoke { device_id }) => (
             Request::DevicesRevoke { device: device_id },
-            Box::new(output::revoked),
+            show(output::revoked),
         ),
         Command::Push(PushCommand::Register { url }) => (
             Request::PushRegister { url },
@@ -266,13 +278,12 @@ async fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
         if json {
             return output::out_json(&view);
         }
-        let value = serde_json::to_value(&view)?;
         return output::out(&format!(
             "Linked this device to the account of {} in {}.\n\n{}\nNext: run `weft daemon`: \
              the account's history comes from its other devices.",
             view.name,
             home.dir().display(),
-            output::id(&value)
+            output::id(view.clone())
         ));
     }
     let name = args.name.ok_or_else(|| usage("--name NAME is required"))?;
@@ -280,13 +291,12 @@ async fn init(home: &Home, args: InitArgs, json: bool) -> anyhow::Result<()> {
     if json {
         return output::out_json(&view);
     }
-    let value = serde_json::to_value(&view)?;
     output::out(&format!(
         "Created the identity of {} in {}.\n\n{}\nNext: run `weft daemon` to go online, and give \
          your invite (`weft id`) to the people you want to talk to.",
         view.name,
         home.dir().display(),
-        output::id(&value)
+        output::id(view.clone())
     ))
 }
 
@@ -302,14 +312,10 @@ async fn devices_link(home: &Home, json: bool) -> anyhow::Result<()> {
     };
     // Watch first, so that the join cannot be missed.
     watcher.watch().await.map_err(client::node_error)?;
-    let reply = client::call(home, Request::DevicesLink).await?;
-    let code = reply
-        .get("code")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("the daemon returned no code"))?
-        .to_string();
+    let reply: LinkCodeView = client::call(home, Request::DevicesLink).await?.try_into()?;
+    let code = reply.code.clone();
     if json {
-        output::out_json(&serde_json::json!({ "code": code, "expires_at": reply["expires_at"] }))?;
+        output::out_json(&reply)?;
     } else {
         let mut text = format!(
             "On the new device, run:\n\n  weft init --link {code}\n\nThe code works once, for 10 minutes.\n"
@@ -332,33 +338,30 @@ async fn devices_link(home: &Home, json: bool) -> anyhow::Result<()> {
                 return Err(client::node_error(err)).context("lost the connection to the daemon");
             }
             Ok(Ok(None)) => bail!("the daemon stopped before a device joined"),
-            Ok(Ok(Some(event))) => {
-                let value = serde_json::to_value(&event)?;
-                if value["type"] == "device" && value["event"] == "linked" {
-                    let device = value["device_id"].as_str().unwrap_or_default().to_string();
-                    return if json {
-                        output::out_json(
-                            &serde_json::json!({"event": "linked", "device_id": device}),
-                        )
-                    } else {
-                        output::out(&format!("Device {device} joined the account."))
-                    };
-                }
+            Ok(Ok(Some(Event::Device {
+                event,
+                device_id: device,
+            }))) if event == "linked" => {
+                return if json {
+                    output::out_json(&serde_json::json!({"event": "linked", "device_id": device}))
+                } else {
+                    output::out(&format!("Device {device} joined the account."))
+                };
             }
+            Ok(Ok(Some(_))) => {}
         }
     }
 }
 
 /// `weft id`: the ids, the invite and, on a terminal, its QR code.
 async fn id(home: &Home, json: bool) -> anyhow::Result<()> {
-    let reply = client::call(home, Request::Id).await?;
+    let reply: IdView = client::call(home, Request::Id).await?.try_into()?;
     if json {
         return output::out_json(&reply);
     }
-    let mut text = output::id(&reply);
-    if output::stdout_is_terminal()
-        && let Some(invite) = reply.get("invite").and_then(Value::as_str)
-    {
+    let invite = reply.invite.clone();
+    let mut text = output::id(reply);
+    if output::stdout_is_terminal() {
         // Invites are case-insensitive; upper case fits the QR code's
         // alphanumeric mode, which makes a markedly smaller code.
         match output::qr(&invite.to_ascii_uppercase()) {
@@ -395,11 +398,10 @@ async fn watch(home: &Home, json: bool) -> anyhow::Result<()> {
                     if json {
                         output::out_json(&event)?;
                     } else {
-                        let value = serde_json::to_value(&event)?;
-                        if let Some(id) = value.get("conversation").and_then(Value::as_str) {
+                        if let Some(id) = event.conversation() {
                             names.learn(home, id).await;
                         }
-                        output::out(&output::event_line(&value, &|id| names.get(id)))?;
+                        output::out(&output::event_line(&event, &|id| names.get(id)))?;
                     }
                 }
                 Err(err) => return Err(client::node_error(err))
@@ -433,9 +435,7 @@ impl ConversationNames {
         let Some(mut client) = client::connect_daemon(home).await else {
             return;
         };
-        if let Ok(reply) = client.call(&Request::Conversations).await
-            && let Ok(list) = serde_json::from_value::<Vec<ConversationView>>(reply)
-        {
+        if let Ok(Response::Conversations(list)) = client.call(&Request::Conversations).await {
             self.names.extend(list.into_iter().map(|c| (c.id, c.name)));
         }
     }
@@ -446,7 +446,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn request(args: &[&str]) -> anyhow::Result<Value> {
+    fn request(args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let cli = Cli::try_parse_from(std::iter::once("weft").chain(args.iter().copied()))?;
         let (request, _) = request_for(cli.command)?;
         Ok(serde_json::to_value(request)?)

@@ -123,8 +123,7 @@ async fn serve_until_signal(
         .await
         .map_err(client::node_error)
         .context("could not serve the control socket")?;
-    let id: IdView = serde_json::from_value(handle.call(Request::Id).await?)
-        .context("the node's id reply is malformed")?;
+    let id: IdView = handle.request(Request::Id).await?;
     let listen = listen_addrs(handle).await;
     if json {
         output::out_json(&json!({

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Map, Value, json};
-use weft_node::api::{GroupView, IdView, MessageView, Request};
+use weft_node::api::{
+    ApiError, ContactView, GroupView, IdView, MessageView, Request, Response, SendView,
+};
 use weft_node::home::Home;
 use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, NodeHandle};
 
@@ -40,24 +42,26 @@ impl std::fmt::Debug for Person {
 }
 
 impl Person {
-    async fn call(&self, request: Request) -> anyhow::Result<Value> {
+    /// Runs `request` on this person's node and takes the view it answers.
+    async fn request<T>(&self, request: Request) -> anyhow::Result<T>
+    where
+        T: TryFrom<Response, Error = ApiError>,
+    {
         within(
             &format!("{}'s node answers", self.alias),
-            self.handle.call(request),
+            self.handle.request(request),
         )
         .await?
         .with_context(|| format!("{}'s node", self.alias))
     }
 
     async fn messages(&self, target: &str) -> anyhow::Result<Vec<MessageView>> {
-        let reply = self
-            .call(Request::Messages {
-                target: target.to_string(),
-                limit: None,
-                before: None,
-            })
-            .await?;
-        Ok(serde_json::from_value(reply)?)
+        self.request(Request::Messages {
+            target: target.to_string(),
+            limit: None,
+            before: None,
+        })
+        .await
     }
 
     /// Waits until a message with this text shows in the conversation.
@@ -180,14 +184,14 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
             if me.alias == them.alias {
                 continue;
             }
-            let invite = them.call(Request::Id).await?;
-            let invite: IdView = serde_json::from_value(invite)?;
-            me.call(Request::ContactAdd {
-                invite: invite.invite,
-                name: Some(them.alias.to_string()),
-            })
-            .await
-            .with_context(|| format!("{} adding {}", me.alias, them.alias))?;
+            let invite: IdView = them.request(Request::Id).await?;
+            let _: ContactView = me
+                .request(Request::ContactAdd {
+                    invite: invite.invite,
+                    name: Some(them.alias.to_string()),
+                })
+                .await
+                .with_context(|| format!("{} adding {}", me.alias, them.alias))?;
         }
     }
     report.step(
@@ -206,8 +210,8 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
         (bob, alice, "Hi Alice, Bob here. Loud and clear!"),
     ] {
         let sent = Instant::now();
-        let reply = from
-            .call(Request::Send {
+        let reply: SendView = from
+            .request(Request::Send {
                 target: to.alias.to_string(),
                 text: text.to_string(),
                 reply_to: None,
@@ -230,13 +234,13 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     }
 
     // A group of three, in which everyone writes.
-    let created = alice
-        .call(Request::GroupCreate {
+    let group: GroupView = alice
+        .request(Request::GroupCreate {
             name: GROUP.to_string(),
             members: vec!["bob".to_string(), "carol".to_string()],
         })
-        .await?;
-    let group: GroupView = serde_json::from_value(created).context("the group reply")?;
+        .await
+        .context("the group reply")?;
     for member in [bob, carol] {
         within(
             &format!("{} learns of the group", member.alias),
@@ -257,8 +261,8 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     ];
     for (from, text) in texts {
         let sent = Instant::now();
-        let reply = from
-            .call(Request::Send {
+        let reply: SendView = from
+            .request(Request::Send {
                 target: group.id.clone(),
                 text: text.to_string(),
                 reply_to: None,
@@ -344,7 +348,7 @@ async fn start(
     .map_err(crate::client::node_error)
     .with_context(|| format!("starting {alias}'s node"))?;
     let handle = node.handle();
-    let id: IdView = serde_json::from_value(handle.call(Request::Id).await?)?;
+    let id: IdView = handle.request(Request::Id).await?;
     Ok(Person {
         alias,
         node,
@@ -367,8 +371,7 @@ async fn listen_addrs(handle: &NodeHandle) -> Vec<String> {
 /// Waits until `person` is a member of the group.
 async fn wait_for_group(person: &Person, group: &str) {
     loop {
-        if let Ok(reply) = person.call(Request::GroupList).await
-            && let Ok(groups) = serde_json::from_value::<Vec<GroupView>>(reply)
+        if let Ok(groups) = person.request::<Vec<GroupView>>(Request::GroupList).await
             && groups.iter().any(|g| g.id == group)
         {
             return;

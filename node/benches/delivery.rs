@@ -162,6 +162,7 @@ impl BenchNode {
         let what = format!("{}: {request:?}", self.name);
         deadline(&what, self.handle.call(request))
             .await?
+            .map(|response| response.to_json())
             .map_err(|e| anyhow!("{what}: {e}"))
     }
 

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use common::{DEADLINE, befriend, call, dial_addr};
 use serde_json::Value;
 use tokio::task::JoinSet;
-use weft_node::api::Request;
+use weft_node::api::{MessageView, Request};
 use weft_node::home::Home;
 use weft_node::identity::Identity;
 use weft_node::{Multiaddr, NetConfig, Node, NodeConfig, link_device};
@@ -138,15 +138,15 @@ async fn run(n: usize) -> Result<Duration> {
     let until = Instant::now() + DEADLINE;
     loop {
         let newest = p
-            .call(Request::Messages {
+            .request::<Vec<MessageView>>(Request::Messages {
                 target: "bob".into(),
                 limit: Some(1),
                 before: None,
             })
             .await
             .ok()
-            .and_then(|v| v.as_array().and_then(|a| a.first().cloned()));
-        if newest.is_some_and(|m| m["id"] == last.as_str()) {
+            .and_then(|list| list.into_iter().next());
+        if newest.is_some_and(|m| m.id == last) {
             break;
         }
         ensure!(Instant::now() < until, "the history never arrived");

@@ -19,7 +19,7 @@ mod common;
 use std::time::Duration;
 
 use common::stored_message;
-use weft_node::api::Request;
+use weft_node::api::{ConversationView, MessageView, Request};
 use weft_node::home::Home;
 use weft_node::identity::Identity;
 use weft_node::ids::{ConversationId, DeviceId, UserId};
@@ -110,24 +110,19 @@ fn main() {
         .await
         .unwrap();
         let h = node.handle();
-        let list = h.call(Request::Conversations).await.unwrap();
-        let ids: Vec<String> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["id"].as_str().unwrap().to_string())
-            .collect();
+        let list: Vec<ConversationView> = h.request(Request::Conversations).await.unwrap();
+        let ids: Vec<String> = list.into_iter().map(|c| c.id).collect();
         assert_eq!(ids.len() as u64, convs);
         for id in &ids {
-            let page = h
-                .call(Request::Messages {
+            let page: Vec<MessageView> = h
+                .request(Request::Messages {
                     target: id.clone(),
                     limit: Some(50),
                     before: None,
                 })
                 .await
                 .unwrap();
-            assert_eq!(page.as_array().unwrap().len(), 50.min(per_conv as usize));
+            assert_eq!(page.len(), 50.min(per_conv as usize));
         }
         tokio::time::sleep(if bench {
             Duration::from_secs(3)

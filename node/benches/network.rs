@@ -53,7 +53,7 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, Swarm, noise, tcp, yamux};
 use tokio::sync::{broadcast, mpsc};
-use weft_node::api::{Event, Request};
+use weft_node::api::{Event, IdView, MessageView, Request, SendView};
 use weft_node::home::Home;
 use weft_node::identity::Identity;
 use weft_node::{NetConfig, Node, NodeConfig, NodeHandle};
@@ -171,8 +171,8 @@ async fn listen_addr(handle: &NodeHandle) -> Multiaddr {
 }
 
 async fn add_contact(me: &NodeHandle, other: &NodeHandle, name: &str) {
-    let id = other.call(Request::Id).await.unwrap();
-    let invite = id["invite"].as_str().unwrap().to_string();
+    let id: IdView = other.request(Request::Id).await.unwrap();
+    let invite = id.invite;
     me.call(Request::ContactAdd {
         invite,
         name: Some(name.into()),
@@ -296,9 +296,9 @@ async fn weft_run(plan: &Plan, baselines: &mut [BareApp; 2]) -> WeftRun {
     let mut warm = 0;
     let mut steady = 0;
     while steady < 20 {
-        let reply = alice
+        let reply: SendView = alice
             .handle
-            .call(send_request(text("warm", warm)))
+            .request(send_request(text("warm", warm)))
             .await
             .unwrap();
         let got = next_arrival(
@@ -309,7 +309,7 @@ async fn weft_run(plan: &Plan, baselines: &mut [BareApp; 2]) -> WeftRun {
             Instant::now() + Duration::from_secs(2),
         )
         .await;
-        if got.is_some() && reply["status"] == "sent" {
+        if got.is_some() && reply.status == "sent" {
             steady += 1;
         }
         warm += 1;
@@ -457,8 +457,8 @@ async fn throughput(
         }
     }
     // Cross-check with what bob stored.
-    let stored_msgs = bob
-        .call(Request::Messages {
+    let stored_msgs: Vec<MessageView> = bob
+        .request(Request::Messages {
             target: "alice".into(),
             limit: Some(10_000),
             before: None,
@@ -466,8 +466,8 @@ async fn throughput(
         .await
         .unwrap();
     let mut seen = HashMap::new();
-    for m in stored_msgs.as_array().into_iter().flatten() {
-        if let Some(seq) = m["text"].as_str().and_then(|t| seq_of(t, "tput")) {
+    for m in &stored_msgs {
+        if let Some(seq) = seq_of(&m.text, "tput") {
             *seen.entry(seq).or_insert(0usize) += 1;
         }
     }

@@ -1,6 +1,7 @@
-//! The local JSON API: requests a client (the `weft` CLI, scripts) sends
-//! to a node, the views it gets back, and the events `watch` streams. The
-//! field names are the contract of ../shared/spec/cli.md.
+//! The local API: requests a client (the `weft` CLI, scripts, tests) sends
+//! to a node, the typed [`Response`] it gets back, and the events `watch`
+//! streams. In process they are Rust values; JSON appears only on the
+//! control socket, where the field names are the contract of docs/cli.md.
 //!
 //! On the control socket each request is one JSON line; each answer is one
 //! JSON line `{"ok":true,"data":...}` or `{"ok":false,"error":{...}}`; a
@@ -329,6 +330,216 @@ pub struct MemberView {
     pub devices: usize,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkCodeView {
+    /// The one-time code a new device joins with (`weft init --link`).
+    pub code: String,
+    /// When the code stops working (unix ms).
+    pub expires_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device_id: String,
+    pub peer_id: String,
+    /// When the device was certified (unix ms).
+    pub created_at: i64,
+    /// Whether it is the device answering.
+    pub current: bool,
+    pub connected: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedView {
+    pub device_id: String,
+    pub revoked: bool,
+    /// Conversations that got a fresh key because of it.
+    pub conversations_rekeyed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftView {
+    pub conversation: String,
+    pub left: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadView {
+    pub conversation: String,
+    pub unread: u32,
+    /// Messages newly marked read.
+    pub read: u64,
+    pub receipts_sent: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypingView {
+    pub conversation: String,
+    pub typing: bool,
+    /// Devices told.
+    pub told: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushView {
+    /// The endpoint now registered (`None` after `unregister`).
+    pub push: Option<String>,
+    /// Connected relays sent the new registration.
+    pub relays_told: u64,
+}
+
+/// The answer to a [`Request`]: one variant per shape of answer. On the
+/// control socket it is the reply's `data`, serialized without a tag;
+/// [`Response::from_json`] reads it back knowing the request it answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    Id(IdView),
+    Status(StatusView),
+    /// `contact_add`, `contact_remove`, `contact_block`, `contact_unblock`.
+    Contact(ContactView),
+    Contacts(Vec<ContactView>),
+    Sent(SendView),
+    Group(GroupView),
+    Groups(Vec<GroupView>),
+    /// `group_members`, and the membership after `group_add`,
+    /// `group_remove` and `group_admin`.
+    Members(Vec<MemberView>),
+    Left(LeftView),
+    Conversations(Vec<ConversationView>),
+    Messages(Vec<MessageView>),
+    /// The message after `edit`, `delete` or `react`.
+    Message(MessageView),
+    Read(ReadView),
+    LinkCode(LinkCodeView),
+    Devices(Vec<DeviceView>),
+    Revoked(RevokedView),
+    Presence(PresenceView),
+    Typing(TypingView),
+    Relays(Vec<RelayView>),
+    Push(PushView),
+    Privacy(PrivacyView),
+    /// `watch` was accepted: events follow on the stream.
+    Watching,
+}
+
+impl Response {
+    /// Reads the `data` of a control-socket reply to `request`.
+    pub fn from_json(request: &Request, data: serde_json::Value) -> serde_json::Result<Self> {
+        use serde_json::from_value as view;
+        Ok(match request {
+            Request::Id => Self::Id(view(data)?),
+            Request::Status => Self::Status(view(data)?),
+            Request::ContactAdd { .. }
+            | Request::ContactRemove { .. }
+            | Request::ContactBlock { .. }
+            | Request::ContactUnblock { .. } => Self::Contact(view(data)?),
+            Request::ContactList => Self::Contacts(view(data)?),
+            Request::Send { .. } => Self::Sent(view(data)?),
+            Request::GroupCreate { .. } => Self::Group(view(data)?),
+            Request::GroupList => Self::Groups(view(data)?),
+            Request::GroupAdd { .. }
+            | Request::GroupRemove { .. }
+            | Request::GroupAdmin { .. }
+            | Request::GroupMembers { .. } => Self::Members(view(data)?),
+            Request::GroupLeave { .. } => Self::Left(view(data)?),
+            Request::Conversations => Self::Conversations(view(data)?),
+            Request::Messages { .. } => Self::Messages(view(data)?),
+            Request::Edit { .. } | Request::Delete { .. } | Request::React { .. } => {
+                Self::Message(view(data)?)
+            }
+            Request::Read { .. } => Self::Read(view(data)?),
+            Request::DevicesLink => Self::LinkCode(view(data)?),
+            Request::DevicesList => Self::Devices(view(data)?),
+            Request::DevicesRevoke { .. } => Self::Revoked(view(data)?),
+            Request::Presence { .. } => Self::Presence(view(data)?),
+            Request::Typing { .. } => Self::Typing(view(data)?),
+            Request::RelayList => Self::Relays(view(data)?),
+            Request::PushRegister { .. } | Request::PushUnregister => Self::Push(view(data)?),
+            Request::Privacy { .. } => Self::Privacy(view(data)?),
+            Request::Watch => Self::Watching,
+        })
+    }
+
+    /// The answer as the JSON of the contract (the control socket's `data`).
+    pub fn to_json(&self) -> serde_json::Value {
+        // Every view is plain data with string keys: serializing cannot fail.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The name of this shape of answer, for errors.
+    fn shape(&self) -> &'static str {
+        match self {
+            Self::Id(_) => "id",
+            Self::Status(_) => "status",
+            Self::Contact(_) => "contact",
+            Self::Contacts(_) => "contacts",
+            Self::Sent(_) => "sent",
+            Self::Group(_) => "group",
+            Self::Groups(_) => "groups",
+            Self::Members(_) => "members",
+            Self::Left(_) => "left",
+            Self::Conversations(_) => "conversations",
+            Self::Messages(_) => "messages",
+            Self::Message(_) => "message",
+            Self::Read(_) => "read",
+            Self::LinkCode(_) => "link code",
+            Self::Devices(_) => "devices",
+            Self::Revoked(_) => "revoked",
+            Self::Presence(_) => "presence",
+            Self::Typing(_) => "typing",
+            Self::Relays(_) => "relays",
+            Self::Push(_) => "push",
+            Self::Privacy(_) => "privacy",
+            Self::Watching => "watching",
+        }
+    }
+}
+
+/// `let id: IdView = handle.request(Request::Id).await?`: each view is
+/// taken out of the variant that carries it.
+macro_rules! response_views {
+    ($($variant:ident => $view:ty),* $(,)?) => {$(
+        impl TryFrom<Response> for $view {
+            type Error = ApiError;
+            fn try_from(response: Response) -> Result<Self, ApiError> {
+                match response {
+                    Response::$variant(view) => Ok(view),
+                    other => Err(ApiError::failed(format!(
+                        "the node answered with {} where {} was expected",
+                        other.shape(),
+                        stringify!($view)
+                    ))),
+                }
+            }
+        }
+    )*};
+}
+
+response_views! {
+    Id => IdView,
+    Status => StatusView,
+    Contact => ContactView,
+    Contacts => Vec<ContactView>,
+    Sent => SendView,
+    Group => GroupView,
+    Groups => Vec<GroupView>,
+    Members => Vec<MemberView>,
+    Left => LeftView,
+    Conversations => Vec<ConversationView>,
+    Messages => Vec<MessageView>,
+    Message => MessageView,
+    Read => ReadView,
+    LinkCode => LinkCodeView,
+    Devices => Vec<DeviceView>,
+    Revoked => RevokedView,
+    Presence => PresenceView,
+    Typing => TypingView,
+    Relays => Vec<RelayView>,
+    Push => PushView,
+    Privacy => PrivacyView,
+}
+
 /// What `watch` streams. `type` names the kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -374,6 +585,19 @@ pub enum Event {
     Peer { peer_id: String, connected: bool },
     /// A device joined this account (`event` is `linked`).
     Device { event: String, device_id: String },
+}
+
+impl Event {
+    /// The conversation the event is about, if any.
+    pub fn conversation(&self) -> Option<&str> {
+        match self {
+            Self::Message(m) | Self::Updated(m) => Some(&m.conversation),
+            Self::Status { conversation, .. }
+            | Self::Typing { conversation, .. }
+            | Self::Member { conversation, .. } => Some(conversation),
+            Self::Presence { .. } | Self::Peer { .. } | Self::Device { .. } => None,
+        }
+    }
 }
 
 #[cfg(test)]

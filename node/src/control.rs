@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 
-use crate::api::{ApiError, Event, MAX_REQUEST_BYTES, Reply, Request};
+use crate::api::{ApiError, Event, MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::node::{NodeError, NodeHandle};
 
 /// Most clients served at once; more wait in the kernel's backlog.
@@ -210,9 +210,9 @@ async fn serve_client(
             return stream_events(events, &mut w).await;
         }
         let reply = match handle.call(request).await {
-            Ok(data) => Reply {
+            Ok(response) => Reply {
                 ok: true,
-                data: Some(data),
+                data: Some(response.to_json()),
                 error: None,
             },
             Err(e) => Reply {
@@ -265,7 +265,7 @@ impl ControlClient {
         serde_json::from_slice(&line).map_err(|e| NodeError::Protocol(e.to_string()))
     }
 
-    pub async fn call(&mut self, request: &Request) -> Result<serde_json::Value, ApiError> {
+    pub async fn call(&mut self, request: &Request) -> Result<Response, ApiError> {
         let sent = write_line(&mut self.writer, request).await;
         // A daemon that refuses us says why and hangs up, maybe before we
         // are done writing: its reason beats our broken pipe.
@@ -275,7 +275,11 @@ impl ControlClient {
             (Ok(()), Err(e)) => return Err(e.into()),
         };
         match (reply.ok, reply.data, reply.error) {
-            (true, data, _) => Ok(data.unwrap_or(serde_json::Value::Null)),
+            (true, data, _) => {
+                Response::from_json(request, data.unwrap_or(serde_json::Value::Null)).map_err(|e| {
+                    ApiError::failed(format!("the daemon's answer does not read: {e}"))
+                })
+            }
             (false, _, Some(e)) => Err(e),
             (false, _, None) => Err(ApiError::failed("daemon reported an unspecified error")),
         }

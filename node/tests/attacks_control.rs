@@ -152,7 +152,7 @@ async fn another_uid_cannot_use_the_control_socket() {
 
     // The owner is still served.
     let mut client = ControlClient::connect(&home.socket_path()).await.unwrap();
-    let id = client.call(&Request::Id).await.unwrap();
+    let id = client.call(&Request::Id).await.unwrap().to_json();
     assert_eq!(id["name"], "Alice");
     server.stop();
     alice.stop().await;
@@ -218,7 +218,7 @@ async fn a_home_others_can_enter_is_refused() {
     let node = Node::start(NodeConfig::new(home.dir(), None))
         .await
         .unwrap();
-    let id = node.handle().call(Request::Id).await.unwrap();
+    let id = node.handle().call(Request::Id).await.unwrap().to_json();
     assert_eq!(id["user_id"], created.user_id.as_str());
     node.shutdown().await.unwrap();
 

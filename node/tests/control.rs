@@ -70,7 +70,7 @@ async fn malformed_requests_get_clear_errors() {
 
     // The node still serves.
     let mut client = ControlClient::connect(&home.socket_path()).await.unwrap();
-    let id = client.call(&Request::Id).await.unwrap();
+    let id = client.call(&Request::Id).await.unwrap().to_json();
     assert_eq!(id["name"], "Alice");
     server.stop();
     node.shutdown().await.unwrap();

@@ -189,7 +189,7 @@ async fn replay(
         tokio::task::yield_now().await;
     }
     let mut out = Vec::new();
-    let convs = handle.call(Request::Conversations).await.unwrap();
+    let convs = handle.call(Request::Conversations).await.unwrap().to_json();
     for conv in convs.as_array().unwrap() {
         let id = conv["id"].as_str().unwrap().to_string();
         let ms = handle
@@ -199,7 +199,8 @@ async fn replay(
                 before: None,
             })
             .await
-            .unwrap();
+            .unwrap()
+            .to_json();
         out.push((id, history(ms.as_array().unwrap())));
     }
     node.shutdown().await.unwrap();

@@ -475,7 +475,7 @@ async fn a_read_receipt_before_the_read_position_still_clears_the_unread_count()
     let unread = |node: &TestNode| {
         let (node, conv) = (node.handle.clone(), conv.clone());
         async move {
-            let l = node.call(Request::Conversations).await.unwrap();
+            let l = node.call(Request::Conversations).await.unwrap().to_json();
             let carol = l
                 .as_array()
                 .and_then(|cs| cs.iter().find(|c| c["id"] == conv.as_str()));

@@ -14,12 +14,14 @@ use weft_node::{Multiaddr, NodeHandle};
 
 pub const DEADLINE: Duration = Duration::from_secs(300);
 
-/// Runs a request, failing after [`DEADLINE`].
+/// Runs a request, failing after [`DEADLINE`]; the answer as the
+/// contract's JSON.
 pub async fn call(h: &NodeHandle, request: Request) -> Result<Value> {
     let what = format!("{request:?}");
     tokio::time::timeout(DEADLINE, h.call(request))
         .await
         .map_err(|_| anyhow!("timed out: {what}"))?
+        .map(|response| response.to_json())
         .map_err(|e| anyhow!("{what}: {e}"))
 }
 

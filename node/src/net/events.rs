@@ -277,7 +277,7 @@ impl NetworkTask {
                 ..
             }) => {
                 if let Some(reply) = self.pending_direct.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Direct(error.to_string())));
+                    let _ = reply.send(Err(NetError::Direct(error)));
                 }
             }
             BehaviourEvent::Mailbox(request_response::Event::Message { peer, message, .. }) => {
@@ -315,7 +315,7 @@ impl NetworkTask {
                 ..
             }) => {
                 if let Some(reply) = self.pending_mailbox.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Direct(error.to_string())));
+                    let _ = reply.send(Err(NetError::Direct(error)));
                 }
             }
             BehaviourEvent::RelayClient(event) => match event {

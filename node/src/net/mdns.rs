@@ -26,7 +26,7 @@ impl Mdns {
         tcp_port: u16,
         commands: mpsc::Sender<NetCommand>,
     ) -> Result<Self, NetError> {
-        let err = |e: mdns_sd::Error| NetError::Mdns(e.to_string());
+        let err = NetError::Mdns;
         let daemon = ServiceDaemon::new().map_err(err)?;
         let me = peer_id.to_string();
         // DNS labels are at most 63 bytes; a peer id is 52 characters.

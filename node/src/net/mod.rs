@@ -64,15 +64,15 @@ pub const EVENT_CAPACITY: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("bad listen address {0}: {1}")]
-    Listen(Multiaddr, String),
+    Listen(Multiaddr, #[source] libp2p::TransportError<std::io::Error>),
     #[error("transport setup failed: {0}")]
     Transport(String),
     #[error("direct request failed: {0}")]
-    Direct(String),
+    Direct(#[source] libp2p::request_response::OutboundFailure),
     #[error("the network task has stopped")]
     Stopped,
     #[error("mDNS failed: {0}")]
-    Mdns(String),
+    Mdns(#[from] mdns_sd::Error),
 }
 
 /// How a connected peer was found.

@@ -45,7 +45,7 @@ pub fn spawn(
     for addr in &config.listen {
         let id = swarm
             .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+            .map_err(|e| NetError::Listen(addr.clone(), e))?;
         listeners.push(id);
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);

@@ -25,6 +25,7 @@ mod conversations;
 mod devices;
 mod directory;
 mod effects;
+mod error;
 mod expiry;
 mod groups;
 mod handouts;
@@ -52,8 +53,7 @@ use effects::{
 };
 
 use super::Settings;
-use crate::api::{ApiError, Event, MemberView};
-use crate::crypto::CryptoError;
+use crate::api::{ApiError, Event, MemberView, PeerView, Response, StatusView};
 use crate::crypto::envelope::Envelope;
 use crate::group::{GroupRole, GroupState};
 use crate::hlc::{Clock, Hlc};
@@ -62,6 +62,7 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, RoutingTag, Us
 use crate::net::{NetCommand, NetStatus};
 use crate::routing::Routing;
 use crate::store::{ConversationKind, Db, Role, Store, StoreError};
+pub(super) use error::EngineError;
 
 /// Most inputs handled in one transaction.
 const BATCH: usize = 256;
@@ -166,8 +167,8 @@ enum Effect {
     Net(NetCommand),
     Event(Event),
     Reply(
-        oneshot::Sender<Result<serde_json::Value, ApiError>>,
-        Result<serde_json::Value, ApiError>,
+        oneshot::Sender<Result<Response, ApiError>>,
+        Result<Response, EngineError>,
     ),
     Direct {
         peer: PeerId,
@@ -361,27 +362,7 @@ struct State<'s, 'd> {
     account_merged: bool,
 }
 
-type ApiResult = Result<serde_json::Value, ApiError>;
-
-fn to_value<T: Serialize>(v: &T) -> ApiResult {
-    serde_json::to_value(v).map_err(|e| ApiError::failed(e.to_string()))
-}
-
-fn store_err(e: crate::store::StoreError) -> ApiError {
-    ApiError::failed(format!("storage: {e}"))
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        store_err(e)
-    }
-}
-
-impl From<CryptoError> for ApiError {
-    fn from(e: CryptoError) -> Self {
-        ApiError::failed(format!("crypto: {e}"))
-    }
-}
+type EngineResult<T> = Result<T, EngineError>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum GroupOp {
@@ -414,9 +395,9 @@ fn direct_routing(
 }
 
 /// The routing tag a conversation's envelopes carry now.
-fn routing_tag_of(conv: &Conv) -> Result<RoutingTag, ApiError> {
+fn routing_tag_of(conv: &Conv) -> Result<RoutingTag, EngineError> {
     conv.tag.ok_or_else(|| {
-        ApiError::failed(
+        EngineError::failed(
             "this conversation was made under protocol 1 and takes no new messages: exchange new invites (one-to-one) or make a new group",
         )
     })
@@ -432,8 +413,8 @@ fn tag_slot(tag: &RoutingTag) -> ConversationId {
 }
 
 /// 32 bytes from the OS's random number generator.
-fn fresh_key() -> Result<[u8; 32], ApiError> {
-    random_bytes().map_err(|e| ApiError::failed(e.to_string()))
+fn fresh_key() -> Result<[u8; 32], EngineError> {
+    Ok(random_bytes()?)
 }
 
 fn member_views(g: &GroupState) -> Vec<MemberView> {
@@ -449,22 +430,15 @@ fn member_views(g: &GroupState) -> Vec<MemberView> {
 }
 
 /// Adds the network's part to a status reply.
-pub(super) fn fill_status(value: &mut serde_json::Value, status: &NetStatus) {
-    let listen: Vec<String> = status.listen.iter().map(|a| a.to_string()).collect();
-    let peers: Vec<crate::api::PeerView> = status
+pub(super) fn fill_status(view: &mut StatusView, status: &NetStatus) {
+    view.listen = status.listen.iter().map(|a| a.to_string()).collect();
+    view.peers = status
         .peers
         .iter()
-        .map(|p| crate::api::PeerView {
+        .map(|p| PeerView {
             peer_id: p.peer_id.to_string(),
             source: p.source.as_str().to_string(),
             addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
         })
         .collect();
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("listen".into(), serde_json::json!(listen));
-        obj.insert(
-            "peers".into(),
-            serde_json::to_value(peers).unwrap_or_default(),
-        );
-    }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::api::{ApiError, Event, Request};
+use crate::api::{ApiError, Event, Request, Response};
 use crate::home::Home;
 use crate::net::{NetConfig, NetHandle};
 
@@ -118,7 +118,7 @@ pub(crate) enum Command {
         request: Request,
         /// This node's listen addresses, for invites.
         listen: Vec<Multiaddr>,
-        reply: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+        reply: oneshot::Sender<Result<Response, ApiError>>,
     },
     /// Envelopes from outside the network task (a relay mailbox, a test):
     /// validated and stored like directly sent ones. Replies how many were
@@ -144,8 +144,8 @@ impl NodeHandle {
         self.peer_id
     }
 
-    /// Runs one API request; returns its reply's data.
-    pub async fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+    /// Runs one API request.
+    pub async fn call(&self, request: Request) -> Result<Response, ApiError> {
         let listen = match (&request, &self.net) {
             (Request::Id | Request::Status | Request::DevicesLink, Some(_)) => {
                 self.listen_addrs().await
@@ -165,13 +165,22 @@ impl NodeHandle {
             })
             .await
             .map_err(|_| ApiError::from(NodeError::Stopped))?;
-        let mut value = rx.await.map_err(|_| ApiError::from(NodeError::Stopped))??;
-        if let Some(status) = status_peers {
+        let mut response = rx.await.map_err(|_| ApiError::from(NodeError::Stopped))??;
+        if let (Some(status), Response::Status(view)) = (status_peers, &mut response) {
             // The engine fills what it owns; the network's part is added here
             // so the engine never waits on the network task.
-            engine::fill_status(&mut value, &status);
+            engine::fill_status(view, &status);
         }
-        Ok(value)
+        Ok(response)
+    }
+
+    /// Runs one API request and takes its answer as the view it carries:
+    /// `let id: IdView = handle.request(Request::Id).await?`.
+    pub async fn request<T>(&self, request: Request) -> Result<T, ApiError>
+    where
+        T: TryFrom<Response, Error = ApiError>,
+    {
+        self.call(request).await?.try_into()
     }
 
     /// Hands the node envelopes that came another way (a relay mailbox, a

@@ -195,11 +195,14 @@ impl TestNode {
             .unwrap()
     }
 
+    /// Runs `req` and gives its answer as the contract's JSON (what the
+    /// control socket would send), which the tests assert on.
     pub async fn call(&self, req: Request) -> Value {
         self.handle
             .call(req.clone())
             .await
             .unwrap_or_else(|e| panic!("{}: {req:?} failed: {e}", self.name))
+            .to_json()
     }
 
     pub async fn invite(&self) -> String {
@@ -256,7 +259,7 @@ impl TestNode {
                 limit: Some(10_000),
                 before: None,
             };
-            if let Ok(v) = self.handle.call(req).await
+            if let Ok(v) = self.handle.call(req).await.map(|r| r.to_json())
                 && v.as_array()
                     .is_some_and(|ms| ms.iter().any(|m| m["text"] == text))
             {
@@ -269,7 +272,7 @@ impl TestNode {
                     before: None,
                 });
                 let have = match call.await {
-                    Ok(v) => v.to_string(),
+                    Ok(v) => v.to_json().to_string(),
                     Err(e) => format!("({e})"),
                 };
                 panic!(
@@ -295,7 +298,7 @@ impl TestNode {
                 limit: Some(10_000),
                 before: None,
             };
-            if let Ok(v) = self.handle.call(req).await
+            if let Ok(v) = self.handle.call(req).await.map(|r| r.to_json())
                 && let Some(ms) = v.as_array()
                 && check(ms)
             {

@@ -17,13 +17,13 @@ use std::collections::{HashMap, HashSet};
 
 use weft_crdt::{AccountState, CrdtError, Inspected};
 
-use crate::api::ApiError;
 use crate::ids::{ConversationId, DeviceId, UserId};
 use crate::node::now_ms;
 use crate::payload::Payload;
 use crate::payload::{AccountChange, MAX_CHANGE_BYTES};
 use crate::store::{ConversationRecord, Db, PendingAnnotation, Role, meta};
 
+use super::EngineError;
 use super::{Ack, Conv, Share, State};
 use crate::node::NodeError;
 
@@ -89,8 +89,8 @@ pub(super) fn seed_account(
     Ok(())
 }
 
-fn crdt_failed(e: CrdtError) -> ApiError {
-    ApiError::failed(format!("account state: {e}"))
+fn crdt_failed(e: CrdtError) -> EngineError {
+    EngineError::failed(format!("account state: {e}"))
 }
 
 /// The account's private state (loaded when first needed), whether it
@@ -107,7 +107,7 @@ pub(super) struct AccountCache {
 
 impl State<'_, '_> {
     /// The account document, loaded if needed.
-    fn account(&mut self) -> Result<&mut AccountState, ApiError> {
+    fn account(&mut self) -> Result<&mut AccountState, EngineError> {
         if self.e.account.doc.is_none() {
             let conv = account_conversation(&self.e.my_user);
             let device = self.e.my_device.0;
@@ -121,17 +121,16 @@ impl State<'_, '_> {
             .account
             .doc
             .as_mut()
-            .ok_or_else(|| ApiError::failed("account state vanished"))
+            .ok_or_else(|| EngineError::failed("account state vanished"))
     }
 
     /// The account's own conversation, created (hidden) if new.
-    fn ensure_account_conversation(&mut self) -> Result<Conv, ApiError> {
+    fn ensure_account_conversation(&mut self) -> Result<Conv, EngineError> {
         let id = account_conversation(&self.e.my_user);
         if let Some(conv) = self.e.convs.get(&id) {
             return Ok(conv.clone());
         }
-        let (record, conv) = new_account_conversation(&self.e.identity)
-            .map_err(|e| ApiError::failed(e.to_string()))?;
+        let (record, conv) = new_account_conversation(&self.e.identity)?;
         self.db.insert_conversation(&record)?;
         self.db
             .set_members(&id, &[(self.e.my_user, Role::Member)])?;
@@ -145,7 +144,7 @@ impl State<'_, '_> {
     pub(super) fn change_account(
         &mut self,
         change: impl FnOnce(&mut AccountState) -> Result<Option<Vec<u8>>, CrdtError>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let Some(bytes) = change(self.account()?).map_err(crdt_failed)? else {
             return Ok(());
         };
@@ -194,7 +193,7 @@ impl State<'_, '_> {
         device: DeviceId,
         inspected: Inspected,
         a: &AccountChange,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let doc = self.account()?;
         if !doc.doc().has_deps_given(&inspected, &HashSet::new()) {
             // It builds on changes not here yet: kept on disk until they are.
@@ -247,7 +246,7 @@ impl State<'_, '_> {
     }
 
     /// Merges a whole document (from a history page).
-    pub(super) fn merge_account(&mut self, saved: &[u8]) -> Result<(), ApiError> {
+    pub(super) fn merge_account(&mut self, saved: &[u8]) -> Result<(), EngineError> {
         self.account()?
             .doc()
             .merge_saved(saved)
@@ -258,7 +257,7 @@ impl State<'_, '_> {
     }
 
     /// The saved document, for a history page.
-    pub(super) fn account_bytes(&mut self) -> Result<Vec<u8>, ApiError> {
+    pub(super) fn account_bytes(&mut self) -> Result<Vec<u8>, EngineError> {
         Ok(self.account()?.save())
     }
 
@@ -293,7 +292,7 @@ impl State<'_, '_> {
 
     /// Makes contacts, blocks, privacy and read positions in the store
     /// what the merged document says.
-    fn materialize_account(&mut self) -> Result<(), ApiError> {
+    fn materialize_account(&mut self) -> Result<(), EngineError> {
         let view = self.account()?.view();
         // Contacts the document no longer has go; those it has come in
         // from their invites.

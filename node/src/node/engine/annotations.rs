@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 
 use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations};
 
-use crate::api::{ApiError, Event};
+use crate::api::{Event, MessageView};
 use crate::hlc::Hlc;
 use crate::identity::random_bytes;
 use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
@@ -28,7 +28,8 @@ use crate::payload::{Annotate, EditText, MAX_CHANGE_BYTES};
 use crate::payload::{MAX_TEXT_BYTES, Payload};
 use crate::store::{MessageRecord, PendingAnnotation};
 
-use super::{Ack, ApiResult, Conv, Effect, State, to_value};
+use super::EngineError;
+use super::{Ack, Conv, Effect, EngineResult, State};
 
 /// Shards kept loaded (each is saved when changed, so any may go).
 pub(super) const SHARD_CACHE: usize = 64;
@@ -77,10 +78,10 @@ fn reaction_touches(change: &weft_crdt::Inspected) -> Option<Vec<(String, UserId
     Some(out)
 }
 
-fn crdt_err(e: CrdtError) -> ApiError {
+fn crdt_err(e: CrdtError) -> EngineError {
     match e {
-        CrdtError::Refused(why) => ApiError::usage(why),
-        other => ApiError::failed(other.to_string()),
+        CrdtError::Refused(why) => EngineError::usage(why),
+        other => EngineError::failed(other.to_string()),
     }
 }
 
@@ -107,7 +108,7 @@ pub(super) struct ShardCache {
 
 impl State<'_, '_> {
     /// The shard, loaded from the store (or new) if not cached.
-    fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, ApiError> {
+    fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, EngineError> {
         if !self.e.shards.loaded.contains_key(&id) {
             if self.e.shards.loaded.len() >= SHARD_CACHE {
                 // Saved already (dirty ones are saved before eviction).
@@ -125,7 +126,7 @@ impl State<'_, '_> {
             .shards
             .loaded
             .get_mut(&id)
-            .ok_or_else(|| ApiError::failed("shard vanished"))
+            .ok_or_else(|| EngineError::failed("shard vanished"))
     }
 
     /// Writes the shards changed in this batch (before its commit).
@@ -147,25 +148,27 @@ impl State<'_, '_> {
     }
 
     /// A message of this user's, for changing it.
-    fn message_for_change(&mut self, id: &str) -> Result<(MessageRecord, Conv), ApiError> {
+    fn message_for_change(&mut self, id: &str) -> Result<(MessageRecord, Conv), EngineError> {
         let id = id
             .parse::<MessageId>()
-            .map_err(|_| ApiError::usage(format!("not a message id: {id}")))?;
+            .map_err(|_| EngineError::usage(format!("not a message id: {id}")))?;
         let m = self
             .db
             .message(&id)?
-            .ok_or_else(|| ApiError::usage(format!("no such message: {id}")))?;
+            .ok_or_else(|| EngineError::usage(format!("no such message: {id}")))?;
         if m.deleted {
-            return Err(ApiError::usage("the message is deleted"));
+            return Err(EngineError::usage("the message is deleted"));
         }
         let conv = self
             .e
             .convs
             .get(&m.conversation)
             .cloned()
-            .ok_or_else(|| ApiError::failed("the message's conversation is gone"))?;
+            .ok_or_else(|| EngineError::failed("the message's conversation is gone"))?;
         if !conv.active {
-            return Err(ApiError::usage("you are no longer a member of this group"));
+            return Err(EngineError::usage(
+                "you are no longer a member of this group",
+            ));
         }
         Ok((m, conv))
     }
@@ -179,23 +182,23 @@ impl State<'_, '_> {
     }
 
     /// `weft edit MSGID TEXT`.
-    pub(super) fn edit_message(&mut self, id: &str, text: String) -> ApiResult {
+    pub(super) fn edit_message(&mut self, id: &str, text: String) -> EngineResult<MessageView> {
         if text.len() > MAX_TEXT_BYTES {
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "the text is {} bytes; the limit is {MAX_TEXT_BYTES}",
                 text.len()
             )));
         }
         if text.trim().is_empty() {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "the text is empty (delete the message instead)",
             ));
         }
         let (m, conv) = self.message_for_change(id)?;
         if m.sender_user != self.e.my_user {
-            return Err(ApiError::usage("only the sender may edit a message"));
+            return Err(EngineError::usage("only the sender may edit a message"));
         }
-        let edit_id: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
+        let edit_id: [u8; 16] = random_bytes()?;
         let hlc = self.e.clock.now(now_ms().max(0) as u64);
         let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let change = self
@@ -214,10 +217,10 @@ impl State<'_, '_> {
     }
 
     /// `weft delete MSGID`.
-    pub(super) fn delete_message(&mut self, id: &str) -> ApiResult {
+    pub(super) fn delete_message(&mut self, id: &str) -> EngineResult<MessageView> {
         let (m, conv) = self.message_for_change(id)?;
         if m.sender_user != self.e.my_user && !Self::is_admin(&conv, &self.e.my_user) {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "only the sender, or an admin of the group, may delete a message",
             ));
         }
@@ -227,7 +230,7 @@ impl State<'_, '_> {
     }
 
     /// `weft react MSGID EMOJI [--remove]`.
-    pub(super) fn react(&mut self, id: &str, emoji: &str, on: bool) -> ApiResult {
+    pub(super) fn react(&mut self, id: &str, emoji: &str, on: bool) -> EngineResult<MessageView> {
         let (m, conv) = self.message_for_change(id)?;
         let shard_id = shard_id_of(&conv.id, m.epoch, m.hlc);
         let me = self.e.my_user;
@@ -238,7 +241,7 @@ impl State<'_, '_> {
             .any(|(u, e)| *u == me && e == emoji);
         if already == on {
             // Nothing to change: say how it is.
-            return to_value(&self.message_view(&m, false)?);
+            return self.message_view(&m, false);
         }
         let change = self
             .shard(shard_id)?
@@ -257,7 +260,7 @@ impl State<'_, '_> {
         change: Vec<u8>,
         edit: Option<EditText>,
         deleting: bool,
-    ) -> ApiResult {
+    ) -> EngineResult<MessageView> {
         self.e.shards.dirty.insert(shard_id);
         let payload = Payload::Annotate(Annotate {
             message: m.id,
@@ -269,7 +272,7 @@ impl State<'_, '_> {
         self.send_envelope(conv, &env, conv.key_epoch, counter, early, Ack::Publish)?;
         self.materialize(shard_id, &m.id, deleting)?;
         let m = self.db.message(&m.id)?.unwrap_or_else(|| m.clone());
-        to_value(&self.message_view(&m, false)?)
+        self.message_view(&m, false)
     }
 
     /// A member's change arrived (chain-sealed, authenticated as `device`
@@ -514,7 +517,7 @@ impl State<'_, '_> {
         &mut self,
         shard_id: ShardId,
         mut touched: Vec<(MessageId, String, UserId, String)>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         touched.sort_unstable_by(|a, b| (a.0.0, &a.1).cmp(&(b.0.0, &b.1)));
         touched.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         let mut changed: Vec<MessageId> = Vec::new();
@@ -595,7 +598,7 @@ impl State<'_, '_> {
         shard_id: ShardId,
         message: &MessageId,
         deleting: bool,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let ann: MessageAnnotations = self.shard(shard_id)?.message(&message.0);
         let mut changed = false;
         if ann.deleted {

@@ -4,13 +4,14 @@
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 
-use crate::api::{ApiError, ConversationView, GroupView, IdView, MessageView, Request, StatusView};
+use crate::api::{ConversationView, GroupView, IdView, MessageView, Request, Response, StatusView};
 use crate::ids::{MessageId, UserId};
 use crate::store::{ConversationKind, MessageRecord};
 
+use super::EngineError;
 use super::{
-    ApiResult, Effect, GroupOp, Input, Internal, State, Verdict, Via, account, member_views,
-    role_name, run_effects, to_value,
+    Effect, EngineResult, GroupOp, Input, Internal, State, Verdict, Via, account, member_views,
+    role_name, run_effects,
 };
 use crate::node::Command;
 
@@ -81,9 +82,13 @@ impl State<'_, '_> {
         }
     }
 
-    pub(super) fn api(&mut self, request: Request, listen: Vec<Multiaddr>) -> ApiResult {
+    pub(super) fn api(
+        &mut self,
+        request: Request,
+        listen: Vec<Multiaddr>,
+    ) -> EngineResult<Response> {
         match request {
-            Request::Id => self.id(listen),
+            Request::Id => self.id(listen).map(Response::Id),
             Request::Status => {
                 let view = StatusView {
                     peer_id: self.e.identity.peer_id().to_string(),
@@ -99,39 +104,51 @@ impl State<'_, '_> {
                     online: self.e.net_online,
                     outbox: self.db.outbox_len()?,
                 };
-                to_value(&view)
+                Ok(Response::Status(view))
             }
-            Request::ContactAdd { invite, name } => self.contact_add(&invite, name.as_deref()),
+            Request::ContactAdd { invite, name } => self
+                .contact_add(&invite, name.as_deref())
+                .map(Response::Contact),
             Request::ContactList => {
                 let mut out = Vec::new();
                 for c in self.db.contacts()? {
                     out.push(self.contact_view(&c)?);
                 }
-                to_value(&out)
+                Ok(Response::Contacts(out))
             }
             Request::ContactRemove { alias } => {
                 let c = self.contact(&alias)?;
                 self.db.remove_contact(&c.user_id)?;
                 self.e.directory.blocked.remove(&c.user_id);
                 self.change_account(|a| a.remove_contact(&c.user_id.0))?;
-                to_value(&self.contact_view(&c)?)
+                self.contact_view(&c).map(Response::Contact)
             }
-            Request::ContactBlock { alias } => self.set_blocked(&alias, true),
-            Request::ContactUnblock { alias } => self.set_blocked(&alias, false),
+            Request::ContactBlock { alias } => {
+                self.set_blocked(&alias, true).map(Response::Contact)
+            }
+            Request::ContactUnblock { alias } => {
+                self.set_blocked(&alias, false).map(Response::Contact)
+            }
             Request::Send {
                 target,
                 text,
                 reply_to,
-            } => self.send(&target, text, reply_to.as_deref()),
-            Request::GroupCreate { name, members } => self.group_create(&name, &members),
-            Request::GroupAdd { group, member } => self.group_change(&group, &member, GroupOp::Add),
-            Request::GroupRemove { group, member } => {
-                self.group_change(&group, &member, GroupOp::Remove)
+            } => self
+                .send(&target, text, reply_to.as_deref())
+                .map(Response::Sent),
+            Request::GroupCreate { name, members } => {
+                self.group_create(&name, &members).map(Response::Group)
             }
-            Request::GroupAdmin { group, member } => {
-                self.group_change(&group, &member, GroupOp::Admin)
-            }
-            Request::GroupLeave { group } => self.group_leave(&group),
+            Request::GroupAdd { group, member } => self
+                .group_change(&group, &member, GroupOp::Add)
+                .map(Response::Members),
+            Request::GroupRemove { group, member } => self
+                .group_change(&group, &member, GroupOp::Remove)
+                .map(Response::Members),
+            Request::GroupAdmin { group, member } => self
+                .group_change(&group, &member, GroupOp::Admin)
+                .map(Response::Members),
+            Request::GroupLeave { group } => self.group_leave(&group).map(Response::Left),
             Request::GroupList => {
                 let mut out = Vec::new();
                 for conv in self
@@ -156,15 +173,15 @@ impl State<'_, '_> {
                     });
                 }
                 out.sort_by(|a, b| a.name.cmp(&b.name));
-                to_value(&out)
+                Ok(Response::Groups(out))
             }
             Request::GroupMembers { group } => {
                 let conv = self.group(&group)?;
                 let g = conv
                     .group
                     .as_ref()
-                    .ok_or_else(|| ApiError::failed("group has no state"))?;
-                to_value(&member_views(g))
+                    .ok_or_else(|| EngineError::failed("group has no state"))?;
+                Ok(Response::Members(member_views(g)))
             }
             Request::Conversations => {
                 let mut out = Vec::new();
@@ -181,7 +198,7 @@ impl State<'_, '_> {
                         last_message_at: r.last_message_at_ms,
                     });
                 }
-                to_value(&out)
+                Ok(Response::Conversations(out))
             }
             Request::Messages {
                 target,
@@ -192,7 +209,7 @@ impl State<'_, '_> {
                 let before = match before {
                     Some(b) => Some(
                         b.parse::<MessageId>()
-                            .map_err(|_| ApiError::usage(format!("not a message id: {b}")))?,
+                            .map_err(|_| EngineError::usage(format!("not a message id: {b}")))?,
                     ),
                     None => None,
                 };
@@ -202,25 +219,35 @@ impl State<'_, '_> {
                 for r in &records {
                     out.push(self.message_view(r, true)?);
                 }
-                to_value(&out)
+                Ok(Response::Messages(out))
             }
             Request::Read { target } => {
                 let conv = self.resolve(&target)?;
-                self.mark_read(conv)
+                self.mark_read(conv).map(Response::Read)
             }
-            Request::DevicesLink => self.devices_link(listen),
-            Request::DevicesList => self.devices_list(),
-            Request::DevicesRevoke { device } => self.devices_revoke(&device),
-            Request::Edit { id, text } => self.edit_message(&id, text),
-            Request::Delete { id } => self.delete_message(&id),
-            Request::React { id, emoji, remove } => self.react(&id, &emoji, !remove),
-            Request::Presence { target } => self.presence_of(&target),
-            Request::Typing { target, typing } => self.send_typing(&target, typing),
-            Request::Privacy { presence } => self.privacy(presence.as_deref()),
-            Request::RelayList => self.relay_list(),
-            Request::PushRegister { url } => self.push_register(Some(url)),
-            Request::PushUnregister => self.push_register(None),
-            Request::Watch => Err(ApiError::usage("watch is a stream: use the control socket")),
+            Request::DevicesLink => self.devices_link(listen).map(Response::LinkCode),
+            Request::DevicesList => self.devices_list().map(Response::Devices),
+            Request::DevicesRevoke { device } => {
+                self.devices_revoke(&device).map(Response::Revoked)
+            }
+            Request::Edit { id, text } => self.edit_message(&id, text).map(Response::Message),
+            Request::Delete { id } => self.delete_message(&id).map(Response::Message),
+            Request::React { id, emoji, remove } => {
+                self.react(&id, &emoji, !remove).map(Response::Message)
+            }
+            Request::Presence { target } => self.presence_of(&target).map(Response::Presence),
+            Request::Typing { target, typing } => {
+                self.send_typing(&target, typing).map(Response::Typing)
+            }
+            Request::Privacy { presence } => {
+                self.privacy(presence.as_deref()).map(Response::Privacy)
+            }
+            Request::RelayList => self.relay_list().map(Response::Relays),
+            Request::PushRegister { url } => self.push_register(Some(url)).map(Response::Push),
+            Request::PushUnregister => self.push_register(None).map(Response::Push),
+            Request::Watch => Err(EngineError::usage(
+                "watch is a stream: use the control socket",
+            )),
         }
     }
 
@@ -246,11 +273,11 @@ impl State<'_, '_> {
             })
     }
 
-    pub(super) fn id(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+    pub(super) fn id(&mut self, listen: Vec<Multiaddr>) -> EngineResult<IdView> {
         let peer = self.e.identity.peer_id();
         let addrs = self.reachable_at(listen);
         let invite = self.account_invite(addrs)?;
-        to_value(&IdView {
+        Ok(IdView {
             user_id: self.e.my_user.to_string(),
             device_id: self.e.my_device.to_string(),
             peer_id: peer.to_string(),
@@ -279,7 +306,7 @@ impl State<'_, '_> {
         &self,
         r: &MessageRecord,
         with_receipts: bool,
-    ) -> Result<MessageView, ApiError> {
+    ) -> Result<MessageView, EngineError> {
         let conv = self.e.convs.get(&r.conversation);
         let outgoing = r.sender_user == self.e.my_user;
         let (receipts, progress) = match conv {

@@ -6,17 +6,18 @@ use std::collections::{HashMap, HashSet};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
-use crate::api::{ApiError, ContactView};
+use crate::api::ContactView;
 use crate::identity::{DeviceCertificate, Invite, peer_id_of};
 use crate::ids::{ConversationId, UserId};
 use crate::net::{NetCommand, PeerSource};
 use crate::node::now_ms;
 use crate::store::{Binding, Contact, ConversationKind, ConversationRecord, Role};
 
-use super::{ApiResult, Conv, Effect, State, direct_routing, store_err, to_value};
+use super::EngineError;
+use super::{Conv, Effect, EngineResult, State, direct_routing};
 
 impl State<'_, '_> {
-    pub(super) fn contact(&self, alias: &str) -> Result<Contact, ApiError> {
+    pub(super) fn contact(&self, alias: &str) -> Result<Contact, EngineError> {
         if let Some(c) = self.db.contact_by_alias(alias)? {
             return Ok(c);
         }
@@ -25,10 +26,10 @@ impl State<'_, '_> {
         {
             return Ok(c);
         }
-        Err(ApiError::usage(format!("unknown contact: {alias}")))
+        Err(EngineError::usage(format!("unknown contact: {alias}")))
     }
 
-    pub(super) fn contact_view(&self, c: &Contact) -> Result<ContactView, ApiError> {
+    pub(super) fn contact_view(&self, c: &Contact) -> Result<ContactView, EngineError> {
         Ok(ContactView {
             alias: c.alias.clone(),
             user_id: c.user_id.to_string(),
@@ -41,7 +42,7 @@ impl State<'_, '_> {
         })
     }
 
-    pub(super) fn set_blocked(&mut self, alias: &str, blocked: bool) -> ApiResult {
+    pub(super) fn set_blocked(&mut self, alias: &str, blocked: bool) -> EngineResult<ContactView> {
         let c = self.contact(alias)?;
         self.db.set_blocked(&c.user_id, blocked)?;
         if blocked {
@@ -51,35 +52,43 @@ impl State<'_, '_> {
         }
         self.change_account(|a| a.block(&c.user_id.0, blocked))?;
         let c = self.contact(alias)?;
-        to_value(&self.contact_view(&c)?)
+        self.contact_view(&c)
     }
 
     /// `weft contact add`: the contact, and the account's other devices
     /// told.
-    pub(super) fn contact_add(&mut self, text: &str, alias: Option<&str>) -> ApiResult {
+    pub(super) fn contact_add(
+        &mut self,
+        text: &str,
+        alias: Option<&str>,
+    ) -> EngineResult<ContactView> {
         let invite =
-            Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
+            Invite::decode(text).map_err(|e| EngineError::usage(format!("invalid invite: {e}")))?;
         let alias = alias.unwrap_or(&invite.name).trim().to_string();
         let contact = self.import_contact(text, &alias)?;
         self.change_account(|a| {
             a.add_contact(&contact.user_id.0, &contact.alias, &contact.invite)
         })?;
-        to_value(&self.contact_view(&contact)?)
+        self.contact_view(&contact)
     }
 
     /// Adds a contact from an invite under `alias`, learns its devices and
     /// addresses, and opens the direct conversation.
-    pub(super) fn import_contact(&mut self, text: &str, alias: &str) -> Result<Contact, ApiError> {
+    pub(super) fn import_contact(
+        &mut self,
+        text: &str,
+        alias: &str,
+    ) -> Result<Contact, EngineError> {
         let invite =
-            Invite::decode(text).map_err(|e| ApiError::usage(format!("invalid invite: {e}")))?;
+            Invite::decode(text).map_err(|e| EngineError::usage(format!("invalid invite: {e}")))?;
         if invite.user == self.e.my_user {
-            return Err(ApiError::usage("that is your own invite"));
+            return Err(EngineError::usage("that is your own invite"));
         }
         let alias = alias.trim().to_string();
         crate::identity::validate_name(&alias)
-            .map_err(|_| ApiError::usage("alias must be 1 to 64 printable bytes"))?;
+            .map_err(|_| EngineError::usage("alias must be 1 to 64 printable bytes"))?;
         if alias.parse::<UserId>().is_ok() || alias.parse::<ConversationId>().is_ok() {
-            return Err(ApiError::usage("alias must not look like an id"));
+            return Err(EngineError::usage("alias must not look like an id"));
         }
         let now = now_ms();
         let contact = Contact {
@@ -91,10 +100,10 @@ impl State<'_, '_> {
         };
         self.db.insert_contact(&contact).map_err(|e| match e {
             crate::store::StoreError::AliasTaken(a) => {
-                ApiError::usage(format!("alias {a} is taken: pick another with --name"))
+                EngineError::usage(format!("alias {a} is taken: pick another with --name"))
             }
-            crate::store::StoreError::AlreadyContact => ApiError::usage("already a contact"),
-            e => store_err(e),
+            crate::store::StoreError::AlreadyContact => EngineError::usage("already a contact"),
+            e => EngineError::Store(e),
         })?;
         self.db.upsert_user(&invite.user, &invite.name, now)?;
         for cert in &invite.devices {
@@ -135,10 +144,11 @@ impl State<'_, '_> {
         Ok(contact)
     }
 
-    pub(super) fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
-        cert.verify().map_err(|e| ApiError::usage(e.to_string()))?;
+    pub(super) fn learn_device(&mut self, cert: &DeviceCertificate) -> Result<(), EngineError> {
+        cert.verify()
+            .map_err(|e| EngineError::usage(e.to_string()))?;
         if let Binding::OtherUser(owner) = self.bind_device(cert)? {
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "device {} of this invite is known here as a device of {owner}",
                 cert.device
             )));
@@ -151,19 +161,19 @@ impl State<'_, '_> {
         &mut self,
         user: &UserId,
         name: &str,
-    ) -> Result<ConversationId, ApiError> {
+    ) -> Result<ConversationId, EngineError> {
         let id = ConversationId::direct(&self.e.my_user, user);
         if let Some(conv) = self.e.convs.get(&id) {
             // Never a group that took the id: its members would read on.
             if conv.kind != ConversationKind::Direct {
-                return Err(ApiError::failed(
+                return Err(EngineError::failed(
                     "a group holds the id of this one-to-one conversation",
                 ));
             }
             return Ok(id);
         }
         let Some(routing) = direct_routing(&self.e.identity, self.db, user)? else {
-            return Err(ApiError::failed(format!(
+            return Err(EngineError::failed(format!(
                 "no protocol 2 certificate of {name} is known here: add their new invite (weft contact add)"
             )));
         };
@@ -182,7 +192,7 @@ impl State<'_, '_> {
 
     /// Gives a one-to-one conversation made under protocol 1 its routing
     /// secret once a protocol 2 certificate of the other user is known.
-    pub(super) fn upgrade_direct_routing(&mut self, user: &UserId) -> Result<(), ApiError> {
+    pub(super) fn upgrade_direct_routing(&mut self, user: &UserId) -> Result<(), EngineError> {
         let id = ConversationId::direct(&self.e.my_user, user);
         let Some(conv) = self.e.convs.get(&id) else {
             return Ok(());

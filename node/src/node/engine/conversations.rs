@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
-use crate::api::ApiError;
 use crate::identity::{DeviceCertificate, peer_id_of};
 use crate::ids::{ConversationId, DeviceId, RoutingTag, UserId};
 use crate::net::NetCommand;
 use crate::store::ConversationKind;
 
+use super::EngineError;
 use super::{Conv, Effect, ROUTING_TAGS_CACHE, Recipients, State, account, tag_slot};
 
 /// Conversations by gossip topic and routing tag, who is subscribed to
@@ -76,7 +76,7 @@ impl State<'_, '_> {
     pub(super) fn conversation_of_tag(
         &mut self,
         tag: &RoutingTag,
-    ) -> Result<Option<ConversationId>, ApiError> {
+    ) -> Result<Option<ConversationId>, EngineError> {
         if let Some(conv) = self.e.topics.by_tag.get(tag) {
             return Ok(Some(*conv));
         }
@@ -118,7 +118,7 @@ impl State<'_, '_> {
 
     /// Resolves TARGET: a contact alias, a group name, a user id or a
     /// conversation id.
-    pub(super) fn resolve(&mut self, target: &str) -> Result<ConversationId, ApiError> {
+    pub(super) fn resolve(&mut self, target: &str) -> Result<ConversationId, EngineError> {
         if let Some(c) = self.db.contact_by_alias(target)? {
             return self.ensure_direct(&c.user_id, &c.alias);
         }
@@ -133,14 +133,14 @@ impl State<'_, '_> {
             1 => return Ok(groups[0]),
             0 => {}
             n => {
-                return Err(ApiError::usage(format!(
+                return Err(EngineError::usage(format!(
                     "{n} groups are named {target}: use the conversation id (weft group list)"
                 )));
             }
         }
         if let Ok(user) = target.parse::<UserId>() {
             if user == self.e.my_user {
-                return Err(ApiError::usage("that is your own user id"));
+                return Err(EngineError::usage("that is your own user id"));
             }
             if let Some(c) = self.db.contact(&user)? {
                 return self.ensure_direct(&user, &c.alias);
@@ -149,7 +149,7 @@ impl State<'_, '_> {
             if self.e.convs.contains_key(&id) {
                 return Ok(id);
             }
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "user {target} is not a contact: add their invite first"
             )));
         }
@@ -159,30 +159,32 @@ impl State<'_, '_> {
         {
             return Ok(id);
         }
-        Err(ApiError::usage(format!(
+        Err(EngineError::usage(format!(
             "unknown contact, group or conversation: {target}"
         )))
     }
 
-    pub(super) fn group(&mut self, target: &str) -> Result<Conv, ApiError> {
+    pub(super) fn group(&mut self, target: &str) -> Result<Conv, EngineError> {
         let id = self.resolve(target)?;
         match self.e.convs.get(&id) {
             Some(c) if c.kind == ConversationKind::Group => Ok(c.clone()),
-            _ => Err(ApiError::usage(format!("{target} is not a group"))),
+            _ => Err(EngineError::usage(format!("{target} is not a group"))),
         }
     }
 
     /// TARGET's conversation, which this user must still be a member of.
-    pub(super) fn active_conversation(&mut self, target: &str) -> Result<Conv, ApiError> {
+    pub(super) fn active_conversation(&mut self, target: &str) -> Result<Conv, EngineError> {
         let id = self.resolve(target)?;
         let conv = self
             .e
             .convs
             .get(&id)
             .cloned()
-            .ok_or_else(|| ApiError::failed("conversation vanished"))?;
+            .ok_or_else(|| EngineError::failed("conversation vanished"))?;
         if !conv.active {
-            return Err(ApiError::usage("you are no longer a member of this group"));
+            return Err(EngineError::usage(
+                "you are no longer a member of this group",
+            ));
         }
         Ok(conv)
     }
@@ -202,7 +204,7 @@ impl State<'_, '_> {
 
     /// Member devices of a conversation other than this one, with their DH
     /// keys.
-    pub(super) fn recipients(&mut self, conv: &Conv) -> Result<Arc<Recipients>, ApiError> {
+    pub(super) fn recipients(&mut self, conv: &Conv) -> Result<Arc<Recipients>, EngineError> {
         let fingerprint = (
             conv.key_epoch,
             conv.group
@@ -232,7 +234,7 @@ impl State<'_, '_> {
     pub(super) fn compute_recipients(
         &self,
         conv: &Conv,
-    ) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
+    ) -> Result<Vec<(DeviceId, [u8; 32])>, EngineError> {
         let mut out = Vec::new();
         if let Some(g) = &conv.group {
             for m in &g.members {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 
-use crate::api::{ApiError, Event};
+use crate::api::{DeviceView, Event, LinkCodeView, RevokedView};
 use crate::crypto::chain::SendingChain;
 use crate::crypto::envelope::Envelope;
 use crate::identity::{DeviceCertificate, Revocation, peer_id_of, random_bytes};
@@ -17,7 +17,8 @@ use crate::node::now_ms;
 use crate::payload::Payload;
 use crate::store::{Binding, meta};
 
-use super::{Ack, ApiResult, Conv, DirectResponse, Effect, MAX_REVOKED, State, Verdict, to_value};
+use super::EngineError;
+use super::{Ack, Conv, DirectResponse, Effect, EngineResult, MAX_REVOKED, State, Verdict};
 
 /// How long a revoked device keeps its gossip topics, to hear that it is
 /// revoked (it can open nothing new meanwhile: chains moved on).
@@ -67,18 +68,18 @@ impl State<'_, '_> {
     }
 
     /// `weft devices link`: a one-time code for a new device.
-    pub(super) fn devices_link(&mut self, listen: Vec<Multiaddr>) -> ApiResult {
+    pub(super) fn devices_link(&mut self, listen: Vec<Multiaddr>) -> EngineResult<LinkCodeView> {
         if !self.e.identity.holds_user_key() {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "this device does not hold the account's user key: link from the first device",
             ));
         }
         if !self.e.net_online {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "start the daemon first: it answers the new device",
             ));
         }
-        let secret: [u8; 16] = random_bytes().map_err(|e| ApiError::failed(e.to_string()))?;
+        let secret: [u8; 16] = random_bytes()?;
         let now = now_ms();
         self.e.linking.codes.retain(|c| c.expires_at_ms > now);
         if self.e.linking.codes.len() >= MAX_LINK_CODES {
@@ -97,10 +98,10 @@ impl State<'_, '_> {
             addrs,
             secret,
         };
-        to_value(&serde_json::json!({
-            "code": code.encode(),
-            "expires_at": expires_at_ms,
-        }))
+        Ok(LinkCodeView {
+            code: code.encode(),
+            expires_at: expires_at_ms,
+        })
     }
 
     /// A new device asks to join with a code.
@@ -120,14 +121,13 @@ impl State<'_, '_> {
         };
         // One use only.
         self.e.linking.codes.remove(at);
-        let grant = (|| -> Result<LinkGrant, ApiError> {
+        let grant = (|| -> Result<LinkGrant, EngineError> {
             let cert = self
                 .e
                 .identity
-                .certify(&req.device, req.dh, req.consent, now)
-                .map_err(|e| ApiError::failed(e.to_string()))?;
+                .certify(&req.device, req.dh, req.consent, now)?;
             if let Binding::OtherUser(owner) = self.bind_device(&cert)? {
-                return Err(ApiError::failed(format!(
+                return Err(EngineError::failed(format!(
                     "the device is known here as a device of {owner}"
                 )));
             }
@@ -156,7 +156,7 @@ impl State<'_, '_> {
     }
 
     /// This account's devices' certificates (this one first).
-    fn my_certificates(&mut self) -> Result<Vec<DeviceCertificate>, ApiError> {
+    fn my_certificates(&mut self) -> Result<Vec<DeviceCertificate>, EngineError> {
         let mut certs = vec![self.e.identity.certificate().clone()];
         for d in self.db.devices_of_user(&self.e.my_user)? {
             if d.device_id != self.e.my_device
@@ -171,23 +171,23 @@ impl State<'_, '_> {
 
     /// An invite naming every device of the account. A device without
     /// the user key shows the one it was given when linked.
-    pub(super) fn account_invite(&mut self, addrs: Vec<String>) -> Result<String, ApiError> {
+    pub(super) fn account_invite(&mut self, addrs: Vec<String>) -> Result<String, EngineError> {
         if !self.e.identity.holds_user_key() {
             return self
                 .db
                 .get_meta(meta::ACCOUNT_INVITE)?
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| ApiError::failed("this linked device has no account invite"));
+                .ok_or_else(|| EngineError::failed("this linked device has no account invite"));
         }
         let certs = self.my_certificates()?;
         self.e
             .identity
             .invite(self.e.name.as_str(), certs, addrs, now_ms())
-            .map_err(|e| ApiError::failed(e.to_string()))
+            .map_err(EngineError::from)
     }
 
     /// Tells every conversation which devices this account has.
-    fn announce_devices(&mut self) -> Result<(), ApiError> {
+    fn announce_devices(&mut self) -> Result<(), EngineError> {
         let certs = self.my_certificates()?;
         let convs = self.active_convs();
         for conv in convs {
@@ -211,7 +211,7 @@ impl State<'_, '_> {
         env: &Envelope,
         conv_id: ConversationId,
         certs: Vec<DeviceCertificate>,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let Some(sender) = self.db.device(&env.header.sender)? else {
             // From a device we do not know yet: its own messages will say.
             return Ok(Verdict::Ignore);
@@ -252,7 +252,10 @@ impl State<'_, '_> {
     /// Hands this device's current sending chains to a device learned
     /// later, in every conversation its user is in: it reads what this
     /// device sends from now on.
-    pub(super) fn share_chains_with(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
+    pub(super) fn share_chains_with(
+        &mut self,
+        cert: &DeviceCertificate,
+    ) -> Result<(), EngineError> {
         let convs: Vec<Conv> = self
             .e
             .convs
@@ -285,7 +288,7 @@ impl State<'_, '_> {
     /// and applies a revocation that was waiting for that device from that
     /// account. `Binding::OtherUser`: it belongs to another account here,
     /// and nothing changed.
-    pub(super) fn bind_device(&mut self, cert: &DeviceCertificate) -> Result<Binding, ApiError> {
+    pub(super) fn bind_device(&mut self, cert: &DeviceCertificate) -> Result<Binding, EngineError> {
         let binding = self
             .db
             .bind_device(&cert.device, &cert.user, &cert.to_bytes())?;
@@ -307,7 +310,7 @@ impl State<'_, '_> {
     // ---- revocation ---------------------------------------------------
 
     /// Whether a device was revoked by its account.
-    pub(super) fn is_revoked(&self, device: &DeviceId) -> Result<bool, ApiError> {
+    pub(super) fn is_revoked(&self, device: &DeviceId) -> Result<bool, EngineError> {
         if self.e.directory.revoked.contains(device) {
             return Ok(true);
         }
@@ -319,9 +322,9 @@ impl State<'_, '_> {
     }
 
     /// Refuses to send from a device its account revoked.
-    pub(super) fn check_not_revoked(&self) -> Result<(), ApiError> {
+    pub(super) fn check_not_revoked(&self) -> Result<(), EngineError> {
         if self.e.directory.revoked.contains(&self.e.my_device) {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "this device was revoked by its account: it can no longer send",
             ));
         }
@@ -331,48 +334,44 @@ impl State<'_, '_> {
     /// `weft devices revoke DEVICE_ID`: signs the revocation with the user
     /// key, starts new sending chains wherever the device could read, and
     /// tells every conversation (and the device itself).
-    pub(super) fn devices_revoke(&mut self, which: &str) -> ApiResult {
+    pub(super) fn devices_revoke(&mut self, which: &str) -> EngineResult<RevokedView> {
         if !self.e.identity.holds_user_key() {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "only the account's first device holds the user key: revoke from there",
             ));
         }
         let device = self.own_device_named(which)?;
         if device == self.e.my_device {
-            return Err(ApiError::usage(
+            return Err(EngineError::usage(
                 "this device holds the account's user key and cannot revoke itself",
             ));
         }
-        let revocation = self
-            .e
-            .identity
-            .revoke(&device, now_ms())
-            .map_err(|e| ApiError::failed(e.to_string()))?;
+        let revocation = self.e.identity.revoke(&device, now_ms())?;
         let rekeyed = self.apply_revocation(&revocation)?;
         self.announce_revocation(&revocation)?;
-        to_value(&serde_json::json!({
-            "device_id": device.to_string(),
-            "revoked": true,
-            "conversations_rekeyed": rekeyed,
-        }))
+        Ok(RevokedView {
+            device_id: device.to_string(),
+            revoked: true,
+            conversations_rekeyed: rekeyed as u64,
+        })
     }
 
     /// One of this account's devices, by its id or a unique prefix of it.
-    fn own_device_named(&mut self, which: &str) -> Result<DeviceId, ApiError> {
+    fn own_device_named(&mut self, which: &str) -> Result<DeviceId, EngineError> {
         let which = which.trim();
         if let Ok(id) = which.parse::<DeviceId>() {
             return match self.db.device(&id)? {
                 Some(d) if d.user_id == self.e.my_user && d.revoked => {
-                    Err(ApiError::usage("that device is already revoked"))
+                    Err(EngineError::usage("that device is already revoked"))
                 }
                 Some(d) if d.user_id == self.e.my_user => Ok(id),
-                _ => Err(ApiError::usage(
+                _ => Err(EngineError::usage(
                     "not a device of this account (see weft devices list)",
                 )),
             };
         }
         if which.len() < MIN_DEVICE_PREFIX {
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "give the device id, or at least its first {MIN_DEVICE_PREFIX} characters"
             )));
         }
@@ -384,10 +383,10 @@ impl State<'_, '_> {
             .collect();
         match matching.as_slice() {
             [one] => Ok(*one),
-            [] => Err(ApiError::usage(format!(
+            [] => Err(EngineError::usage(format!(
                 "no device of this account starts with {which} (see weft devices list)"
             ))),
-            _ => Err(ApiError::usage(format!(
+            _ => Err(EngineError::usage(format!(
                 "{which} names more than one device: give more of the id"
             ))),
         }
@@ -396,7 +395,7 @@ impl State<'_, '_> {
     /// Applies a verified revocation: the device is refused from now on,
     /// nothing more is sent to it, and every conversation it could read
     /// gets new sending chains. Returns how many conversations.
-    pub(super) fn apply_revocation(&mut self, rev: &Revocation) -> Result<usize, ApiError> {
+    pub(super) fn apply_revocation(&mut self, rev: &Revocation) -> Result<usize, EngineError> {
         if rev.device == self.e.my_device && rev.user == self.e.my_user {
             // This device's own row, so that its revocation is recorded.
             let me = self.e.identity.certificate().clone();
@@ -445,7 +444,7 @@ impl State<'_, '_> {
     /// Moves this device to a new sending chain in a conversation. The new
     /// chain is made, and handed to the member devices there are then, by
     /// the next message sent there.
-    fn rekey(&mut self, id: &ConversationId) -> Result<(), ApiError> {
+    fn rekey(&mut self, id: &ConversationId) -> Result<(), EngineError> {
         let Some(conv) = self.e.convs.get_mut(id) else {
             return Ok(());
         };
@@ -458,7 +457,7 @@ impl State<'_, '_> {
     }
 
     /// Tells every conversation, and the revoked device, of a revocation.
-    fn announce_revocation(&mut self, rev: &Revocation) -> Result<(), ApiError> {
+    fn announce_revocation(&mut self, rev: &Revocation) -> Result<(), EngineError> {
         let revoked_dh = self
             .db
             .device(&rev.device)?
@@ -481,7 +480,7 @@ impl State<'_, '_> {
         env: &Envelope,
         conv_id: ConversationId,
         rev: Revocation,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let Some(sender) = self.db.device(&env.header.sender)? else {
             return Ok(Verdict::Ignore);
         };
@@ -506,7 +505,7 @@ impl State<'_, '_> {
             // nobody can lock out a device by naming it first.
             None => {
                 let bytes =
-                    postcard::to_stdvec(&rev).map_err(|e| ApiError::failed(e.to_string()))?;
+                    postcard::to_stdvec(&rev).map_err(|e| EngineError::failed(e.to_string()))?;
                 self.db.add_pending_revocation(
                     &rev.user,
                     &rev.device,
@@ -520,17 +519,17 @@ impl State<'_, '_> {
     }
 
     /// `weft devices list`.
-    pub(super) fn devices_list(&mut self) -> ApiResult {
+    pub(super) fn devices_list(&mut self) -> EngineResult<Vec<DeviceView>> {
         let mut out = Vec::new();
         for cert in self.my_certificates()? {
-            out.push(serde_json::json!({
-                "device_id": cert.device.to_string(),
-                "peer_id": peer_id_of(&cert.device).to_string(),
-                "created_at": cert.created_at_ms,
-                "current": cert.device == self.e.my_device,
-                "connected": self.e.connected.contains(&peer_id_of(&cert.device)),
-            }));
+            out.push(DeviceView {
+                device_id: cert.device.to_string(),
+                peer_id: peer_id_of(&cert.device).to_string(),
+                created_at: cert.created_at_ms,
+                current: cert.device == self.e.my_device,
+                connected: self.e.connected.contains(&peer_id_of(&cert.device)),
+            });
         }
-        Ok(serde_json::Value::Array(out))
+        Ok(out)
     }
 }

@@ -152,7 +152,8 @@ pub(super) fn run_effects(outlets: &Outlets, fx: Vec<Effect>) {
                 let _ = outlets.events.send(ev);
             }
             Effect::Reply(reply, result) => {
-                let _ = reply.send(result);
+                // The one place an engine error becomes the user's.
+                let _ = reply.send(result.map_err(ApiError::from));
             }
             Effect::DirectReply(reply, bytes) => {
                 let _ = reply.send(bytes);

@@ -14,12 +14,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::api::ApiError;
 use crate::crypto::chain::ReceivingChain;
 use crate::ids::{ConversationId, DeviceId};
 use crate::node::now_ms;
 use crate::store::meta;
 
+use super::EngineError;
 use super::State;
 
 /// Longest time between passes.
@@ -61,7 +61,7 @@ impl State<'_, '_> {
         }
     }
 
-    fn expire_keys_now(&mut self, now: i64, max_age: Duration) -> Result<(), ApiError> {
+    fn expire_keys_now(&mut self, now: i64, max_age: Duration) -> Result<(), EngineError> {
         // The pass works on the store: what moved on in this batch is
         // written first, and the cache is read again afterwards.
         self.save_chains();

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::api::{ApiError, Event, GroupView};
+use crate::api::{Event, GroupView, LeftView, MemberView};
 use crate::group::{GroupMember, GroupRole, GroupState};
 use crate::identity::{DeviceCertificate, random_bytes};
 use crate::ids::{ConversationId, DeviceId, UserId};
@@ -13,9 +13,8 @@ use crate::node::now_ms;
 use crate::payload::Payload;
 use crate::store::{Binding, ConversationKind, ConversationRecord, Role};
 
-use super::{
-    Ack, ApiResult, Conv, Effect, GroupOp, State, fresh_key, member_views, role_of, to_value,
-};
+use super::EngineError;
+use super::{Ack, Conv, Effect, EngineResult, GroupOp, State, fresh_key, member_views, role_of};
 
 impl State<'_, '_> {
     pub(super) fn me_as_member(&self, role: GroupRole) -> GroupMember {
@@ -27,10 +26,10 @@ impl State<'_, '_> {
         }
     }
 
-    pub(super) fn contact_as_member(&self, alias: &str) -> Result<GroupMember, ApiError> {
+    pub(super) fn contact_as_member(&self, alias: &str) -> Result<GroupMember, EngineError> {
         let c = self.contact(alias)?;
         if c.blocked {
-            return Err(ApiError::usage(format!("{alias} is blocked")));
+            return Err(EngineError::usage(format!("{alias} is blocked")));
         }
         let mut devices = Vec::new();
         for d in self.db.devices_of_user(&c.user_id)? {
@@ -40,7 +39,7 @@ impl State<'_, '_> {
         }
         devices.truncate(crate::identity::MAX_DEVICES);
         if devices.is_empty() {
-            return Err(ApiError::failed(format!("no known device for {alias}")));
+            return Err(EngineError::failed(format!("no known device for {alias}")));
         }
         Ok(GroupMember {
             user: c.user_id,
@@ -50,13 +49,15 @@ impl State<'_, '_> {
         })
     }
 
-    pub(super) fn group_create(&mut self, name: &str, members: &[String]) -> ApiResult {
+    pub(super) fn group_create(
+        &mut self,
+        name: &str,
+        members: &[String],
+    ) -> EngineResult<GroupView> {
         crate::identity::validate_name(name)
-            .map_err(|_| ApiError::usage("group name must be 1 to 64 printable bytes"))?;
+            .map_err(|_| EngineError::usage("group name must be 1 to 64 printable bytes"))?;
         let mut state = GroupState {
-            id: ConversationId::new_group(
-                random_bytes().map_err(|e| ApiError::failed(e.to_string()))?,
-            ),
+            id: ConversationId::new_group(random_bytes()?),
             name: name.to_string(),
             epoch: 1,
             members: vec![self.me_as_member(GroupRole::Admin)],
@@ -68,7 +69,9 @@ impl State<'_, '_> {
                 state.members.push(m);
             }
         }
-        state.check().map_err(|e| ApiError::usage(e.to_string()))?;
+        state
+            .check()
+            .map_err(|e| EngineError::usage(e.to_string()))?;
         let routing = state.routing();
         let record = ConversationRecord {
             id: state.id,
@@ -86,7 +89,7 @@ impl State<'_, '_> {
         self.db.insert_conversation(&record)?;
         let conv = self.apply_group(&state, &[])?;
         self.announce_group(&conv, &state, &[])?;
-        to_value(&GroupView {
+        Ok(GroupView {
             id: state.id.to_string(),
             name: state.name.clone(),
             members: state.members.len(),
@@ -99,22 +102,29 @@ impl State<'_, '_> {
     pub(super) fn active_group(
         &mut self,
         group: &str,
-    ) -> Result<(Conv, Arc<GroupState>), ApiError> {
+    ) -> Result<(Conv, Arc<GroupState>), EngineError> {
         let conv = self.group(group)?;
         let current = conv
             .group
             .clone()
-            .ok_or_else(|| ApiError::failed("group has no state"))?;
+            .ok_or_else(|| EngineError::failed("group has no state"))?;
         if !conv.active {
-            return Err(ApiError::usage("you are no longer a member of this group"));
+            return Err(EngineError::usage(
+                "you are no longer a member of this group",
+            ));
         }
         Ok((conv, current))
     }
 
-    pub(super) fn group_change(&mut self, group: &str, alias: &str, op: GroupOp) -> ApiResult {
+    pub(super) fn group_change(
+        &mut self,
+        group: &str,
+        alias: &str,
+        op: GroupOp,
+    ) -> EngineResult<Vec<MemberView>> {
         let (_, current) = self.active_group(group)?;
         if !current.is_admin(&self.e.my_user) {
-            return Err(ApiError::usage("only an admin may do that"));
+            return Err(EngineError::usage("only an admin may do that"));
         }
         let mut next = GroupState::clone(&current);
         next.epoch += 1;
@@ -125,7 +135,7 @@ impl State<'_, '_> {
             GroupOp::Add => {
                 let m = self.contact_as_member(alias)?;
                 if current.member(&m.user).is_some() {
-                    return Err(ApiError::usage(format!("{alias} is already a member")));
+                    return Err(EngineError::usage(format!("{alias} is already a member")));
                 }
                 next.members.push(m);
             }
@@ -133,7 +143,7 @@ impl State<'_, '_> {
                 let user = self.member_user(&current, alias)?;
                 if op == GroupOp::Remove {
                     if user == self.e.my_user {
-                        return Err(ApiError::usage("to remove yourself, use group leave"));
+                        return Err(EngineError::usage("to remove yourself, use group leave"));
                     }
                     next.members.retain(|m| m.user != user);
                 } else {
@@ -144,7 +154,7 @@ impl State<'_, '_> {
             }
         }
         next.check_transition(Some(&current), &self.e.my_user)
-            .map_err(|e| ApiError::usage(e.to_string()))?;
+            .map_err(|e| EngineError::usage(e.to_string()))?;
         let removed: Vec<GroupMember> = current
             .members
             .iter()
@@ -153,10 +163,14 @@ impl State<'_, '_> {
             .collect();
         let conv = self.apply_group(&next, &removed)?;
         self.announce_group(&conv, &next, &removed)?;
-        to_value(&member_views(&next))
+        Ok(member_views(&next))
     }
 
-    pub(super) fn member_user(&self, state: &GroupState, alias: &str) -> Result<UserId, ApiError> {
+    pub(super) fn member_user(
+        &self,
+        state: &GroupState,
+        alias: &str,
+    ) -> Result<UserId, EngineError> {
         if let Ok(c) = self.contact(alias)
             && state.member(&c.user_id).is_some()
         {
@@ -172,10 +186,10 @@ impl State<'_, '_> {
             .iter()
             .find(|m| m.name.eq_ignore_ascii_case(alias))
             .map(|m| m.user)
-            .ok_or_else(|| ApiError::usage(format!("{alias} is not a member of {}", state.name)))
+            .ok_or_else(|| EngineError::usage(format!("{alias} is not a member of {}", state.name)))
     }
 
-    pub(super) fn group_leave(&mut self, group: &str) -> ApiResult {
+    pub(super) fn group_leave(&mut self, group: &str) -> EngineResult<LeftView> {
         let (_, current) = self.active_group(group)?;
         let next = current.without(&self.e.my_user, fresh_key()?);
         let me = current
@@ -185,7 +199,10 @@ impl State<'_, '_> {
             .collect::<Vec<_>>();
         let conv = self.apply_group(&next, &me)?;
         self.announce_group(&conv, &next, &me)?;
-        to_value(&serde_json::json!({ "conversation": conv.id.to_string(), "left": true }))
+        Ok(LeftView {
+            conversation: conv.id.to_string(),
+            left: true,
+        })
     }
 
     /// Seals the new state to every device of old and new members and
@@ -195,7 +212,7 @@ impl State<'_, '_> {
         conv: &Conv,
         state: &GroupState,
         removed: &[GroupMember],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let mut members: Vec<(DeviceId, [u8; 32])> = Vec::new();
         let mut leaving: Vec<(DeviceId, [u8; 32])> = Vec::new();
         for (list, of) in [(&mut members, &state.members[..]), (&mut leaving, removed)] {
@@ -234,14 +251,14 @@ impl State<'_, '_> {
         &mut self,
         state: &GroupState,
         _removed: &[GroupMember],
-    ) -> Result<Conv, ApiError> {
+    ) -> Result<Conv, EngineError> {
         if self
             .e
             .convs
             .get(&state.id)
             .is_some_and(|c| c.kind != ConversationKind::Group)
         {
-            return Err(ApiError::failed("not a group conversation"));
+            return Err(EngineError::failed("not a group conversation"));
         }
         let now = now_ms();
         for m in &state.members {

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::api::ApiError;
 use crate::crypto::envelope::Envelope;
 use crate::identity::{DeviceCertificate, HandoutKey};
 use crate::ids::{ConversationId, DeviceId};
 use crate::node::now_ms;
 use crate::payload::Payload;
 
+use super::EngineError;
 use super::{Ack, Conv, State, Verdict, fresh_key};
 
 /// A handout key dated further ahead than this is refused.
@@ -33,7 +33,7 @@ impl State<'_, '_> {
     /// This device's current handout key; a new one (handed to every
     /// member device of every conversation) if there is none or the
     /// current one is due for replacement.
-    pub(super) fn current_handout_key(&mut self, now: i64) -> Result<HandoutKey, ApiError> {
+    pub(super) fn current_handout_key(&mut self, now: i64) -> Result<HandoutKey, EngineError> {
         let signer = self.e.identity.device_signing_key();
         let rotation = millis(self.e.settings.handout_key_rotation);
         if let Some(newest) = self.db.own_handout_keys()?.first()
@@ -54,7 +54,7 @@ impl State<'_, '_> {
     }
 
     /// Hands `key` to every member device of every conversation, once each.
-    fn hand_out_everywhere(&mut self, key: &HandoutKey) -> Result<(), ApiError> {
+    fn hand_out_everywhere(&mut self, key: &HandoutKey) -> Result<(), EngineError> {
         let mut told: HashSet<DeviceId> = HashSet::new();
         for conv in self.active_convs() {
             let devices: Vec<(DeviceId, [u8; 32])> = self
@@ -75,7 +75,7 @@ impl State<'_, '_> {
         conv: &Conv,
         key: &HandoutKey,
         devices: &[(DeviceId, [u8; 32])],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if devices.is_empty() || conv.tag.is_none() || !conv.active {
             return Ok(());
         }
@@ -86,7 +86,7 @@ impl State<'_, '_> {
 
     /// Hands this device's handout key to the member devices of a
     /// conversation that just started (or that this device just joined).
-    pub(super) fn hand_out_in(&mut self, conv: &Conv) -> Result<(), ApiError> {
+    pub(super) fn hand_out_in(&mut self, conv: &Conv) -> Result<(), EngineError> {
         let key = self.current_handout_key(now_ms())?;
         let devices = self.recipients(conv)?.devices.clone();
         self.hand_out_to(conv, &key, &devices)
@@ -98,7 +98,7 @@ impl State<'_, '_> {
         &mut self,
         conv: &Conv,
         devices: &[(DeviceId, [u8; 32])],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if devices.is_empty() {
             return Ok(());
         }
@@ -112,7 +112,10 @@ impl State<'_, '_> {
 
     /// Hands this device's handout key to a device learned later, in one
     /// conversation its user shares with this one.
-    pub(super) fn hand_out_to_device(&mut self, cert: &DeviceCertificate) -> Result<(), ApiError> {
+    pub(super) fn hand_out_to_device(
+        &mut self,
+        cert: &DeviceCertificate,
+    ) -> Result<(), EngineError> {
         let Some(conv) = self
             .active_convs()
             .into_iter()
@@ -128,7 +131,7 @@ impl State<'_, '_> {
     /// The periodic part: replaces the key when due, erases replaced ones
     /// older than the max age, and forgets cached recipient keys (which
     /// handout key is still young enough changes with time).
-    pub(super) fn handout_keys_pass(&mut self, now: i64) -> Result<(), ApiError> {
+    pub(super) fn handout_keys_pass(&mut self, now: i64) -> Result<(), EngineError> {
         self.current_handout_key(now)?;
         let max_age = millis(self.e.settings.skipped_key_max_age);
         let erased = self
@@ -159,7 +162,7 @@ impl State<'_, '_> {
         &self,
         device: &DeviceId,
         certified: [u8; 32],
-    ) -> Result<[u8; 32], ApiError> {
+    ) -> Result<[u8; 32], EngineError> {
         let usable_for = self.handout_key_usable_for();
         Ok(match self.db.handout_key(device)? {
             Some((dh, created)) if now_ms() < created.saturating_add(usable_for) => dh,
@@ -169,7 +172,7 @@ impl State<'_, '_> {
 
     /// Every key a sealed envelope to this device may be sealed to: its
     /// handout keys still held (newest first), then its certified key.
-    pub(super) fn opening_keys(&self) -> Result<Vec<StaticSecret>, ApiError> {
+    pub(super) fn opening_keys(&self) -> Result<Vec<StaticSecret>, EngineError> {
         let mut keys: Vec<StaticSecret> = self
             .db
             .own_handout_keys()?
@@ -186,7 +189,7 @@ impl State<'_, '_> {
         env: &Envelope,
         conv_id: ConversationId,
         key: HandoutKey,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         if key.device != env.header.sender || key.verify().is_err() {
             return Ok(Verdict::Reject("handout key not signed by its sender"));
         }

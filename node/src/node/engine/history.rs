@@ -9,7 +9,6 @@ use std::sync::Arc;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiError;
 use crate::group::GroupState;
 use crate::identity::DeviceCertificate;
 use crate::ids::{ConversationId, EnvelopeId, MessageId, UserId};
@@ -19,6 +18,7 @@ use crate::store::{
     meta,
 };
 
+use super::EngineError;
 use super::{Conv, DirectResponse, Effect, State};
 
 /// Messages per history page, and their text bytes.
@@ -122,7 +122,7 @@ impl State<'_, '_> {
         }
     }
 
-    pub(super) fn history_page(&mut self, req: HistoryRequest) -> Result<HistoryPage, ApiError> {
+    pub(super) fn history_page(&mut self, req: HistoryRequest) -> Result<HistoryPage, EngineError> {
         let mut page = HistoryPage::default();
         match req.cursor {
             HistoryCursor::Start => {
@@ -262,7 +262,7 @@ impl State<'_, '_> {
         }
     }
 
-    pub(super) fn import_history(&mut self, page: &HistoryPage) -> Result<(), ApiError> {
+    pub(super) fn import_history(&mut self, page: &HistoryPage) -> Result<(), EngineError> {
         let now = now_ms();
         if let Some(account) = &page.account {
             self.merge_account(account)?;
@@ -373,9 +373,9 @@ impl State<'_, '_> {
                 Some(mine) => {
                     let device = self.e.my_device.0;
                     let mut a = weft_crdt::Annotations::load(&mine, &device)
-                        .map_err(|e| ApiError::failed(e.to_string()))?;
+                        .map_err(|e| EngineError::failed(e.to_string()))?;
                     a.merge_saved(doc)
-                        .map_err(|e| ApiError::failed(e.to_string()))?;
+                        .map_err(|e| EngineError::failed(e.to_string()))?;
                     a.save()
                 }
             };

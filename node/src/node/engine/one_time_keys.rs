@@ -10,7 +10,6 @@
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use crate::api::ApiError;
 use crate::crypto::CryptoError;
 use crate::crypto::envelope::Envelope;
 use crate::identity::DeviceCertificate;
@@ -19,6 +18,7 @@ use crate::ids::{ConversationId, DeviceId};
 use crate::node::now_ms;
 use crate::payload::Payload;
 
+use super::EngineError;
 use super::handouts::millis;
 use super::{Ack, Conv, State, Verdict, fresh_key};
 
@@ -62,7 +62,7 @@ impl State<'_, '_> {
         &mut self,
         holders: &[DeviceId],
         now: i64,
-    ) -> Result<Vec<OneTimeKeys>, ApiError> {
+    ) -> Result<Vec<OneTimeKeys>, EngineError> {
         let target = self.one_time_target();
         let fresh_since = self.one_time_fresh_since(now);
         let mut room = MAX_OWN_ONE_TIME_KEYS.saturating_sub(self.db.own_one_time_key_count()?);
@@ -92,10 +92,7 @@ impl State<'_, '_> {
             }
             self.db.add_own_one_time_keys(holder, &secrets, at)?;
             let signer = self.e.identity.device_signing_key();
-            batches.push(
-                OneTimeKeys::issue(signer, *holder, publics, at)
-                    .map_err(|e| ApiError::failed(e.to_string()))?,
-            );
+            batches.push(OneTimeKeys::issue(signer, *holder, publics, at)?);
         }
         Ok(batches)
     }
@@ -107,7 +104,7 @@ impl State<'_, '_> {
         &mut self,
         conv: &Conv,
         devices: &[(DeviceId, [u8; 32])],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if devices.is_empty()
             || devices.len() > MAX_BATCHES_PER_ENVELOPE
             || conv.tag.is_none()
@@ -134,7 +131,7 @@ impl State<'_, '_> {
     /// After a handout from `holder` used one of our one-time keys: once
     /// it holds half the target or fewer, it gets new ones, in the
     /// smallest conversation both are in.
-    pub(super) fn top_up_one_time_keys(&mut self, holder: DeviceId) -> Result<(), ApiError> {
+    pub(super) fn top_up_one_time_keys(&mut self, holder: DeviceId) -> Result<(), EngineError> {
         let target = self.one_time_target();
         let fresh_since = self.one_time_fresh_since(now_ms());
         if target == 0 || self.db.own_one_time_keys_since(&holder, fresh_since)? > target / 2 {
@@ -170,7 +167,7 @@ impl State<'_, '_> {
     pub(super) fn take_one_time_keys(
         &mut self,
         devices: &[(DeviceId, [u8; 32])],
-    ) -> Result<Vec<(DeviceId, [u8; 32])>, ApiError> {
+    ) -> Result<Vec<(DeviceId, [u8; 32])>, EngineError> {
         let since = now_ms().saturating_sub(self.handout_key_usable_for());
         devices
             .iter()
@@ -186,7 +183,7 @@ impl State<'_, '_> {
     pub(super) fn open_with_one_time_key(
         &self,
         env: &Envelope,
-    ) -> Result<Option<OpenedWithOneTimeKey>, ApiError> {
+    ) -> Result<Option<OpenedWithOneTimeKey>, EngineError> {
         for key in self.db.own_one_time_keys_for(&env.header.sender)? {
             match env.open_sealed(&self.e.my_device, &StaticSecret::from(*key.secret)) {
                 Ok((conv, plain)) => {
@@ -211,7 +208,7 @@ impl State<'_, '_> {
         &mut self,
         public: &[u8; 32],
         holder: DeviceId,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if self.db.erase_own_one_time_key(public)? {
             self.db.note_erased();
         }
@@ -219,7 +216,7 @@ impl State<'_, '_> {
     }
 
     /// Erases issued keys too old for any holder to still use.
-    pub(super) fn expire_one_time_keys(&mut self, now: i64) -> Result<(), ApiError> {
+    pub(super) fn expire_one_time_keys(&mut self, now: i64) -> Result<(), EngineError> {
         let max_age = millis(self.e.settings.skipped_key_max_age);
         let oldest = now
             .saturating_sub(millis(self.e.settings.handout_key_rotation))
@@ -238,7 +235,7 @@ impl State<'_, '_> {
         env: &Envelope,
         conv_id: ConversationId,
         batches: Vec<OneTimeKeys>,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let Some(batch) = batches.into_iter().find(|b| b.holder == self.e.my_device) else {
             return Ok(Verdict::Reject("one-time keys for other devices only"));
         };

@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
-use crate::api::{ApiError, Event};
-use crate::api::{PresenceView, PrivacyView};
+use crate::api::Event;
+use crate::api::{PresenceView, PrivacyView, TypingView};
 use crate::identity::peer_id_of;
 use crate::ids::{ConversationId, DeviceId, UserId};
 use crate::node::now_ms;
 use crate::store::meta;
 
-use super::{ApiResult, DirectRequest, Effect, State, to_value};
+use super::EngineError;
+use super::{DirectRequest, Effect, EngineResult, State};
 
 /// A device counts as online this many heartbeat intervals after the last.
 const ONLINE_GRACE: f64 = 2.5;
@@ -234,7 +235,7 @@ impl State<'_, '_> {
     }
 
     /// `weft presence TARGET`.
-    pub(super) fn presence_of(&mut self, target: &str) -> ApiResult {
+    pub(super) fn presence_of(&mut self, target: &str) -> EngineResult<PresenceView> {
         let user = match self.contact(target) {
             Ok(c) => c.user_id,
             Err(e) => match target.parse::<UserId>() {
@@ -244,7 +245,7 @@ impl State<'_, '_> {
         };
         let online = self.e.presence.seen.contains_key(&user);
         let last_seen = self.db.last_seen(&user)?;
-        to_value(&PresenceView {
+        Ok(PresenceView {
             user_id: user.to_string(),
             name: self.user_name(&user),
             online,
@@ -253,10 +254,10 @@ impl State<'_, '_> {
     }
 
     /// `weft privacy [--presence MODE]`.
-    pub(super) fn privacy(&mut self, presence: Option<&str>) -> ApiResult {
+    pub(super) fn privacy(&mut self, presence: Option<&str>) -> EngineResult<PrivacyView> {
         if let Some(mode) = presence {
             let share = Share::parse(mode).ok_or_else(|| {
-                ApiError::usage(format!(
+                EngineError::usage(format!(
                     "presence sharing must be everyone, contacts or nobody, not {mode}"
                 ))
             })?;
@@ -265,17 +266,17 @@ impl State<'_, '_> {
             self.e.presence.share = share;
             self.change_account(|a| a.set_privacy(share.as_str()))?;
         }
-        to_value(&PrivacyView {
+        Ok(PrivacyView {
             presence: self.e.presence.share.as_str().to_string(),
         })
     }
 
     /// `weft typing TARGET`: tells the connected member devices we share
     /// presence with.
-    pub(super) fn send_typing(&mut self, target: &str, typing: bool) -> ApiResult {
+    pub(super) fn send_typing(&mut self, target: &str, typing: bool) -> EngineResult<TypingView> {
         let conv = self.active_conversation(target)?;
         let conv_id = conv.id;
-        let mut told = 0usize;
+        let mut told = 0u64;
         for peer in self.connected_members(&conv) {
             let Some((_, user)) = self.who(&peer) else {
                 continue;
@@ -292,11 +293,11 @@ impl State<'_, '_> {
                 },
             });
         }
-        to_value(&serde_json::json!({
-            "conversation": conv_id.to_string(),
-            "typing": typing,
-            "told": told,
-        }))
+        Ok(TypingView {
+            conversation: conv_id.to_string(),
+            typing,
+            told,
+        })
     }
 
     pub(super) fn on_typing(&mut self, peer: PeerId, conv: ConversationId, typing: bool) {

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
-use crate::api::{ApiError, Event};
-use crate::api::{Progress, ReceiptView};
+use crate::api::Event;
+use crate::api::{Progress, ReadView, ReceiptView};
 use crate::identity::peer_id_of;
 use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
 use crate::node::now_ms;
@@ -16,7 +16,8 @@ use crate::payload::Payload;
 use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
 use crate::store::{ConversationKind, MessageRecord, MessageStatus};
 
-use super::{Ack, ApiResult, Conv, Effect, State, to_value};
+use super::EngineError;
+use super::{Ack, Conv, Effect, EngineResult, State};
 
 /// Most messages marked read (and acknowledged) by one `read`.
 const MAX_READ: usize = 10_000;
@@ -46,7 +47,7 @@ impl State<'_, '_> {
 
     /// Acknowledges a message from someone else once more: it was offered
     /// again, so its sender may never have had our receipt.
-    pub(super) fn acknowledge_again(&mut self, id: &MessageId) -> Result<(), ApiError> {
+    pub(super) fn acknowledge_again(&mut self, id: &MessageId) -> Result<(), EngineError> {
         let Some(m) = self.db.message(id)? else {
             return Ok(());
         };
@@ -61,7 +62,7 @@ impl State<'_, '_> {
         conv: ConversationId,
         kind: ReceiptKind,
         ids: &[MessageId],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let Some(conv) = self.e.convs.get(&conv).cloned() else {
             return Ok(());
         };
@@ -87,7 +88,7 @@ impl State<'_, '_> {
         user: UserId,
         device: DeviceId,
         receipt: Receipt,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let status = match receipt.kind {
             ReceiptKind::Delivered => MessageStatus::Delivered,
             ReceiptKind::Read => MessageStatus::Read,
@@ -132,7 +133,7 @@ impl State<'_, '_> {
 
     /// Moves one of this user's messages to `delivered` or `read` once
     /// every recipient has got that far, and tells `watch`.
-    fn update_progress(&mut self, conv: &Conv, m: &MessageRecord) -> Result<(), ApiError> {
+    fn update_progress(&mut self, conv: &Conv, m: &MessageRecord) -> Result<(), EngineError> {
         let progress = self.progress(conv, &m.id)?;
         let all = progress.recipients;
         let target = if all > 0 && progress.read == all {
@@ -155,7 +156,7 @@ impl State<'_, '_> {
 
     /// How many of the conversation's other members have the message, and
     /// have read it.
-    fn progress(&self, conv: &Conv, id: &MessageId) -> Result<Progress, ApiError> {
+    fn progress(&self, conv: &Conv, id: &MessageId) -> Result<Progress, EngineError> {
         let receipts = self.db.receipts(id)?;
         let mut p = Progress::default();
         for user in conv.members.iter().filter(|u| **u != self.e.my_user) {
@@ -176,7 +177,7 @@ impl State<'_, '_> {
         &self,
         conv: &Conv,
         r: &MessageRecord,
-    ) -> Result<(Vec<ReceiptView>, Progress), ApiError> {
+    ) -> Result<(Vec<ReceiptView>, Progress), EngineError> {
         let receipts = self.db.receipts(&r.id)?;
         let mut views = Vec::new();
         let mut progress = Progress::default();
@@ -216,7 +217,7 @@ impl State<'_, '_> {
 
     /// `weft read`: marks the conversation's incoming messages read and
     /// tells their senders (not in groups above the read-receipt limit).
-    pub(super) fn mark_read(&mut self, conv_id: ConversationId) -> ApiResult {
+    pub(super) fn mark_read(&mut self, conv_id: ConversationId) -> EngineResult<ReadView> {
         let ids = self
             .db
             .unread_incoming(&conv_id, &self.e.my_user, MAX_READ)?;
@@ -235,11 +236,11 @@ impl State<'_, '_> {
         if receipts && !ids.is_empty() {
             self.send_receipt(conv_id, ReceiptKind::Read, &ids)?;
         }
-        to_value(&serde_json::json!({
-            "conversation": conv_id.to_string(),
-            "unread": 0,
-            "read": ids.len(),
-            "receipts_sent": receipts && !ids.is_empty(),
-        }))
+        Ok(ReadView {
+            conversation: conv_id.to_string(),
+            unread: 0,
+            read: ids.len() as u64,
+            receipts_sent: receipts && !ids.is_empty(),
+        })
     }
 }

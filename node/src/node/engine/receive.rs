@@ -2,7 +2,7 @@
 //! pending): checks, opening, and what each payload does; chains moving
 //! on, gaps, and envelopes kept until they can be placed.
 
-use crate::api::{ApiError, Event};
+use crate::api::Event;
 use crate::crypto::CryptoError;
 use crate::crypto::chain::ReceivingChain;
 use crate::crypto::envelope::{Envelope, Sealing};
@@ -14,6 +14,7 @@ use crate::store::{
     Binding, ConversationKind, ConversationRecord, EnvelopeRecord, MessageRecord, MessageStatus,
 };
 
+use super::EngineError;
 use super::{
     Effect, PARALLEL_VERIFY_MIN, PENDING_CAP, State, Verdict, Via, account, chains, fresh_key,
     run_effects, tag_slot,
@@ -36,7 +37,7 @@ impl State<'_, '_> {
         bytes: &[u8],
         via: Via,
         topic: Option<&str>,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let env = match Envelope::decode(bytes) {
             Ok(env) => env,
             Err(CryptoError::Version(v)) => {
@@ -141,7 +142,7 @@ impl State<'_, '_> {
         self.verified.extend(b);
     }
 
-    pub(super) fn sender_user(&mut self, device: &DeviceId) -> Result<Option<UserId>, ApiError> {
+    pub(super) fn sender_user(&mut self, device: &DeviceId) -> Result<Option<UserId>, EngineError> {
         if let Some(user) = self.e.directory.device_user(device) {
             return Ok(user);
         }
@@ -160,7 +161,7 @@ impl State<'_, '_> {
         &mut self,
         env: &Envelope,
         slot: &ConversationId,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         self.db
             .add_pending(slot, env.bytes(), now_ms(), PENDING_CAP)?;
         Ok(())
@@ -172,7 +173,7 @@ impl State<'_, '_> {
         tagged: Option<ConversationId>,
         topic: Option<&str>,
         via: Via,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         if let Some(opened) = self.open_with_one_time_key(env)? {
             let verdict =
                 self.receive_opened(env, opened.conv, &opened.plain, tagged, topic, via)?;
@@ -227,7 +228,7 @@ impl State<'_, '_> {
         tagged: Option<ConversationId>,
         topic: Option<&str>,
         via: Via,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         // The tag, where we know it, must name the conversation inside; on
         // gossip, so must the topic.
         if tagged.is_some_and(|c| c != conv_id)
@@ -273,7 +274,7 @@ impl State<'_, '_> {
         conv_id: &ConversationId,
         epoch: u64,
         counter: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if matches!(env.header.sealing, Sealing::Chain { .. }) {
             self.chain_stored.insert(*conv_id);
         }
@@ -296,7 +297,7 @@ impl State<'_, '_> {
         conv_id: ConversationId,
         sk: SenderKey,
         via: Via,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let cert = &sk.sender_cert;
         if cert.device != env.header.sender || cert.verify().is_err() {
             return Ok(Verdict::Reject("sender key with a foreign certificate"));
@@ -387,7 +388,7 @@ impl State<'_, '_> {
         env: &Envelope,
         conv_id: ConversationId,
         state: GroupState,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         if state.id != conv_id {
             return Ok(Verdict::Reject("group state for another conversation"));
         }
@@ -493,7 +494,7 @@ impl State<'_, '_> {
         epoch: u64,
         counter: u64,
         via: Via,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Verdict, EngineError> {
         let Some(conv) = self.e.convs.get(&conv_id).cloned() else {
             self.keep_pending(env, &conv_id)?;
             return Ok(Verdict::Ignore);
@@ -653,7 +654,7 @@ impl State<'_, '_> {
         &mut self,
         key: (ConversationId, DeviceId, u64),
         after: Option<ReceivingChain>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         if let Some(after) = after {
             // Written once at the end of the batch.
             let unwritten = self.e.chains.insert_receiving(key, after, true);

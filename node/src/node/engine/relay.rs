@@ -14,14 +14,15 @@ use std::collections::{HashMap, HashSet};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
-use crate::api::{ApiError, Event};
+use crate::api::{Event, PushView, RelayView};
 use crate::ids::EnvelopeId;
 use crate::mailbox::{MAX_DEPOSIT, MailboxId, MailboxRequest, MailboxResponse, Registration};
 use crate::net::{NetCommand, PeerSource};
 use crate::node::now_ms;
 use crate::store::{MessageStatus, meta};
 
-use super::{ApiResult, Effect, State, Verdict, Via, to_value};
+use super::EngineError;
+use super::{Effect, EngineResult, State, Verdict, Via};
 
 /// An envelope to deposit: its id and bytes.
 type Held = (EnvelopeId, Vec<u8>);
@@ -390,13 +391,13 @@ impl State<'_, '_> {
     }
 
     /// `weft relay list`.
-    pub(super) fn relay_list(&mut self) -> ApiResult {
+    pub(super) fn relay_list(&mut self) -> EngineResult<Vec<RelayView>> {
         let views: Vec<crate::api::RelayView> = self
             .e
             .relays
             .in_use
             .iter()
-            .map(|(peer, addr)| crate::api::RelayView {
+            .map(|(peer, addr)| RelayView {
                 peer_id: peer.to_string(),
                 addr: addr.to_string(),
                 found: if self.e.relays.found.contains(peer) {
@@ -410,17 +411,17 @@ impl State<'_, '_> {
                 fetched: self.e.relays.mailboxes.get(peer).map_or(0, |m| m.1),
             })
             .collect();
-        to_value(&views)
+        Ok(views)
     }
 
     /// `weft push register URL` / `weft push unregister`: kept, and sent to
     /// every connected relay in a fresh registration.
-    pub(super) fn push_register(&mut self, url: Option<String>) -> ApiResult {
+    pub(super) fn push_register(&mut self, url: Option<String>) -> EngineResult<PushView> {
         if let Some(url) = &url
             && (url.len() > crate::mailbox::MAX_URL
                 || !(url.starts_with("https://") || url.starts_with("http://")))
         {
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "not an http(s) URL of at most {} bytes: {url}",
                 crate::mailbox::MAX_URL
             )));
@@ -440,10 +441,10 @@ impl State<'_, '_> {
         for relay in &connected {
             self.relay_connected(*relay);
         }
-        to_value(&serde_json::json!({
-            "push": url,
-            "relays_told": connected.len(),
-        }))
+        Ok(PushView {
+            push: url,
+            relays_told: connected.len() as u64,
+        })
     }
 
     /// The circuit addresses through this device's relays, for invites.

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use libp2p::PeerId;
 
-use crate::api::{ApiError, Event, SendView};
+use crate::api::{Event, SendView};
 use crate::crypto::chain::SendingChain;
 use crate::crypto::envelope;
 use crate::crypto::envelope::{Envelope, Sealing};
@@ -16,13 +16,19 @@ use crate::node::now_ms;
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey, TextMessage};
 use crate::store::{EnvelopeRecord, MessageRecord, MessageStatus, OutboxEntry};
 
+use super::EngineError;
 use super::{
-    Ack, ApiResult, COUNTER_RESERVATION, Conv, Effect, SealedText, SendingSlot, State, fresh_key,
-    routing_tag_of, run_effects, to_value,
+    Ack, COUNTER_RESERVATION, Conv, Effect, EngineResult, SealedText, SendingSlot, State,
+    fresh_key, routing_tag_of, run_effects,
 };
 
 impl State<'_, '_> {
-    pub(super) fn send(&mut self, target: &str, text: String, reply_to: Option<&str>) -> ApiResult {
+    pub(super) fn send(
+        &mut self,
+        target: &str,
+        text: String,
+        reply_to: Option<&str>,
+    ) -> EngineResult<SendView> {
         let sealed = self.seal_text(target, text, reply_to)?;
         self.store_sent(sealed)
     }
@@ -36,20 +42,20 @@ impl State<'_, '_> {
         target: &str,
         text: String,
         reply_to: Option<&str>,
-    ) -> Result<SealedText, ApiError> {
+    ) -> Result<SealedText, EngineError> {
         if text.len() > MAX_TEXT_BYTES {
-            return Err(ApiError::usage(format!(
+            return Err(EngineError::usage(format!(
                 "message is {} bytes; the limit is {MAX_TEXT_BYTES}",
                 text.len()
             )));
         }
         if text.trim().is_empty() {
-            return Err(ApiError::usage("message is empty"));
+            return Err(EngineError::usage("message is empty"));
         }
         let reply_to = match reply_to {
             Some(r) => Some(
                 r.parse::<MessageId>()
-                    .map_err(|_| ApiError::usage(format!("not a message id: {r}")))?,
+                    .map_err(|_| EngineError::usage(format!("not a message id: {r}")))?,
             ),
             None => None,
         };
@@ -75,7 +81,7 @@ impl State<'_, '_> {
     }
 
     /// The second half of `send`: the writes, the event and the reply.
-    pub(super) fn store_sent(&mut self, sealed: SealedText) -> ApiResult {
+    pub(super) fn store_sent(&mut self, sealed: SealedText) -> EngineResult<SendView> {
         let SealedText {
             conv,
             env,
@@ -113,7 +119,7 @@ impl State<'_, '_> {
         self.db.bump_conversation(&conv_id, sent_at, 0)?;
         let view = self.message_view(&record, false)?;
         self.fx.push(Effect::Event(Event::Message(view)));
-        to_value(&SendView {
+        Ok(SendView {
             id: record.id.to_string(),
             conversation: conv_id.to_string(),
             status: status.as_str().to_string(),
@@ -128,7 +134,7 @@ impl State<'_, '_> {
         &mut self,
         conv: &Conv,
         plaintext: &[u8],
-    ) -> Result<(Envelope, u64, bool), ApiError> {
+    ) -> Result<(Envelope, u64, bool), EngineError> {
         self.check_not_revoked()?;
         let tag = routing_tag_of(conv)?;
         if self.e.chains.sending(&conv.id, conv.key_epoch).is_none() {
@@ -163,7 +169,7 @@ impl State<'_, '_> {
             .e
             .chains
             .sending_mut(&conv.id, conv.key_epoch)
-            .ok_or_else(|| ApiError::failed("chain vanished"))?;
+            .ok_or_else(|| EngineError::failed("chain vanished"))?;
         let (counter, mk) = slot.chain.step()?;
         if slot.chain.counter() > slot.reserved_until {
             // Reserve the next block of counters in this transaction: after
@@ -193,7 +199,7 @@ impl State<'_, '_> {
         &mut self,
         conv: &Conv,
         chain: &SendingChain,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         let recipients = self.recipients(conv)?;
         if recipients.devices.is_empty() {
             return Ok(());
@@ -208,7 +214,7 @@ impl State<'_, '_> {
         conv: &Conv,
         devices: &[(DeviceId, [u8; 32])],
         (chain_key, next_counter): ([u8; 32], u64),
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), EngineError> {
         // Sealed to one-time keys where this device holds them.
         let devices = self.take_one_time_keys(devices)?;
         let payload = Payload::SenderKey(SenderKey {
@@ -228,11 +234,11 @@ impl State<'_, '_> {
         conv: ConversationId,
         recipients: &[(DeviceId, [u8; 32])],
         payload: &Payload,
-    ) -> Result<Envelope, ApiError> {
+    ) -> Result<Envelope, EngineError> {
         self.check_not_revoked()?;
         let tag = match self.e.convs.get(&conv) {
             Some(c) => routing_tag_of(c)?,
-            None => return Err(ApiError::failed("no such conversation")),
+            None => return Err(EngineError::failed("no such conversation")),
         };
         Ok(envelope::seal_to_devices(
             self.e.identity.device_signing_key(),
@@ -259,7 +265,7 @@ impl State<'_, '_> {
         counter: u64,
         early: bool,
         ack: Ack,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, EngineError> {
         self.publish(conv, env, early);
         self.track_envelope(conv, env, epoch, counter, early, ack)
     }
@@ -285,7 +291,7 @@ impl State<'_, '_> {
         counter: u64,
         early: bool,
         ack: Ack,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, EngineError> {
         let targets = self.recipients(conv)?;
         let targets = &targets.peers;
         let mut missing = HashSet::new();

@@ -15,10 +15,10 @@ use std::collections::{HashMap, HashSet};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiError;
 use crate::ids::{ConversationId, DeviceId, EnvelopeId};
 use crate::net::NetCommand;
 
+use super::EngineError;
 use super::{DirectRequest, DirectResponse, Effect, State, Verdict, Via};
 
 /// Most ranges listed per chain; a longer list is cut (the answerer then
@@ -139,7 +139,7 @@ impl State<'_, '_> {
     }
 
     /// What this device holds of a conversation.
-    fn summary(&self, conv: ConversationId) -> Result<SyncRequest, ApiError> {
+    fn summary(&self, conv: ConversationId) -> Result<SyncRequest, EngineError> {
         let mut chains: Vec<ChainHave> = Vec::new();
         let positions = self.db.chain_positions(&conv)?;
         for group in positions.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
@@ -192,7 +192,7 @@ impl State<'_, '_> {
         }
     }
 
-    fn missing_for(&self, request: &SyncRequest) -> Result<(Vec<Vec<u8>>, bool), ApiError> {
+    fn missing_for(&self, request: &SyncRequest) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
         let conv = request.conversation;
         let theirs_sealed: HashSet<EnvelopeId> = request.sealed.iter().copied().collect();
         let theirs: HashMap<(DeviceId, u64), &[(u64, u64)]> = request

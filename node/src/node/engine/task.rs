@@ -9,7 +9,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::api::{ApiError, Event, Request};
+use crate::api::{ApiError, Event, Request, Response};
 use crate::group::GroupState;
 use crate::hlc::{Clock, Hlc};
 use crate::identity::{Identity, peer_id_of};
@@ -457,7 +457,7 @@ impl Engine {
                         if state.outlets.sent_early.replace(false) {
                             let_network_run().await;
                         }
-                        let result = sealed.and_then(|s| state.store_sent(s));
+                        let result = sealed.and_then(|s| state.store_sent(s)).map(Response::Sent);
                         state.fx.push(Effect::Reply(reply, result));
                     }
                     input => state.handle(input),
