@@ -8,9 +8,8 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{DEADLINE, TestNode, befriend, group_create, poll_until};
+use common::{TestNode, befriend, group_create, next_event_matching, poll_until};
 use serde_json::Value;
-use tokio::sync::broadcast;
 use weft_node::Settings;
 use weft_node::api::{Event, Request};
 
@@ -24,23 +23,6 @@ fn count_prefixed(ms: &[Value], prefix: &str) -> usize {
     ms.iter()
         .filter(|m| m["text"].as_str().unwrap().starts_with(prefix))
         .count()
-}
-
-/// Waits until `pred` accepts an event; returns it.
-async fn next_event(
-    rx: &mut broadcast::Receiver<Event>,
-    what: &str,
-    pred: impl Fn(&Event) -> bool,
-) -> Event {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(ev)) if pred(&ev) => return ev,
-            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(e)) => panic!("event stream ended waiting for {what}: {e}"),
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
 }
 
 /// Waits until every message of `target` whose text starts with `prefix`
@@ -82,7 +64,7 @@ async fn partition_heals_with_every_message_once_in_order_and_receipts() {
     let mut statuses = alice.handle.events();
     let bob_peer = bob.handle.peer_id().to_string();
     bob.stop().await;
-    next_event(
+    next_event_matching(
         &mut statuses,
         "alice to see bob go",
         |e| matches!(e, Event::Peer { peer_id, connected: false } if *peer_id == bob_peer),
@@ -255,7 +237,7 @@ async fn presence_and_typing_appear_expire_and_obey_privacy() {
     befriend(&alice, &bob).await;
 
     // Contacts share presence by default: bob sees alice come online.
-    next_event(
+    next_event_matching(
         &mut bob_events,
         "alice online",
         |e| matches!(e, Event::Presence { online: true, name, .. } if name == "alice"),
@@ -276,14 +258,14 @@ async fn presence_and_typing_appear_expire_and_obey_privacy() {
             typing: true,
         })
         .await;
-    next_event(
+    next_event_matching(
         &mut bob_events,
         "alice typing",
         |e| matches!(e, Event::Typing { typing: true, name, .. } if name == "alice"),
     )
     .await;
     let started = tokio::time::Instant::now();
-    next_event(
+    next_event_matching(
         &mut bob_events,
         "alice's typing to expire",
         |e| matches!(e, Event::Typing { typing: false, name, .. } if name == "alice"),
@@ -299,7 +281,7 @@ async fn presence_and_typing_appear_expire_and_obey_privacy() {
         })
         .await;
     assert_eq!(privacy["presence"], "nobody");
-    next_event(
+    next_event_matching(
         &mut bob_events,
         "alice offline",
         |e| matches!(e, Event::Presence { online: false, name, .. } if name == "alice"),
@@ -395,7 +377,7 @@ async fn a_long_absence_is_caught_up_past_the_skip_window() {
     let mut events = alice.handle.events();
     let bob_peer = bob.handle.peer_id().to_string();
     bob.stop().await;
-    next_event(
+    next_event_matching(
         &mut events,
         "alice to see bob go",
         |e| matches!(e, Event::Peer { peer_id, connected: false } if *peer_id == bob_peer),
@@ -426,7 +408,7 @@ async fn a_long_absence_is_caught_up_past_the_skip_window() {
     }
     let back = tokio::time::Instant::now();
     let bob = TestNode::start_existing("bob", bob.dir, &[&alice]).await;
-    next_event(
+    next_event_matching(
         &mut events,
         "bob back",
         |e| matches!(e, Event::Peer { peer_id, connected: true } if *peer_id == bob_peer),

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{DEADLINE, TestNode, befriend};
+use common::{DEADLINE, TestNode, befriend, next_event_matching};
 use ed25519_dalek::SigningKey;
 use tokio::sync::mpsc;
 use weft_node::api::Request;
@@ -55,22 +55,11 @@ impl Mallory {
         // Publishing works once she knows `a` is on the topic.
         let topic = mallory.topic.clone();
         let a_peer = a.handle.peer_id();
+        next_event_matching(&mut mallory.events, "mallory to see a on the topic", |ev| {
+            matches!(ev, NetEvent::Subscribed { peer, topic: t } if *peer == a_peer && *t == topic)
+        })
+        .await;
         mallory
-            .next(|ev| matches!(ev, NetEvent::Subscribed { peer, topic: t } if *peer == a_peer && *t == topic))
-            .await;
-        mallory
-    }
-
-    /// The next event matching `wanted`, within the deadline.
-    async fn next(&mut self, wanted: impl Fn(&NetEvent) -> bool) -> NetEvent {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ev)) if wanted(&ev) => return ev,
-                Ok(Some(_)) => {}
-                other => panic!("mallory never saw the expected event: {other:?}"),
-            }
-        }
     }
 }
 
@@ -95,9 +84,12 @@ async fn garbage_on_a_topic_gets_the_sender_banned() {
     }
     // Alice bans mallory: the connection goes and does not come back.
     let alice_peer = alice.handle.peer_id();
-    mallory
-        .next(|ev| matches!(ev, NetEvent::Disconnected { peer } if *peer == alice_peer))
-        .await;
+    next_event_matching(
+        &mut mallory.events,
+        "alice to drop mallory",
+        |ev| matches!(ev, NetEvent::Disconnected { peer } if *peer == alice_peer),
+    )
+    .await;
     let status = mallory.net.status().await.unwrap();
     assert!(status.peers.iter().all(|p| p.peer_id != alice_peer));
     // Nothing of it was stored, and alice and bob still talk.

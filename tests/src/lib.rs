@@ -829,8 +829,6 @@ pub mod netns {
 
 /// A real `weft-relay` as a child process, for offline delivery tests.
 pub mod relay {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, ExitStatus, Stdio};
     use std::sync::mpsc;
@@ -892,11 +890,30 @@ pub mod relay {
             Self::launch("/ip4/127.0.0.1/tcp/0", &path, Some(data))
         }
 
+        /// A relay on a free port with the data directory `data_dir`,
+        /// which outlives it: starting another relay there later (with
+        /// [`Relay::start_at`] on [`Relay::tcp_port`]) is a restart (same
+        /// `relay.key`, same database).
+        pub fn start_in(data_dir: &Path) -> anyhow::Result<Self> {
+            Self::launch("/ip4/127.0.0.1/tcp/0", data_dir, None)
+        }
+
         /// A relay on TCP `port` of 127.0.0.1 with the data directory
-        /// `data_dir`, which outlives it: starting another relay there
-        /// later is a restart (same `relay.key`, same database).
+        /// `data_dir`, which outlives it, as [`Relay::start_in`].
         pub fn start_at(port: u16, data_dir: &Path) -> anyhow::Result<Self> {
             Self::launch(&format!("/ip4/127.0.0.1/tcp/{port}"), data_dir, None)
+        }
+
+        /// The TCP port the relay listens on, from its ready line.
+        pub fn tcp_port(&self) -> anyhow::Result<u16> {
+            let port = self
+                .addr
+                .split('/')
+                .skip_while(|part| *part != "tcp")
+                .nth(1)
+                .ok_or_else(|| anyhow!("no tcp port in {}", self.addr))?;
+            port.parse()
+                .with_context(|| format!("tcp port {port:?} in {}", self.addr))
         }
 
         fn launch(
@@ -994,23 +1011,24 @@ pub mod relay {
                 .metrics
                 .as_deref()
                 .ok_or_else(|| anyhow!("the relay runs no metrics server"))?;
-            let mut stream = TcpStream::connect(addr)
-                .with_context(|| format!("connecting to the metrics server at {addr}"))?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                stream,
-                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            let (head, body) = response
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| anyhow!("not an HTTP response: {response}"))?;
-            if !head.starts_with("HTTP/1.1 200") {
-                bail!("GET /metrics: {head}");
+            // No proxy from the environment: the server is on loopback.
+            let agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(10)))
+                .http_status_as_error(false)
+                .proxy(None)
+                .build()
+                .new_agent();
+            let mut response = agent
+                .get(&format!("http://{addr}/metrics"))
+                .call()
+                .with_context(|| format!("GET /metrics from the metrics server at {addr}"))?;
+            if response.status() != 200 {
+                bail!("GET /metrics: {}", response.status());
             }
-            Ok(body.to_string())
+            response
+                .body_mut()
+                .read_to_string()
+                .context("reading the /metrics body")
         }
 
         /// The value of the metric sample `name` (without labels, as
@@ -1236,38 +1254,20 @@ pub mod netns_hub {
 /// Reading invites as bytes (`weft1` + base32), in which their addresses
 /// appear as plain strings.
 pub mod invite {
-    use anyhow::anyhow;
-
-    /// RFC 4648 base32 without padding, lower or upper case.
-    pub fn base32_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-        let mut out = Vec::with_capacity(text.len() * 5 / 8);
-        let (mut buffer, mut bits) = (0u64, 0u32);
-        for c in text.bytes() {
-            let c = c.to_ascii_lowercase();
-            let value = ALPHABET
-                .iter()
-                .position(|a| *a == c)
-                .ok_or_else(|| anyhow!("not base32: {:?}", c as char))?;
-            buffer = (buffer << 5) | value as u64;
-            bits += 5;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((buffer >> bits) as u8);
-                buffer &= (1 << bits) - 1;
-            }
-        }
-        Ok(out)
-    }
+    use anyhow::{Context, anyhow};
+    use data_encoding::BASE32_NOPAD;
 
     /// The bytes of an invite (`weft1` + base32), in which its addresses
-    /// appear as plain strings.
+    /// appear as plain strings. Decoded as `weft_proto` decodes invites:
+    /// RFC 4648 base32 without padding, any case.
     pub fn invite_bytes(invite: &str) -> anyhow::Result<Vec<u8>> {
         let compact: String = invite.chars().filter(|c| !c.is_whitespace()).collect();
         let body = compact
             .strip_prefix("weft1")
             .ok_or_else(|| anyhow!("not an invite: {invite}"))?;
-        base32_decode(body)
+        BASE32_NOPAD
+            .decode(body.to_ascii_uppercase().as_bytes())
+            .with_context(|| format!("invite is not base32: {invite}"))
     }
 
     /// Whether `haystack` contains `needle`.
@@ -1280,11 +1280,12 @@ pub mod invite {
         use super::*;
 
         #[test]
-        fn base32_round_trip() -> anyhow::Result<()> {
+        fn invite_bytes_reads_base32_of_either_case() -> anyhow::Result<()> {
             // "foobar" in RFC 4648 base32, without padding.
-            assert_eq!(base32_decode("MZXW6YTBOI")?, b"foobar");
-            assert_eq!(base32_decode("mzxw6ytboi")?, b"foobar");
-            assert!(base32_decode("mzxw1").is_err());
+            assert_eq!(invite_bytes("weft1MZXW6YTBOI")?, b"foobar");
+            assert_eq!(invite_bytes("weft1mzxw6ytboi")?, b"foobar");
+            assert!(invite_bytes("weft1mzxw1").is_err());
+            assert!(invite_bytes("mzxw6ytboi").is_err());
             Ok(())
         }
     }

@@ -536,3 +536,52 @@ pub async fn trio(seed: u64) -> (TestNode, TestNode, TestNode) {
     alice.call(group_create("trio", &["bob", "carol"])).await;
     (alice, bob, carol)
 }
+
+/// What a test waits on for events: a node's API events (a receiver that
+/// lagged skips what it missed, as the tests never need every event) or a
+/// network task's events.
+pub trait EventStream {
+    type Event;
+    /// The next event, or `None` once the stream has ended.
+    fn next_event(&mut self) -> impl std::future::Future<Output = Option<Self::Event>>;
+}
+
+impl<T: Clone> EventStream for tokio::sync::broadcast::Receiver<T> {
+    type Event = T;
+    async fn next_event(&mut self) -> Option<T> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.recv().await {
+                Ok(event) => return Some(event),
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl<T> EventStream for tokio::sync::mpsc::Receiver<T> {
+    type Event = T;
+    async fn next_event(&mut self) -> Option<T> {
+        self.recv().await
+    }
+}
+
+/// The next event of `events` that `wanted` accepts, skipping others;
+/// panics, naming `what`, if none comes within [`DEADLINE`] or the stream
+/// ends.
+pub async fn next_event_matching<S: EventStream>(
+    events: &mut S,
+    what: &str,
+    wanted: impl Fn(&S::Event) -> bool,
+) -> S::Event {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, events.next_event()).await {
+            Ok(Some(event)) if wanted(&event) => return event,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the event stream ended before {what}"),
+            Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+        }
+    }
+}
