@@ -1,20 +1,11 @@
 //! Network settings: [`NetConfig`], and the [`TransportKind`] the swarm
-//! runs over.
+//! runs over (defined with the swarm builder in `weft_proto::transport`).
 
 use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
-
-/// How the swarm reaches other nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportKind {
-    /// TCP and QUIC over the OS network stack.
-    Network,
-    /// libp2p's in-process memory transport: many nodes in one process
-    /// (tests, simulations). Listen on `/memory/N`.
-    Memory,
-}
+pub use weft_proto::transport::TransportKind;
 
 /// Network settings of a node.
 #[derive(Clone, Debug)]
