@@ -7,6 +7,8 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 pub use weft_proto::transport::TransportKind;
 
+use crate::backoff::Backoff;
+
 /// Network settings of a node.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
@@ -57,6 +59,12 @@ impl NetConfig {
             .parse()
             .unwrap_or_else(|_| Multiaddr::empty());
         Self::new(vec![addr])
+    }
+
+    /// How long to wait before redialing a peer or listening through a
+    /// relay again.
+    pub(crate) fn redial_backoff(&self) -> Backoff {
+        Backoff::new(self.redial_base, self.redial_max)
     }
 
     /// The in-memory transport on `/memory/{port}`.
