@@ -7,6 +7,7 @@
 //! with the JSON-shaped requests of [`api`].
 
 pub mod api;
+mod backoff;
 pub mod control;
 pub mod error;
 pub mod home;

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId, noise, relay, yamux};
+use libp2p::{Multiaddr, PeerId, relay};
 use tokio::sync::{mpsc, oneshot};
 use weft_node::net::{NetCommand, NetConfig, NetEvent, NetHandle, PeerSource, spawn};
+use weft_proto::transport::{SwarmConfig, TransportKind, build_swarm};
 
 /// Waits until `events` yields a `Connected` (or `Disconnected`) of
 /// `peer`, failing at `deadline`.
@@ -63,21 +64,15 @@ async fn reconnects_after_peer_restarts_on_same_address() {
 /// A bare circuit relay v2 server on the memory transport (no ping, no
 /// identify), running until the returned sender is used or dropped.
 fn relay_server(key: libp2p::identity::Keypair, port: u64) -> (Multiaddr, oneshot::Sender<()>) {
-    use libp2p::core::transport::Transport as _;
-    use libp2p::core::upgrade::Version;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(|key| {
-            libp2p::core::transport::MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(noise::Config::new(key).unwrap())
-                .multiplex(yamux::Config::default())
-        })
-        .unwrap()
-        .with_behaviour(|key| relay::Behaviour::new(key.public().to_peer_id(), Default::default()))
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let config = SwarmConfig {
+        transport: TransportKind::Memory,
+        idle_connection_timeout: Duration::from_secs(60),
+        bandwidth_metrics: None,
+    };
+    let mut swarm = build_swarm(key, config, |key| {
+        relay::Behaviour::new(key.public().to_peer_id(), Default::default())
+    })
+    .unwrap();
     let addr = Multiaddr::empty().with(Protocol::Memory(port));
     let listener = swarm.listen_on(addr.clone()).unwrap();
     // What reservations hand out.

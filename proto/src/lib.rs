@@ -3,7 +3,9 @@
 //! states, routing tags and topics, the mailbox protocol and the direct
 //! protocol's framing. No storage, no sockets, no tasks: what is on the
 //! wire, how it is made and how it is checked (docs/protocol.md, whose
-//! test vectors `node/tests/vectors.rs` checks).
+//! test vectors `node/tests/vectors.rs` checks). Besides, [`transport`]
+//! builds the libp2p swarm both run; it does no I/O itself (the swarm
+//! opens sockets once its owner listens, dials and polls it).
 
 pub mod crypto;
 pub mod group;
@@ -14,3 +16,4 @@ pub mod mailbox;
 pub mod net;
 pub mod payload;
 pub mod routing;
+pub mod transport;

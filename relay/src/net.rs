@@ -26,12 +26,13 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, identify, kad,
-    memory_connection_limits, noise, ping, relay, tcp, yamux,
+    memory_connection_limits, ping, relay,
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
 use weft_proto::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVIDER_KEY};
+use weft_proto::transport::{self, SwarmConfig, TransportKind};
 
 use crate::config::Config;
 use crate::limiter::TokenBucket;
@@ -168,56 +169,25 @@ fn is_local(addr: &Multiaddr) -> bool {
     }
 }
 
-fn boxed(
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> Box<dyn std::error::Error + Send + Sync> {
-    Box::new(e)
-}
-
+/// The swarm of `key`: TCP and QUIC, or the memory transport (tests),
+/// with bandwidth metrics (the builder is shared with the node).
 fn build_swarm(
     key: libp2p::identity::Keypair,
     config: &Config,
     memory: bool,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, NetError> {
-    let idle = Duration::from_secs(config.limits.idle_timeout_secs);
-    let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
-    let behaviour = |key: &libp2p::identity::Keypair| build_behaviour(key, config);
-    if memory {
-        Ok(libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_other_transport(|key| {
-                use libp2p::core::transport::Transport as _;
-                use libp2p::core::upgrade::Version;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    libp2p::core::transport::MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key).map_err(boxed)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })
-            .map_err(|e| err(&e))?
-            .with_bandwidth_metrics(registry)
-            .with_behaviour(behaviour)
-            .map_err(|e| err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build())
-    } else {
-        Ok(libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| err(&e))?
-            .with_quic()
-            .with_bandwidth_metrics(registry)
-            .with_behaviour(behaviour)
-            .map_err(|e| err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build())
-    }
+    let swarm_config = SwarmConfig {
+        transport: if memory {
+            TransportKind::Memory
+        } else {
+            TransportKind::Network
+        },
+        idle_connection_timeout: Duration::from_secs(config.limits.idle_timeout_secs),
+        bandwidth_metrics: Some(registry),
+    };
+    transport::build_swarm(key, swarm_config, |key| build_behaviour(key, config))
+        .map_err(|e| NetError::Transport(e.to_string()))
 }
 
 enum NetCommand {

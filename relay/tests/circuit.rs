@@ -7,9 +7,11 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, noise, ping, relay, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, ping, relay};
+use weft_proto::transport::{SwarmConfig, TransportKind, build_swarm_with_relay_client};
 use weft_relay::{Config, Relay};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -20,35 +22,17 @@ struct Device {
     ping: ping::Behaviour,
 }
 
-fn boxed(
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> Box<dyn std::error::Error + Send + Sync> {
-    Box::new(e)
-}
-
 fn device() -> Swarm<Device> {
-    libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            use libp2p::core::transport::Transport as _;
-            use libp2p::core::upgrade::Version;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                libp2p::core::transport::MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key).map_err(boxed)?)
-                    .multiplex(yamux::Config::default()),
-            )
-        })
-        .unwrap()
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(|_, relay| Device {
-            relay,
-            ping: ping::Behaviour::default(),
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build()
+    let config = SwarmConfig {
+        transport: TransportKind::Memory,
+        idle_connection_timeout: Duration::from_secs(60),
+        bandwidth_metrics: None,
+    };
+    build_swarm_with_relay_client(Keypair::generate_ed25519(), config, |_, relay| Device {
+        relay,
+        ping: ping::Behaviour::default(),
+    })
+    .unwrap()
 }
 
 /// Polls both swarms until `done` says so about an event of `a` or `b`.

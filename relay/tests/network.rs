@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use weft_node::identity::Identity;
@@ -19,6 +19,7 @@ use weft_node::mailbox::{
     MAILBOX_PROTOCOL, MailboxId, MailboxRequest, MailboxResponse, Registration,
 };
 use weft_node::net::{DirectCodec, IDENTIFY_PROTOCOL};
+use weft_proto::transport::{SwarmConfig, TransportKind, build_swarm};
 use weft_relay::{Config, Relay};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -55,42 +56,26 @@ struct Client {
     relay_info: Option<identify::Info>,
 }
 
-fn boxed(
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> Box<dyn std::error::Error + Send + Sync> {
-    Box::new(e)
-}
-
 impl Client {
     async fn connect(identity: &Identity, relay: PeerId, addr: &Multiaddr) -> Client {
         let key = identity.libp2p_keypair().unwrap();
-        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_other_transport(|key| {
-                use libp2p::core::transport::Transport as _;
-                use libp2p::core::upgrade::Version;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    libp2p::core::transport::MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key).map_err(boxed)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })
-            .unwrap()
-            .with_behaviour(|key| ClientBehaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.into(),
-                    key.public(),
-                )),
-                mailbox: request_response::Behaviour::with_codec(
-                    DirectCodec,
-                    [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default(),
-                ),
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+        let config = SwarmConfig {
+            transport: TransportKind::Memory,
+            idle_connection_timeout: Duration::from_secs(60),
+            bandwidth_metrics: None,
+        };
+        let swarm = build_swarm(key, config, |key| ClientBehaviour {
+            identify: identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.into(),
+                key.public(),
+            )),
+            mailbox: request_response::Behaviour::with_codec(
+                DirectCodec,
+                [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            ),
+        })
+        .unwrap();
         let mut client = Client {
             swarm,
             relay,

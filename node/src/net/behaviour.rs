@@ -9,9 +9,10 @@ use std::time::Duration;
 use libp2p::gossipsub::{self, MessageId};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, dcutr, identify, kad, noise, ping, relay, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, dcutr, identify, kad, ping, relay};
+use weft_proto::transport::{SwarmConfig, build_swarm_with_relay_client};
 
-use super::config::{NetConfig, TransportKind};
+use super::config::NetConfig;
 use super::gate;
 use super::{
     DIRECT_PROTOCOL, DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_TOPICS_PER_PEER, NetError,
@@ -49,19 +50,25 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
         .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))
 }
 
-fn build_behaviour(
-    key: &libp2p::identity::Keypair,
-    relay_client: relay::client::Behaviour,
-    config: &NetConfig,
-) -> Result<Behaviour, NetError> {
-    let peer_id = key.public().to_peer_id();
-    let gossipsub = gate::Gossip::new(
+/// Gossipsub behind the topic gate: built before the swarm, as the only
+/// part of the behaviour that can fail.
+fn gossipsub() -> Result<gate::Gossip, NetError> {
+    gate::Gossip::new(
         gossipsub::MessageAuthenticity::Anonymous,
         gossipsub_config()?,
         MAX_TOPICS_PER_PEER,
         MAX_TOPICS_PER_PEER,
     )
-    .map_err(|e| NetError::Transport(e.to_string()))?;
+    .map_err(|e| NetError::Transport(e.to_string()))
+}
+
+fn build_behaviour(
+    key: &libp2p::identity::Keypair,
+    gossipsub: gate::Gossip,
+    relay_client: relay::client::Behaviour,
+    config: &NetConfig,
+) -> Behaviour {
+    let peer_id = key.public().to_peer_id();
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config.set_query_timeout(Duration::from_secs(30));
     let mut kad =
@@ -94,7 +101,7 @@ fn build_behaviour(
             .with_request_timeout(Duration::from_secs(30))
             .with_max_concurrent_streams(64),
     );
-    Ok(Behaviour {
+    Behaviour {
         gossipsub,
         kad,
         identify,
@@ -110,56 +117,23 @@ fn build_behaviour(
         mailbox,
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
-    })
+    }
 }
 
-fn boxed(
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> Box<dyn std::error::Error + Send + Sync> {
-    Box::new(e)
-}
-
-/// The swarm of `key` on the transport `config` names.
+/// The swarm of `key` on the transport `config` names, with the relay
+/// client (the builder is shared with the relay: `weft_proto::transport`).
 pub(super) fn build_swarm(
     key: libp2p::identity::Keypair,
     config: &NetConfig,
 ) -> Result<Swarm<Behaviour>, NetError> {
-    let idle = config.idle_timeout;
-    let err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
-    match config.transport {
-        TransportKind::Network => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| err(&e))?
-            .with_quic()
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| err(&e))?
-            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
-            .map_err(|e| err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build()),
-        TransportKind::Memory => Ok(libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_other_transport(|key| {
-                use libp2p::core::transport::Transport as _;
-                use libp2p::core::upgrade::Version;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    libp2p::core::transport::MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key).map_err(boxed)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })
-            .map_err(|e| err(&e))?
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| err(&e))?
-            .with_behaviour(|key, relay| build_behaviour(key, relay, config).map_err(boxed))
-            .map_err(|e| err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build()),
-    }
+    let gossipsub = gossipsub()?;
+    let swarm_config = SwarmConfig {
+        transport: config.transport,
+        idle_connection_timeout: config.idle_timeout,
+        bandwidth_metrics: None,
+    };
+    build_swarm_with_relay_client(key, swarm_config, |key, relay_client| {
+        build_behaviour(key, gossipsub, relay_client, config)
+    })
+    .map_err(|e| NetError::Transport(e.to_string()))
 }

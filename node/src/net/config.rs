@@ -1,20 +1,13 @@
 //! Network settings: [`NetConfig`], and the [`TransportKind`] the swarm
-//! runs over.
+//! runs over (defined with the swarm builder in `weft_proto::transport`).
 
 use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+pub use weft_proto::transport::TransportKind;
 
-/// How the swarm reaches other nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportKind {
-    /// TCP and QUIC over the OS network stack.
-    Network,
-    /// libp2p's in-process memory transport: many nodes in one process
-    /// (tests, simulations). Listen on `/memory/N`.
-    Memory,
-}
+use crate::backoff::Backoff;
 
 /// Network settings of a node.
 #[derive(Clone, Debug)]
@@ -66,6 +59,12 @@ impl NetConfig {
             .parse()
             .unwrap_or_else(|_| Multiaddr::empty());
         Self::new(vec![addr])
+    }
+
+    /// How long to wait before redialing a peer or listening through a
+    /// relay again.
+    pub(crate) fn redial_backoff(&self) -> Backoff {
+        Backoff::new(self.redial_base, self.redial_max)
     }
 
     /// The in-memory transport on `/memory/{port}`.

@@ -10,9 +10,11 @@ use libp2p::{Multiaddr, dcutr, gossipsub, identify, kad, ping, relay, request_re
 use tokio::sync::oneshot;
 
 use super::behaviour::BehaviourEvent;
-use super::peers::{jitter, redial_delay, with_peer};
+use super::peers::with_peer;
 use super::task::NetworkTask;
 use super::{ConnectedPeer, KAD_PROTOCOL, NetError, NetEvent, PeerSource, relay_client};
+
+use crate::backoff;
 
 impl NetworkTask {
     /// Handles one swarm event. `Err` when the node has gone away.
@@ -40,11 +42,11 @@ impl NetworkTask {
                 ..
             } => {
                 let now = tokio::time::Instant::now();
-                let (base, max) = (self.config.redial_base, self.config.redial_max);
+                let redial = self.config.redial_backoff();
                 if let Some(relay) =
                     self.relay_listeners
                         .closed(listener_id, reason.is_err(), now, |n| {
-                            redial_delay(base, max, n, jitter())
+                            redial.delay(n, backoff::jitter())
                         })
                 {
                     match reason {

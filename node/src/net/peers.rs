@@ -11,6 +11,8 @@ use libp2p::{Multiaddr, PeerId};
 use super::PeerSource;
 use super::task::NetworkTask;
 
+use crate::backoff;
+
 /// A peer the task keeps redialing while it is disconnected.
 pub(super) struct KnownPeer {
     addrs: Vec<Multiaddr>,
@@ -36,15 +38,6 @@ const MAX_DHT_LOOKUPS: usize = 64;
 /// Most peers tracked for strikes and bans.
 const MAX_TRACKED_OFFENDERS: usize = 4096;
 
-/// The wait before redialing a peer after `attempts` earlier failures:
-/// `min(base * 2^attempts, max)`, scaled by `jitter` (in [0.5, 1.5), so
-/// peers that failed together do not all redial together).
-pub(super) fn redial_delay(base: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
-    let factor = 1u32.checked_shl(attempts).unwrap_or(u32::MAX);
-    let capped = base.saturating_mul(factor).min(max);
-    Duration::try_from_secs_f64(capped.as_secs_f64() * jitter.clamp(0.5, 1.5)).unwrap_or(max)
-}
-
 /// `addr` ending with `/p2p/<peer>` (added if missing; `None` if it names
 /// another peer).
 pub(super) fn with_peer(mut addr: Multiaddr, peer: PeerId) -> Option<Multiaddr> {
@@ -56,12 +49,6 @@ pub(super) fn with_peer(mut addr: Multiaddr, peer: PeerId) -> Option<Multiaddr> 
             Some(addr)
         }
     }
-}
-
-/// A random factor in [0.5, 1.5) for [`redial_delay`].
-pub(super) fn jitter() -> f64 {
-    let sample = getrandom::u32().unwrap_or(u32::MAX / 2);
-    0.5 + f64::from(sample) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// Now plus `delay`, or plus a day if a huge `redial_max` would overflow
@@ -140,9 +127,9 @@ impl NetworkTask {
     /// After a failed dial or a lost connection: the timer dials the peer
     /// again after an exponentially growing, jittered wait.
     pub(super) fn back_off(&mut self, peer: PeerId) {
-        let (base, max) = (self.config.redial_base, self.config.redial_max);
+        let redial = self.config.redial_backoff();
         if let Some(known) = self.known_peers.get_mut(&peer) {
-            known.next_dial_at = after(redial_delay(base, max, known.attempts, jitter()));
+            known.next_dial_at = after(redial.delay(known.attempts, backoff::jitter()));
             known.attempts = known.attempts.saturating_add(1);
         }
     }
@@ -226,54 +213,6 @@ impl NetworkTask {
         // come first on the next tick.
         for (peer, source) in due {
             self.dial(peer, source);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::{jitter, redial_delay};
-
-    const BASE: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(30);
-
-    #[test]
-    fn redial_delay_doubles_up_to_the_cap() {
-        let delays: Vec<Duration> = (0..40).map(|n| redial_delay(BASE, MAX, n, 1.0)).collect();
-        assert_eq!(delays[0], BASE);
-        assert_eq!(delays[1], 2 * BASE);
-        assert_eq!(delays[4], 16 * BASE);
-        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
-        assert!(delays.iter().all(|d| *d <= MAX));
-        assert_eq!(delays[5], MAX);
-        assert_eq!(redial_delay(BASE, MAX, u32::MAX, 1.0), MAX);
-        // A cap too large for the doubling still saturates, never panics.
-        let huge = redial_delay(BASE, Duration::MAX, u32::MAX, 1.5);
-        assert!(huge >= BASE * u32::MAX);
-    }
-
-    #[test]
-    fn redial_delay_jitter_stays_within_half_and_one_and_a_half() {
-        for attempts in 0..10 {
-            let plain = redial_delay(BASE, MAX, attempts, 1.0);
-            for _ in 0..100 {
-                let d = redial_delay(BASE, MAX, attempts, jitter());
-                assert!(d >= plain / 2 && d < plain * 3 / 2, "{d:?} vs {plain:?}");
-            }
-            assert_eq!(redial_delay(BASE, MAX, attempts, 0.5), plain / 2);
-            // Out-of-range samples are clamped.
-            assert_eq!(redial_delay(BASE, MAX, attempts, 0.0), plain / 2);
-            assert_eq!(redial_delay(BASE, MAX, attempts, 9.0), plain * 3 / 2);
-        }
-    }
-
-    #[test]
-    fn jitter_samples_are_in_range() {
-        for _ in 0..1000 {
-            let j = jitter();
-            assert!((0.5..1.5).contains(&j), "{j}");
         }
     }
 }

@@ -17,11 +17,13 @@ use libp2p::{Multiaddr, PeerId, Swarm, kad};
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, build_swarm};
-use super::peers::{KnownPeer, REDIAL_TICK, jitter, redial_delay};
+use super::peers::{KnownPeer, REDIAL_TICK};
 use super::{
     COMMAND_CAPACITY, ConnectedPeer, EVENT_CAPACITY, NetCommand, NetConfig, NetError, NetEvent,
     NetHandle, NetStatus, PeerSource, mdns, relay_client, relay_discovery,
 };
+
+use crate::backoff;
 
 /// How often the DHT routing table is refreshed.
 const DHT_REFRESH: Duration = Duration::from_secs(300);
@@ -196,7 +198,7 @@ impl NetworkTask {
         let now = tokio::time::Instant::now();
         let swarm = &self.swarm;
         let due = self.relay_listeners.due(now, |p| swarm.is_connected(p));
-        let (base, max) = (self.config.redial_base, self.config.redial_max);
+        let redial = self.config.redial_backoff();
         for (relay, circuit) in due {
             match self.swarm.listen_on(circuit.clone()) {
                 Ok(id) => {
@@ -206,7 +208,7 @@ impl NetworkTask {
                 Err(e) => {
                     tracing::warn!(%relay, "cannot listen through relay at {circuit}: {e}");
                     self.relay_listeners
-                        .failed(&relay, now, |n| redial_delay(base, max, n, jitter()));
+                        .failed(&relay, now, |n| redial.delay(n, backoff::jitter()));
                 }
             }
         }

@@ -5,11 +5,11 @@
 //! below read and write the store and send.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use libp2p::PeerId;
 
 use crate::api::Event;
+use crate::backoff::{self, Backoff};
 use crate::ids::{ConversationId, EnvelopeId};
 use crate::node::now_ms;
 use crate::store::MessageStatus;
@@ -125,21 +125,6 @@ impl Outbox {
     }
 }
 
-/// The wait before retry number `attempt`: doubling from `base`, up to
-/// `max`, times `0.5 + jitter` (`jitter` in [0, 1)) so that many nodes
-/// retrying do not move in step.
-pub(super) fn retry_delay_ms(base: Duration, max: Duration, attempt: u32, jitter: f64) -> i64 {
-    let base = base.as_millis() as f64;
-    let max = max.as_millis() as f64;
-    let delay = (base * 2f64.powi(attempt.min(30) as i32)).min(max);
-    (delay * (0.5 + jitter.clamp(0.0, 1.0))) as i64
-}
-
-/// A random jitter in [0, 1].
-fn jitter() -> f64 {
-    getrandom::u32().unwrap_or(u32::MAX / 2) as f64 / u32::MAX as f64
-}
-
 impl State<'_, '_> {
     pub(super) fn offer(&mut self, peer: PeerId, id: EnvelopeId, bytes: Vec<u8>, early: bool) {
         self.e.outbox.offered(id, peer, tokio::time::Instant::now());
@@ -247,11 +232,12 @@ impl State<'_, '_> {
         }
     }
 
-    /// The wait before retry number `attempt` ([`retry_delay_ms`] with
-    /// this node's settings and a random jitter).
+    /// The wait in milliseconds before retry number `attempt` (this
+    /// node's retry backoff, with a random jitter).
     pub(super) fn retry_delay_ms(&self, attempt: u32) -> i64 {
         let s = &self.e.settings;
-        retry_delay_ms(s.retry_base, s.retry_max, attempt, jitter())
+        let delay = Backoff::new(s.retry_base, s.retry_max).delay(attempt, backoff::jitter());
+        i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Forgets offers that were never answered, so they can be made again.
@@ -355,16 +341,5 @@ mod tests {
         outbox.offered(e2, bob, t0);
         outbox.answered(&e2, &bob);
         assert_eq!(outbox.to_offer(&bob, None, [e1, e2], t0, 10), [e1, e2]);
-    }
-
-    #[test]
-    fn retries_back_off_to_the_cap_with_jitter() {
-        let (base, max) = (Duration::from_secs(2), Duration::from_secs(600));
-        assert_eq!(retry_delay_ms(base, max, 0, 0.5), 2_000);
-        assert_eq!(retry_delay_ms(base, max, 3, 0.5), 16_000);
-        assert_eq!(retry_delay_ms(base, max, 20, 0.5), 600_000);
-        assert_eq!(retry_delay_ms(base, max, u32::MAX, 0.5), 600_000);
-        assert_eq!(retry_delay_ms(base, max, 1, 0.0), 2_000);
-        assert_eq!(retry_delay_ms(base, max, 1, 1.0), 6_000);
     }
 }
