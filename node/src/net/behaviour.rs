@@ -47,7 +47,7 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
         .max_transmit_size(MAX_ENVELOPE_BYTES + 16 * 1024)
         .heartbeat_interval(Duration::from_millis(700))
         .build()
-        .map_err(|e| NetError::Transport(format!("gossipsub config: {e}")))
+        .map_err(NetError::GossipsubConfig)
 }
 
 /// Gossipsub behind the topic gate: built before the swarm, as the only
@@ -59,7 +59,7 @@ fn gossipsub() -> Result<gate::Gossip, NetError> {
         MAX_TOPICS_PER_PEER,
         MAX_TOPICS_PER_PEER,
     )
-    .map_err(|e| NetError::Transport(e.to_string()))
+    .map_err(NetError::Gossipsub)
 }
 
 fn build_behaviour(
@@ -135,5 +135,5 @@ pub(super) fn build_swarm(
     build_swarm_with_relay_client(key, swarm_config, |key, relay_client| {
         build_behaviour(key, gossipsub, relay_client, config)
     })
-    .map_err(|e| NetError::Transport(e.to_string()))
+    .map_err(NetError::from)
 }

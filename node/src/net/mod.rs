@@ -66,7 +66,11 @@ pub enum NetError {
     #[error("bad listen address {0}: {1}")]
     Listen(Multiaddr, #[source] libp2p::TransportError<std::io::Error>),
     #[error("transport setup failed: {0}")]
-    Transport(String),
+    Transport(#[from] weft_proto::transport::SwarmBuildError),
+    #[error("gossipsub config: {0}")]
+    GossipsubConfig(#[source] libp2p::gossipsub::ConfigBuilderError),
+    #[error("gossipsub: {0}")]
+    Gossipsub(&'static str),
     #[error("direct request failed: {0}")]
     Direct(#[source] libp2p::request_response::OutboundFailure),
     #[error("the network task has stopped")]
