@@ -467,6 +467,23 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_edits_at_one_timestamp_agree_on_the_larger_edit_id() -> Result<(), CrdtError> {
+        let mut phone = Annotations::new(b"alice-phone");
+        let mut laptop = Annotations::new(b"alice-laptop");
+        let at = |edit: u8| EditRef {
+            hlc: 10,
+            edit: vec![edit],
+        };
+        phone.edit(M1, at(7))?;
+        laptop.edit(M1, at(3))?;
+        sync(&mut phone, &mut laptop)?;
+        sync(&mut laptop, &mut phone)?;
+        assert_eq!(phone.view(), laptop.view());
+        assert_eq!(phone.message(M1).edit, Some(at(7)));
+        Ok(())
+    }
+
+    #[test]
     fn a_deletion_wins_and_hides_reactions() -> Result<(), CrdtError> {
         let mut a = Annotations::new(ALICE);
         let mut b = Annotations::new(BOB);

@@ -293,6 +293,300 @@ mod tests {
         assert_ne!(x_then_y, y_then_x, "exactly one order replaces the other");
     }
 
+    /// The next epoch's state, as its author would start it.
+    fn next_of(g: &GroupState) -> GroupState {
+        let mut next = g.clone();
+        next.epoch += 1;
+        next.routing = [9; 32];
+        next
+    }
+
+    #[test]
+    fn only_admins_add_rename_and_promote() {
+        let (ids, g) = group();
+        let (alice, bob) = (ids[0].user_id(), ids[1].user_id());
+        let (_, dave) = member("dave", GroupRole::Member);
+        let mut added = next_of(&g);
+        added.members.push(dave);
+        let mut renamed = next_of(&g);
+        renamed.name = "foes".into();
+        // Bob makes himself an admin.
+        let mut promoted = next_of(&g);
+        promoted.members[1].role = GroupRole::Admin;
+        for next in [added, renamed, promoted] {
+            assert_eq!(next.check_transition(Some(&g), &alice), Ok(()));
+            assert_eq!(
+                next.check_transition(Some(&g), &bob),
+                Err(GroupError::NotAdmin)
+            );
+        }
+    }
+
+    #[test]
+    fn an_admin_may_remove_or_demote_another_admin() {
+        let (ids, mut g) = group();
+        g.members[1].role = GroupRole::Admin;
+        let (alice, bob) = (ids[0].user_id(), ids[1].user_id());
+        let mut demoted = next_of(&g);
+        demoted.members[0].role = GroupRole::Member;
+        assert_eq!(demoted.check_transition(Some(&g), &bob), Ok(()));
+        let mut removed = next_of(&g);
+        removed.members.retain(|m| m.user != alice);
+        assert_eq!(removed.check_transition(Some(&g), &bob), Ok(()));
+    }
+
+    #[test]
+    fn a_removed_member_can_no_longer_change_the_group() {
+        let (ids, g) = group();
+        let carol = ids[2].user_id();
+        let mut removed = next_of(&g);
+        removed.members.retain(|m| m.user != carol);
+        // At the next epoch, Carol puts herself back: she is no member.
+        let mut back = g.clone();
+        back.epoch = removed.epoch + 1;
+        assert_eq!(
+            back.check_transition(Some(&removed), &carol),
+            Err(GroupError::NotMember)
+        );
+        // Her own leave at the epoch she was removed at, arriving late:
+        // refused either way (stale, or by someone who is no member).
+        let late_leave = g.without(&carol, [7; 32]);
+        assert!(late_leave.check_transition(Some(&removed), &carol).is_err());
+        // Someone never in the group: no member either.
+        let (outsider, _) = member("mallory", GroupRole::Member);
+        assert_eq!(
+            next_of(&g).check_transition(Some(&g), &outsider.user_id()),
+            Err(GroupError::NotMember)
+        );
+    }
+
+    #[test]
+    fn the_first_sight_of_a_group_needs_an_admin_author() {
+        let (ids, g) = group();
+        assert_eq!(g.check_transition(None, &ids[0].user_id()), Ok(()));
+        assert_eq!(
+            g.check_transition(None, &ids[1].user_id()),
+            Err(GroupError::NotAdmin)
+        );
+        let (outsider, _) = member("mallory", GroupRole::Member);
+        assert_eq!(
+            g.check_transition(None, &outsider.user_id()),
+            Err(GroupError::NotAdmin)
+        );
+    }
+
+    #[test]
+    fn a_leaver_changes_nothing_but_their_own_membership() {
+        let (ids, g) = group();
+        let bob = ids[1].user_id();
+        let leave = g.without(&bob, [9; 32]);
+        assert_eq!(leave.check_transition(Some(&g), &bob), Ok(()));
+        let mut and_rename = leave.clone();
+        and_rename.name = "foes".into();
+        let mut and_remove = leave.clone();
+        and_remove.members.retain(|m| m.user != ids[2].user_id());
+        let mut and_demote = leave.clone();
+        and_demote.members[0].role = GroupRole::Member;
+        and_demote.members[1].role = GroupRole::Admin;
+        let mut and_devices = leave.clone();
+        let carols = and_devices.members[1].devices[0].clone();
+        and_devices.members[1].devices.push(carols);
+        let (_, dave) = member("dave", GroupRole::Member);
+        let mut and_add = leave;
+        and_add.members.push(dave);
+        for next in [and_rename, and_remove, and_demote, and_devices, and_add] {
+            assert_eq!(
+                next.check_transition(Some(&g), &bob),
+                Err(GroupError::NotAdmin)
+            );
+        }
+    }
+
+    #[test]
+    fn a_group_always_keeps_an_admin() {
+        let (ids, g) = group();
+        let alice = ids[0].user_id();
+        // The only admin leaves without handing on: no admin is left.
+        let mut bare_leave = next_of(&g);
+        bare_leave.members.retain(|m| m.user != alice);
+        assert_eq!(
+            bare_leave.check_transition(Some(&g), &alice),
+            Err(GroupError::Invalid("no admin"))
+        );
+        // Nor may the only admin step down.
+        let mut stepped_down = next_of(&g);
+        stepped_down.members[0].role = GroupRole::Member;
+        assert_eq!(
+            stepped_down.check_transition(Some(&g), &alice),
+            Err(GroupError::Invalid("no admin"))
+        );
+    }
+
+    #[test]
+    fn leaving_hands_on_admin_only_when_none_would_remain() {
+        let (ids, g) = group();
+        let after_bob = g.without(&ids[1].user_id(), [9; 32]);
+        assert_eq!((after_bob.epoch, after_bob.routing), (2, [9; 32]));
+        let roles: Vec<_> = after_bob.members.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [GroupRole::Admin, GroupRole::Member]);
+        // Alice, the only admin, leaves: Bob, the first of the rest.
+        let after_alice = g.without(&ids[0].user_id(), [9; 32]);
+        let roles: Vec<_> = after_alice.members.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [GroupRole::Admin, GroupRole::Member]);
+        assert_eq!(after_alice.members[0].user, ids[1].user_id());
+        // The last member leaves: an empty group, which is a valid state.
+        let alone = GroupState {
+            members: vec![g.members[0].clone()],
+            ..g.clone()
+        };
+        let empty = alone.without(&ids[0].user_id(), [9; 32]);
+        assert!(empty.members.is_empty());
+        assert_eq!(
+            empty.check_transition(Some(&alone), &ids[0].user_id()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn old_and_replayed_states_are_stale() {
+        let (ids, g) = group();
+        let alice = ids[0].user_id();
+        assert_eq!(g.check_transition(Some(&g), &alice), Err(GroupError::Stale));
+        let next = next_of(&g);
+        assert_eq!(
+            g.check_transition(Some(&next), &alice),
+            Err(GroupError::Stale)
+        );
+        // Stale is decided before who wrote it: a non-member's old state
+        // is only stale.
+        let (outsider, _) = member("mallory", GroupRole::Member);
+        assert_eq!(
+            g.check_transition(Some(&next), &outsider.user_id()),
+            Err(GroupError::Stale)
+        );
+        // An admin may skip epochs.
+        let mut later = next_of(&g);
+        later.epoch = 7;
+        assert_eq!(later.check_transition(Some(&g), &alice), Ok(()));
+    }
+
+    #[test]
+    fn a_state_of_another_group_is_refused() {
+        let (ids, g) = group();
+        let mut other = next_of(&g);
+        other.id = ConversationId([2; 32]);
+        assert_eq!(
+            other.check_transition(Some(&g), &ids[0].user_id()),
+            Err(GroupError::Invalid("another group"))
+        );
+    }
+
+    #[test]
+    fn malformed_states_are_refused() {
+        let (_, g) = group();
+        let mut crowded = g.clone();
+        crowded.members = vec![g.members[1].clone(); MAX_GROUP_MEMBERS + 1];
+        assert_eq!(crowded.check(), Err(GroupError::TooManyMembers));
+        let mut twice = g.clone();
+        twice.members.push(g.members[1].clone());
+        assert_eq!(twice.check(), Err(GroupError::Invalid("duplicate member")));
+        let mut deviceless = g.clone();
+        deviceless.members[1].devices.clear();
+        assert_eq!(
+            deviceless.check(),
+            Err(GroupError::Invalid("member devices"))
+        );
+        let mut badly_named = g.clone();
+        badly_named.members[1].name = "bob\u{1b}[2J".into();
+        assert_eq!(badly_named.check(), Err(GroupError::Invalid("member name")));
+        let mut unnamed = g;
+        unnamed.name = String::new();
+        assert_eq!(unnamed.check(), Err(GroupError::Invalid("group name")));
+    }
+
+    #[test]
+    fn a_removed_member_shown_the_blanked_state_orders_it_alike() {
+        let (_, g) = group();
+        let mut x = next_of(&g);
+        x.name = "x".into();
+        let mut y = next_of(&g);
+        y.name = "y".into();
+        let mut x_blank = x.clone();
+        x_blank.routing = [0; 32];
+        let mut y_blank = y.clone();
+        y_blank.routing = [0; 32];
+        assert_eq!(
+            x.order_key() < y.order_key(),
+            x_blank.order_key() < y_blank.order_key()
+        );
+    }
+
+    #[test]
+    #[ignore = "hole, for the lead: a member who leaves may promote anyone while an admin remains"]
+    fn a_leaver_may_not_promote_while_an_admin_remains() {
+        // Roles may only be raised on a leave so that a group whose last
+        // admin leaves keeps one (`without` promotes only then); but the
+        // check lets any leaver raise anyone, e.g. an accomplice.
+        let (ids, g) = group();
+        let bob = ids[1].user_id();
+        let mut leave = g.without(&bob, [9; 32]);
+        leave.members[1].role = GroupRole::Admin; // Carol
+        assert_eq!(
+            leave.check_transition(Some(&g), &bob),
+            Err(GroupError::NotAdmin)
+        );
+    }
+
+    #[test]
+    #[ignore = "hole, for the lead: a leave may jump to any epoch, up to u64::MAX (then epoch + 1 overflows)"]
+    fn a_leave_moves_the_epoch_on_by_one() {
+        // A member who is no admin can send their leave at epoch u64::MAX:
+        // it is accepted, and the admin's move to a fresh routing secret
+        // (`epoch += 1` in the engine's receive_group, and in `without`
+        // and every admin change after) overflows: a panic in debug
+        // builds, epoch 0 (stale everywhere) in release ones.
+        let (ids, g) = group();
+        let bob = ids[1].user_id();
+        let mut leave = g.without(&bob, [9; 32]);
+        leave.epoch = u64::MAX;
+        assert!(leave.check_transition(Some(&g), &bob).is_err());
+    }
+
+    #[test]
+    #[ignore = "hole, for the lead: an admin's change concurrent with their removal does not converge"]
+    fn a_removed_admins_concurrent_change_converges() {
+        // Alice and Bob are admins. At epoch 2, Alice removes Bob (x) while
+        // Bob renames the group (y). Whoever takes x first refuses y (Bob
+        // is no member of x: NotMember, not Stale); whoever takes y first
+        // keeps it when x orders below it (Stale). Members end up in two
+        // different groups.
+        let (ids, mut g) = group();
+        g.members[1].role = GroupRole::Admin;
+        let (alice, bob) = (ids[0].user_id(), ids[1].user_id());
+        let mut x = next_of(&g);
+        x.members.retain(|m| m.user != bob);
+        let mut y = next_of(&g);
+        y.name = "renamed".into();
+        // A routing secret for y that orders it above x.
+        for byte in 0..=u8::MAX {
+            y.routing = [byte; 32];
+            if y.order_key() > x.order_key() {
+                break;
+            }
+        }
+        assert!(y.order_key() > x.order_key());
+        let apply = |current: &GroupState, next: &GroupState, author: &UserId| {
+            if next.check_transition(Some(current), author).is_ok() {
+                next.clone()
+            } else {
+                current.clone()
+            }
+        };
+        let x_first = apply(&apply(&g, &x, &alice), &y, &bob);
+        let y_first = apply(&apply(&g, &y, &bob), &x, &alice);
+        assert_eq!(x_first, y_first);
+    }
+
     #[test]
     fn forged_device_certificate_is_refused() {
         let (ids, mut g) = group();

@@ -127,6 +127,58 @@ mod tests {
         assert!(c.now(1000) > remote);
     }
 
+    #[test]
+    fn a_full_logical_counter_borrows_the_next_millisecond() {
+        let mut c = Clock::resume(Hlc::new(1000, u16::MAX));
+        assert_eq!(c.now(1000), Hlc::new(1001, 0));
+        assert_eq!(c.now(900), Hlc::new(1001, 1));
+    }
+
+    #[test]
+    fn an_older_remote_timestamp_does_not_move_the_clock_back() {
+        let mut c = Clock::default();
+        let mine = c.now(5000);
+        let old = Hlc::new(1000, 9);
+        // Taken in as it is (it is not in the future)...
+        assert_eq!(c.observe(old, 5000), old);
+        // ...and the clock stays where it was.
+        assert_eq!(c.last(), mine);
+        assert!(c.now(5000) > mine);
+    }
+
+    #[test]
+    fn clamping_only_touches_the_far_future() {
+        let wall = 1000;
+        let near = Hlc::new(wall + MAX_SKEW_MS, 5);
+        assert_eq!(near.clamped(wall), near);
+        let limit = Hlc::new(wall + MAX_SKEW_MS, u16::MAX);
+        assert_eq!(limit.clamped(wall), limit);
+        assert_eq!(Hlc::new(wall + MAX_SKEW_MS + 1, 0).clamped(wall), limit);
+        assert_eq!(Hlc(u64::MAX).clamped(u64::MAX), Hlc(u64::MAX));
+    }
+
+    #[test]
+    fn a_reply_from_a_slow_clock_sorts_after_what_it_answers() {
+        // Alice's wall clock is ahead of Bob's by more than a minute; Bob
+        // read her message before answering.
+        let mut alice = Clock::default();
+        let mut bob = Clock::default();
+        let question = alice.now(100_000);
+        bob.observe(question, 30_000);
+        let answer = bob.now(30_000);
+        assert!(answer > question);
+        assert_eq!(answer, Hlc::new(100_000, 1));
+    }
+
+    #[test]
+    fn two_devices_may_write_the_same_timestamp() {
+        // Equal timestamps are possible across devices: the conversation
+        // order breaks the tie by message id (`store::messages`), the
+        // annotation documents by edit id (`weft-crdt`).
+        let (mut a, mut b) = (Clock::default(), Clock::default());
+        assert_eq!(a.now(1000), b.now(1000));
+    }
+
     proptest! {
         // Whatever the wall clock and the peers do, a device's timestamps
         // strictly increase.

@@ -157,6 +157,22 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_messages_shard_is_its_epoch_and_period() {
+        let at = |ms: u64| Hlc::new(ms, 0);
+        let p = SHARD_PERIOD_MS;
+        // One period of one epoch shares a shard, whatever the counter.
+        assert_eq!(shard_of(1, at(0)), shard_of(1, Hlc::new(p - 1, 9)));
+        assert_eq!(shard_of(1, at(0)), 1 << 32);
+        assert_eq!(shard_of(1, at(p)), (1 << 32) | 1);
+        // Another epoch is another shard, even in the same period.
+        assert_ne!(shard_of(1, at(5)), shard_of(2, at(5)));
+        // A huge epoch saturates instead of spilling out; the latest
+        // timestamp's period still fits in its half.
+        assert_eq!(shard_of(u64::MAX, at(0)), u64::from(u32::MAX) << 32);
+        assert_eq!(shard_of(0, Hlc(u64::MAX)), Hlc(u64::MAX).ms() / p);
+    }
+
+    #[test]
     fn text_round_trips() {
         let p = Payload::Text(TextMessage {
             text: "hi".into(),

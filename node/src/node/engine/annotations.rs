@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use weft_crdt::{Annotation, Annotations, CrdtError, EditRef, MessageAnnotations};
+use weft_crdt::{Annotations, CrdtError, EditRef, MessageAnnotations};
 
 use crate::api::{Event, MessageView};
 use crate::hlc::Hlc;
@@ -29,6 +29,7 @@ use crate::payload::{MAX_TEXT_BYTES, Payload};
 use crate::store::{MessageRecord, PendingAnnotation};
 
 use super::EngineError;
+use super::permissions::{self, ChangeShape, Write, may_write};
 use super::{Ack, Conv, Effect, EngineResult, State};
 
 /// Shards kept loaded (each is saved when changed, so any may go).
@@ -173,14 +174,6 @@ impl State<'_, '_> {
         Ok((m, conv))
     }
 
-    fn is_admin(conv: &Conv, user: &UserId) -> bool {
-        match &conv.group {
-            Some(g) => g.is_admin(user),
-            // Both people administer a direct conversation.
-            None => true,
-        }
-    }
-
     /// `weft edit MSGID TEXT`.
     pub(super) fn edit_message(&mut self, id: &str, text: String) -> EngineResult<MessageView> {
         if text.len() > MAX_TEXT_BYTES {
@@ -195,7 +188,12 @@ impl State<'_, '_> {
             ));
         }
         let (m, conv) = self.message_for_change(id)?;
-        if m.sender_user != self.e.my_user {
+        if !may_write(
+            Write::Edit,
+            &self.e.my_user,
+            &m.sender_user,
+            conv.group.as_deref(),
+        ) {
             return Err(EngineError::usage("only the sender may edit a message"));
         }
         let edit_id: [u8; 16] = random_bytes()?;
@@ -219,7 +217,12 @@ impl State<'_, '_> {
     /// `weft delete MSGID`.
     pub(super) fn delete_message(&mut self, id: &str) -> EngineResult<MessageView> {
         let (m, conv) = self.message_for_change(id)?;
-        if m.sender_user != self.e.my_user && !Self::is_admin(&conv, &self.e.my_user) {
+        if !may_write(
+            Write::Delete,
+            &self.e.my_user,
+            &m.sender_user,
+            conv.group.as_deref(),
+        ) {
             return Err(EngineError::usage(
                 "only the sender, or an admin of the group, may delete a message",
             ));
@@ -295,33 +298,8 @@ impl State<'_, '_> {
         }
         let (inspected, what) =
             Annotations::inspect(&a.change).map_err(|_| "malformed annotation change")?;
-        if inspected.actor != device.0 {
-            return Err("annotation change not by its sending device");
-        }
-        let target = weft_crdt::hex(&a.message.0);
-        let me = weft_crdt::hex(&user.0);
-        let mut edits = false;
-        for w in &what {
-            let about = match w {
-                Annotation::Edit { message } => {
-                    edits = true;
-                    Some(message)
-                }
-                Annotation::Delete { message } | Annotation::Pin { message } => Some(message),
-                Annotation::React { message, user, .. } => {
-                    if *user != me {
-                        return Err("a reaction in another user's name");
-                    }
-                    Some(message)
-                }
-                Annotation::Group { .. } => None,
-            };
-            if about.is_some_and(|m| *m != target) {
-                return Err("an annotation change about another message");
-            }
-        }
-        let deletion =
-            !what.is_empty() && what.iter().all(|w| matches!(w, Annotation::Delete { .. }));
+        let ChangeShape { edits, deletion } =
+            permissions::check_change(&inspected.actor, &device, &user, &a.message, &what)?;
         let found = match self.annotated.get(&a.message) {
             Some(m) => Ok(Some(*m)),
             None => self.db.message(&a.message).map(|m| {
@@ -372,15 +350,8 @@ impl State<'_, '_> {
         if a.period != shard_id.1 {
             return Err("an annotation for the wrong shard");
         }
-        let admin = Self::is_admin(conv, &user);
         for w in &what {
-            let allowed = match w {
-                Annotation::Edit { .. } => m.sender_user == user,
-                Annotation::Delete { .. } => m.sender_user == user || admin,
-                Annotation::React { .. } => true,
-                Annotation::Pin { .. } | Annotation::Group { .. } => admin,
-            };
-            if !allowed {
+            if !may_write(Write::of(w), &user, &m.sender_user, conv.group.as_deref()) {
                 if deletion {
                     // Where the message is missing it went into the shard
                     // (see above), so it goes in here too, keeping every

@@ -14,9 +14,10 @@ use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
 use crate::node::now_ms;
 use crate::payload::Payload;
 use crate::payload::{MAX_RECEIPT_IDS, Receipt, ReceiptKind};
-use crate::store::{ConversationKind, MessageRecord, MessageStatus};
+use crate::store::{MessageRecord, MessageStatus};
 
 use super::EngineError;
+use super::receipt_tally::{self, ReceiptEffect};
 use super::{Ack, Conv, Effect, EngineResult, State};
 
 /// Most messages marked read (and acknowledged) by one `read`.
@@ -89,10 +90,7 @@ impl State<'_, '_> {
         device: DeviceId,
         receipt: Receipt,
     ) -> Result<(), EngineError> {
-        let status = match receipt.kind {
-            ReceiptKind::Delivered => MessageStatus::Delivered,
-            ReceiptKind::Read => MessageStatus::Read,
-        };
+        let status = receipt_tally::status_of_receipt(receipt.kind);
         let peer = peer_id_of(&device);
         let now = now_ms();
         let mut read_elsewhere = false;
@@ -108,19 +106,14 @@ impl State<'_, '_> {
             if m.conversation != conv.id {
                 continue;
             }
-            if user == self.e.my_user {
-                // Another device of this user read it: so has this one.
-                if status == MessageStatus::Read
-                    && m.sender_user != self.e.my_user
-                    && m.status != MessageStatus::Read
-                {
+            match receipt_tally::effect_of(&user, status, &self.e.my_user, &m.sender_user, m.status)
+            {
+                ReceiptEffect::ReadHere => {
                     self.db.set_message_status(id, MessageStatus::Read)?;
                     read_elsewhere = true;
                 }
-                continue;
-            }
-            if m.sender_user == self.e.my_user {
-                self.update_progress(conv, &m)?;
+                ReceiptEffect::Recount => self.update_progress(conv, &m)?,
+                ReceiptEffect::Nothing => {}
             }
         }
         if read_elsewhere {
@@ -134,15 +127,10 @@ impl State<'_, '_> {
     /// Moves one of this user's messages to `delivered` or `read` once
     /// every recipient has got that far, and tells `watch`.
     fn update_progress(&mut self, conv: &Conv, m: &MessageRecord) -> Result<(), EngineError> {
-        let progress = self.progress(conv, &m.id)?;
-        let all = progress.recipients;
-        let target = if all > 0 && progress.read == all {
-            MessageStatus::Read
-        } else if all > 0 && progress.delivered == all {
-            MessageStatus::Delivered
-        } else {
-            MessageStatus::Sent
-        };
+        let receipts = self.db.receipts(&m.id)?;
+        let progress =
+            receipt_tally::progress(&conv.members, &m.sender_user, &self.e.my_user, &receipts);
+        let target = receipt_tally::status_at(progress);
         self.db.set_message_status(&m.id, target)?;
         let status = self.db.message(&m.id)?.map_or(target, |m| m.status);
         self.fx.push(Effect::Event(Event::Status {
@@ -154,23 +142,6 @@ impl State<'_, '_> {
         Ok(())
     }
 
-    /// How many of the conversation's other members have the message, and
-    /// have read it.
-    fn progress(&self, conv: &Conv, id: &MessageId) -> Result<Progress, EngineError> {
-        let receipts = self.db.receipts(id)?;
-        let mut p = Progress::default();
-        for user in conv.members.iter().filter(|u| **u != self.e.my_user) {
-            p.recipients += 1;
-            if let Some(r) = receipts.iter().find(|r| r.user == *user) {
-                p.delivered += 1;
-                if r.status == MessageStatus::Read {
-                    p.read += 1;
-                }
-            }
-        }
-        Ok(p)
-    }
-
     /// Per member (other than the sender), how far the message has got;
     /// and the sender's view of the whole.
     pub(super) fn receipt_views(
@@ -180,26 +151,10 @@ impl State<'_, '_> {
     ) -> Result<(Vec<ReceiptView>, Progress), EngineError> {
         let receipts = self.db.receipts(&r.id)?;
         let mut views = Vec::new();
-        let mut progress = Progress::default();
         for user in conv.members.iter().filter(|u| **u != r.sender_user) {
-            let found = receipts.iter().find(|x| x.user == *user);
-            let status = match found {
-                Some(x) => x.status.as_str(),
-                None if r.sender_user == self.e.my_user => match r.status {
-                    MessageStatus::Queued => "queued",
-                    _ => "sent",
-                },
-                None => "unknown",
-            };
-            if *user != self.e.my_user {
-                progress.recipients += 1;
-                if found.is_some() {
-                    progress.delivered += 1;
-                }
-                if found.is_some_and(|x| x.status == MessageStatus::Read) {
-                    progress.read += 1;
-                }
-            }
+            let found = receipt_tally::receipt_of(&receipts, user);
+            let status =
+                receipt_tally::member_status(found, r.sender_user == self.e.my_user, r.status);
             let name = conv
                 .group
                 .as_ref()
@@ -212,6 +167,8 @@ impl State<'_, '_> {
                 at: found.map(|x| x.at_ms),
             });
         }
+        let progress =
+            receipt_tally::progress(&conv.members, &r.sender_user, &self.e.my_user, &receipts);
         Ok((views, progress))
     }
 
@@ -230,8 +187,11 @@ impl State<'_, '_> {
             self.change_account(|a| a.mark_read(&conv_id.0, hlc))?;
         }
         let receipts = self.e.convs.get(&conv_id).is_some_and(|c| {
-            c.kind == ConversationKind::Direct
-                || c.members.len() <= self.e.settings.read_receipts_max_group
+            receipt_tally::sends_read_receipts(
+                c.kind,
+                c.members.len(),
+                self.e.settings.read_receipts_max_group,
+            )
         });
         if receipts && !ids.is_empty() {
             self.send_receipt(conv_id, ReceiptKind::Read, &ids)?;

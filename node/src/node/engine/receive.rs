@@ -17,7 +17,7 @@ use crate::store::{
 use super::EngineError;
 use super::{
     Effect, PARALLEL_VERIFY_MIN, PENDING_CAP, State, Verdict, Via, account, chains, fresh_key,
-    run_effects, tag_slot,
+    permissions, run_effects, tag_slot,
 };
 
 impl State<'_, '_> {
@@ -394,28 +394,15 @@ impl State<'_, '_> {
         }
         // Only a group's id takes a group state: a one-to-one or account
         // conversation's would hand its key to whoever the state names.
-        match self.e.convs.get(&state.id) {
-            Some(c) if c.kind != ConversationKind::Group => {
-                return Ok(Verdict::Reject("group state for a one-to-one conversation"));
-            }
-            Some(_) => {}
-            None if !state.id.is_group_form() => {
-                return Ok(Verdict::Reject(
-                    "group state for an id that is not a group's",
-                ));
-            }
-            None => {}
+        let held = self.e.convs.get(&state.id).map(|c| c.kind);
+        if let Err(why) = permissions::group_state_target(held, &state.id) {
+            return Ok(Verdict::Reject(why));
         }
         // The author is whoever owns the signing device, as certified in the
         // current or the new state.
         let current = self.e.convs.get(&state.id).and_then(|c| c.group.clone());
-        let author = current
-            .as_deref()
-            .into_iter()
-            .chain(std::iter::once(&state))
-            .flat_map(|g| g.members.iter())
-            .find(|m| m.devices.iter().any(|d| d.device == env.header.sender))
-            .map(|m| m.user);
+        let author =
+            permissions::group_state_author(current.as_deref(), &state, &env.header.sender);
         let Some(author) = author else {
             return Ok(Verdict::Reject("group change from an unknown device"));
         };
@@ -476,8 +463,7 @@ impl State<'_, '_> {
         self.reprocess_pending(&state.id);
         // A member who left chose the new epoch's routing secret: an
         // admin moves the group on to one the leaver does not know.
-        // (Admins doing so at once converge like any concurrent change.)
-        if state.member(&author).is_none() && state.is_admin(&self.e.my_user) {
+        if permissions::moves_on_after_leave(&state, &author, &self.e.my_user) {
             let mut next = state.clone();
             next.epoch += 1;
             next.routing = fresh_key()?;
@@ -585,9 +571,8 @@ impl State<'_, '_> {
                 );
             }
             Payload::Account(a) => {
-                if conv_id != account::account_conversation(&self.e.my_user)
-                    || user != self.e.my_user
-                {
+                let account = account::account_conversation(&self.e.my_user);
+                if !permissions::may_change_account(&conv_id, &account, &user, &self.e.my_user) {
                     return Ok(Verdict::Reject("account state outside the account"));
                 }
                 self.advance_chain(key, after)?;
