@@ -52,10 +52,40 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// is coming from.
 #[derive(Default)]
 pub(super) struct Linking {
-    /// Link codes issued and not used yet.
-    pub(super) codes: Vec<LinkSecret>,
+    /// Link codes issued and not used yet (at most [`MAX_LINK_CODES`]).
+    codes: Vec<LinkSecret>,
     /// The device a history transfer is coming from.
     pub(super) history_peer: Option<PeerId>,
+}
+
+impl Linking {
+    /// Keeps `secret` as a code that works until `now_ms` +
+    /// [`CODE_LIFETIME_MS`] (returned); the oldest code goes when
+    /// [`MAX_LINK_CODES`] are out.
+    fn issue(&mut self, secret: [u8; 16], now_ms: i64) -> i64 {
+        self.codes.retain(|c| c.expires_at_ms > now_ms);
+        if self.codes.len() >= MAX_LINK_CODES {
+            self.codes.remove(0);
+        }
+        let expires_at_ms = now_ms + CODE_LIFETIME_MS;
+        self.codes.push(LinkSecret {
+            secret,
+            expires_at_ms,
+        });
+        expires_at_ms
+    }
+
+    /// Uses up the unexpired code `proves` accepts, if any: each works once.
+    fn redeem(&mut self, now_ms: i64, proves: impl Fn(&[u8; 16]) -> bool) -> bool {
+        self.codes.retain(|c| c.expires_at_ms > now_ms);
+        match self.codes.iter().position(|c| proves(&c.secret)) {
+            Some(at) => {
+                self.codes.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl State<'_, '_> {
@@ -80,16 +110,7 @@ impl State<'_, '_> {
             ));
         }
         let secret: [u8; 16] = random_bytes()?;
-        let now = now_ms();
-        self.e.linking.codes.retain(|c| c.expires_at_ms > now);
-        if self.e.linking.codes.len() >= MAX_LINK_CODES {
-            self.e.linking.codes.remove(0);
-        }
-        let expires_at_ms = now + CODE_LIFETIME_MS;
-        self.e.linking.codes.push(LinkSecret {
-            secret,
-            expires_at_ms,
-        });
+        let expires_at_ms = self.e.linking.issue(secret, now_ms());
         let mut addrs = self.reachable_at(listen);
         addrs.truncate(8);
         let code = LinkCode {
@@ -110,17 +131,15 @@ impl State<'_, '_> {
             return DirectResponse::Refused("the device is not the one connected".into());
         }
         let now = now_ms();
-        self.e.linking.codes.retain(|c| c.expires_at_ms > now);
-        let Some(at) = self.e.linking.codes.iter().position(|c| {
+        let proven = self.e.linking.redeem(now, |secret| {
             same(
-                &crate::link::proof(&c.secret, &req.device, &req.dh),
+                &crate::link::proof(secret, &req.device, &req.dh),
                 &req.proof,
             )
-        }) else {
+        });
+        if !proven {
             return DirectResponse::Refused("no such link code (expired or used)".into());
-        };
-        // One use only.
-        self.e.linking.codes.remove(at);
+        }
         let grant = (|| -> Result<LinkGrant, EngineError> {
             let cert = self
                 .e
@@ -531,5 +550,36 @@ impl State<'_, '_> {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_code_works_once_and_only_until_it_expires() {
+        let mut linking = Linking::default();
+        let expires = linking.issue([1; 16], 1_000);
+        assert_eq!(expires, 1_000 + CODE_LIFETIME_MS);
+        assert!(!linking.redeem(2_000, |s| *s == [2; 16]), "a wrong code");
+        assert!(linking.redeem(2_000, |s| *s == [1; 16]));
+        assert!(!linking.redeem(2_000, |s| *s == [1; 16]), "used twice");
+        linking.issue([3; 16], 1_000);
+        assert!(
+            !linking.redeem(expires, |s| *s == [3; 16]),
+            "used when it expired"
+        );
+    }
+
+    #[test]
+    fn the_oldest_code_goes_when_too_many_are_out() {
+        let mut linking = Linking::default();
+        for i in 0..=MAX_LINK_CODES as u8 {
+            linking.issue([i; 16], 1_000 + i64::from(i));
+        }
+        assert!(!linking.redeem(2_000, |s| *s == [0; 16]));
+        assert!(linking.redeem(2_000, |s| *s == [MAX_LINK_CODES as u8; 16]));
+        assert!(linking.redeem(2_000, |s| *s == [1; 16]));
     }
 }

@@ -73,9 +73,120 @@ pub(in crate::node) struct Presence {
 /// shares its own with.
 #[derive(Default)]
 pub(super) struct PresenceBook {
-    pub(super) seen: HashMap<UserId, Presence>,
-    pub(super) typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
+    seen: HashMap<UserId, Presence>,
+    typing: HashMap<(ConversationId, UserId), tokio::time::Instant>,
     pub(super) share: Share,
+}
+
+/// What happened to someone's presence or typing: the events to emit.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Change {
+    Online(UserId, i64),
+    Offline(UserId, i64),
+    Typing(ConversationId, UserId, bool),
+}
+
+impl PresenceBook {
+    /// A book that knows nobody yet, sharing this user's presence as
+    /// `share` says.
+    pub(super) fn sharing(share: Share) -> Self {
+        Self {
+            share,
+            ..Self::default()
+        }
+    }
+
+    /// `user` was heard from at `now_ms` and counts as online until
+    /// `until`. `Some` when they came online (at most [`MAX_TRACKED`]
+    /// users are tracked; others are not shown online).
+    pub(super) fn heard(
+        &mut self,
+        user: UserId,
+        until: tokio::time::Instant,
+        now_ms: i64,
+    ) -> Option<Change> {
+        if self.seen.len() >= MAX_TRACKED && !self.seen.contains_key(&user) {
+            return None;
+        }
+        let presence = Presence {
+            until,
+            last_seen_ms: now_ms,
+        };
+        match self.seen.insert(user, presence) {
+            None => Some(Change::Online(user, now_ms)),
+            Some(_) => None,
+        }
+    }
+
+    /// `user` left (their last device disconnected): offline, and no longer
+    /// typing anywhere.
+    pub(super) fn gone(&mut self, user: UserId) -> Vec<Change> {
+        let mut changes: Vec<Change> = self
+            .seen
+            .remove(&user)
+            .map(|p| Change::Offline(user, p.last_seen_ms))
+            .into_iter()
+            .collect();
+        let convs: Vec<ConversationId> = self
+            .typing
+            .keys()
+            .filter(|(_, u)| *u == user)
+            .map(|(c, _)| *c)
+            .collect();
+        changes.extend(
+            convs
+                .into_iter()
+                .filter_map(|c| self.stopped_typing(c, user)),
+        );
+        changes
+    }
+
+    /// Presences whose heartbeats stopped and typing that timed out by `now`.
+    pub(super) fn expire(&mut self, now: tokio::time::Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        self.seen.retain(|user, p| {
+            let live = p.until > now;
+            if !live {
+                changes.push(Change::Offline(*user, p.last_seen_ms));
+            }
+            live
+        });
+        self.typing.retain(|(conv, user), until| {
+            let live = *until > now;
+            if !live {
+                changes.push(Change::Typing(*conv, *user, false));
+            }
+            live
+        });
+        changes
+    }
+
+    pub(super) fn is_online(&self, user: &UserId) -> bool {
+        self.seen.contains_key(user)
+    }
+
+    /// `user` is typing in `conv` until `until`; `Some` when they started.
+    pub(super) fn started_typing(
+        &mut self,
+        conv: ConversationId,
+        user: UserId,
+        until: tokio::time::Instant,
+    ) -> Option<Change> {
+        if self.typing.len() >= MAX_TRACKED && !self.typing.contains_key(&(conv, user)) {
+            return None;
+        }
+        match self.typing.insert((conv, user), until) {
+            None => Some(Change::Typing(conv, user, true)),
+            Some(_) => None,
+        }
+    }
+
+    /// `user` stopped typing in `conv`; `Some` when they were.
+    pub(super) fn stopped_typing(&mut self, conv: ConversationId, user: UserId) -> Option<Change> {
+        self.typing
+            .remove(&(conv, user))
+            .map(|_| Change::Typing(conv, user, false))
+    }
 }
 
 impl State<'_, '_> {
@@ -148,19 +259,9 @@ impl State<'_, '_> {
         if let Err(e) = self.db.set_last_seen(&user, now) {
             tracing::warn!("last seen: {e}");
         }
-        if self.e.presence.seen.len() >= MAX_TRACKED && !self.e.presence.seen.contains_key(&user) {
-            return;
-        }
-        let was_online = self.e.presence.seen.contains_key(&user);
-        self.e.presence.seen.insert(
-            user,
-            Presence {
-                until: tokio::time::Instant::now() + grace,
-                last_seen_ms: now,
-            },
-        );
-        if !was_online {
-            self.presence_event(user, true, Some(now));
+        let until = tokio::time::Instant::now() + grace;
+        if let Some(change) = self.e.presence.heard(user, until, now) {
+            self.emit(change);
         }
     }
 
@@ -181,57 +282,35 @@ impl State<'_, '_> {
         if still_here {
             return;
         }
-        if let Some(p) = self.e.presence.seen.remove(&user) {
-            self.presence_event(user, false, Some(p.last_seen_ms));
-        }
-        let typing: Vec<ConversationId> = self
-            .e
-            .presence
-            .typing
-            .keys()
-            .filter(|(_, u)| *u == user)
-            .map(|(c, _)| *c)
-            .collect();
-        for conv in typing {
-            self.typing_done(conv, user);
+        for change in self.e.presence.gone(user) {
+            self.emit(change);
         }
     }
 
     /// Ends presences whose heartbeats stopped and typing that timed out.
     pub(super) fn expire_presence(&mut self) {
-        let now = tokio::time::Instant::now();
-        let gone: Vec<(UserId, i64)> = self
-            .e
-            .presence
-            .seen
-            .iter()
-            .filter(|(_, p)| p.until <= now)
-            .map(|(u, p)| (*u, p.last_seen_ms))
-            .collect();
-        for (user, last_seen) in gone {
-            self.e.presence.seen.remove(&user);
-            self.presence_event(user, false, Some(last_seen));
-        }
-        let stopped: Vec<(ConversationId, UserId)> = self
-            .e
-            .presence
-            .typing
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for (conv, user) in stopped {
-            self.typing_done(conv, user);
+        for change in self.e.presence.expire(tokio::time::Instant::now()) {
+            self.emit(change);
         }
     }
 
-    fn presence_event(&mut self, user: UserId, online: bool, last_seen: Option<i64>) {
-        self.fx.push(Effect::Event(Event::Presence {
-            user_id: user.to_string(),
-            name: self.user_name(&user),
-            online,
-            last_seen,
-        }));
+    /// The event of a presence or typing change.
+    fn emit(&mut self, change: Change) {
+        let event = match change {
+            Change::Online(user, at) | Change::Offline(user, at) => Event::Presence {
+                user_id: user.to_string(),
+                name: self.user_name(&user),
+                online: matches!(change, Change::Online(..)),
+                last_seen: Some(at),
+            },
+            Change::Typing(conv, user, typing) => Event::Typing {
+                conversation: conv.to_string(),
+                user_id: user.to_string(),
+                name: self.user_name(&user),
+                typing,
+            },
+        };
+        self.fx.push(Effect::Event(event));
     }
 
     /// `weft presence TARGET`.
@@ -243,7 +322,7 @@ impl State<'_, '_> {
                 Err(_) => return Err(e),
             },
         };
-        let online = self.e.presence.seen.contains_key(&user);
+        let online = self.e.presence.is_online(&user);
         let last_seen = self.db.last_seen(&user)?;
         Ok(PresenceView {
             user_id: user.to_string(),
@@ -317,30 +396,92 @@ impl State<'_, '_> {
             self.typing_done(conv, user);
             return;
         }
-        if self.e.presence.typing.len() >= MAX_TRACKED
-            && !self.e.presence.typing.contains_key(&(conv, user))
-        {
-            return;
-        }
         let until = tokio::time::Instant::now() + self.e.settings.typing_ttl;
-        if self.e.presence.typing.insert((conv, user), until).is_none() {
-            self.typing_event(conv, user, true);
+        if let Some(change) = self.e.presence.started_typing(conv, user, until) {
+            self.emit(change);
         }
     }
 
     /// The user stopped typing (said so, timed out, or sent the message).
     pub(super) fn typing_done(&mut self, conv: ConversationId, user: UserId) {
-        if self.e.presence.typing.remove(&(conv, user)).is_some() {
-            self.typing_event(conv, user, false);
+        if let Some(change) = self.e.presence.stopped_typing(conv, user) {
+            self.emit(change);
         }
     }
+}
 
-    fn typing_event(&mut self, conv: ConversationId, user: UserId, typing: bool) {
-        self.fx.push(Effect::Event(Event::Typing {
-            conversation: conv.to_string(),
-            user_id: user.to_string(),
-            name: self.user_name(&user),
-            typing,
-        }));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn user(n: u8) -> UserId {
+        UserId([n; 32])
+    }
+
+    fn conv(n: u8) -> ConversationId {
+        ConversationId([n; 32])
+    }
+
+    #[test]
+    fn a_user_comes_online_once_and_goes_offline_when_heartbeats_stop() {
+        let mut book = PresenceBook::default();
+        let t0 = Instant::now();
+        let bob = user(1);
+        assert_eq!(
+            book.heard(bob, t0 + Duration::from_secs(10), 1_000),
+            Some(Change::Online(bob, 1_000))
+        );
+        // Heard again: still online, no second event, the window moves.
+        assert_eq!(book.heard(bob, t0 + Duration::from_secs(20), 2_000), None);
+        assert!(book.expire(t0 + Duration::from_secs(15)).is_empty());
+        assert!(book.is_online(&bob));
+        assert_eq!(
+            book.expire(t0 + Duration::from_secs(20)),
+            vec![Change::Offline(bob, 2_000)]
+        );
+        assert!(!book.is_online(&bob));
+    }
+
+    #[test]
+    fn leaving_ends_presence_and_typing_everywhere() {
+        let mut book = PresenceBook::default();
+        let t0 = Instant::now();
+        let (bob, carol) = (user(1), user(2));
+        book.heard(bob, t0 + Duration::from_secs(10), 5);
+        assert_eq!(
+            book.started_typing(conv(1), bob, t0 + Duration::from_secs(3)),
+            Some(Change::Typing(conv(1), bob, true))
+        );
+        assert_eq!(
+            book.started_typing(conv(1), bob, t0 + Duration::from_secs(4)),
+            None
+        );
+        book.started_typing(conv(1), carol, t0 + Duration::from_secs(3));
+        let changes = book.gone(bob);
+        assert_eq!(
+            changes,
+            vec![Change::Offline(bob, 5), Change::Typing(conv(1), bob, false)]
+        );
+        assert_eq!(book.gone(bob), vec![]);
+        // carol's typing times out on its own.
+        assert_eq!(
+            book.expire(t0 + Duration::from_secs(3)),
+            vec![Change::Typing(conv(1), carol, false)]
+        );
+        assert_eq!(book.stopped_typing(conv(1), carol), None);
+    }
+
+    #[test]
+    fn at_most_max_tracked_users_are_tracked() {
+        let mut book = PresenceBook::default();
+        let until = Instant::now() + Duration::from_secs(10);
+        for i in 0..MAX_TRACKED {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            assert!(book.heard(UserId(id), until, 1).is_some());
+        }
+        assert_eq!(book.heard(user(0xff), until, 1), None);
+        assert!(!book.is_online(&user(0xff)));
     }
 }

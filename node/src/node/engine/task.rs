@@ -93,10 +93,7 @@ impl Engine {
                 outbox: outbox::Outbox::default(),
                 settings,
                 clock,
-                presence: presence::PresenceBook {
-                    share,
-                    ..Default::default()
-                },
+                presence: presence::PresenceBook::sharing(share),
                 syncing: HashMap::new(),
                 relays: relay::Relays {
                     in_use: relays,
