@@ -99,10 +99,45 @@ fn crdt_failed(e: CrdtError) -> EngineError {
 pub(super) struct AccountCache {
     /// The account's private state (loaded when first needed), and
     /// whether it changed since it was saved.
-    pub(super) doc: Option<weft_crdt::AccountState>,
-    pub(super) dirty: bool,
+    doc: Option<weft_crdt::AccountState>,
+    dirty: bool,
     /// The account's read position per conversation, as last read from it.
-    pub(super) read_positions: HashMap<ConversationId, u64>,
+    read_positions: HashMap<ConversationId, u64>,
+}
+
+impl AccountCache {
+    /// The document changed: to be saved, and its read positions read
+    /// again.
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.read_positions.clear();
+    }
+
+    /// Whether it changed since this was last asked.
+    fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// A read position asked before, if the document did not change since.
+    fn read_position(&self, conv: &ConversationId) -> Option<u64> {
+        self.read_positions.get(conv).copied()
+    }
+
+    /// Keeps a read position (at most [`READ_POSITIONS`]).
+    fn keep_read_position(&mut self, conv: ConversationId, at: u64) {
+        if self.read_positions.len() >= READ_POSITIONS {
+            self.read_positions.clear();
+        }
+        self.read_positions.insert(conv, at);
+    }
+
+    /// Drops the document and all taken from it: the next use loads it
+    /// from the store again.
+    pub(super) fn forget(&mut self) {
+        self.doc = None;
+        self.dirty = false;
+        self.read_positions.clear();
+    }
 }
 
 impl State<'_, '_> {
@@ -224,24 +259,20 @@ impl State<'_, '_> {
     /// The document changed: to be saved, and its read positions read
     /// again.
     fn account_changed(&mut self) {
-        self.e.account.dirty = true;
-        self.e.account.read_positions.clear();
+        self.e.account.changed();
     }
 
     /// How far the account has read `conv` (0: not at all). Asked for
     /// every message received, so kept until the document changes.
     pub(super) fn read_position(&mut self, conv: &ConversationId) -> u64 {
-        if let Some(at) = self.e.account.read_positions.get(conv) {
-            return *at;
+        if let Some(at) = self.e.account.read_position(conv) {
+            return at;
         }
         let at = match self.account() {
             Ok(a) => a.read_up_to(&conv.0),
             Err(_) => return 0,
         };
-        if self.e.account.read_positions.len() >= READ_POSITIONS {
-            self.e.account.read_positions.clear();
-        }
-        self.e.account.read_positions.insert(*conv, at);
+        self.e.account.keep_read_position(*conv, at);
         at
     }
 
@@ -269,7 +300,7 @@ impl State<'_, '_> {
         {
             tracing::warn!("account state not applied: {e:?}");
         }
-        if !std::mem::take(&mut self.e.account.dirty) {
+        if !self.e.account.take_changed() {
             return;
         }
         let conv = account_conversation(&self.e.my_user);
@@ -285,8 +316,7 @@ impl State<'_, '_> {
         };
         if let Err(e) = written {
             tracing::error!("cannot save the account state: {e}");
-            self.e.account.doc = None;
-            self.e.account.read_positions.clear();
+            self.e.account.forget();
         }
     }
 
@@ -356,5 +386,34 @@ impl State<'_, '_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_positions_are_kept_until_the_document_changes() {
+        let mut cache = AccountCache::default();
+        let conv = ConversationId([1; 32]);
+        cache.keep_read_position(conv, 42);
+        assert_eq!(cache.read_position(&conv), Some(42));
+        assert!(!cache.take_changed());
+        cache.changed();
+        assert_eq!(cache.read_position(&conv), None);
+        assert!(cache.take_changed());
+        assert!(!cache.take_changed(), "saved once");
+    }
+
+    #[test]
+    fn at_most_read_positions_are_kept() {
+        let mut cache = AccountCache::default();
+        for i in 0..=READ_POSITIONS {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            cache.keep_read_position(ConversationId(id), 1);
+        }
+        assert!(cache.read_positions.len() <= READ_POSITIONS);
     }
 }

@@ -101,39 +101,78 @@ fn shard_id_of(conv: &ConversationId, epoch: u64, hlc: u64) -> ShardId {
 /// Annotation shards loaded, and those changed in the batch in progress.
 #[derive(Default)]
 pub(super) struct ShardCache {
-    /// Annotation shards loaded (at most `annotations::SHARD_CACHE`).
-    pub(super) loaded: HashMap<ShardId, weft_crdt::Annotations>,
+    /// Annotation shards loaded (at most [`SHARD_CACHE`]).
+    loaded: HashMap<ShardId, weft_crdt::Annotations>,
     /// Those changed in the batch in progress.
-    pub(super) dirty: HashSet<ShardId>,
+    dirty: HashSet<ShardId>,
+}
+
+impl ShardCache {
+    /// Whether loading one more shard needs room made first (by saving
+    /// the changed ones and calling [`Self::clear`]).
+    fn full(&self) -> bool {
+        self.loaded.len() >= SHARD_CACHE
+    }
+
+    fn get_mut(&mut self, id: &ShardId) -> Option<&mut weft_crdt::Annotations> {
+        self.loaded.get_mut(id)
+    }
+
+    /// Keeps a loaded shard (room is the caller's to make: see
+    /// [`Self::full`]).
+    fn insert(&mut self, id: ShardId, shard: weft_crdt::Annotations) {
+        self.loaded.insert(id, shard);
+    }
+
+    /// The shard changed in this batch: it is saved before the commit.
+    pub(super) fn changed(&mut self, id: ShardId) {
+        self.dirty.insert(id);
+    }
+
+    /// The shards changed since this was last asked.
+    fn take_changed(&mut self) -> HashSet<ShardId> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Drops a shard: the next use loads it from the store again.
+    pub(super) fn forget(&mut self, id: &ShardId) {
+        self.loaded.remove(id);
+    }
+
+    /// Drops every shard and what changed (the batch rolled back, or room
+    /// is made).
+    pub(super) fn clear(&mut self) {
+        self.loaded.clear();
+        self.dirty.clear();
+    }
 }
 
 impl State<'_, '_> {
     /// The shard, loaded from the store (or new) if not cached.
     fn shard(&mut self, id: ShardId) -> Result<&mut Annotations, EngineError> {
-        if !self.e.shards.loaded.contains_key(&id) {
-            if self.e.shards.loaded.len() >= SHARD_CACHE {
-                // Saved already (dirty ones are saved before eviction).
+        if self.e.shards.get_mut(&id).is_none() {
+            if self.e.shards.full() {
+                // The changed ones are saved before they go.
                 self.save_shards();
-                self.e.shards.loaded.clear();
+                self.e.shards.clear();
             }
             let device = self.e.my_device.0;
             let shard = match self.db.shard(&id.0, id.1)? {
                 Some(bytes) => Annotations::load(&bytes, &device).map_err(crdt_err)?,
                 None => Annotations::new(&device),
             };
-            self.e.shards.loaded.insert(id, shard);
+            self.e.shards.insert(id, shard);
         }
         self.e
             .shards
-            .loaded
             .get_mut(&id)
             .ok_or_else(|| EngineError::failed("shard vanished"))
     }
 
     /// Writes the shards changed in this batch (before its commit).
     pub(super) fn save_shards(&mut self) {
-        for id in std::mem::take(&mut self.e.shards.dirty) {
-            if let Some(shard) = self.e.shards.loaded.get_mut(&id) {
+        for id in self.e.shards.take_changed() {
+            if let Some(shard) = self.e.shards.get_mut(&id) {
                 let written = match shard.persist() {
                     weft_crdt::Persist::Nothing => Ok(()),
                     weft_crdt::Persist::Whole(bytes) => self.db.put_shard(&id.0, id.1, &bytes),
@@ -142,7 +181,7 @@ impl State<'_, '_> {
                 if let Err(e) = written {
                     tracing::error!("cannot save an annotation shard: {e}");
                     // What the disk holds is unknown now: load it again.
-                    self.e.shards.loaded.remove(&id);
+                    self.e.shards.forget(&id);
                 }
             }
         }
@@ -264,7 +303,7 @@ impl State<'_, '_> {
         edit: Option<EditText>,
         deleting: bool,
     ) -> EngineResult<MessageView> {
-        self.e.shards.dirty.insert(shard_id);
+        self.e.shards.changed(shard_id);
         let payload = Payload::Annotate(Annotate {
             message: m.id,
             period: shard_id.1,
@@ -461,7 +500,7 @@ impl State<'_, '_> {
                 match self.shard(shard_id).map(|s| s.apply_batch(inspected)) {
                     Ok(Ok(0)) => {}
                     Ok(Ok(_)) => {
-                        self.e.shards.dirty.insert(shard_id);
+                        self.e.shards.changed(shard_id);
                     }
                     Ok(Err(e)) => tracing::warn!("annotation changes not applied: {e}"),
                     Err(e) => tracing::warn!("annotation shard unreadable: {e:?}"),
@@ -609,6 +648,37 @@ impl State<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_changed_is_saved_once_and_a_forgotten_one_loads_again() {
+        let mut cache = ShardCache::default();
+        let id = (ConversationId([1; 32]), 7);
+        cache.insert(id, Annotations::new(&[2; 32]));
+        cache.changed(id);
+        cache.changed(id);
+        assert_eq!(cache.take_changed(), HashSet::from([id]));
+        assert!(cache.take_changed().is_empty());
+        assert!(cache.get_mut(&id).is_some());
+        cache.forget(&id);
+        assert!(cache.get_mut(&id).is_none());
+    }
+
+    #[test]
+    fn the_cache_is_full_at_its_bound() {
+        let mut cache = ShardCache::default();
+        for period in 0..SHARD_CACHE as u64 {
+            assert!(!cache.full());
+            cache.insert(
+                (ConversationId([1; 32]), period),
+                Annotations::new(&[2; 32]),
+            );
+        }
+        assert!(cache.full());
+        cache.clear();
+        assert!(!cache.full());
+    }
+
     #[test]
     fn the_wire_and_the_documents_agree_on_the_shard_period() {
         assert_eq!(crate::payload::SHARD_PERIOD_MS, weft_crdt::PERIOD_MS);

@@ -20,13 +20,89 @@ use super::{Conv, Effect, ROUTING_TAGS_CACHE, Recipients, State, account, tag_sl
 /// each topic, and when the gossip gate is due to be told the members.
 #[derive(Default)]
 pub(super) struct Topics {
-    pub(super) by_topic: HashMap<String, ConversationId>,
-    /// Every routing tag known (current and earlier epochs).
-    pub(super) by_tag: HashMap<RoutingTag, ConversationId>,
-    pub(super) subscribed: HashMap<String, HashSet<PeerId>>,
+    by_topic: HashMap<String, ConversationId>,
+    /// Routing tags known (current and earlier epochs), at most
+    /// [`ROUTING_TAGS_CACHE`]: the store knows every tag.
+    by_tag: HashMap<RoutingTag, ConversationId>,
+    subscribed: HashMap<String, HashSet<PeerId>>,
     /// When the gossip gate (who may subscribe to which topic) is to be
     /// told the member devices again (`None`: it is up to date).
-    pub(super) gates_due: Option<tokio::time::Instant>,
+    gates_due: Option<tokio::time::Instant>,
+}
+
+impl Topics {
+    /// Empty, with the gate to be told at once (at start).
+    pub(super) fn gates_due_now() -> Self {
+        Self {
+            gates_due: Some(tokio::time::Instant::now()),
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn add_topic(&mut self, topic: String, conv: ConversationId) {
+        self.by_topic.insert(topic, conv);
+    }
+
+    pub(super) fn conversation_of_topic(&self, topic: &str) -> Option<ConversationId> {
+        self.by_topic.get(topic).copied()
+    }
+
+    /// Puts a tag in the bounded cache; true if it was not there.
+    pub(super) fn cache_tag(&mut self, tag: RoutingTag, conv: ConversationId) -> bool {
+        if self.by_tag.len() >= ROUTING_TAGS_CACHE {
+            self.by_tag.clear();
+        }
+        self.by_tag.insert(tag, conv).is_none()
+    }
+
+    /// At start: fills the cache while there is room, evicting nothing.
+    pub(super) fn preload_tag(&mut self, tag: RoutingTag, conv: ConversationId) {
+        if self.by_tag.len() < ROUTING_TAGS_CACHE {
+            self.by_tag.insert(tag, conv);
+        }
+    }
+
+    pub(super) fn cached_tag(&self, tag: &RoutingTag) -> Option<ConversationId> {
+        self.by_tag.get(tag).copied()
+    }
+
+    pub(super) fn subscribed(&mut self, peer: PeerId, topic: String) {
+        self.subscribed.entry(topic).or_default().insert(peer);
+    }
+
+    pub(super) fn unsubscribed(&mut self, peer: &PeerId, topic: &str) {
+        if let Some(peers) = self.subscribed.get_mut(topic) {
+            peers.remove(peer);
+        }
+    }
+
+    pub(super) fn disconnected(&mut self, peer: &PeerId) {
+        for peers in self.subscribed.values_mut() {
+            peers.remove(peer);
+        }
+    }
+
+    /// The peers subscribed to `topic`, as far as gossip has told.
+    pub(super) fn subscribers(&self, topic: &str) -> Option<&HashSet<PeerId>> {
+        self.subscribed.get(topic)
+    }
+
+    /// The gate is to be told again at `due`, or later if a change already
+    /// waiting asked for later (changes coming in a burst are told once).
+    pub(super) fn gates_changed(&mut self, due: tokio::time::Instant) {
+        self.gates_due = Some(self.gates_due.map_or(due, |d| d.max(due)));
+    }
+
+    /// Whether the gate is due to be told at `now`; it then counts as told.
+    pub(super) fn take_gates_due(&mut self, now: tokio::time::Instant) -> bool {
+        match self.gates_due {
+            Some(due) if due <= now => {
+                self.gates_due = None;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl State<'_, '_> {
@@ -47,7 +123,7 @@ impl State<'_, '_> {
             self.fx
                 .push(Effect::Net(NetCommand::Subscribe(conv.topic.clone())));
         }
-        self.e.topics.by_topic.insert(conv.topic.clone(), conv.id);
+        self.e.topics.add_topic(conv.topic.clone(), conv.id);
         let (id, tag) = (conv.id, conv.tag);
         self.e.convs.insert(id, conv);
         self.gates_changed(Duration::ZERO);
@@ -66,10 +142,7 @@ impl State<'_, '_> {
 
     /// Puts a tag in the bounded cache; true if it was not there.
     pub(super) fn cache_tag(&mut self, tag: RoutingTag, conv: ConversationId) -> bool {
-        if self.e.topics.by_tag.len() >= ROUTING_TAGS_CACHE {
-            self.e.topics.by_tag.clear();
-        }
-        self.e.topics.by_tag.insert(tag, conv).is_none()
+        self.e.topics.cache_tag(tag, conv)
     }
 
     /// The conversation a routing tag names, if this node knows the tag.
@@ -77,8 +150,8 @@ impl State<'_, '_> {
         &mut self,
         tag: &RoutingTag,
     ) -> Result<Option<ConversationId>, EngineError> {
-        if let Some(conv) = self.e.topics.by_tag.get(tag) {
-            return Ok(Some(*conv));
+        if let Some(conv) = self.e.topics.cached_tag(tag) {
+            return Ok(Some(conv));
         }
         let conv = self.db.conversation_of_tag(tag)?;
         if let Some(conv) = conv {
@@ -90,16 +163,16 @@ impl State<'_, '_> {
     /// Members or devices changed: the gate is told again after `delay`
     /// (never sooner than a change already waiting asked for).
     pub(super) fn gates_changed(&mut self, delay: Duration) {
-        let due = tokio::time::Instant::now() + delay;
-        self.e.topics.gates_due = Some(self.e.topics.gates_due.map_or(due, |d| d.max(due)));
+        self.e
+            .topics
+            .gates_changed(tokio::time::Instant::now() + delay);
     }
 
     /// Tells the gossip gate, for every topic, which peers may take it:
     /// the member devices of its conversation, nobody else.
     pub(super) fn refresh_gates(&mut self) {
-        match self.e.topics.gates_due {
-            Some(due) if due <= tokio::time::Instant::now() => self.e.topics.gates_due = None,
-            _ => return,
+        if !self.e.topics.take_gates_due(tokio::time::Instant::now()) {
+            return;
         }
         for conv in self.active_convs() {
             let peers = match self.recipients(&conv) {
@@ -270,5 +343,63 @@ impl State<'_, '_> {
         out.into_iter()
             .map(|(device, dh)| Ok((device, self.sealing_key(&device, dh)?)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn the_tag_cache_stays_bounded_and_the_preload_evicts_nothing() {
+        let mut topics = Topics::default();
+        let tag = |i: usize| {
+            let mut t = [0u8; 16];
+            t[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            RoutingTag(t)
+        };
+        let conv = ConversationId([1; 32]);
+        for i in 0..ROUTING_TAGS_CACHE + 10 {
+            topics.preload_tag(tag(i), conv);
+        }
+        assert_eq!(topics.cached_tag(&tag(0)), Some(conv));
+        assert_eq!(topics.cached_tag(&tag(ROUTING_TAGS_CACHE)), None);
+        assert_eq!(topics.by_tag.len(), ROUTING_TAGS_CACHE);
+        // Full: a tag cached now starts the cache afresh.
+        assert!(topics.cache_tag(tag(ROUTING_TAGS_CACHE), conv));
+        assert_eq!(topics.by_tag.len(), 1);
+        assert!(
+            !topics.cache_tag(tag(ROUTING_TAGS_CACHE), conv),
+            "already cached"
+        );
+    }
+
+    #[test]
+    fn the_gate_is_told_once_after_the_latest_change_asked() {
+        let mut topics = Topics::default();
+        let t0 = Instant::now();
+        assert!(!topics.take_gates_due(t0), "nothing changed");
+        topics.gates_changed(t0 + Duration::from_millis(50));
+        topics.gates_changed(t0);
+        assert!(!topics.take_gates_due(t0 + Duration::from_millis(10)));
+        assert!(topics.take_gates_due(t0 + Duration::from_millis(50)));
+        assert!(
+            !topics.take_gates_due(t0 + Duration::from_millis(60)),
+            "told once"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_leaves_is_subscribed_nowhere() {
+        let mut topics = Topics::default();
+        let (bob, carol) = (PeerId::random(), PeerId::random());
+        topics.subscribed(bob, "t1".into());
+        topics.subscribed(bob, "t2".into());
+        topics.subscribed(carol, "t1".into());
+        topics.unsubscribed(&carol, "t1");
+        topics.disconnected(&bob);
+        assert!(topics.subscribers("t1").is_some_and(HashSet::is_empty));
+        assert!(topics.subscribers("t2").is_some_and(HashSet::is_empty));
     }
 }

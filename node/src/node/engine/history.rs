@@ -367,7 +367,7 @@ impl State<'_, '_> {
             }
         }
         for (conv, period, doc) in &page.shards {
-            self.e.shards.loaded.remove(&(*conv, *period));
+            self.e.shards.forget(&(*conv, *period));
             let merged = match self.db.shard(conv, *period)? {
                 None => doc.clone(),
                 Some(mine) => {

@@ -80,26 +80,21 @@ impl State<'_, '_> {
             NetEvent::Disconnected { peer } => {
                 self.e.connected.remove(&peer);
                 self.peer_gone(peer);
-                for peers in self.e.topics.subscribed.values_mut() {
-                    peers.remove(&peer);
-                }
+                self.e.topics.disconnected(&peer);
                 self.fx.push(Effect::Event(Event::Peer {
                     peer_id: peer.to_string(),
                     connected: false,
                 }));
             }
             NetEvent::Subscribed { peer, topic } => {
-                let peers = self.e.topics.subscribed.entry(topic.clone()).or_default();
-                peers.insert(peer);
-                let conv = self.e.topics.by_topic.get(&topic).copied();
+                let conv = self.e.topics.conversation_of_topic(&topic);
+                self.e.topics.subscribed(peer, topic);
                 if conv.is_some() {
                     self.flush_to(peer, conv);
                 }
             }
             NetEvent::Unsubscribed { peer, topic } => {
-                if let Some(peers) = self.e.topics.subscribed.get_mut(&topic) {
-                    peers.remove(&peer);
-                }
+                self.e.topics.unsubscribed(&peer, &topic);
             }
             NetEvent::Listening { .. } => {}
             NetEvent::RelayFound { relay, addr } => self.relay_found(relay, addr),

@@ -50,7 +50,7 @@ impl State<'_, '_> {
         // derive from the same routing secret).
         let tagged = self.conversation_of_tag(&env.header.tag)?;
         if let Some(topic) = topic {
-            let Some(topic_conv) = self.e.topics.by_topic.get(topic).copied() else {
+            let Some(topic_conv) = self.e.topics.conversation_of_topic(topic) else {
                 return Ok(Verdict::Ignore);
             };
             if tagged.is_some_and(|c| c != topic_conv) {
@@ -232,7 +232,7 @@ impl State<'_, '_> {
         // The tag, where we know it, must name the conversation inside; on
         // gossip, so must the topic.
         if tagged.is_some_and(|c| c != conv_id)
-            || topic.is_some_and(|t| self.e.topics.by_topic.get(t) != Some(&conv_id))
+            || topic.is_some_and(|t| self.e.topics.conversation_of_topic(t) != Some(conv_id))
         {
             return Ok(Verdict::Reject("envelope for another conversation"));
         }

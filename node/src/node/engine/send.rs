@@ -297,7 +297,7 @@ impl State<'_, '_> {
         let mut missing = HashSet::new();
         let mut reached = false;
         if self.e.net_online {
-            let subscribed = self.e.topics.subscribed.get(&conv.topic);
+            let subscribed = self.e.topics.subscribers(&conv.topic);
             let mut direct = Vec::new();
             for peer in targets.iter() {
                 if subscribed.is_some_and(|s| s.contains(peer)) {

@@ -19,10 +19,9 @@ use crate::node::{Command, NodeError, Settings};
 use crate::store::{ConversationKind, Durability, Role, Store, meta};
 
 use super::{
-    BATCH, Conv, Effect, Engine, EngineState, Input, Internal, MAX_REVOKED, Outlets,
-    ROUTING_TAGS_CACHE, Share, State, TICK, account, annotations, chains, conversations, devices,
-    direct_routing, directory, fail_inputs, let_network_run, outbox, presence, recv_opt, relay,
-    run_effects, sleep_until_opt,
+    BATCH, Conv, Effect, Engine, EngineState, Input, Internal, MAX_REVOKED, Outlets, Share, State,
+    TICK, account, annotations, chains, conversations, devices, direct_routing, directory,
+    fail_inputs, let_network_run, outbox, presence, recv_opt, relay, run_effects, sleep_until_opt,
 };
 
 impl Engine {
@@ -83,10 +82,7 @@ impl Engine {
                 name,
                 net_online,
                 convs: HashMap::new(),
-                topics: conversations::Topics {
-                    gates_due: Some(tokio::time::Instant::now()),
-                    ..Default::default()
-                },
+                topics: conversations::Topics::gates_due_now(),
                 chains: chains::ChainCache::default(),
                 directory: directory::Directory::default(),
                 connected: HashSet::new(),
@@ -208,19 +204,14 @@ impl Engine {
         let mut pending_outbox = Vec::new();
         let known = db.known_peers(4096)?;
         for conv in convs {
-            if let Some(tag) = conv.tag
-                && self.state.topics.by_tag.len() < ROUTING_TAGS_CACHE
-            {
-                self.state.topics.by_tag.insert(tag, conv.id);
+            if let Some(tag) = conv.tag {
+                self.state.topics.preload_tag(tag, conv.id);
             }
             if conv.active && conv.tag.is_some() {
                 self.outlets
                     .net_cmd(NetCommand::Subscribe(conv.topic.clone()));
             }
-            self.state
-                .topics
-                .by_topic
-                .insert(conv.topic.clone(), conv.id);
+            self.state.topics.add_topic(conv.topic.clone(), conv.id);
             self.state.convs.insert(conv.id, conv);
         }
         for entry in outbox {
@@ -497,11 +488,8 @@ impl Engine {
             }
             self.state.chains.forget_all();
             // They may hold changes the disk does not.
-            self.state.shards.loaded.clear();
-            self.state.shards.dirty.clear();
-            self.state.account.doc = None;
-            self.state.account.dirty = false;
-            self.state.account.read_positions.clear();
+            self.state.shards.clear();
+            self.state.account.forget();
             // This batch stored nothing to acknowledge. Receipts taken for
             // sending in it are lost; the senders' retries bring them back
             // (a duplicate offered directly is acknowledged again).
