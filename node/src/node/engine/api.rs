@@ -94,13 +94,7 @@ impl State<'_, '_> {
                     peer_id: self.e.identity.peer_id().to_string(),
                     listen: Vec::new(),
                     peers: Vec::new(),
-                    relays: self
-                        .e
-                        .relays
-                        .in_use
-                        .iter()
-                        .map(|(_, a)| a.to_string())
-                        .collect(),
+                    relays: self.e.relays.in_use().map(|(_, a)| a.to_string()).collect(),
                     online: self.e.net_online,
                     outbox: self.db.outbox_len()?,
                 };

@@ -100,7 +100,7 @@ impl State<'_, '_> {
             NetEvent::RelayFound { relay, addr } => self.relay_found(relay, addr),
             NetEvent::PeerAddrs { peer, addrs } => self.peer_addrs(peer, addrs),
             NetEvent::MailWaiting { relay } => {
-                if self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
+                if self.e.relays.uses(&relay) {
                     self.fetch_mail(relay);
                 }
             }

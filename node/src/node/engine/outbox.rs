@@ -157,7 +157,7 @@ impl State<'_, '_> {
     /// A peer has an envelope: forget it from the outbox once every member
     /// peer has it, and mark the message sent.
     pub(super) fn reached(&mut self, id: &EnvelopeId, peer: &PeerId) {
-        self.e.relays.deposited.remove(&(*id, *peer));
+        self.e.relays.reached(*id, *peer);
         let Some((conv, done)) = self.e.outbox.reached(id, peer) else {
             return;
         };

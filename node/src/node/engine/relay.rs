@@ -160,28 +160,105 @@ fn relays_in(addrs: &[String], device: &PeerId) -> Vec<(PeerId, Multiaddr)> {
 #[derive(Default)]
 pub(super) struct Relays {
     /// Relays in use, configured and found (peer id, address with /p2p/).
-    pub(super) in_use: Vec<(PeerId, Multiaddr)>,
-    /// Those of `relays` found through the DHT.
-    pub(super) found: HashSet<PeerId>,
+    in_use: Vec<(PeerId, Multiaddr)>,
+    /// Those of `in_use` found through the DHT.
+    found: HashSet<PeerId>,
     /// Relays a fetch is in flight from.
-    pub(super) fetching: HashSet<PeerId>,
+    fetching: HashSet<PeerId>,
     /// The last mail cursor acknowledged per relay.
-    pub(super) mail_cursor: HashMap<PeerId, u64>,
+    mail_cursor: HashMap<PeerId, u64>,
     /// Envelopes deposited for a device at its relays.
-    pub(super) deposited: HashSet<(EnvelopeId, PeerId)>,
+    deposited: HashSet<(EnvelopeId, PeerId)>,
     /// Our mailbox at each relay that accepted our registration, and how
     /// much was fetched from it.
-    pub(super) mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
+    mailboxes: HashMap<PeerId, (crate::mailbox::MailboxId, u64)>,
+}
+
+impl Relays {
+    /// The relays of the configuration and those found before (`found`
+    /// says which came from the DHT).
+    pub(super) fn new(in_use: Vec<(PeerId, Multiaddr)>, found: HashSet<PeerId>) -> Self {
+        Self {
+            in_use,
+            found,
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn uses(&self, relay: &PeerId) -> bool {
+        self.in_use.iter().any(|(p, _)| p == relay)
+    }
+
+    /// The relays in use, with their addresses.
+    pub(super) fn in_use(&self) -> impl Iterator<Item = &(PeerId, Multiaddr)> {
+        self.in_use.iter()
+    }
+
+    /// A relay found through the DHT is used from now on.
+    fn adopt_found(&mut self, relay: PeerId, addr: Multiaddr) {
+        if !self.uses(&relay) {
+            self.in_use.push((relay, addr));
+        }
+        self.found.insert(relay);
+    }
+
+    /// The address of a relay in use that was found through the DHT.
+    fn found_addr(&self, relay: &PeerId) -> Option<&Multiaddr> {
+        if !self.found.contains(relay) {
+            return None;
+        }
+        self.in_use.iter().find(|(p, _)| p == relay).map(|(_, a)| a)
+    }
+
+    /// Where the next fetch from `relay` starts, unless one is in flight.
+    fn start_fetch(&mut self, relay: PeerId) -> Option<u64> {
+        self.fetching
+            .insert(relay)
+            .then(|| self.mail_cursor.get(&relay).copied().unwrap_or(0))
+    }
+
+    fn fetch_ended(&mut self, relay: &PeerId) {
+        self.fetching.remove(relay);
+    }
+
+    /// A page of `count` envelopes up to cursor `up_to` came from `relay`.
+    fn fetched(&mut self, relay: PeerId, count: u64, up_to: u64) {
+        if let Some(m) = self.mailboxes.get_mut(&relay) {
+            m.1 += count;
+        }
+        self.mail_cursor.insert(relay, up_to);
+    }
+
+    /// `relay` took our registration (again): keeps what was fetched.
+    fn registered(&mut self, relay: PeerId, mailbox: crate::mailbox::MailboxId) {
+        let fetched = self.mailboxes.get(&relay).map_or(0, |m| m.1);
+        self.mailboxes.insert(relay, (mailbox, fetched));
+    }
+
+    /// Our mailbox at `relay` and how much was fetched from it.
+    fn mailbox(&self, relay: &PeerId) -> Option<&(crate::mailbox::MailboxId, u64)> {
+        self.mailboxes.get(relay)
+    }
+
+    fn deposited(&mut self, id: EnvelopeId, device: PeerId) {
+        self.deposited.insert((id, device));
+    }
+
+    fn was_deposited(&self, id: EnvelopeId, device: PeerId) -> bool {
+        self.deposited.contains(&(id, device))
+    }
+
+    /// The device has the envelope: no deposit for it is remembered.
+    pub(super) fn reached(&mut self, id: EnvelopeId, device: PeerId) {
+        self.deposited.remove(&(id, device));
+    }
 }
 
 impl State<'_, '_> {
     /// The network adopted a relay found through the DHT: keep a mailbox
     /// there too, and remember it.
     pub(super) fn relay_found(&mut self, relay: PeerId, addr: Multiaddr) {
-        if !self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
-            self.e.relays.in_use.push((relay, addr.clone()));
-        }
-        self.e.relays.found.insert(relay);
+        self.e.relays.adopt_found(relay, addr.clone());
         self.note_found_relay(&addr);
         if self.e.connected.contains(&relay) {
             self.relay_connected(relay);
@@ -225,7 +302,7 @@ impl State<'_, '_> {
 
     /// A configured relay connected: (re)register, then fetch.
     pub(super) fn relay_connected(&mut self, relay: PeerId) {
-        if !self.e.relays.in_use.iter().any(|(p, _)| *p == relay) {
+        if !self.e.relays.uses(&relay) {
             return;
         }
         let wakeup = self
@@ -244,10 +321,9 @@ impl State<'_, '_> {
 
     /// Asks a relay for the next page of our mail.
     pub(super) fn fetch_mail(&mut self, relay: PeerId) {
-        if !self.e.relays.fetching.insert(relay) {
+        let Some(after) = self.e.relays.start_fetch(relay) else {
             return;
-        }
-        let after = self.e.relays.mail_cursor.get(&relay).copied().unwrap_or(0);
+        };
         self.fx.push(Effect::Mailbox {
             peer: relay,
             request: MailboxRequest::Fetch {
@@ -267,24 +343,17 @@ impl State<'_, '_> {
         match (then, response) {
             (MailboxThen::Registered, Some(MailboxResponse::Registered { mailbox, .. })) => {
                 tracing::debug!(%relay, %mailbox, "mailbox registered");
-                if self.e.relays.found.contains(&relay)
-                    && let Some((_, addr)) = self.e.relays.in_use.iter().find(|(p, _)| *p == relay)
-                {
-                    let addr = addr.clone();
+                if let Some(addr) = self.e.relays.found_addr(&relay).cloned() {
                     self.note_found_relay(&addr);
                 }
-                let fetched = self.e.relays.mailboxes.get(&relay).map_or(0, |m| m.1);
-                self.e.relays.mailboxes.insert(relay, (mailbox, fetched));
+                self.e.relays.registered(relay, mailbox);
                 self.fetch_mail(relay);
             }
             (MailboxThen::Fetched, Some(MailboxResponse::Mail { items, more })) => {
-                self.e.relays.fetching.remove(&relay);
+                self.e.relays.fetch_ended(&relay);
                 let Some(up_to) = items.iter().map(|(c, _)| *c).max() else {
                     return;
                 };
-                if let Some(m) = self.e.relays.mailboxes.get_mut(&relay) {
-                    m.1 += items.len() as u64;
-                }
                 self.preverify(items.iter().map(|(_, bytes)| bytes.as_slice()));
                 for (_, bytes) in &items {
                     if let Verdict::Reject(why) = self.receive(bytes, Via::Direct, None) {
@@ -295,7 +364,7 @@ impl State<'_, '_> {
                 }
                 // Acknowledged after this batch's durable commit (the batch
                 // is promised: see `handle_batch`), then the next page.
-                self.e.relays.mail_cursor.insert(relay, up_to);
+                self.e.relays.fetched(relay, items.len() as u64, up_to);
                 self.fx.push(Effect::Mailbox {
                     peer: relay,
                     request: MailboxRequest::Ack { up_to },
@@ -313,7 +382,7 @@ impl State<'_, '_> {
             }
             (then, other) => {
                 if matches!(then, MailboxThen::Fetched) {
-                    self.e.relays.fetching.remove(&relay);
+                    self.e.relays.fetch_ended(&relay);
                 }
                 tracing::debug!(%relay, ?then, ?other, "mailbox request not answered as hoped");
             }
@@ -323,7 +392,7 @@ impl State<'_, '_> {
     /// A deposit went through: the message is `relayed` (unless further
     /// along), and this device is not deposited for again.
     fn relayed(&mut self, id: &EnvelopeId, device: PeerId) {
-        self.e.relays.deposited.insert((*id, device));
+        self.e.relays.deposited(*id, device);
         let Ok(Some(m)) = self.db.message(id) else {
             return;
         };
@@ -348,8 +417,7 @@ impl State<'_, '_> {
         // (relay, device) -> envelopes
         let mut by_mailbox: HashMap<(PeerId, PeerId), Vec<Held>> = HashMap::new();
         for (device, id, bytes) in todo {
-            if self.e.connected.contains(&device) || self.e.relays.deposited.contains(&(id, device))
-            {
+            if self.e.connected.contains(&device) || self.e.relays.was_deposited(id, device) {
                 continue;
             }
             let addrs = self.db.peer_addrs(&device.to_string()).unwrap_or_default();
@@ -395,8 +463,7 @@ impl State<'_, '_> {
         let views: Vec<crate::api::RelayView> = self
             .e
             .relays
-            .in_use
-            .iter()
+            .in_use()
             .map(|(peer, addr)| RelayView {
                 peer_id: peer.to_string(),
                 addr: addr.to_string(),
@@ -407,8 +474,8 @@ impl State<'_, '_> {
                 }
                 .to_string(),
                 connected: self.e.connected.contains(peer),
-                mailbox: self.e.relays.mailboxes.get(peer).map(|m| m.0.to_string()),
-                fetched: self.e.relays.mailboxes.get(peer).map_or(0, |m| m.1),
+                mailbox: self.e.relays.mailbox(peer).map(|m| m.0.to_string()),
+                fetched: self.e.relays.mailbox(peer).map_or(0, |m| m.1),
             })
             .collect();
         Ok(views)
@@ -433,8 +500,7 @@ impl State<'_, '_> {
         let connected: Vec<PeerId> = self
             .e
             .relays
-            .in_use
-            .iter()
+            .in_use()
             .map(|(p, _)| *p)
             .filter(|p| self.e.connected.contains(p))
             .collect();
@@ -452,8 +518,7 @@ impl State<'_, '_> {
         let me = self.e.identity.peer_id();
         self.e
             .relays
-            .in_use
-            .iter()
+            .in_use()
             .map(|(_, addr)| {
                 addr.clone()
                     .with(Protocol::P2pCircuit)
@@ -467,6 +532,48 @@ impl State<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn relay_addr(relay: PeerId) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}")
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_fetch_at_a_time_from_where_the_last_acknowledged_page_ended() {
+        let relay = PeerId::random();
+        let mut relays = Relays::new(vec![(relay, relay_addr(relay))], HashSet::new());
+        relays.registered(relay, crate::mailbox::MailboxId([1; 16]));
+        assert_eq!(relays.start_fetch(relay), Some(0));
+        assert_eq!(relays.start_fetch(relay), None, "one in flight");
+        relays.fetched(relay, 3, 30);
+        relays.fetch_ended(&relay);
+        assert_eq!(relays.start_fetch(relay), Some(30));
+        // Registering again keeps the count fetched.
+        relays.registered(relay, crate::mailbox::MailboxId([2; 16]));
+        assert_eq!(relays.mailbox(&relay).map(|m| m.1), Some(3));
+    }
+
+    #[test]
+    fn a_relay_found_twice_is_used_once() {
+        let relay = PeerId::random();
+        let mut relays = Relays::default();
+        assert!(!relays.uses(&relay));
+        relays.adopt_found(relay, relay_addr(relay));
+        relays.adopt_found(relay, relay_addr(relay));
+        assert_eq!(relays.in_use().count(), 1);
+        assert_eq!(relays.found_addr(&relay), Some(&relay_addr(relay)));
+    }
+
+    #[test]
+    fn a_deposit_is_forgotten_once_the_device_has_the_envelope() {
+        let (device, id) = (PeerId::random(), EnvelopeId([7; 16]));
+        let mut relays = Relays::default();
+        relays.deposited(id, device);
+        assert!(relays.was_deposited(id, device));
+        relays.reached(id, device);
+        assert!(!relays.was_deposited(id, device));
+    }
 
     #[test]
     fn deposits_are_split_by_count_and_bytes() {

@@ -91,11 +91,7 @@ impl Engine {
                 clock,
                 presence: presence::PresenceBook::sharing(share),
                 syncing: HashMap::new(),
-                relays: relay::Relays {
-                    in_use: relays,
-                    found: found_relays,
-                    ..Default::default()
-                },
+                relays: relay::Relays::new(relays, found_relays),
                 gaps: HashSet::new(),
                 shards: annotations::ShardCache::default(),
                 linking: devices::Linking::default(),
