@@ -453,6 +453,22 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_of_another_shape_is_shown_as_json() {
+        let render =
+            show(|list: Vec<weft_node::api::ContactView>| format!("{} contacts", list.len()));
+        assert_eq!(render(Response::Contacts(Vec::new())), "0 contacts");
+        let render =
+            show(|list: Vec<weft_node::api::ContactView>| format!("{} contacts", list.len()));
+        let surprise = Response::Typing(weft_node::api::TypingView {
+            conversation: "c1".into(),
+            typing: true,
+            told: 2,
+        });
+        let text = render(surprise);
+        assert!(text.contains("\"told\": 2"), "{text}");
+    }
+
+    #[test]
     fn commands_become_requests() -> anyhow::Result<()> {
         assert_eq!(
             request(&["contact", "add", " weft1abc\n", "--name", "bob"])?,
