@@ -127,7 +127,8 @@ impl State<'_, '_> {
             return Err(EngineError::usage("only an admin may do that"));
         }
         let mut next = GroupState::clone(&current);
-        next.epoch += 1;
+        // Saturating: a state at the last epoch is refused as invalid.
+        next.epoch = next.epoch.saturating_add(1);
         // A new epoch, a new routing secret: a removed member cannot tell
         // the group's envelopes or topic from now on.
         next.routing = fresh_key()?;

@@ -465,7 +465,8 @@ impl State<'_, '_> {
         // admin moves the group on to one the leaver does not know.
         if permissions::moves_on_after_leave(&state, &author, &self.e.my_user) {
             let mut next = state.clone();
-            next.epoch += 1;
+            // Saturating: a state at the last epoch is refused as invalid.
+            next.epoch = next.epoch.saturating_add(1);
             next.routing = fresh_key()?;
             let conv = self.apply_group(&next, &[])?;
             self.announce_group(&conv, &next, &[])?;
