@@ -16,6 +16,25 @@ use crate::store::{Binding, ConversationKind, ConversationRecord, Role};
 use super::EngineError;
 use super::{Ack, Conv, Effect, EngineResult, GroupOp, State, fresh_key, member_views, role_of};
 
+/// The conversation record of a group seen for the first time (its state
+/// is applied to it next).
+pub(super) fn new_group_record(state: &GroupState) -> ConversationRecord {
+    let routing = state.routing();
+    ConversationRecord {
+        id: state.id,
+        kind: ConversationKind::Group,
+        name: state.name.clone(),
+        topic: routing.topic(),
+        tag: Some(routing.tag()),
+        epoch: 0,
+        state: None,
+        created_at_ms: now_ms(),
+        last_message_at_ms: None,
+        unread: 0,
+        key_epoch: 1,
+    }
+}
+
 impl State<'_, '_> {
     pub(super) fn me_as_member(&self, role: GroupRole) -> GroupMember {
         GroupMember {
@@ -72,21 +91,7 @@ impl State<'_, '_> {
         state
             .check()
             .map_err(|e| EngineError::usage(e.to_string()))?;
-        let routing = state.routing();
-        let record = ConversationRecord {
-            id: state.id,
-            kind: ConversationKind::Group,
-            name: name.to_string(),
-            topic: routing.topic(),
-            tag: Some(routing.tag()),
-            epoch: 0,
-            state: None,
-            created_at_ms: now_ms(),
-            last_message_at_ms: None,
-            unread: 0,
-            key_epoch: 1,
-        };
-        self.db.insert_conversation(&record)?;
+        self.db.insert_conversation(&new_group_record(&state))?;
         let conv = self.apply_group(&state, &[])?;
         self.announce_group(&conv, &state, &[])?;
         Ok(GroupView {

@@ -10,14 +10,12 @@ use crate::group::GroupState;
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, UserId};
 use crate::node::now_ms;
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey};
-use crate::store::{
-    Binding, ConversationKind, ConversationRecord, EnvelopeRecord, MessageRecord, MessageStatus,
-};
+use crate::store::{Binding, EnvelopeRecord, MessageRecord, MessageStatus};
 
 use super::EngineError;
 use super::{
     Effect, PARALLEL_VERIFY_MIN, PENDING_CAP, State, Verdict, Via, account, chains, fresh_key,
-    permissions, run_effects, tag_slot,
+    groups, permissions, run_effects, tag_slot,
 };
 
 impl State<'_, '_> {
@@ -443,20 +441,8 @@ impl State<'_, '_> {
             if state.member(&self.e.my_user).is_none() {
                 return Ok(Verdict::Ignore);
             }
-            let routing = state.routing();
-            self.db.insert_conversation(&ConversationRecord {
-                id: state.id,
-                kind: ConversationKind::Group,
-                name: state.name.clone(),
-                topic: routing.topic(),
-                tag: Some(routing.tag()),
-                epoch: 0,
-                state: None,
-                created_at_ms: now_ms(),
-                last_message_at_ms: None,
-                unread: 0,
-                key_epoch: 1,
-            })?;
+            self.db
+                .insert_conversation(&groups::new_group_record(&state))?;
         }
         self.apply_group(&state, &[])?;
         self.store_envelope(env, &conv_id, state.epoch, 0)?;
