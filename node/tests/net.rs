@@ -24,10 +24,7 @@ async fn wait_for(
     deadline: tokio::time::Instant,
 ) {
     loop {
-        let ev = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("timed out")
-            .expect("network task stopped");
+        let ev = next_event(events, deadline).await;
         match ev {
             NetEvent::Connected { peer: p, .. } if connected && p == peer => return,
             NetEvent::Disconnected { peer: p } if !connected && p == peer => return,
@@ -98,10 +95,7 @@ async fn next_listening(
     deadline: tokio::time::Instant,
 ) -> Multiaddr {
     loop {
-        let ev = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("timed out")
-            .expect("network task stopped");
+        let ev = next_event(events, deadline).await;
         if let NetEvent::Listening { addr } = ev {
             return addr;
         }
@@ -174,10 +168,7 @@ async fn a_node_listens_through_its_relay_and_is_reached_there() {
     .await
     .unwrap();
     loop {
-        let ev = tokio::time::timeout_at(deadline, b_events.recv())
-            .await
-            .expect("timed out")
-            .unwrap();
+        let ev = next_event(&mut b_events, deadline).await;
         if let NetEvent::Connected { peer, addr } = ev
             && peer == a_peer
         {
@@ -194,10 +185,7 @@ async fn a_node_listens_through_its_relay_and_is_reached_there() {
     .await
     .unwrap();
     loop {
-        let ev = tokio::time::timeout_at(deadline, a_events.recv())
-            .await
-            .expect("timed out")
-            .unwrap();
+        let ev = next_event(&mut a_events, deadline).await;
         if let NetEvent::Direct { data, reply, .. } = ev {
             assert_eq!(data, b"through the relay");
             reply.send(b"ok".to_vec()).unwrap();
@@ -463,10 +451,7 @@ async fn two_memory_nodes_exchange_gossip_and_direct() {
     // Wait until a knows b is subscribed, then publish.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let ev = tokio::time::timeout_at(deadline, a_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let ev = next_event(&mut a_events, deadline).await;
         if matches!(ev, NetEvent::Subscribed { .. }) {
             break;
         }
@@ -478,10 +463,7 @@ async fn two_memory_nodes_exchange_gossip_and_direct() {
     .await
     .unwrap();
     loop {
-        let ev = tokio::time::timeout_at(deadline, b_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let ev = next_event(&mut b_events, deadline).await;
         if let NetEvent::Gossip { data, .. } = ev {
             assert_eq!(data, b"hello");
             break;
@@ -496,10 +478,7 @@ async fn two_memory_nodes_exchange_gossip_and_direct() {
     .await
     .unwrap();
     loop {
-        let ev = tokio::time::timeout_at(deadline, a_events.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let ev = next_event(&mut a_events, deadline).await;
         if let NetEvent::Direct { data, reply, .. } = ev {
             assert_eq!(data, b"ping");
             reply.send(b"pong".to_vec()).unwrap();
