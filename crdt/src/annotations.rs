@@ -367,6 +367,18 @@ impl Annotations {
     }
 
     fn winning_edit(&self, id: &str) -> Option<EditRef> {
+        self.all_edits(id).into_iter().max()
+    }
+
+    /// Every edit of `message` the shard holds, greatest (the one shown)
+    /// first. The node shows the first whose author was allowed to make it.
+    pub fn edits(&self, message: &[u8]) -> Vec<EditRef> {
+        let mut edits = self.all_edits(&hex(message));
+        edits.sort_unstable_by(|a, b| b.cmp(a));
+        edits
+    }
+
+    fn all_edits(&self, id: &str) -> Vec<EditRef> {
         self.doc
             .get_all(&format!("e/{id}"))
             .iter()
@@ -374,7 +386,7 @@ impl Annotations {
                 ScalarValue::Bytes(b) => EditRef::decode(b),
                 _ => None,
             })
-            .max()
+            .collect()
     }
 
     /// Everything, materialised.
@@ -480,6 +492,7 @@ mod tests {
         sync(&mut laptop, &mut phone)?;
         assert_eq!(phone.view(), laptop.view());
         assert_eq!(phone.message(M1).edit, Some(at(7)));
+        assert_eq!(phone.edits(M1), vec![at(7), at(3)], "greatest first");
         Ok(())
     }
 

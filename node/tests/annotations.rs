@@ -253,3 +253,78 @@ async fn a_long_chain_of_edits_arriving_newest_first_is_applied_whole() {
     })
     .await;
 }
+
+/// Every envelope `node` holds (key handouts and chain-sealed), read
+/// through a second connection to its store.
+fn held(node: &TestNode) -> Vec<Vec<u8>> {
+    let mut all = node.sealed_envelopes(|_| true);
+    all.extend(node.chain_envelopes(|_| true));
+    all
+}
+
+/// A reaction to a message that a member never receives (it was deleted,
+/// and its envelope erased, before the member met anyone holding it) must
+/// not hold back the changes that build on it: the deletion and every
+/// later change of the shard. (Found by the partitions test: a device
+/// stopped taking in a conversation's reactions and edits for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_about_a_message_never_received_holds_nothing_back() {
+    let (mut alice, mut bob, mut carol) = common::trio(35).await;
+    alice.send("trio", "hello, trio").await;
+    for node in [&bob, &carol] {
+        node.expect_text("trio", "hello, trio").await;
+    }
+    for node in [&mut alice, &mut bob, &mut carol] {
+        node.stop().await;
+    }
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+    let carol = TestNode::start_offline("carol", carol.dir).await;
+
+    // Alice's message reaches bob only; bob reacts; alice, having seen
+    // the reaction, deletes the message (her deletion builds on it).
+    let gone = alice.send("trio", "soon gone").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gone_envelope = alice.envelope_bytes(&gone);
+    bob.handle.deliver(held(&alice)).await.unwrap();
+    bob.expect_text("trio", "soon gone").await;
+    bob.call(react(&gone, "🎉", false)).await;
+    alice.handle.deliver(held(&bob)).await.unwrap();
+    wait_for(&alice, "trio", &gone, "bob's reaction", |m| {
+        m["reactions"]["🎉"].is_array()
+    })
+    .await;
+    alice.call(Request::Delete { id: gone.clone() }).await;
+
+    // Then a message and a reaction to it, in the same shard.
+    let kept = alice.send("trio", "still here").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    alice.call(react(&kept, "👍", false)).await;
+
+    // Carol gets everything but the deleted message itself.
+    let mut rest = held(&alice);
+    rest.extend(held(&bob));
+    rest.retain(|e| *e != gone_envelope);
+    carol.handle.deliver(rest).await.unwrap();
+    wait_for(
+        &carol,
+        "trio",
+        &kept,
+        "alice's reaction to a later message",
+        |m| m["reactions"]["👍"].is_array(),
+    )
+    .await;
+
+    // Should the deleted message come after all, it shows deleted.
+    carol.handle.deliver(vec![gone_envelope]).await.unwrap();
+    let m = wait_for(&carol, "trio", &gone, "the deleted message", |m| {
+        m["deleted"] == true
+    })
+    .await;
+    assert_eq!(m["text"], "", "carol never shows the deleted text");
+    assert_eq!(m["reactions"], serde_json::json!({}));
+}

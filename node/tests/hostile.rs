@@ -389,6 +389,157 @@ async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state(
     let _ = carol;
 }
 
+/// A change about a message not here yet goes into its shard at once
+/// (the message may never come), so carol's forged edit of a message bob
+/// has not received sits in his shard, the greatest edit there. When the
+/// message and alice's own edit come, bob shows alice's edit: an edit's
+/// text is stored, and shown, only once its author may make it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_edit_taken_in_before_its_message_never_shows() {
+    const SEED: u64 = 27;
+    let (mut alice, mut bob, mut carol, conversation, _) = trio_with(SEED, "hi").await;
+    for node in [&mut alice, &mut bob, &mut carol] {
+        node.stop().await;
+    }
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+
+    let before = alice.chain_envelopes(|_| true);
+    let sent = alice.send("trio", "alice's words").await;
+    let id = sent["id"].as_str().unwrap().to_string();
+    alice
+        .call(Request::Edit {
+            id: id.clone(),
+            text: "alice's second thoughts".into(),
+        })
+        .await;
+    let from_alice: Vec<Vec<u8>> = alice
+        .chain_envelopes(|_| true)
+        .into_iter()
+        .filter(|e| !before.contains(e))
+        .collect();
+
+    let (mut carol_forges, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("bob", SEED),
+    );
+    bob.handle.deliver(vec![key]).await.unwrap();
+    let message: weft_node::ids::MessageId = id.parse().unwrap();
+    let hlc = alice
+        .messages("trio")
+        .await
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .unwrap()["hlc"]
+        .as_u64()
+        .unwrap();
+    let period = weft_node::payload::shard_of(1, weft_node::hlc::Hlc(hlc));
+    let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
+    let forged = carol_forges.chain(&Payload::Annotate(Annotate {
+        message,
+        period,
+        change: shard
+            .edit(
+                &message.0,
+                weft_crdt::EditRef {
+                    hlc: u64::MAX,
+                    edit: vec![7; 16],
+                },
+            )
+            .unwrap(),
+        edit: Some(EditText {
+            id: [7; 16],
+            text: "carol's words in alice's mouth".into(),
+        }),
+    }));
+    bob.handle.deliver(vec![forged]).await.unwrap();
+    bob.handle.deliver(from_alice).await.unwrap();
+    let ms = bob
+        .wait_messages("trio", "alice's edit", |ms| {
+            ms.iter()
+                .any(|m| m["id"] == id.as_str() && m["edited"] == true)
+        })
+        .await;
+    let m = ms.iter().find(|m| m["id"] == id.as_str()).unwrap();
+    assert_eq!(m["text"], "alice's second thoughts");
+}
+
+/// Carol, a member of the trio but not of alice and bob's one-to-one
+/// conversation, learns the id of a message alice sends bob there (an
+/// envelope's id is in the clear for whoever forwards it) and, in the
+/// trio, reacts to it before it reaches bob. Her change waits at bob for
+/// the message; when the message comes, the change must not be taken in
+/// its conversation, where carol is nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_sent_in_one_conversation_never_lands_in_another() {
+    const SEED: u64 = 28;
+    let (mut alice, mut bob, mut carol, conversation, _) = trio_with(SEED, "hi").await;
+    for node in [&mut alice, &mut bob, &mut carol] {
+        node.stop().await;
+    }
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+
+    let held = |node: &TestNode| {
+        let mut all = node.sealed_envelopes(|_| true);
+        all.extend(node.chain_envelopes(|_| true));
+        all
+    };
+    let before = held(&alice);
+    let id = alice.send("bob", "between us").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to_bob: Vec<Vec<u8>> = held(&alice)
+        .into_iter()
+        .filter(|e| !before.contains(e))
+        .collect();
+    let hlc = alice
+        .messages("bob")
+        .await
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .unwrap()["hlc"]
+        .as_u64()
+        .unwrap();
+
+    let (mut carol_forges, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("bob", SEED),
+    );
+    bob.handle.deliver(vec![key]).await.unwrap();
+    let message: weft_node::ids::MessageId = id.parse().unwrap();
+    let carol_user = carol_forges.me.user_id();
+    // One change for each epoch the direct conversation's shard may carry.
+    let mut forged = Vec::new();
+    for (epoch, emoji) in [(0, "👎"), (1, "💩")] {
+        let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
+        let period = weft_node::payload::shard_of(epoch, weft_node::hlc::Hlc(hlc));
+        forged.push(carol_forges.chain(&Payload::Annotate(Annotate {
+            message,
+            period,
+            change: shard.react(&message.0, &carol_user.0, emoji, true).unwrap(),
+            edit: None,
+        })));
+    }
+    bob.handle.deliver(forged).await.unwrap();
+    bob.handle.deliver(to_bob).await.unwrap();
+    bob.expect_text("alice", "between us").await;
+    let m = bob
+        .messages("alice")
+        .await
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(
+        m["reactions"],
+        serde_json::json!({}),
+        "carol's reaction shows"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_goes_only_to_the_accounts_own_devices() {
     let alice = TestNode::start("alice", 23, &[]).await;

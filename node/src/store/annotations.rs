@@ -207,8 +207,9 @@ impl Db<'_> {
         )
     }
 
-    /// Keeps a change until what it `waits_for` (a message id, or a
-    /// shard's key) is here.
+    /// Keeps a change until what it `waits_for` is here: a message (the
+    /// key is the conversation the change came in, then the message id:
+    /// 48 bytes) or a shard's earlier changes (the shard's key, 40 bytes).
     pub fn add_pending_annotation(
         &self,
         waits_for: &[u8],

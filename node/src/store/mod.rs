@@ -58,6 +58,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("migrations/0008_protocol_v2.sql")),
     (9, include_str!("migrations/0009_handout_keys.sql")),
     (10, include_str!("migrations/0010_one_time_keys.sql")),
+    (
+        11,
+        include_str!("migrations/0011_pending_by_conversation.sql"),
+    ),
 ];
 
 /// How long a statement waits for another connection's lock.

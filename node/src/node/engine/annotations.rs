@@ -4,16 +4,21 @@
 //! the `messages` and `reactions` tables.
 //!
 //! A change arrives chain-sealed like a message, so its device is
-//! authenticated; it is applied only if its actor is that device and the
-//! author may make every write in it (only a message's sender edits it;
-//! the sender or a group admin deletes it; a user reacts only as
-//! themselves). A change about a message not here yet waits for it.
+//! authenticated; it takes effect only if its actor is that device and
+//! the author may make every write in it (only a message's sender edits
+//! it; the sender or a group admin deletes it; a user reacts only as
+//! themselves).
 //!
-//! A deletion is the exception: a deleted message may never come (its
-//! envelope is erased everywhere), so the changes that build on its
-//! deletion would wait for ever. Every deletion goes into its shard, the
-//! message here or not, allowed or not; only one allowed here, checked
-//! with the message at hand, erases it.
+//! A change about a message not here goes into its shard at once, without
+//! effect, and is kept for the message too: the message may never come (a
+//! deleted one's envelope is erased everywhere), and the shard's later
+//! changes (the deletion, anything made after) build on this one, so the
+//! shard must not wait for it. When the message comes, the kept change is
+//! checked against it and takes effect. So a shard may hold an edit its
+//! author was not allowed to make: only an edit whose text was stored
+//! (stored only once allowed) is ever shown. Deletions go into the shard
+//! even where not allowed, keeping every replica's shard the same; only
+//! one allowed here, checked with the message at hand, erases it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -52,7 +57,9 @@ pub(super) struct Annotated {
 /// A change waiting to be applied with its batch.
 pub(super) struct Queued {
     change: weft_crdt::Inspected,
-    message: MessageId,
+    /// The message it shows on; `None` for a change about a message not
+    /// here, which goes into the shard without effect.
+    message: Option<MessageId>,
     /// For a change that only adds or takes back reactions: the keys it
     /// touched, with their user and emoji (each is then shown or hidden on
     /// its own, instead of the message's reactions being read again).
@@ -90,6 +97,16 @@ fn crdt_err(e: CrdtError) -> EngineError {
 fn shard_key_bytes((conv, period): ShardId) -> Vec<u8> {
     let mut key = conv.0.to_vec();
     key.extend_from_slice(&period.to_be_bytes());
+    key
+}
+
+/// What a change about a message not here is kept under: the
+/// conversation it came in, and the message. Only that message arriving
+/// in that conversation takes it back (a member of one conversation must
+/// not write in another's).
+fn message_key_bytes(conv: &ConversationId, message: &MessageId) -> Vec<u8> {
+    let mut key = conv.0.to_vec();
+    key.extend_from_slice(&message.0);
     key
 }
 
@@ -358,23 +375,25 @@ impl State<'_, '_> {
         let m = match found {
             Ok(Some(m)) => m,
             Ok(None) => {
-                if deletion {
-                    // A deleted message may never come (its envelope is
-                    // erased everywhere), and later changes of the shard
-                    // build on this one: into the shard now, without
-                    // effect. Kept for the message too: should it come,
-                    // whether its author may delete it is decided then.
-                    let shard_id = (conv.id, a.period);
-                    if self
-                        .queue_for_shard(shard_id, inspected, a.message, false, &a, user, device)?
-                    {
-                        self.keep_annotation(&a.message.0, user, device, &a);
-                    }
-                    return Ok(());
+                // Who pins is not a matter of the message: refused here as
+                // it would be with the message at hand.
+                if what.iter().any(|w| Write::of(w) == Write::Pin)
+                    && !may_write(Write::Pin, &user, &user, conv.group.as_deref())
+                {
+                    return Err("an annotation its author may not make");
                 }
-                // Its message is not here yet (or was never sent to us):
-                // keep the change until it is.
-                self.keep_annotation(&a.message.0, user, device, &a);
+                // The message may never come (see the opening): into the
+                // shard now, without effect, and kept for the message,
+                // whose arrival decides whether the change takes effect.
+                let shard_id = (conv.id, a.period);
+                if self.queue_for_shard(shard_id, inspected, None, false, &a, user, device)? {
+                    self.keep_annotation(
+                        &message_key_bytes(&conv.id, &a.message),
+                        user,
+                        device,
+                        &a,
+                    );
+                }
                 return Ok(());
             }
             Err(e) => {
@@ -396,7 +415,7 @@ impl State<'_, '_> {
                     // (see above), so it goes in here too, keeping every
                     // replica's shard the same; only an allowed deletion
                     // erases anything.
-                    self.queue_for_shard(shard_id, inspected, m.id, false, &a, user, device)?;
+                    self.queue_for_shard(shard_id, inspected, Some(m.id), false, &a, user, device)?;
                 }
                 return Err("an annotation its author may not make");
             }
@@ -408,20 +427,20 @@ impl State<'_, '_> {
             tracing::warn!("cannot store an edit: {e}");
             return Ok(());
         }
-        self.queue_for_shard(shard_id, inspected, m.id, deletion, &a, user, device)?;
+        self.queue_for_shard(shard_id, inspected, Some(m.id), deletion, &a, user, device)?;
         Ok(())
     }
 
-    /// Queues a change about `message` for its shard's batch, or keeps it
-    /// until the shard holds the changes it builds on. Whether it was
-    /// queued. `deletes`: it is a deletion allowed here (it erases the
-    /// message).
+    /// Queues a change for its shard's batch, to show on `message` (if
+    /// any), or keeps it until the shard holds the changes it builds on.
+    /// Whether it was queued. `deletes`: it is a deletion allowed here (it
+    /// erases the message).
     #[allow(clippy::too_many_arguments)]
     fn queue_for_shard(
         &mut self,
         shard_id: ShardId,
         inspected: weft_crdt::Inspected,
-        message: MessageId,
+        message: Option<MessageId>,
         deletes: bool,
         a: &Annotate,
         user: UserId,
@@ -482,16 +501,18 @@ impl State<'_, '_> {
                 let mut reactions: Vec<(MessageId, String, UserId, String)> = Vec::new();
                 let mut inspected = Vec::with_capacity(changes.len());
                 for q in changes {
-                    if q.deletes {
-                        deleting.insert(q.message);
-                    }
-                    match q.reactions {
-                        Some(touched) => reactions.extend(
-                            touched
-                                .into_iter()
-                                .map(|(key, user, emoji)| (q.message, key, user, emoji)),
-                        ),
-                        None => whole.push(q.message),
+                    if let Some(message) = q.message {
+                        if q.deletes {
+                            deleting.insert(message);
+                        }
+                        match q.reactions {
+                            Some(touched) => reactions.extend(
+                                touched
+                                    .into_iter()
+                                    .map(|(key, user, emoji)| (message, key, user, emoji)),
+                            ),
+                            None => whole.push(message),
+                        }
                     }
                     inspected.push(q.change);
                 }
@@ -595,7 +616,7 @@ impl State<'_, '_> {
 
     /// Changes that waited for `message`, now that it is stored.
     pub(super) fn annotations_waiting(&mut self, conv: &Conv, message: &MessageId) {
-        self.retry_pending(conv, &message.0);
+        self.retry_pending(conv, &message_key_bytes(&conv.id, message));
     }
 
     /// Brings the store's view of `message` in line with its shard, and
@@ -609,17 +630,22 @@ impl State<'_, '_> {
         message: &MessageId,
         deleting: bool,
     ) -> Result<(), EngineError> {
-        let ann: MessageAnnotations = self.shard(shard_id)?.message(&message.0);
+        let shard = self.shard(shard_id)?;
+        let ann: MessageAnnotations = shard.message(&message.0);
+        let edits = shard.edits(&message.0);
         let mut changed = false;
         if ann.deleted {
             if deleting {
                 changed |= self.db.erase_message(message)?;
             }
         } else {
-            if let Some(edit) = &ann.edit
-                && let Some(text) = self.db.edit_text(&edit.edit)?
-            {
-                changed |= self.db.show_edit(message, &text)?;
+            // The greatest edit whose text is stored: the text of one its
+            // author may not make is never stored (see the opening).
+            for edit in edits {
+                if let Some(text) = self.db.edit_text(&edit.edit)? {
+                    changed |= self.db.show_edit(message, &text)?;
+                    break;
+                }
             }
             let mut reactions = Vec::new();
             for (emoji, users) in &ann.reactions {
