@@ -69,6 +69,7 @@ impl State<'_, '_> {
             }
             Input::Tick => {
                 self.retry();
+                self.retry_history();
                 self.expire_presence();
                 self.expire_keys();
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::api::{DeviceView, Event, LinkCodeView, RevokedView};
+use crate::backoff::Backoff;
 use crate::crypto::chain::SendingChain;
 use crate::crypto::envelope::Envelope;
 use crate::identity::{DeviceCertificate, Revocation, peer_id_of, random_bytes};
@@ -48,15 +49,28 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Link codes issued and not used yet, and the device a history transfer
-/// is coming from.
+/// Link codes issued and not used yet, and where this device's history
+/// transfer is (from which device, and when to ask again after one
+/// failed).
 #[derive(Default)]
 pub(super) struct Linking {
     /// Link codes issued and not used yet (at most [`MAX_LINK_CODES`]).
     codes: Vec<LinkSecret>,
     /// The device a history transfer is coming from.
-    pub(super) history_peer: Option<PeerId>,
+    history_peer: Option<PeerId>,
+    /// Transfers that failed in a row, and no new one before this.
+    history_failures: u32,
+    history_not_before: Option<tokio::time::Instant>,
+    /// No history is needed (none was asked for at linking, or it came).
+    history_done: bool,
 }
+
+/// How long a device waits to ask for history again after a transfer
+/// failed (another device refused, not knowing it yet; a stream broke).
+const HISTORY_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+};
 
 impl Linking {
     /// Keeps `secret` as a code that works until `now_ms` +
@@ -73,6 +87,32 @@ impl Linking {
             expires_at_ms,
         });
         expires_at_ms
+    }
+
+    /// Whether a history transfer may start at `now`: one is needed, none
+    /// is under way, and the wait after the last failure is over.
+    pub(super) fn may_ask_history(&self, now: tokio::time::Instant) -> bool {
+        !self.history_done
+            && self.history_peer.is_none()
+            && self.history_not_before.is_none_or(|t| now >= t)
+    }
+
+    pub(super) fn history_started(&mut self, peer: PeerId) {
+        self.history_peer = Some(peer);
+    }
+
+    /// A transfer failed at `now`: another may start after a backoff
+    /// (`jitter` as for [`Backoff::delay`]), from any device.
+    pub(super) fn history_failed(&mut self, now: tokio::time::Instant, jitter: f64) {
+        self.history_peer = None;
+        self.history_not_before = Some(now + HISTORY_RETRY.delay(self.history_failures, jitter));
+        self.history_failures = self.history_failures.saturating_add(1);
+    }
+
+    /// No (more) history is needed.
+    pub(super) fn history_done(&mut self) {
+        self.history_peer = None;
+        self.history_done = true;
     }
 
     /// Uses up the unexpired code `proves` accepts, if any: each works once.
@@ -570,6 +610,28 @@ mod tests {
             !linking.redeem(expires, |s| *s == [3; 16]),
             "used when it expired"
         );
+    }
+
+    #[test]
+    fn history_is_asked_again_after_a_failure_with_backoff_until_it_came() {
+        let mut linking = Linking::default();
+        let start = tokio::time::Instant::now();
+        let peer = PeerId::random();
+        assert!(linking.may_ask_history(start));
+        linking.history_started(peer);
+        assert!(!linking.may_ask_history(start), "one transfer at a time");
+        // Refused (the other device did not know this one yet): again after
+        // 1 s, then 2 s (jitter 0.5 scales by 1).
+        linking.history_failed(start, 0.5);
+        assert!(!linking.may_ask_history(start + Duration::from_millis(999)));
+        assert!(linking.may_ask_history(start + Duration::from_secs(1)));
+        linking.history_started(peer);
+        let later = start + Duration::from_secs(1);
+        linking.history_failed(later, 0.5);
+        assert!(!linking.may_ask_history(later + Duration::from_millis(1_999)));
+        assert!(linking.may_ask_history(later + Duration::from_secs(2)));
+        linking.history_done();
+        assert!(!linking.may_ask_history(later + Duration::from_secs(3_600)));
     }
 
     #[test]

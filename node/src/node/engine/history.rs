@@ -9,6 +9,7 @@ use std::sync::Arc;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
+use crate::backoff;
 use crate::group::GroupState;
 use crate::identity::DeviceCertificate;
 use crate::ids::{ConversationId, EnvelopeId, MessageId, UserId};
@@ -92,14 +93,21 @@ impl State<'_, '_> {
     /// Another device of the account connected: fetch history from it if
     /// this device still needs it.
     pub(super) fn history_from(&mut self, peer: PeerId) {
-        if self.e.linking.history_peer.is_some() || !self.own_device(&peer) {
+        if !self.e.linking.may_ask_history(tokio::time::Instant::now()) || !self.own_device(&peer) {
             return;
         }
         let since_ms = match self.db.get_meta(meta::HISTORY_NEEDED) {
             Ok(Some(b)) => String::from_utf8_lossy(&b).parse().unwrap_or(0),
-            _ => return,
+            Ok(None) => {
+                self.e.linking.history_done();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("history: {e}");
+                return;
+            }
         };
-        self.e.linking.history_peer = Some(peer);
+        self.e.linking.history_started(peer);
         self.fx.push(Effect::History {
             peer,
             request: HistoryRequest {
@@ -107,6 +115,20 @@ impl State<'_, '_> {
                 since_ms,
             },
         });
+    }
+
+    /// Every tick: a transfer that failed, or never started because no
+    /// connected device was known as the account's yet, is asked again of
+    /// a connected device of the account (not only on the next
+    /// connection, which may never come).
+    pub(super) fn retry_history(&mut self) {
+        if !self.e.linking.may_ask_history(tokio::time::Instant::now()) {
+            return;
+        }
+        let connected: Vec<PeerId> = self.e.connected.iter().copied().collect();
+        if let Some(peer) = connected.into_iter().find(|p| self.own_device(p)) {
+            self.history_from(peer);
+        }
     }
 
     /// Answers a history page, to another device of this account only.
@@ -230,14 +252,18 @@ impl State<'_, '_> {
         let page = match response {
             Some(DirectResponse::History(page)) => page,
             other => {
-                tracing::warn!(%peer, ?other, "history sync stopped; it resumes on the next connection");
-                self.e.linking.history_peer = None;
+                tracing::warn!(%peer, ?other, "history sync stopped; it is asked again shortly");
+                self.e
+                    .linking
+                    .history_failed(tokio::time::Instant::now(), backoff::jitter());
                 return;
             }
         };
         if let Err(e) = self.import_history(&page) {
             tracing::warn!(%peer, "history import failed: {e}");
-            self.e.linking.history_peer = None;
+            self.e
+                .linking
+                .history_failed(tokio::time::Instant::now(), backoff::jitter());
             return;
         }
         match page.next {
@@ -257,7 +283,7 @@ impl State<'_, '_> {
             None => {
                 tracing::info!(%peer, "history received from another device of the account");
                 let _ = self.db.delete_meta(meta::HISTORY_NEEDED);
-                self.e.linking.history_peer = None;
+                self.e.linking.history_done();
             }
         }
     }
