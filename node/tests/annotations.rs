@@ -254,14 +254,6 @@ async fn a_long_chain_of_edits_arriving_newest_first_is_applied_whole() {
     .await;
 }
 
-/// Every envelope `node` holds (key handouts and chain-sealed), read
-/// through a second connection to its store.
-fn held(node: &TestNode) -> Vec<Vec<u8>> {
-    let mut all = node.sealed_envelopes(|_| true);
-    all.extend(node.chain_envelopes(|_| true));
-    all
-}
-
 /// A reaction to a message that a member never receives (it was deleted,
 /// and its envelope erased, before the member met anyone holding it) must
 /// not hold back the changes that build on it: the deletion and every
@@ -288,10 +280,10 @@ async fn a_change_about_a_message_never_received_holds_nothing_back() {
         .unwrap()
         .to_string();
     let gone_envelope = alice.envelope_bytes(&gone);
-    bob.handle.deliver(held(&alice)).await.unwrap();
+    bob.handle.deliver(alice.all_envelopes()).await.unwrap();
     bob.expect_text("trio", "soon gone").await;
     bob.call(react(&gone, "🎉", false)).await;
-    alice.handle.deliver(held(&bob)).await.unwrap();
+    alice.handle.deliver(bob.all_envelopes()).await.unwrap();
     wait_for(&alice, "trio", &gone, "bob's reaction", |m| {
         m["reactions"]["🎉"].is_array()
     })
@@ -306,8 +298,8 @@ async fn a_change_about_a_message_never_received_holds_nothing_back() {
     alice.call(react(&kept, "👍", false)).await;
 
     // Carol gets everything but the deleted message itself.
-    let mut rest = held(&alice);
-    rest.extend(held(&bob));
+    let mut rest = alice.all_envelopes();
+    rest.extend(bob.all_envelopes());
     rest.retain(|e| *e != gone_envelope);
     carol.handle.deliver(rest).await.unwrap();
     wait_for(

@@ -389,6 +389,35 @@ async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state(
     let _ = carol;
 }
 
+/// The trio of [`trio_with`] taken off the network: alice and bob run
+/// offline (the test carries every envelope), with the group's id.
+async fn trio_offline(seed: u64) -> (TestNode, TestNode, ConversationId) {
+    let (mut alice, mut bob, mut carol, conversation, _) = trio_with(seed, "hi").await;
+    for node in [&mut alice, &mut bob, &mut carol] {
+        node.stop().await;
+    }
+    let alice = TestNode::start_offline("alice", alice.dir).await;
+    let bob = TestNode::start_offline("bob", bob.dir).await;
+    (alice, bob, conversation)
+}
+
+/// The envelopes `act` made `node` hold.
+async fn made_by<F: std::future::Future>(node: &TestNode, act: F) -> Vec<Vec<u8>> {
+    let before = node.all_envelopes();
+    act.await;
+    let mut after = node.all_envelopes();
+    after.retain(|e| !before.contains(e));
+    after
+}
+
+/// The annotation shard of the message `id` that `node` shows in `target`,
+/// in a conversation at `epoch`.
+async fn shard_of(node: &TestNode, target: &str, id: &str, epoch: u64) -> u64 {
+    let ms = node.messages(target).await;
+    let m = ms.iter().find(|m| m["id"] == id).unwrap();
+    weft_node::payload::shard_of(epoch, weft_node::hlc::Hlc(m["hlc"].as_u64().unwrap()))
+}
+
 /// A change about a message not here yet goes into its shard at once
 /// (the message may never come), so carol's forged edit of a message bob
 /// has not received sits in his shard, the greatest edit there. When the
@@ -397,27 +426,21 @@ async fn a_member_cannot_forge_annotations_devices_revocations_or_account_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_edit_taken_in_before_its_message_never_shows() {
     const SEED: u64 = 27;
-    let (mut alice, mut bob, mut carol, conversation, _) = trio_with(SEED, "hi").await;
-    for node in [&mut alice, &mut bob, &mut carol] {
-        node.stop().await;
-    }
-    let alice = TestNode::start_offline("alice", alice.dir).await;
-    let bob = TestNode::start_offline("bob", bob.dir).await;
-
-    let before = alice.chain_envelopes(|_| true);
-    let sent = alice.send("trio", "alice's words").await;
-    let id = sent["id"].as_str().unwrap().to_string();
-    alice
-        .call(Request::Edit {
-            id: id.clone(),
-            text: "alice's second thoughts".into(),
-        })
-        .await;
-    let from_alice: Vec<Vec<u8>> = alice
-        .chain_envelopes(|_| true)
-        .into_iter()
-        .filter(|e| !before.contains(e))
-        .collect();
+    let (alice, bob, conversation) = trio_offline(SEED).await;
+    let mut id = String::new();
+    let from_alice = made_by(&alice, async {
+        id = alice.send("trio", "alice's words").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        alice
+            .call(Request::Edit {
+                id: id.clone(),
+                text: "alice's second thoughts".into(),
+            })
+            .await;
+    })
+    .await;
 
     let (mut carol_forges, key) = Forger::new(
         identity("carol", SEED),
@@ -426,15 +449,8 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
     );
     bob.handle.deliver(vec![key]).await.unwrap();
     let message: weft_node::ids::MessageId = id.parse().unwrap();
-    let hlc = alice
-        .messages("trio")
-        .await
-        .into_iter()
-        .find(|m| m["id"] == id.as_str())
-        .unwrap()["hlc"]
-        .as_u64()
-        .unwrap();
-    let period = weft_node::payload::shard_of(1, weft_node::hlc::Hlc(hlc));
+    // The group is at its first epoch.
+    let period = shard_of(&alice, "trio", &id, 1).await;
     let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
     let forged = carol_forges.chain(&Payload::Annotate(Annotate {
         message,
@@ -474,35 +490,15 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_sent_in_one_conversation_never_lands_in_another() {
     const SEED: u64 = 28;
-    let (mut alice, mut bob, mut carol, conversation, _) = trio_with(SEED, "hi").await;
-    for node in [&mut alice, &mut bob, &mut carol] {
-        node.stop().await;
-    }
-    let alice = TestNode::start_offline("alice", alice.dir).await;
-    let bob = TestNode::start_offline("bob", bob.dir).await;
-
-    let held = |node: &TestNode| {
-        let mut all = node.sealed_envelopes(|_| true);
-        all.extend(node.chain_envelopes(|_| true));
-        all
-    };
-    let before = held(&alice);
-    let id = alice.send("bob", "between us").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let to_bob: Vec<Vec<u8>> = held(&alice)
-        .into_iter()
-        .filter(|e| !before.contains(e))
-        .collect();
-    let hlc = alice
-        .messages("bob")
-        .await
-        .into_iter()
-        .find(|m| m["id"] == id.as_str())
-        .unwrap()["hlc"]
-        .as_u64()
-        .unwrap();
+    let (alice, bob, conversation) = trio_offline(SEED).await;
+    let mut id = String::new();
+    let to_bob = made_by(&alice, async {
+        id = alice.send("bob", "between us").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    })
+    .await;
 
     let (mut carol_forges, key) = Forger::new(
         identity("carol", SEED),
@@ -516,7 +512,7 @@ async fn a_change_sent_in_one_conversation_never_lands_in_another() {
     let mut forged = Vec::new();
     for (epoch, emoji) in [(0, "👎"), (1, "💩")] {
         let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
-        let period = weft_node::payload::shard_of(epoch, weft_node::hlc::Hlc(hlc));
+        let period = shard_of(&alice, "bob", &id, epoch).await;
         forged.push(carol_forges.chain(&Payload::Annotate(Annotate {
             message,
             period,

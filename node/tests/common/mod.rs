@@ -140,6 +140,13 @@ impl TestNode {
         })
     }
 
+    /// Every envelope this node holds (key handouts and chain-sealed).
+    pub fn all_envelopes(&self) -> Vec<Vec<u8>> {
+        let mut all = self.sealed_envelopes(|_| true);
+        all.extend(self.chain_envelopes(|_| true));
+        all
+    }
+
     fn stored_envelopes(
         &self,
         wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
