@@ -214,6 +214,23 @@ impl Db<'_> {
         Ok(self.execute("DELETE FROM outbox WHERE envelope_id = ?1", [id.0])? > 0)
     }
 
+    /// One page of the outbox's index, without the envelopes' bytes: up to
+    /// `limit` entries after row `after` (0 to start), in row order, as
+    /// (row, envelope, conversation). Pass the last row back for the next
+    /// page; an empty page is the end.
+    pub fn outbox_index_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, EnvelopeId, ConversationId)>, StoreError> {
+        self.query_vec(
+            "SELECT rowid, envelope_id, conversation FROM outbox
+             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+            params![after, sql_limit(limit)],
+            |row| Ok((row.get(0)?, id_at(row, 1)?, id_at(row, 2)?)),
+        )
+    }
+
     /// The ids of up to `limit` queued entries, oldest first: the order in
     /// which a peer that comes online is offered them (a sender's chain
     /// counters in order, so the receiver never skips far ahead).
@@ -472,6 +489,28 @@ mod tests {
             db.insert_envelope(&huge),
             Err(StoreError::OutOfRange("counter"))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_outbox_index_reads_in_pages_to_the_end() -> Result<(), StoreError> {
+        let store = Store::open_in_memory()?;
+        let db = store.db();
+        for n in 1..=5 {
+            db.enqueue_outbox(&outbox_entry(n, 10, 100))?;
+        }
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = db.outbox_index_page(after, 2)?;
+            assert!(page.len() <= 2);
+            let Some(&(last, ..)) = page.last() else {
+                break;
+            };
+            after = last;
+            seen.extend(page.into_iter().map(|(_, id, _)| id.0[0]));
+        }
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
         Ok(())
     }
 

@@ -24,6 +24,9 @@ use super::{
     fail_inputs, let_network_run, outbox, presence, recv_opt, relay, run_effects, sleep_until_opt,
 };
 
+/// Outbox entries read per page at startup (ids only, no bytes).
+const OUTBOX_LOAD_PAGE: usize = 10_000;
+
 impl Engine {
     pub(in crate::node) fn new(
         identity: Identity,
@@ -196,8 +199,6 @@ impl Engine {
             db.set_members(&own, &[(self.state.my_user, Role::Member)])?;
             convs.push(conv);
         }
-        let outbox = db.outbox_due(i64::MAX, 100_000)?;
-        let mut pending_outbox = Vec::new();
         let known = db.known_peers(4096)?;
         for conv in convs {
             if let Some(tag) = conv.tag {
@@ -210,17 +211,7 @@ impl Engine {
             self.state.topics.add_topic(conv.topic.clone(), conv.id);
             self.state.convs.insert(conv.id, conv);
         }
-        for entry in outbox {
-            pending_outbox.push(entry);
-        }
-        for entry in pending_outbox {
-            // Who still lacks it is unknown after a restart: offer it to
-            // every member device (receivers deduplicate).
-            let peers = self.outbox_targets(&entry.conversation)?;
-            self.state
-                .outbox
-                .track(entry.envelope_id, entry.conversation, peers);
-        }
+        self.load_outbox()?;
         let mut by_peer: HashMap<String, Vec<Multiaddr>> = HashMap::new();
         for (peer, addr) in known {
             if let Ok(addr) = addr.parse::<Multiaddr>() {
@@ -262,6 +253,34 @@ impl Engine {
 
     /// Member peers of a conversation (other than this device), from what
     /// is on disk.
+    /// Tracks every queued envelope, read a page at a time without its
+    /// bytes. All of them: the retry tick drops a due entry that is not
+    /// tracked (everyone has it), so one left out here would be lost.
+    fn load_outbox(&mut self) -> Result<(), NodeError> {
+        let mut targets: HashMap<ConversationId, HashSet<PeerId>> = HashMap::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.db().outbox_index_page(after, OUTBOX_LOAD_PAGE)?;
+            let Some(&(last, ..)) = page.last() else {
+                return Ok(());
+            };
+            after = last;
+            for (_, envelope, conv) in page {
+                // Who still lacks it is unknown after a restart: offer it to
+                // every member device (receivers deduplicate).
+                let peers = match targets.get(&conv) {
+                    Some(peers) => peers.clone(),
+                    None => {
+                        let peers = self.outbox_targets(&conv)?;
+                        targets.insert(conv, peers.clone());
+                        peers
+                    }
+                };
+                self.state.outbox.track(envelope, conv, peers);
+            }
+        }
+    }
+
     pub(super) fn outbox_targets(
         &self,
         conv: &ConversationId,
