@@ -21,7 +21,7 @@ pub mod store;
 pub use weft_proto::{crypto, group, hlc, ids, mailbox, payload, routing};
 
 pub use libp2p::{Multiaddr, PeerId};
-pub use net::NetConfig;
+pub use net::{ConnectionLimits, NetConfig};
 pub use node::{Node, NodeConfig, NodeError, NodeHandle, Settings, link_device};
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -9,7 +9,11 @@ use std::time::Duration;
 use libp2p::gossipsub::{self, MessageId};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, dcutr, identify, kad, ping, relay};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, Swarm, connection_limits, dcutr, identify, kad, memory_connection_limits, ping,
+    relay,
+};
 use weft_proto::transport::{SwarmConfig, build_swarm_with_relay_client};
 
 use super::config::NetConfig;
@@ -19,9 +23,19 @@ use super::{
 };
 use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 
+/// Concurrent inbound requests per connection and protocol: each may
+/// carry up to 8 MiB (`MAX_DIRECT_REQUEST`), so this bounds what one
+/// connection can make the node hold at once.
+const DIRECT_STREAMS: usize = 32;
+const MAILBOX_STREAMS: usize = 16;
+
 /// Everything the swarm speaks, composed.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// First, so that a connection past a limit is refused before the
+    /// other behaviours hear of it.
+    pub(super) limits: connection_limits::Behaviour,
+    pub(super) memory: Toggle<memory_connection_limits::Behaviour>,
     /// Gossipsub behind the per-topic membership gate.
     pub(super) gossipsub: gate::Gossip,
     pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -87,7 +101,7 @@ fn build_behaviour(
         [(StreamProtocol::new(DIRECT_PROTOCOL), ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(Duration::from_secs(30))
-            .with_max_concurrent_streams(256),
+            .with_max_concurrent_streams(DIRECT_STREAMS),
     );
     // Same framing as the direct protocol; relays answer, and a relay may
     // ask a connected device to fetch (a wakeup).
@@ -99,9 +113,22 @@ fn build_behaviour(
         )],
         request_response::Config::default()
             .with_request_timeout(Duration::from_secs(30))
-            .with_max_concurrent_streams(64),
+            .with_max_concurrent_streams(MAILBOX_STREAMS),
     );
+    let l = &config.limits;
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(l.max_pending_incoming))
+            .with_max_pending_outgoing(Some(l.max_pending_outgoing))
+            .with_max_established_incoming(Some(l.max_established_incoming))
+            .with_max_established_outgoing(Some(l.max_established_outgoing))
+            .with_max_established_per_peer(Some(l.max_established_per_peer)),
+    );
+    let memory = (l.max_memory_bytes > 0)
+        .then(|| memory_connection_limits::Behaviour::with_max_bytes(l.max_memory_bytes));
     Behaviour {
+        limits,
+        memory: memory.into(),
         gossipsub,
         kad,
         identify,

@@ -35,6 +35,44 @@ pub struct NetConfig {
     pub redial_base: Duration,
     /// Longest wait between redials of a known peer (before jitter).
     pub redial_max: Duration,
+    /// How many connections the node keeps, and how much memory they may
+    /// hold.
+    pub limits: ConnectionLimits,
+}
+
+/// Connection limits (`libp2p::connection_limits` and
+/// `memory_connection_limits`): a connection past one is refused before
+/// any protocol runs on it, so a flood of dials (fresh peer ids are free)
+/// costs the node a refused handshake each, not a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections being set up, each way.
+    pub max_pending_incoming: u32,
+    pub max_pending_outgoing: u32,
+    /// Established connections, each way.
+    pub max_established_incoming: u32,
+    pub max_established_outgoing: u32,
+    /// Established connections to one peer: a direct and a relayed one,
+    /// and the crossing dials of two peers that dial each other at once.
+    pub max_established_per_peer: u32,
+    /// No new connection while the process holds more than this many
+    /// bytes; 0: no limit.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_pending_incoming: 32,
+            max_pending_outgoing: 128,
+            // A person's contacts' devices and a few relays, with room:
+            // more is a crowd, or someone dialing in with fresh ids.
+            max_established_incoming: 256,
+            max_established_outgoing: 256,
+            max_established_per_peer: 4,
+            max_memory_bytes: 1024 * 1024 * 1024,
+        }
+    }
 }
 
 impl NetConfig {
@@ -50,6 +88,7 @@ impl NetConfig {
             idle_timeout: Duration::from_secs(3600),
             redial_base: Duration::from_secs(1),
             redial_max: Duration::from_secs(30),
+            limits: ConnectionLimits::default(),
         }
     }
 

@@ -38,7 +38,7 @@ mod relay_client;
 mod relay_discovery;
 mod task;
 
-pub use config::{NetConfig, TransportKind};
+pub use config::{ConnectionLimits, NetConfig, TransportKind};
 pub use gate::{MAX_GATED_MEMBERS, MAX_GATED_TOPICS, MAX_MEMBERS_PER_TOPIC, MAX_PENDING_CLOSES};
 pub use peers::{BAN_DURATION, MAX_STRIKES};
 pub use relay_discovery::{HOP_PROTOCOL, RELAY_PROVIDER_KEY};

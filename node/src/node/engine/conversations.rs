@@ -66,20 +66,30 @@ impl Topics {
         self.by_tag.get(tag).copied()
     }
 
+    /// Notes `peer` on `topic`: only a topic of a conversation here is
+    /// tracked (a peer may subscribe to any topic it likes, and those are
+    /// nothing to us), and a topic's entry goes with its last peer, so the
+    /// map holds at most our topics with their connected subscribers.
     pub(super) fn subscribed(&mut self, peer: PeerId, topic: String) {
-        self.subscribed.entry(topic).or_default().insert(peer);
+        if self.by_topic.contains_key(&topic) {
+            self.subscribed.entry(topic).or_default().insert(peer);
+        }
     }
 
     pub(super) fn unsubscribed(&mut self, peer: &PeerId, topic: &str) {
         if let Some(peers) = self.subscribed.get_mut(topic) {
             peers.remove(peer);
+            if peers.is_empty() {
+                self.subscribed.remove(topic);
+            }
         }
     }
 
     pub(super) fn disconnected(&mut self, peer: &PeerId) {
-        for peers in self.subscribed.values_mut() {
+        self.subscribed.retain(|_, peers| {
             peers.remove(peer);
-        }
+            !peers.is_empty()
+        });
     }
 
     /// The peers subscribed to `topic`, as far as gossip has told.
@@ -350,6 +360,27 @@ impl State<'_, '_> {
 mod tests {
     use super::*;
     use tokio::time::Instant;
+
+    #[test]
+    fn only_our_topics_are_tracked_and_an_empty_one_goes() {
+        let mut topics = Topics::default();
+        topics.add_topic("ours".into(), ConversationId([1; 32]));
+        let (alice, bob) = (PeerId::random(), PeerId::random());
+        for n in 0..1_000 {
+            topics.subscribed(alice, format!("junk-{n}"));
+        }
+        topics.subscribed(alice, "ours".into());
+        topics.subscribed(bob, "ours".into());
+        assert_eq!(
+            topics.subscribed.len(),
+            1,
+            "a stranger's topics are not kept"
+        );
+        topics.unsubscribed(&alice, "ours");
+        assert_eq!(topics.subscribers("ours").map(HashSet::len), Some(1));
+        topics.disconnected(&bob);
+        assert!(topics.subscribed.is_empty(), "no empty entry is left");
+    }
 
     #[test]
     fn the_tag_cache_stays_bounded_and_the_preload_evicts_nothing() {
