@@ -98,6 +98,45 @@ async fn garbage_on_a_topic_gets_the_sender_banned() {
     bob.expect_text("alice", "after").await;
 }
 
+/// Gossip peer scoring: a few invalid envelopes (far fewer than the
+/// strikes that get a peer banned) sink the sender's gossip score below
+/// the graylist threshold, and alice drops it within 10 s. Without peer
+/// scoring, four strikes leave mallory connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_invalid_envelopes_graylist_the_sender_and_it_is_dropped() {
+    const JUNK: u32 = 4;
+    const { assert!(JUNK < net::MAX_STRIKES) };
+    let alice = TestNode::start("alice", 29, &[]).await;
+    let bob = TestNode::start("bob", 29, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    alice.send("bob", "before").await;
+    bob.expect_text("alice", "before").await;
+    let mut mallory = Mallory::join(b"mallory4", 550_000, &alice, &bob, &[&alice]).await;
+    for i in 0..JUNK {
+        let mut data = vec![1u8; 120];
+        data[1..5].copy_from_slice(&i.to_be_bytes());
+        let publish = NetCommand::Publish {
+            topic: mallory.topic.clone(),
+            data,
+        };
+        mallory.net.send(publish).await.unwrap();
+    }
+    let alice_peer = alice.handle.peer_id();
+    let dropped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match mallory.events.recv().await {
+                Some(NetEvent::Disconnected { peer }) if peer == alice_peer => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(dropped, Ok(true), "alice dropped mallory within 10 s");
+    alice.send("bob", "after").await;
+    bob.expect_text("alice", "after").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_envelope_is_stored_once() {
     let alice = TestNode::start("alice", 21, &[]).await;

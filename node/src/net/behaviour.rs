@@ -17,10 +17,10 @@ use libp2p::{
 use weft_proto::transport::{SwarmConfig, build_swarm_with_relay_client};
 
 use super::config::NetConfig;
-use super::gate;
 use super::{
     DIRECT_PROTOCOL, DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_TOPICS_PER_PEER, NetError,
 };
+use super::{gate, scoring};
 use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 
 /// Concurrent inbound requests per connection and protocol: each may
@@ -67,13 +67,17 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
 /// Gossipsub behind the topic gate: built before the swarm, as the only
 /// part of the behaviour that can fail.
 fn gossipsub() -> Result<gate::Gossip, NetError> {
-    gate::Gossip::new(
+    let mut gossip = gate::Gossip::new(
         gossipsub::MessageAuthenticity::Anonymous,
         gossipsub_config()?,
         MAX_TOPICS_PER_PEER,
         MAX_TOPICS_PER_PEER,
     )
-    .map_err(NetError::Gossipsub)
+    .map_err(NetError::Gossipsub)?;
+    gossip
+        .with_peer_score(scoring::params(), scoring::thresholds())
+        .map_err(NetError::PeerScore)?;
+    Ok(gossip)
 }
 
 fn build_behaviour(

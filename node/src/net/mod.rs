@@ -36,6 +36,7 @@ mod mdns;
 mod peers;
 mod relay_client;
 mod relay_discovery;
+mod scoring;
 mod task;
 
 pub use config::{ConnectionLimits, NetConfig, TransportKind};
@@ -71,6 +72,8 @@ pub enum NetError {
     GossipsubConfig(#[source] libp2p::gossipsub::ConfigBuilderError),
     #[error("gossipsub: {0}")]
     Gossipsub(&'static str),
+    #[error("gossipsub peer scoring: {0}")]
+    PeerScore(String),
     #[error("direct request failed: {0}")]
     Direct(#[source] libp2p::request_response::OutboundFailure),
     #[error("the network task has stopped")]

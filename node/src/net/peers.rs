@@ -9,6 +9,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use super::PeerSource;
+use super::scoring::GRAYLIST;
 use super::task::NetworkTask;
 
 use crate::backoff;
@@ -179,6 +180,22 @@ impl NetworkTask {
         behaviour.gossipsub.blacklist_peer(&peer);
         behaviour.kad.remove_peer(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Bans the connected peers whose gossip score fell below the
+    /// graylist threshold: gossipsub only ignores them, and they would
+    /// keep a connection and keep sending (checked every redial tick).
+    pub(super) fn ban_graylisted(&mut self) {
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let graylisted: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| gossip.peer_score(p).is_some_and(|s| s < GRAYLIST))
+            .copied()
+            .collect();
+        for peer in graylisted {
+            self.ban(peer, "gossip score below the graylist threshold");
+        }
     }
 
     pub(super) fn unban_expired(&mut self) {

@@ -20,7 +20,7 @@ use super::behaviour::{Behaviour, build_swarm};
 use super::peers::{KnownPeer, REDIAL_TICK};
 use super::{
     COMMAND_CAPACITY, ConnectedPeer, EVENT_CAPACITY, NetCommand, NetConfig, NetError, NetEvent,
-    NetHandle, NetStatus, PeerSource, mdns, relay_client, relay_discovery,
+    NetHandle, NetStatus, PeerSource, mdns, relay_client, relay_discovery, scoring,
 };
 
 use crate::backoff;
@@ -171,6 +171,7 @@ impl NetworkTask {
                     }
                 }
                 _ = redial.tick() => {
+                    self.ban_graylisted();
                     self.unban_expired();
                     self.redial();
                     self.listen_via_relays();
@@ -240,8 +241,15 @@ impl NetworkTask {
         let behaviour = self.swarm.behaviour_mut();
         match cmd {
             NetCommand::Subscribe(topic) => {
-                if let Err(e) = behaviour.gossipsub.subscribe(&IdentTopic::new(topic)) {
+                let topic = IdentTopic::new(topic);
+                if let Err(e) = behaviour.gossipsub.subscribe(&topic) {
                     tracing::warn!("subscribe failed: {e}");
+                }
+                if let Err(e) = behaviour
+                    .gossipsub
+                    .set_topic_params(topic, scoring::topic_params())
+                {
+                    tracing::warn!("topic scoring: {e}");
                 }
             }
             NetCommand::Unsubscribe(topic) => {
