@@ -63,7 +63,11 @@ impl NetworkTask {
                 num_established,
                 ..
             } => {
-                if self.banned.contains_key(&peer_id) {
+                let ip = super::offenders::ip_of(endpoint.get_remote_address());
+                if self
+                    .offenders
+                    .is_banned(&peer_id, ip, tokio::time::Instant::now())
+                {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
                 }

@@ -24,7 +24,8 @@
 //! Layout: [`NetConfig`] (`config`); the composed libp2p behaviour and
 //! the swarm built around it (`behaviour`); the task, its run loop and
 //! the node's commands (`task`); what the swarm reports (`events`); the
-//! peers the task keeps, redials, strikes and bans (`peers`); the topic
+//! peers the task keeps and redials (`peers`), strikes and bans by peer
+//! id and address (`offenders`); the topic
 //! gate (`gate`), LAN discovery (`mdns`), listening through relays
 //! (`relay_client`) and finding relays in the DHT (`relay_discovery`).
 
@@ -33,6 +34,7 @@ mod config;
 mod events;
 mod gate;
 mod mdns;
+mod offenders;
 mod peers;
 mod relay_client;
 mod relay_discovery;
@@ -41,7 +43,7 @@ mod task;
 
 pub use config::{ConnectionLimits, NetConfig, TransportKind};
 pub use gate::{MAX_GATED_MEMBERS, MAX_GATED_TOPICS, MAX_MEMBERS_PER_TOPIC, MAX_PENDING_CLOSES};
-pub use peers::{BAN_DURATION, MAX_STRIKES};
+pub use offenders::{BAN_DURATION, IP_BANS, MAX_STRIKES};
 pub use relay_discovery::{HOP_PROTOCOL, RELAY_PROVIDER_KEY};
 pub use task::spawn;
 

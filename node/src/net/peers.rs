@@ -1,14 +1,16 @@
 //! The peers the network task keeps connected: known peers and their
 //! addresses, dialing (through a DHT lookup when no address is known),
-//! redialing with jittered exponential backoff, and the strikes and bans
-//! of peers that misbehave.
+//! redialing with jittered exponential backoff, and what a strike or a ban
+//! does to the swarm (the counting is `offenders`).
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use super::PeerSource;
+use super::offenders::{self, BAN_DURATION, IP_BANS, Struck};
 use super::scoring::GRAYLIST;
 use super::task::NetworkTask;
 
@@ -29,15 +31,8 @@ const MAX_KNOWN_PEERS: usize = 4096;
 pub(super) const REDIAL_TICK: Duration = Duration::from_millis(500);
 /// Most dials the redial timer starts per tick.
 const MAX_REDIALS_PER_TICK: usize = 64;
-/// Strikes within [`STRIKE_WINDOW`] that get a peer banned.
-pub const MAX_STRIKES: u32 = 16;
-const STRIKE_WINDOW: Duration = Duration::from_secs(600);
-/// How long a banned peer stays banned.
-pub const BAN_DURATION: Duration = Duration::from_secs(3600);
 /// Most concurrent DHT lookups of peers to dial.
 const MAX_DHT_LOOKUPS: usize = 64;
-/// Most peers tracked for strikes and bans.
-const MAX_TRACKED_OFFENDERS: usize = 4096;
 
 /// `addr` ending with `/p2p/<peer>` (added if missing; `None` if it names
 /// another peer).
@@ -62,7 +57,7 @@ fn after(delay: Duration) -> tokio::time::Instant {
 
 impl NetworkTask {
     pub(super) fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: PeerSource) {
-        if self.banned.contains_key(&peer)
+        if self.is_banned(&peer)
             || (self.known_peers.len() >= MAX_KNOWN_PEERS && !self.known_peers.contains_key(&peer))
         {
             return;
@@ -87,7 +82,7 @@ impl NetworkTask {
     pub(super) fn dial(&mut self, peer: PeerId, source: PeerSource) {
         if peer == *self.swarm.local_peer_id()
             || self.swarm.is_connected(&peer)
-            || self.banned.contains_key(&peer)
+            || self.is_banned(&peer)
         {
             return;
         }
@@ -147,39 +142,56 @@ impl NetworkTask {
         }
     }
 
+    /// Whether `peer` is banned (by its id; its address is checked as it
+    /// connects).
+    pub(super) fn is_banned(&self, peer: &PeerId) -> bool {
+        self.offenders
+            .is_banned(peer, None, tokio::time::Instant::now())
+    }
+
+    /// The address a connected peer came from, if it has one.
+    fn address_of(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.addrs.iter().find_map(offenders::ip_of))
+    }
+
     pub(super) fn penalize(&mut self, peer: PeerId, reason: &'static str) {
-        let now = tokio::time::Instant::now();
-        if self.strikes.len() >= MAX_TRACKED_OFFENDERS && !self.strikes.contains_key(&peer) {
-            self.strikes
-                .retain(|_, (_, since)| now.duration_since(*since) < STRIKE_WINDOW);
-            if self.strikes.len() >= MAX_TRACKED_OFFENDERS {
-                return;
-            }
-        }
-        let entry = self.strikes.entry(peer).or_insert((0, now));
-        if now.duration_since(entry.1) >= STRIKE_WINDOW {
-            *entry = (0, now);
-        }
-        entry.0 += 1;
-        tracing::debug!(%peer, strikes = entry.0, "penalised: {reason}");
-        if entry.0 >= MAX_STRIKES {
-            self.strikes.remove(&peer);
-            self.ban(peer, reason);
+        let ip = self.address_of(&peer);
+        match self.offenders.strike(peer, ip, tokio::time::Instant::now()) {
+            Struck::Counted => tracing::debug!(%peer, "penalised: {reason}"),
+            Struck::Banned { address } => self.cut_off(peer, ip, address, reason),
         }
     }
 
+    /// Bans `peer` (and, with enough bans from its address, the address).
     fn ban(&mut self, peer: PeerId, reason: &'static str) {
+        let ip = self.address_of(&peer);
+        let address = self.offenders.ban(peer, ip, tokio::time::Instant::now());
+        self.cut_off(peer, ip, address, reason);
+    }
+
+    /// Disconnects a peer just banned, and every peer connected from its
+    /// address if that is banned too.
+    fn cut_off(&mut self, peer: PeerId, ip: Option<IpAddr>, address: bool, reason: &'static str) {
         tracing::warn!(%peer, "banned for {BAN_DURATION:?}: {reason}");
-        if self.banned.len() >= MAX_TRACKED_OFFENDERS {
-            return;
+        let mut gone = vec![peer];
+        if address && let Some(ip) = ip {
+            tracing::warn!(%ip, "address banned for {BAN_DURATION:?}: {IP_BANS} peers from it were");
+            gone.extend(
+                self.peers
+                    .values()
+                    .filter(|p| p.addrs.iter().any(|a| offenders::ip_of(a) == Some(ip)))
+                    .map(|p| p.peer_id),
+            );
         }
-        self.banned
-            .insert(peer, tokio::time::Instant::now() + BAN_DURATION);
-        self.known_peers.remove(&peer);
-        let behaviour = self.swarm.behaviour_mut();
-        behaviour.gossipsub.blacklist_peer(&peer);
-        behaviour.kad.remove_peer(&peer);
-        let _ = self.swarm.disconnect_peer_id(peer);
+        for peer in gone {
+            self.known_peers.remove(&peer);
+            let behaviour = self.swarm.behaviour_mut();
+            behaviour.gossipsub.blacklist_peer(&peer);
+            behaviour.kad.remove_peer(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
     }
 
     /// Bans the connected peers whose gossip score fell below the
@@ -199,15 +211,7 @@ impl NetworkTask {
     }
 
     pub(super) fn unban_expired(&mut self) {
-        let now = tokio::time::Instant::now();
-        let expired: Vec<PeerId> = self
-            .banned
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in expired {
-            self.banned.remove(&peer);
+        for peer in self.offenders.expire(tokio::time::Instant::now()) {
             self.swarm
                 .behaviour_mut()
                 .gossipsub

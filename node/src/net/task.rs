@@ -17,6 +17,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, kad};
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, build_swarm};
+use super::offenders::Offenders;
 use super::peers::{KnownPeer, REDIAL_TICK};
 use super::{
     COMMAND_CAPACITY, ConnectedPeer, EVENT_CAPACITY, NetCommand, NetConfig, NetError, NetEvent,
@@ -76,8 +77,7 @@ pub fn spawn(
         pending_mailbox: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         mdns: None,
-        strikes: HashMap::new(),
-        banned: HashMap::new(),
+        offenders: Offenders::default(),
         kad_ready: false,
         dht_lookups: HashMap::new(),
     };
@@ -109,8 +109,8 @@ pub(super) struct NetworkTask {
         HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     pub(super) pending_responses: FuturesUnordered<PendingResponse>,
     pub(super) mdns: Option<mdns::Mdns>,
-    pub(super) strikes: HashMap<PeerId, (u32, tokio::time::Instant)>,
-    pub(super) banned: HashMap<PeerId, tokio::time::Instant>,
+    /// Strikes and bans, by peer id and address (bounded).
+    pub(super) offenders: Offenders,
     /// Whether the DHT routing table has anyone in it.
     pub(super) kad_ready: bool,
     /// Peers being looked up in the DHT (bounded).
