@@ -137,6 +137,114 @@ async fn a_few_invalid_envelopes_graylist_the_sender_and_it_is_dropped() {
     bob.expect_text("alice", "after").await;
 }
 
+/// A junk flood on the conversation's topic and over the direct protocol
+/// (garbage, forged signatures, replays) while alice writes to bob: every
+/// honest message arrives once and in order, and alice drops the
+/// flooder within 10 s. `FLOOD=N` sets the junk count (CI: 2,000;
+/// docs/performance.md reports larger runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_flood_leaves_honest_delivery_whole() {
+    const HONEST: usize = 40;
+    let junk: u32 = std::env::var("FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let alice = TestNode::start("alice", 30, &[]).await;
+    let bob = TestNode::start("bob", 30, &[&alice]).await;
+    befriend(&alice, &bob).await;
+    let first = alice.send("bob", "before").await;
+    bob.expect_text("alice", "before").await;
+    let genuine = alice.envelope_bytes(first["id"].as_str().unwrap());
+    let mut mallory = Mallory::join(b"mallory5", 650_000, &alice, &bob, &[&alice]).await;
+
+    // The flood, in its own task: three kinds of junk in turn, on gossip
+    // and, every tenth, straight to alice.
+    let alice_peer = alice.handle.peer_id();
+    let (net, topic) = (mallory.net.clone(), mallory.topic.clone());
+    let flood = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let mut sent = 0u32;
+        for i in 0..junk {
+            let data = match i % 3 {
+                0 => {
+                    let mut garbage = vec![1u8; 120];
+                    garbage[1..5].copy_from_slice(&i.to_be_bytes());
+                    garbage
+                }
+                1 => {
+                    // A genuine envelope with its signature broken.
+                    let mut forged = genuine.clone();
+                    let at = forged.len() - 1 - (i as usize % 32);
+                    forged[at] ^= 0x55;
+                    forged
+                }
+                _ => genuine.clone(),
+            };
+            let command = if i % 10 == 9 {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                NetCommand::Direct {
+                    peer: alice_peer,
+                    data: postcard::to_stdvec(&DirectRequest::Envelopes(vec![data])).unwrap(),
+                    reply,
+                }
+            } else {
+                NetCommand::Publish {
+                    topic: topic.clone(),
+                    data,
+                }
+            };
+            if net.send(command).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, started.elapsed())
+    });
+
+    // Honest traffic meanwhile, each message timed to bob's screen.
+    let mut events = bob.handle.events();
+    let mut latencies = Vec::with_capacity(HONEST);
+    for n in 0..HONEST {
+        let text = format!("honest {n}");
+        let sent_at = std::time::Instant::now();
+        alice.send("bob", &text).await;
+        next_event_matching(
+            &mut events,
+            &text,
+            |e| matches!(e, weft_node::api::Event::Message(m) if m.text == text),
+        )
+        .await;
+        latencies.push(sent_at.elapsed());
+    }
+    let dropped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match mallory.events.recv().await {
+                Some(NetEvent::Disconnected { peer }) if peer == alice_peer => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    let (sent, took) = flood.await.unwrap();
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "junk flood: {sent} junk envelopes handed to mallory's node in {took:.2?}; \
+         {HONEST} honest messages, latency p50 {:.2?}, p99 {:.2?}",
+        p(0.5),
+        p(0.99)
+    );
+    assert_eq!(dropped, Ok(true), "alice dropped the flooder within 10 s");
+    let mut expected = vec!["before".to_string()];
+    expected.extend((0..HONEST).map(|n| format!("honest {n}")));
+    assert_eq!(
+        bob.texts("alice").await,
+        expected,
+        "every honest message once, in order"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_envelope_is_stored_once() {
     let alice = TestNode::start("alice", 21, &[]).await;
