@@ -137,6 +137,31 @@ async fn a_few_invalid_envelopes_graylist_the_sender_and_it_is_dropped() {
     bob.expect_text("alice", "after").await;
 }
 
+/// Sends `count` messages `PREFIX N` from alice to bob, one at a time,
+/// each timed from `send` to bob's `message` event; sorted latencies.
+async fn timed_sends(
+    alice: &TestNode,
+    bob_events: &mut tokio::sync::broadcast::Receiver<weft_node::api::Event>,
+    prefix: &str,
+    count: usize,
+) -> Vec<std::time::Duration> {
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count {
+        let text = format!("{prefix} {n}");
+        let sent_at = std::time::Instant::now();
+        alice.send("bob", &text).await;
+        next_event_matching(
+            bob_events,
+            &text,
+            |e| matches!(e, weft_node::api::Event::Message(m) if m.text == text),
+        )
+        .await;
+        latencies.push(sent_at.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
 /// A junk flood on the conversation's topic and over the direct protocol
 /// (garbage, forged signatures, replays) while alice writes to bob: every
 /// honest message arrives once and in order, and alice drops the
@@ -155,6 +180,9 @@ async fn a_junk_flood_leaves_honest_delivery_whole() {
     let first = alice.send("bob", "before").await;
     bob.expect_text("alice", "before").await;
     let genuine = alice.envelope_bytes(first["id"].as_str().unwrap());
+    // The same traffic without a flood, for comparison.
+    let mut events = bob.handle.events();
+    let quiet = timed_sends(&alice, &mut events, "quiet", HONEST).await;
     let mut mallory = Mallory::join(b"mallory5", 650_000, &alice, &bob, &[&alice]).await;
 
     // The flood, in its own task: three kinds of junk in turn, on gossip
@@ -201,21 +229,8 @@ async fn a_junk_flood_leaves_honest_delivery_whole() {
         (sent, started.elapsed())
     });
 
-    // Honest traffic meanwhile, each message timed to bob's screen.
-    let mut events = bob.handle.events();
-    let mut latencies = Vec::with_capacity(HONEST);
-    for n in 0..HONEST {
-        let text = format!("honest {n}");
-        let sent_at = std::time::Instant::now();
-        alice.send("bob", &text).await;
-        next_event_matching(
-            &mut events,
-            &text,
-            |e| matches!(e, weft_node::api::Event::Message(m) if m.text == text),
-        )
-        .await;
-        latencies.push(sent_at.elapsed());
-    }
+    // Honest traffic meanwhile.
+    let flooded = timed_sends(&alice, &mut events, "honest", HONEST).await;
     let dropped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
             match mallory.events.recv().await {
@@ -227,16 +242,18 @@ async fn a_junk_flood_leaves_honest_delivery_whole() {
     })
     .await;
     let (sent, took) = flood.await.unwrap();
-    latencies.sort();
-    let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let p = |l: &[std::time::Duration], q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)];
     eprintln!(
         "junk flood: {sent} junk envelopes handed to mallory's node in {took:.2?}; \
-         {HONEST} honest messages, latency p50 {:.2?}, p99 {:.2?}",
-        p(0.5),
-        p(0.99)
+         {HONEST} honest messages, p50 {:.2?} p99 {:.2?} (without the flood: p50 {:.2?} p99 {:.2?})",
+        p(&flooded, 0.5),
+        p(&flooded, 0.99),
+        p(&quiet, 0.5),
+        p(&quiet, 0.99),
     );
     assert_eq!(dropped, Ok(true), "alice dropped the flooder within 10 s");
     let mut expected = vec!["before".to_string()];
+    expected.extend((0..HONEST).map(|n| format!("quiet {n}")));
     expected.extend((0..HONEST).map(|n| format!("honest {n}")));
     assert_eq!(
         bob.texts("alice").await,
