@@ -1,11 +1,15 @@
-//! Crash test with the real binaries: alice's daemon is killed with SIGKILL
-//! at seeded random points, many times, while a loop sends messages to bob
-//! through it; in some rounds bob is down, so the messages wait in alice's
-//! outbox. After the last restart nothing acknowledged may be lost and
-//! nothing may arrive twice.
+//! Crash soak with the real binaries: a sending daemon (alice), a
+//! receiving daemon (bob) and the relay both use are killed with SIGKILL
+//! at seeded random points, one per round, while a loop sends messages
+//! from alice to bob; a killed receiver sometimes stays down for the next
+//! round, so that alice's messages wait in her outbox and at the relay.
+//! After the last restart nothing acknowledged may be lost, nothing may
+//! arrive twice, and both devices show the messages in the same order.
 //!
-//! The seed is printed; `WEFT_CRASH_SEED=N` repeats a run. Build the
-//! binaries first (`cargo build --workspace --bins`).
+//! The seed is printed; `WEFT_CRASH_SEED=N` repeats a run and
+//! `WEFT_SOAK_KILLS=N` sets the number of kills (CI: 20). `tests/soak N
+//! SEED` runs a long one. Build the binaries first (`cargo build
+//! --workspace --bins`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,35 +19,40 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
+use weft_e2e::relay::Relay;
 use weft_e2e::{Cli, Weft, wait_until};
 
-/// Crash rounds.
-const ROUNDS: usize = 12;
+/// Kills (one per round) when `WEFT_SOAK_KILLS` is not set.
+const DEFAULT_KILLS: usize = 20;
 /// How long catching up after the last restart may take.
 const CATCH_UP: Duration = Duration::from_secs(60);
 /// The seed when `WEFT_CRASH_SEED` is not set.
 const DEFAULT_SEED: u64 = 0x5eed_c4a5_0001;
-/// More than any history this test builds.
+/// The most messages `weft messages` answers at once.
+const PAGE: usize = 10_000;
 const LIMIT: &str = "10000";
 
-/// What bob's daemon does in a round.
+/// Who is killed in a round.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Bob {
-    /// Runs throughout.
-    Up,
-    /// Is stopped before alice's daemon starts and comes back while alice
-    /// still sends (her outbox drains to him, then she is killed).
-    BackBeforeKill,
-    /// Is stopped before alice's daemon starts and comes back only after
-    /// she was killed: her queue has to survive the crash.
-    BackAfterKill,
+enum Victim {
+    /// Alice's daemon, the sender: what it acknowledged must survive.
+    Sender,
+    /// Bob's daemon, the receiver; with `stays_down` he comes back only
+    /// after the next round's kill, so alice's messages wait for him.
+    Receiver { stays_down: bool },
+    /// The relay: deposits it acknowledged must survive.
+    Relay,
 }
 
-fn bob_in(round: usize) -> Bob {
-    match round {
-        2 | 8 => Bob::BackBeforeKill,
-        5 | 10 => Bob::BackAfterKill,
-        _ => Bob::Up,
+/// One of the three, the receiver only if `receiver_up`.
+fn victim(rng: &mut Rng, receiver_up: bool) -> Victim {
+    let choices: u64 = if receiver_up { 3 } else { 2 };
+    match rng.next() % choices {
+        0 => Victim::Sender,
+        1 => Victim::Relay,
+        _ => Victim::Receiver {
+            stays_down: rng.next().is_multiple_of(2),
+        },
     }
 }
 
@@ -62,6 +71,16 @@ impl Rng {
     /// A duration of `lo..hi` milliseconds.
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo))
+    }
+}
+
+fn kills() -> anyhow::Result<usize> {
+    match std::env::var("WEFT_SOAK_KILLS") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("WEFT_SOAK_KILLS={text} is not a count")),
+        Err(_) => Ok(DEFAULT_KILLS),
     }
 }
 
@@ -159,11 +178,29 @@ fn sender(
     })
 }
 
-/// `weft --json messages TARGET --limit 10000`.
+/// The whole history with `target`, in order: `weft --json messages`
+/// answers at most 10,000 at a time, so older pages are read with
+/// `--before` the oldest one read.
 fn history(w: &Weft, target: &str) -> anyhow::Result<Vec<Value>> {
-    match w.json(&["messages", target, "--limit", LIMIT])? {
-        Value::Array(list) => Ok(list),
-        other => bail!("{}: messages is not an array: {other}", w.name),
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let mut args = vec!["messages", target, "--limit", LIMIT];
+        let oldest = all
+            .first()
+            .and_then(|m| m["id"].as_str())
+            .map(str::to_string);
+        if let Some(id) = &oldest {
+            args.extend(["--before", id.as_str()]);
+        }
+        let page = match w.json(&args)? {
+            Value::Array(list) => list,
+            other => bail!("{}: messages is not an array: {other}", w.name),
+        };
+        let full = page.len() == PAGE;
+        all.splice(0..0, page);
+        if !full {
+            return Ok(all);
+        }
     }
 }
 
@@ -180,13 +217,13 @@ fn counts(list: &[Value]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// Whether `text` is `crash-ROUND-N`.
-fn is_crash_text(text: &str) -> bool {
+/// Whether `text` is `crash-ROUND-N` of one of `rounds` rounds.
+fn is_crash_text(text: &str, rounds: usize) -> bool {
     let mut parts = text.split('-');
     parts.next() == Some("crash")
         && parts
             .next()
-            .is_some_and(|r| r.parse::<usize>().is_ok_and(|r| r < ROUNDS))
+            .is_some_and(|r| r.parse::<usize>().is_ok_and(|r| r < rounds))
         && parts
             .next()
             .is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n > 0))
@@ -194,92 +231,126 @@ fn is_crash_text(text: &str) -> bool {
 }
 
 #[test]
-fn sigkilled_sender_loses_nothing_and_sends_nothing_twice() -> anyhow::Result<()> {
+fn sigkilled_sender_receiver_and_relay_lose_nothing_and_double_nothing() -> anyhow::Result<()> {
     let started = Instant::now();
     let seed = seed()?;
-    eprintln!("crash test: seed {seed} (WEFT_CRASH_SEED={seed} repeats this run)");
+    let rounds = kills()?;
+    eprintln!("crash soak: {rounds} kills, seed {seed} (WEFT_CRASH_SEED={seed} repeats this run)");
     let mut rng = Rng(seed);
+
+    // The relay keeps its port and data directory across its restarts.
+    let relay_data = tempfile::Builder::new()
+        .prefix("weft-soak-relay-")
+        .tempdir()
+        .context("creating the relay's data directory")?;
+    let mut relay = Some(Relay::start_in(relay_data.path())?);
+    let relay_port = relay
+        .as_ref()
+        .map(Relay::tcp_port)
+        .transpose()?
+        .unwrap_or(0);
+    let relay_addr = relay.as_ref().map(|r| r.addr.clone()).unwrap_or_default();
 
     let mut alice = Weft::new("alice")?;
     let mut bob = Weft::new("bob")?;
     alice.init()?;
     bob.init()?;
+    bob.start_daemon(&["--relay", &relay_addr])?;
+    alice.start_daemon(&["--relay", &relay_addr])?;
+    // Invites made while the daemons run carry the relay circuit address.
     alice.add_contact(&bob)?;
     bob.add_contact(&alice)?;
+    alice.stop_daemon()?;
     let alice_user = alice.user_id()?;
-    bob.start_daemon(&[])?;
 
     let mut attempts: Vec<Attempt> = Vec::new();
-    for round in 0..ROUNDS {
-        let bob_mode = bob_in(round);
-        if bob_mode != Bob::Up {
-            bob.stop_daemon()?;
+    let mut kills_of = BTreeMap::<&str, usize>::new();
+    let mut bob_back_after_round: Option<usize> = None;
+    for round in 0..rounds {
+        if relay.is_none() {
+            relay = Some(Relay::start_at(relay_port, relay_data.path())?);
         }
-        // Alice learns bob's (new) address from the command line.
-        match bob.daemon() {
-            Ok(daemon) => {
-                let boot = daemon.dial_addr()?;
-                alice.start_daemon(&["--bootstrap", &boot])?;
-            }
-            Err(_) => {
-                alice.start_daemon(&[])?;
-            }
+        if bob.daemon().is_err() && bob_back_after_round.is_none_or(|r| r < round) {
+            bob.start_daemon(&["--relay", &relay_addr])?;
+            bob_back_after_round = None;
         }
-        let alice_addr = alice.daemon()?.dial_addr()?;
+        if alice.daemon().is_err() {
+            let mut args = vec!["--relay".to_string(), relay_addr.clone()];
+            if let Ok(daemon) = bob.daemon() {
+                args.extend(["--bootstrap".to_string(), daemon.dial_addr()?]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            alice.start_daemon(&args)?;
+        }
 
         let stop = Arc::new(AtomicBool::new(false));
         let loop_handle = sender(alice.cli(), round, stop.clone());
         // The random kill point.
         thread::sleep(rng.millis(100, 600));
-        if bob_mode == Bob::BackBeforeKill {
-            // Bob comes back while alice sends: her outbox drains to him.
-            bob.start_daemon(&["--bootstrap", &alice_addr])?;
-            thread::sleep(rng.millis(0, 300));
-        }
-        let status = alice.kill_daemon_hard()?;
+        let victim = victim(&mut rng, bob.daemon().is_ok());
+        let status = match victim {
+            Victim::Sender => alice.kill_daemon_hard()?,
+            Victim::Receiver { stays_down } => {
+                if stays_down {
+                    bob_back_after_round = Some(round + 1);
+                }
+                bob.kill_daemon_hard()?
+            }
+            Victim::Relay => match relay.take() {
+                Some(mut r) => r.kill_hard()?,
+                None => bail!("the relay was down at its kill"),
+            },
+        };
         let killed = Instant::now();
-        // Let the loop run on a little against the dead daemon (its sends
-        // fail or are answered by an offline node the CLI starts).
+        *kills_of
+            .entry(match victim {
+                Victim::Sender => "sender",
+                Victim::Receiver { .. } => "receiver",
+                Victim::Relay => "relay",
+            })
+            .or_default() += 1;
+        // Let the loop run on a little after the kill.
         thread::sleep(rng.millis(0, 150));
         stop.store(true, Ordering::SeqCst);
         let mut round_attempts = loop_handle
             .join()
             .map_err(|_| anyhow!("the sender thread panicked"))?
             .with_context(|| format!("seed {seed}, round {round}: the sender loop"))?;
-        if bob_mode == Bob::BackAfterKill {
-            // Alice is down; she finds bob in the next round.
-            bob.start_daemon(&[])?;
-        }
         for a in &mut round_attempts {
             a.phase = a.phase_of(killed);
         }
         let acked = round_attempts.iter().filter(|a| a.acked.is_some()).count();
-        let after_kill = round_attempts
-            .iter()
-            .filter(|a| a.acked.is_some() && a.phase != "before the kill")
-            .count();
         let queued = round_attempts
             .iter()
             .filter(|a| a.acked.is_some() && a.status == "queued")
             .count();
         eprintln!(
-            "round {round} (bob {bob_mode:?}): {} sends, {acked} acknowledged ({queued} \
-             queued, {after_kill} during or after the kill), daemon {status}",
+            "round {round} (killed {victim:?}): {} sends, {acked} acknowledged ({queued} \
+             queued), {status}",
             round_attempts.len(),
         );
         attempts.extend(round_attempts);
     }
+    eprintln!("crash soak: kills {kills_of:?}");
 
-    // Alice's daemon for good; bob runs.
-    let bob_addr = bob.daemon()?.dial_addr()?;
-    alice.start_daemon(&["--bootstrap", &bob_addr])?;
+    // Everyone back for good.
+    if relay.is_none() {
+        relay = Some(Relay::start_at(relay_port, relay_data.path())?);
+    }
+    if bob.daemon().is_err() {
+        bob.start_daemon(&["--relay", &relay_addr])?;
+    }
+    if alice.daemon().is_err() {
+        let bob_addr = bob.daemon()?.dial_addr()?;
+        alice.start_daemon(&["--relay", &relay_addr, "--bootstrap", &bob_addr])?;
+    }
 
     let acked: BTreeMap<&str, &str> = attempts
         .iter()
         .filter_map(|a| a.acked.as_deref().map(|id| (a.text.as_str(), id)))
         .collect();
     anyhow::ensure!(
-        acked.len() >= ROUNDS,
+        acked.len() >= rounds,
         "seed {seed}: only {} of {} sends were acknowledged; the test exercised too little",
         acked.len(),
         attempts.len()
@@ -316,10 +387,11 @@ fn sigkilled_sender_loses_nothing_and_sends_nothing_twice() -> anyhow::Result<()
             ));
         }
         anyhow!(
-            "seed {seed}: {what}: {err:#}\nsends not (acknowledged and delivered):\n{}\n{}\n{}",
+            "seed {seed}: {what}: {err:#}\nsends not (acknowledged and delivered):\n{}\n{}\n{}\n--- relay ---\n{}",
             lines.join("\n"),
             alice.daemon_logs(),
-            bob.daemon_logs()
+            bob.daemon_logs(),
+            relay.as_ref().map(Relay::log).unwrap_or_default()
         )
     };
 
@@ -415,11 +487,22 @@ fn sigkilled_sender_loses_nothing_and_sends_nothing_twice() -> anyhow::Result<()
     // (4) everything bob has was sent by alice in this test.
     for m in &on_bob {
         let text = text_of(m);
-        if m["sender"] != alice_user.as_str() || !is_crash_text(text) {
+        if m["sender"] != alice_user.as_str() || !is_crash_text(text, rounds) {
             problems.push(format!("bob has a message not from alice's loop: {m}"));
         } else if !attempted.contains(text) {
             problems.push(format!("bob has {text}, which was never sent"));
         }
+    }
+
+    // (5) both devices show the messages in the same order.
+    let order = |list: &[Value]| -> Vec<String> {
+        list.iter()
+            .map(|m| text_of(m).to_string())
+            .filter(|t| is_crash_text(t, rounds))
+            .collect()
+    };
+    if order(&on_alice) != order(&on_bob) {
+        problems.push("alice and bob show the messages in different orders".to_string());
     }
 
     let unacked_delivered = bob_counts
@@ -427,13 +510,14 @@ fn sigkilled_sender_loses_nothing_and_sends_nothing_twice() -> anyhow::Result<()
         .filter(|t| !acked.contains_key(t.as_str()))
         .count();
     eprintln!(
-        "crash test: {} sends, {} acknowledged; bob has {} ({} unacknowledged but \
-         delivered), alice has {}; {:?}",
+        "crash soak: {} sends, {} acknowledged; bob has {} ({} unacknowledged but \
+         delivered), alice has {}; {} problems (lost, doubled or out of order); {:?}",
         attempts.len(),
         acked.len(),
         on_bob.len(),
         unacked_delivered,
         on_alice.len(),
+        problems.len(),
         started.elapsed()
     );
     if !problems.is_empty() {
