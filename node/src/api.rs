@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted on the control socket.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Longest reply or event line a control client reads: a page of
+/// messages is far longer than any request (up to 10,000 messages; 64
+/// MiB holds 10,000 of about 6 KiB each, and a longer page is refused
+/// with a clear error, not cut short).
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 
-use crate::api::{ApiError, Event, MAX_REQUEST_BYTES, Reply, Request, Response};
+use crate::api::{ApiError, Event, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::node::{NodeError, NodeHandle};
 
 /// Most clients served at once; more wait in the kernel's backlog.
@@ -139,19 +139,20 @@ async fn write_line<T: serde::Serialize>(
     w.write_all(&line).await
 }
 
-/// Reads one line of at most `MAX_REQUEST_BYTES`.
-async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads one line of at most `max` bytes (`what` names it in the error).
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    what: &'static str,
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::new();
-    let mut limited = AsyncReadExt::take(r, MAX_REQUEST_BYTES as u64 + 1);
+    let mut limited = AsyncReadExt::take(r, max as u64 + 1);
     let n = limited.read_until(b'\n', &mut buf).await?;
     if n == 0 {
         return Ok(None);
     }
-    if buf.len() > MAX_REQUEST_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "request too large",
-        ));
+    if buf.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
     }
     Ok(Some(buf))
 }
@@ -167,7 +168,7 @@ async fn serve_client(
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     loop {
-        let line = match read_line(&mut r).await {
+        let line = match read_line(&mut r, MAX_REQUEST_BYTES, "request too large").await {
             Ok(Some(line)) => line,
             Ok(None) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -259,7 +260,7 @@ impl ControlClient {
     }
 
     async fn reply(&mut self) -> Result<Reply, NodeError> {
-        let line = read_line(&mut self.reader)
+        let line = read_line(&mut self.reader, MAX_REPLY_BYTES, "reply too large")
             .await?
             .ok_or_else(|| NodeError::Protocol("daemon closed the connection".into()))?;
         serde_json::from_slice(&line).map_err(|e| NodeError::Protocol(e.to_string()))
@@ -305,7 +306,7 @@ impl ControlClient {
 
     /// The next event of a `watch` stream; `None` when the daemon stops.
     pub async fn next_event(&mut self) -> Result<Option<Event>, NodeError> {
-        match read_line(&mut self.reader).await? {
+        match read_line(&mut self.reader, MAX_REPLY_BYTES, "event too large").await? {
             None => Ok(None),
             Some(line) => serde_json::from_slice(&line)
                 .map(Some)

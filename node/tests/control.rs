@@ -75,3 +75,59 @@ async fn malformed_requests_get_clear_errors() {
     server.stop();
     node.shutdown().await.unwrap();
 }
+
+/// A reply may be far longer than any request: a page of long messages
+/// comes through the control socket whole (the client used to read
+/// replies with the request limit of 256 KiB and failed with "request too
+/// large").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_longer_than_any_request_comes_whole() {
+    let dir = tempfile::Builder::new()
+        .prefix("weft-control-")
+        .tempdir()
+        .unwrap();
+    let home = Home::new(dir.path().join("home"));
+    home.init("Alice").unwrap();
+    let node = Node::start(NodeConfig::new(dir.path().join("home"), None))
+        .await
+        .unwrap();
+    let server = serve(node.handle(), &home.socket_path()).await.unwrap();
+    let mut client = ControlClient::connect(&home.socket_path()).await.unwrap();
+    // Bob only hands out an invite; alice writes to him while offline.
+    let bob = weft_node::identity::Identity::from_seed(b"bob/control", 0).unwrap();
+    let invite = bob
+        .invite("Bob", vec![bob.certificate().clone()], Vec::new(), 0)
+        .unwrap();
+    client
+        .call(&Request::ContactAdd {
+            invite,
+            name: Some("bob".into()),
+        })
+        .await
+        .unwrap();
+    const MESSAGES: usize = 12;
+    let text = "x".repeat(60 * 1024);
+    for _ in 0..MESSAGES {
+        client
+            .call(&Request::Send {
+                target: "bob".into(),
+                text: text.clone(),
+                reply_to: None,
+            })
+            .await
+            .unwrap();
+    }
+    let page = client
+        .call(&Request::Messages {
+            target: "bob".into(),
+            limit: Some(MESSAGES),
+            before: None,
+        })
+        .await
+        .unwrap()
+        .to_json();
+    assert!(page.to_string().len() > 2 * MAX_REQUEST_BYTES);
+    assert_eq!(page.as_array().unwrap().len(), MESSAGES);
+    server.stop();
+    node.shutdown().await.unwrap();
+}
