@@ -14,6 +14,7 @@ use ed25519_dalek::SigningKey;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 use weft_node::Settings;
+use weft_node::api::Request;
 use weft_node::crypto::chain::SendingChain;
 use weft_node::crypto::envelope::{Envelope, Sealing, seal_chain, seal_to_devices};
 use weft_node::hlc::Hlc;
@@ -374,4 +375,57 @@ async fn more_than_a_page_of_pending_envelopes_is_taken_in_full() {
         assert!(texts.iter().any(|m| m["text"] == text.as_str()), "{text}");
     }
     assert_eq!(waiting(), 0);
+}
+
+/// Hundreds of new chains of alice's for a group bob has not heard of wait
+/// for it; when it comes, each one taken in asks for the group's pending
+/// envelopes to be taken in again. Those passes run one after another,
+/// not one inside the other (before, each key nested a pass inside the
+/// last, a stack frame and a page each, and bob's engine overflowed its
+/// stack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_open_each_other_in_the_pending_queue_do_not_nest() {
+    const SEED: u64 = 43;
+    const KEYS: u64 = 600;
+    let (alice, bob) = apart(SEED, Settings::default()).await;
+    let from_alice = made_by(&alice, async {
+        alice.call(group_create("keys", &["bob"])).await;
+        alice.send("keys", "hello").await;
+    })
+    .await;
+    let (chain, sealed): (Vec<_>, Vec<_>) = from_alice.into_iter().partition(|e| is_chain(e));
+    let group = alice.call(Request::Conversations).await;
+    let group = group
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "keys")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse::<ConversationId>()
+        .unwrap();
+    let (alice_id, bob_id) = (identity("alice", SEED), identity("bob", SEED));
+    let keys: Vec<Vec<u8>> = (0..KEYS)
+        .map(|n| sender_key(&alice_id, group, RoutingTag([7; 16]), &bob_id, 100 + n).0)
+        .collect();
+    let deliver = |envelopes: Vec<Vec<u8>>| {
+        let handle = bob.handle.clone();
+        async move {
+            tokio::time::timeout(DEADLINE, handle.deliver(envelopes))
+                .await
+                .expect("bob answers")
+                .expect("bob's node runs")
+        }
+    };
+    // All kept: the group is not known yet.
+    assert_eq!(deliver(keys).await, KEYS as u32);
+    deliver(chain).await;
+    deliver(sealed).await;
+    bob.expect_text("keys", "hello").await;
+    assert_eq!(
+        pending_by_peer(&bob).iter().map(|h| h.1).sum::<i64>(),
+        0,
+        "every key was taken in"
+    );
 }

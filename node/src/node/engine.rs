@@ -433,6 +433,11 @@ struct State<'s, 'd> {
     /// Whether this batch merged account changes from another device (the
     /// store is brought in line at its end).
     account_merged: bool,
+    /// While pending envelopes are taken again: the conversations asked
+    /// for meanwhile, taken in after the pass that runs (passes never
+    /// nest, so a queue of keys that each open the next holds one page
+    /// and one stack frame, not one per key).
+    pending_passes: Option<Vec<ConversationId>>,
 }
 
 type EngineResult<T> = Result<T, EngineError>;

@@ -663,11 +663,35 @@ impl State<'_, '_> {
     }
 
     /// Retries envelopes of a conversation that were waiting for a key or a
-    /// membership change, a page at a time. Those that still cannot be
-    /// placed are kept again, after the rows there were when this started,
-    /// which is where it stops. Junk found now (a signature, a decryption
-    /// or a membership that fails) costs the peer that sent it directly.
+    /// membership change. Asked while a pass runs (an envelope it took in
+    /// opened others), the conversation is taken in after that pass: each
+    /// further pass follows an envelope stored or a tag learnt, so they
+    /// end.
     pub(super) fn reprocess_pending(&mut self, conv: &ConversationId) {
+        if let Some(due) = &mut self.pending_passes {
+            if !due.contains(conv) {
+                due.push(*conv);
+            }
+            return;
+        }
+        self.pending_passes = Some(Vec::new());
+        let mut next = Some(*conv);
+        while let Some(conv) = next {
+            self.pending_pass(&conv);
+            next = match &mut self.pending_passes {
+                Some(due) if !due.is_empty() => Some(due.remove(0)),
+                _ => None,
+            };
+        }
+        self.pending_passes = None;
+    }
+
+    /// One pass over a conversation's pending envelopes, a page at a time.
+    /// Those that still cannot be placed are kept again, after the rows
+    /// there were when the pass started, which is where it stops. Junk
+    /// found now (a signature, a decryption or a membership that fails)
+    /// costs the peer that sent it directly.
+    fn pending_pass(&mut self, conv: &ConversationId) {
         let through = match self.db.pending_high_water() {
             Ok(rowid) => rowid,
             Err(e) => {
