@@ -63,14 +63,50 @@ use crate::identity::{DeviceCertificate, Identity, random_bytes};
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, RoutingTag, UserId};
 use crate::net::{NetCommand, NetStatus};
 use crate::routing::Routing;
-use crate::store::{ConversationKind, Db, Role, Store, StoreError};
+use crate::store::{ConversationKind, Db, PendingCaps, PendingLimit, Role, Store, StoreError};
 pub(super) use error::EngineError;
 
 /// Most inputs handled in one transaction.
 const BATCH: usize = 256;
-/// Envelopes we could not open yet (waiting for a key), across all
-/// conversations: a hostile peer must not fill the disk.
-const PENDING_CAP: usize = 10_000;
+/// Limits of the pending queue: envelopes we cannot place yet (a key, a
+/// device or a group on its way), which anyone can make (a device key is
+/// free) and any peer can hand over. Keeping one is cheap (the queue keeps
+/// its counts), so what matters is room, and whose.
+///
+/// - In all, 10,000 envelopes and 64 MiB: far more than honest use keeps
+///   (messages that came before their key or group, or too far ahead of a
+///   gap, wait seconds to a catch-up), and the disk a stranger can take
+///   stays small; without the byte cap 10,000 envelopes of up to 1 MiB
+///   could take 10 GB.
+/// - Per delivering peer, a quarter (2,500 envelopes, 16 MiB): one peer
+///   pushes out only its own rows; it takes four flooding at once to fill
+///   the queue, and then the totals push out the largest holder's rows,
+///   not the honest peer's few.
+/// - Per claimed sender device, a tenth (1,000 envelopes, 8 MiB): one
+///   sender's flood forwarded by honest gossip peers stays small in each
+///   of their shares. An honest device rarely has more than a few hundred
+///   envelopes waiting; what it loses past that, catch-up brings again
+///   once the key or group is here (as for anything dropped from here).
+///
+/// Tests set their own (`Settings::pending_caps`).
+pub(super) const PENDING_CAPS: PendingCaps = PendingCaps {
+    total: PendingLimit {
+        rows: 10_000,
+        bytes: 64 << 20,
+    },
+    per_peer: PendingLimit {
+        rows: 2_500,
+        bytes: 16 << 20,
+    },
+    per_sender: PendingLimit {
+        rows: 1_000,
+        bytes: 8 << 20,
+    },
+};
+/// Pending envelopes held at once while they are taken again: a page of at
+/// most 256 envelopes or 4 MiB (and one envelope past that, at most 1 MiB).
+const PENDING_PAGE_ROWS: usize = 256;
+const PENDING_PAGE_BYTES: u64 = 4 << 20;
 /// How often the outbox, presence and typing timers are looked at.
 const TICK: Duration = Duration::from_secs(1);
 /// How long an envelope offered directly counts as in flight to a peer
@@ -230,12 +266,47 @@ enum Internal {
     },
 }
 
-/// How an envelope arrived: decides replay handling and validation.
+/// How an envelope arrived: decides replay handling and validation, and
+/// whose share of the pending queue it takes if it has to wait there.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Via {
-    Gossip,
-    Direct,
-    Pending,
+    /// Forwarded by gossip from this peer (the propagation source).
+    Gossip(PeerId),
+    /// Handed over otherwise: a direct request, a catch-up answer, a
+    /// relay's mailbox, or locally.
+    Direct(Handed),
+    /// Taken again from the pending queue, handed over as it first was.
+    Pending(Handed),
+}
+
+impl Via {
+    fn is_gossip(self) -> bool {
+        matches!(self, Via::Gossip(_))
+    }
+
+    /// Who handed the envelope over.
+    fn handed(self) -> Handed {
+        match self {
+            Via::Gossip(peer) => Handed::ForwardedBy(peer),
+            Via::Direct(handed) | Via::Pending(handed) => handed,
+        }
+    }
+}
+
+/// Who handed an envelope over, and whether junk in it is theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handed {
+    /// This node's user (`NodeHandle::deliver`), or not recorded (kept
+    /// pending before the queue recorded it).
+    Locally,
+    /// A peer that passed on what it could not check: a gossip forwarder
+    /// (it cannot open a group's envelopes it is not in, nor know every
+    /// device), a relay handing over its mailbox.
+    ForwardedBy(PeerId),
+    /// A peer that sent it on its own account (a direct request, a
+    /// catch-up answer, which hold only what it chose to send): it
+    /// answers for junk in it.
+    SentBy(PeerId),
 }
 
 /// What counts as a member device having an envelope we sent.
@@ -362,6 +433,11 @@ struct State<'s, 'd> {
     /// Whether this batch merged account changes from another device (the
     /// store is brought in line at its end).
     account_merged: bool,
+    /// While pending envelopes are taken again: the conversations asked
+    /// for meanwhile, taken in after the pass that runs (passes never
+    /// nest, so a queue of keys that each open the next holds one page
+    /// and one stack frame, not one per key).
+    pending_passes: Option<Vec<ConversationId>>,
 }
 
 type EngineResult<T> = Result<T, EngineError>;

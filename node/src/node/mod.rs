@@ -92,6 +92,10 @@ pub struct Settings {
     /// `identity::MAX_ONE_TIME_KEYS`; 0 issues none, and key handouts to
     /// this device are then sealed to its handout key).
     pub one_time_keys: usize,
+    /// How much of the queue of envelopes that cannot be placed yet one
+    /// delivering peer, one claimed sender, and all of them may fill
+    /// (engine.rs, `PENDING_CAPS`, says why the defaults).
+    pub pending_caps: crate::store::PendingCaps,
 }
 
 impl Default for Settings {
@@ -109,6 +113,7 @@ impl Default for Settings {
             skipped_key_max_age: Duration::from_secs(30 * 24 * 3600),
             handout_key_rotation: Duration::from_secs(7 * 24 * 3600),
             one_time_keys: 4,
+            pending_caps: engine::PENDING_CAPS,
         }
     }
 }

@@ -39,7 +39,9 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId, MessageId, UserId};
 pub use annotations::PendingAnnotation;
 pub use chains::ChainPlace;
 pub use conversations::{ConversationKind, ConversationRecord, Role};
-pub use envelopes::{EnvelopeRecord, OutboxEntry};
+pub use envelopes::{
+    EnvelopeRecord, OutboxEntry, PendingCaps, PendingEvicted, PendingFrom, PendingLimit, PendingRow,
+};
 pub use messages::{MessageRecord, MessageStatus};
 pub use people::{Binding, Contact, DeviceRecord};
 pub use receipts::UserReceipt;
@@ -62,6 +64,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         11,
         include_str!("migrations/0011_pending_by_conversation.sql"),
     ),
+    (12, include_str!("migrations/0012_pending_caps.sql")),
 ];
 
 /// How long a statement waits for another connection's lock.
@@ -652,6 +655,86 @@ mod tests {
         // The old group keeps its record, without a state or a tag.
         let record = store.db().conversation(&group)?.expect("kept");
         assert_eq!((record.state, record.tag), (None, None));
+        Ok(())
+    }
+
+    /// Pending rows kept under schema 11 stay through migration 0012,
+    /// counted under their sender (read from the header) and their size,
+    /// as handed over locally; the caps apply to them from then on.
+    #[test]
+    fn pending_rows_kept_before_the_caps_are_counted() -> Result<(), StoreError> {
+        let conn = Connection::open_in_memory()?;
+        for (version, sql) in &MIGRATIONS[..11] {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", version)?;
+        }
+        // Version byte, routing tag, sender device, and the rest.
+        let envelope = |sender: u8, len: usize| {
+            let mut bytes = vec![2u8];
+            bytes.extend([7u8; 16]);
+            bytes.extend([sender; 32]);
+            bytes.resize(len, 0);
+            bytes
+        };
+        let slot = ConversationId([1; 32]);
+        for (sender, len) in [(5, 100), (5, 200), (6, 300)] {
+            conn.execute(
+                "INSERT INTO pending (conversation, bytes, received_at) VALUES (?1, ?2, 1)",
+                rusqlite::params![slot.0, envelope(sender, len)],
+            )?;
+        }
+        let store = Store::configure(conn)?;
+        let usage: Vec<(i64, Vec<u8>, i64, i64)> = store
+            .conn
+            .prepare(
+                "SELECT kind, holder, row_count, byte_count FROM pending_usage
+                 ORDER BY kind, holder",
+            )?
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            usage,
+            vec![
+                (0, vec![], 3, 600),
+                (1, vec![], 3, 600),
+                (2, vec![5; 32], 2, 300),
+                (2, vec![6; 32], 1, 300),
+            ]
+        );
+        let limit = PendingLimit {
+            rows: 2,
+            bytes: u64::MAX,
+        };
+        let caps = PendingCaps {
+            total: PendingLimit {
+                rows: 100,
+                bytes: u64::MAX,
+            },
+            per_peer: PendingLimit {
+                rows: 100,
+                bytes: u64::MAX,
+            },
+            per_sender: limit,
+        };
+        let local = PendingFrom {
+            peer: Vec::new(),
+            liable: false,
+        };
+        let evicted = store.db().add_pending(
+            &slot,
+            &envelope(5, 400),
+            &DeviceId([5; 32]),
+            &local,
+            2,
+            &caps,
+        )?;
+        assert_eq!(evicted.by_sender, 1, "sender 5's oldest goes");
+        let page = store.db().pending_page(&slot, 0, i64::MAX, 10, u64::MAX)?;
+        let lengths: Vec<usize> = page.iter().map(|row| row.bytes.len()).collect();
+        assert_eq!(lengths, [200, 300, 400]);
+        assert!(page.iter().all(|row| row.from == local));
         Ok(())
     }
 

@@ -10,8 +10,8 @@ use crate::store::{ConversationKind, MessageRecord};
 
 use super::EngineError;
 use super::{
-    Effect, EngineResult, GroupOp, Input, Internal, State, Verdict, Via, account, member_views,
-    role_name, run_effects,
+    Effect, EngineResult, GroupOp, Handed, Input, Internal, State, Verdict, Via, account,
+    member_views, role_name, run_effects,
 };
 use crate::node::Command;
 
@@ -30,7 +30,7 @@ impl State<'_, '_> {
                 let mut accepted = 0u32;
                 self.preverify(envelopes.iter().map(Vec::as_slice));
                 for bytes in &envelopes {
-                    match self.receive(bytes, Via::Direct, None) {
+                    match self.receive(bytes, Via::Direct(Handed::Locally), None) {
                         Verdict::Reject(why) => {
                             tracing::debug!(why, "a delivered envelope is refused");
                         }

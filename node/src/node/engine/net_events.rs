@@ -7,7 +7,7 @@ use libp2p::gossipsub::{MessageAcceptance, MessageId as GossipId};
 use crate::api::Event;
 use crate::net::{NetCommand, NetEvent};
 
-use super::{DIRECT_BATCH, DirectRequest, DirectResponse, Effect, State, Verdict, Via};
+use super::{DIRECT_BATCH, DirectRequest, DirectResponse, Effect, Handed, State, Verdict, Via};
 
 impl State<'_, '_> {
     pub(super) fn on_net(&mut self, ev: NetEvent) {
@@ -18,7 +18,7 @@ impl State<'_, '_> {
                 topic,
                 data,
             } => {
-                let verdict = self.receive(&data, Via::Gossip, Some(&topic));
+                let verdict = self.receive(&data, Via::Gossip(source), Some(&topic));
                 self.report(message_id, source, verdict);
             }
             NetEvent::Direct { peer, data, reply } => {
@@ -41,7 +41,7 @@ impl State<'_, '_> {
                         let mut accepted = 0u32;
                         self.preverify(envs.iter().take(DIRECT_BATCH).map(Vec::as_slice));
                         for bytes in envs.iter().take(DIRECT_BATCH) {
-                            match self.receive(bytes, Via::Direct, None) {
+                            match self.receive(bytes, Via::Direct(Handed::SentBy(peer)), None) {
                                 Verdict::Reject(why) => {
                                     tracing::debug!(%peer, "direct envelope rejected: {why}");
                                     self.fx.push(Effect::Net(NetCommand::Penalize {

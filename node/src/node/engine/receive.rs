@@ -8,14 +8,15 @@ use crate::crypto::chain::ReceivingChain;
 use crate::crypto::envelope::{Envelope, Sealing};
 use crate::group::GroupState;
 use crate::ids::{ConversationId, DeviceId, EnvelopeId, UserId};
+use crate::net::NetCommand;
 use crate::node::now_ms;
 use crate::payload::{MAX_TEXT_BYTES, Payload, SenderKey};
-use crate::store::{Binding, EnvelopeRecord, MessageRecord, MessageStatus};
+use crate::store::{Binding, EnvelopeRecord, MessageRecord, MessageStatus, PendingFrom};
 
 use super::EngineError;
 use super::{
-    Effect, PARALLEL_VERIFY_MIN, PENDING_CAP, State, Verdict, Via, account, chains, fresh_key,
-    groups, permissions, run_effects, tag_slot,
+    Effect, Handed, PARALLEL_VERIFY_MIN, PENDING_PAGE_BYTES, PENDING_PAGE_ROWS, State, Verdict,
+    Via, account, chains, fresh_key, groups, permissions, run_effects, tag_slot,
 };
 
 impl State<'_, '_> {
@@ -65,7 +66,7 @@ impl State<'_, '_> {
             // whose subscription was not known yet, a retry) and by gossip,
             // and penalising the forwarder for that banned honest peers
             // under load. A replaying peer gains nothing from it.
-            if via == Via::Direct {
+            if matches!(via, Via::Direct(_)) {
                 // Offered again: its sender may have missed our receipt.
                 self.acknowledge_again(&id)?;
             }
@@ -91,7 +92,7 @@ impl State<'_, '_> {
                 None => {
                     // A tag we do not know (yet): a group whose state is
                     // on its way. It waits under its tag.
-                    self.keep_pending(&env, &tag_slot(&env.header.tag))?;
+                    self.keep_pending(&env, &tag_slot(&env.header.tag), via)?;
                     Ok(Verdict::Ignore)
                 }
             },
@@ -154,14 +155,40 @@ impl State<'_, '_> {
     }
 
     /// Keeps an envelope that cannot be taken yet, under its conversation
-    /// (or, for a tag not known yet, under [`tag_slot`]).
+    /// (or, for a tag not known yet, under [`tag_slot`]), in the share of
+    /// whoever handed it over and of its sender. A peer that sent it
+    /// directly and so went over its share, or its sender's, is penalised:
+    /// an honest peer sends what it could check, and does not send
+    /// thousands we cannot place. A gossip forwarder or a relay is not: it
+    /// passes on what it could not check.
     pub(super) fn keep_pending(
         &mut self,
         env: &Envelope,
         slot: &ConversationId,
+        via: Via,
     ) -> Result<(), EngineError> {
-        self.db
-            .add_pending(slot, env.bytes(), now_ms(), PENDING_CAP)?;
+        let handed = via.handed();
+        let evicted = self.db.add_pending(
+            slot,
+            env.bytes(),
+            &env.header.sender,
+            &handed.stored(),
+            now_ms(),
+            &self.e.settings.pending_caps,
+        )?;
+        if evicted != Default::default() {
+            tracing::debug!(?handed, ?evicted, "pending queue over a cap");
+        }
+        // Only as it comes: one kept again when taken again was counted
+        // then.
+        if let (Via::Direct(Handed::SentBy(peer)), true) =
+            (via, evicted.by_peer > 0 || evicted.by_sender > 0)
+        {
+            self.fx.push(Effect::Net(NetCommand::Penalize {
+                peer,
+                reason: "more envelopes that cannot be placed than its share",
+            }));
+        }
         Ok(())
     }
 
@@ -320,8 +347,8 @@ impl State<'_, '_> {
                 self.ensure_direct(&user, &name)?;
             } else {
                 // A group we have not heard of yet: its state may follow.
-                self.keep_pending(env, &conv_id)?;
-                return Ok(if via == Via::Gossip {
+                self.keep_pending(env, &conv_id, via)?;
+                return Ok(if via.is_gossip() {
                     Verdict::Ignore
                 } else {
                     Verdict::Accept
@@ -334,7 +361,7 @@ impl State<'_, '_> {
             .get(&conv_id)
             .is_some_and(|c| c.members.contains(&user));
         if !is_member {
-            self.keep_pending(env, &conv_id)?;
+            self.keep_pending(env, &conv_id, via)?;
             return Ok(Verdict::Ignore);
         }
         // A direct contact's device we learn about here must be certified by
@@ -469,13 +496,13 @@ impl State<'_, '_> {
         via: Via,
     ) -> Result<Verdict, EngineError> {
         let Some(conv) = self.e.convs.get(&conv_id).cloned() else {
-            self.keep_pending(env, &conv_id)?;
+            self.keep_pending(env, &conv_id, via)?;
             return Ok(Verdict::Ignore);
         };
         let Some(user) = self.sender_user(&env.header.sender)? else {
             // A device we have not met: its key (with its certificate) may
             // still be on the way.
-            self.keep_pending(env, &conv_id)?;
+            self.keep_pending(env, &conv_id, via)?;
             return Ok(Verdict::Ignore);
         };
         if !conv.members.contains(&user) {
@@ -494,9 +521,9 @@ impl State<'_, '_> {
             },
         };
         let Some(chain) = chain else {
-            self.keep_pending(env, &conv_id)?;
+            self.keep_pending(env, &conv_id, via)?;
             // A member's envelope we cannot read yet: still forward it.
-            return Ok(if via == Via::Gossip {
+            return Ok(if via.is_gossip() {
                 Verdict::Accept
             } else {
                 Verdict::Ignore
@@ -508,15 +535,15 @@ impl State<'_, '_> {
             Err(CryptoError::SkippedKeyExpired(_)) => return Ok(Verdict::Ignore),
             // A key already used: a replay on gossip; on a direct stream,
             // most likely an honest retry of something we have.
-            Err(CryptoError::Replay(_)) if via != Via::Gossip => return Ok(Verdict::Ignore),
+            Err(CryptoError::Replay(_)) if !via.is_gossip() => return Ok(Verdict::Ignore),
             Err(CryptoError::Replay(_)) => return Ok(Verdict::Reject("message key already used")),
             // Far ahead of what we hold: we missed many of this sender's
             // messages (we were away). Keep it until catch-up fills the gap.
             Err(CryptoError::TooFarAhead { .. }) => {
-                self.keep_pending(env, &conv_id)?;
+                self.keep_pending(env, &conv_id, via)?;
                 self.e.gaps.insert(conv_id);
                 self.catch_up(conv_id);
-                return Ok(if via == Via::Gossip {
+                return Ok(if via.is_gossip() {
                     Verdict::Accept
                 } else {
                     Verdict::Ignore
@@ -636,19 +663,138 @@ impl State<'_, '_> {
     }
 
     /// Retries envelopes of a conversation that were waiting for a key or a
-    /// membership change.
+    /// membership change. Asked while a pass runs (an envelope it took in
+    /// opened others), the conversation is taken in after that pass: each
+    /// further pass follows an envelope stored or a tag learnt, so they
+    /// end.
     pub(super) fn reprocess_pending(&mut self, conv: &ConversationId) {
-        let rows = match self.db.pending_for_conversation(conv) {
-            Ok(rows) => rows,
+        if let Some(due) = &mut self.pending_passes {
+            if !due.contains(conv) {
+                due.push(*conv);
+            }
+            return;
+        }
+        self.pending_passes = Some(Vec::new());
+        let mut next = Some(*conv);
+        while let Some(conv) = next {
+            self.pending_pass(&conv);
+            next = match &mut self.pending_passes {
+                Some(due) if !due.is_empty() => Some(due.remove(0)),
+                _ => None,
+            };
+        }
+        self.pending_passes = None;
+    }
+
+    /// One pass over a conversation's pending envelopes, a page at a time.
+    /// Those that still cannot be placed are kept again, after the rows
+    /// there were when the pass started, which is where it stops. Junk
+    /// found now (a signature, a decryption or a membership that fails)
+    /// costs the peer that sent it directly.
+    fn pending_pass(&mut self, conv: &ConversationId) {
+        let through = match self.db.pending_high_water() {
+            Ok(rowid) => rowid,
             Err(e) => {
                 tracing::warn!("pending read: {e}");
                 return;
             }
         };
-        self.preverify(rows.iter().map(|(_, bytes)| bytes.as_slice()));
-        for (rowid, bytes) in rows {
-            let _ = self.db.remove_pending(rowid);
-            let _ = self.receive(&bytes, Via::Pending, None);
+        let mut after = 0;
+        loop {
+            let page = match self.db.pending_page(
+                conv,
+                after,
+                through,
+                PENDING_PAGE_ROWS,
+                PENDING_PAGE_BYTES,
+            ) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!("pending read: {e}");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else {
+                return;
+            };
+            after = last.rowid;
+            self.preverify(page.iter().map(|row| row.bytes.as_slice()));
+            for row in page {
+                // Taken once: a row an envelope of this page took in the
+                // meantime (its key came, and with it a pass of its own) is
+                // gone.
+                match self.db.remove_pending(row.rowid) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!("pending removal: {e}");
+                        continue;
+                    }
+                }
+                let handed = Handed::from_stored(&row.from);
+                let verdict = self.receive(&row.bytes, Via::Pending(handed), None);
+                if let (Verdict::Reject(why), Handed::SentBy(peer)) = (verdict, handed) {
+                    tracing::debug!(%peer, "a pending envelope it sent is junk: {why}");
+                    self.fx
+                        .push(Effect::Net(NetCommand::Penalize { peer, reason: why }));
+                }
+            }
         }
+    }
+}
+
+impl Handed {
+    /// As a pending row records it.
+    fn stored(self) -> PendingFrom {
+        match self {
+            Handed::Locally => PendingFrom {
+                peer: Vec::new(),
+                liable: false,
+            },
+            Handed::ForwardedBy(peer) => PendingFrom {
+                peer: peer.to_bytes(),
+                liable: false,
+            },
+            Handed::SentBy(peer) => PendingFrom {
+                peer: peer.to_bytes(),
+                liable: true,
+            },
+        }
+    }
+
+    /// As a pending row recorded it (rows kept before peers were recorded,
+    /// and any whose peer does not parse, count as handed over locally).
+    fn from_stored(from: &PendingFrom) -> Self {
+        match libp2p::PeerId::from_bytes(&from.peer) {
+            Ok(peer) if from.liable => Handed::SentBy(peer),
+            Ok(peer) => Handed::ForwardedBy(peer),
+            Err(_) => Handed::Locally,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_handed_an_envelope_over_survives_the_pending_queue() {
+        let peer = libp2p::PeerId::random();
+        for handed in [
+            Handed::Locally,
+            Handed::ForwardedBy(peer),
+            Handed::SentBy(peer),
+        ] {
+            assert_eq!(Handed::from_stored(&handed.stored()), handed);
+        }
+        // Only what a peer sent on its own account is its to answer for;
+        // gossip forwarding is not.
+        assert_eq!(Via::Gossip(peer).handed(), Handed::ForwardedBy(peer));
+        assert!(!Via::Gossip(peer).handed().stored().liable);
+        let unknown = PendingFrom {
+            peer: vec![1, 2, 3],
+            liable: true,
+        };
+        assert_eq!(Handed::from_stored(&unknown), Handed::Locally);
     }
 }

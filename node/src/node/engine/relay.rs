@@ -22,7 +22,7 @@ use crate::node::now_ms;
 use crate::store::{MessageStatus, meta};
 
 use super::EngineError;
-use super::{Effect, EngineResult, State, Verdict, Via};
+use super::{Effect, EngineResult, Handed, State, Verdict, Via};
 
 /// An envelope to deposit: its id and bytes.
 type Held = (EnvelopeId, Vec<u8>);
@@ -355,8 +355,10 @@ impl State<'_, '_> {
                     return;
                 };
                 self.preverify(items.iter().map(|(_, bytes)| bytes.as_slice()));
+                // Handed over, not vouched for: see `Handed`.
+                let via = Via::Direct(Handed::ForwardedBy(relay));
                 for (_, bytes) in &items {
-                    if let Verdict::Reject(why) = self.receive(bytes, Via::Direct, None) {
+                    if let Verdict::Reject(why) = self.receive(bytes, via, None) {
                         // The relay only stores; whoever deposited it is
                         // not known here. Nothing to penalise.
                         tracing::debug!(%relay, "mail rejected: {why}");

@@ -19,7 +19,7 @@ use crate::ids::{ConversationId, DeviceId, EnvelopeId};
 use crate::net::NetCommand;
 
 use super::EngineError;
-use super::{DirectRequest, DirectResponse, Effect, State, Verdict, Via};
+use super::{DirectRequest, DirectResponse, Effect, Handed, State, Verdict, Via};
 
 /// Most ranges listed per chain; a longer list is cut (the answerer then
 /// sends some envelopes the asker has, which it ignores).
@@ -248,7 +248,7 @@ impl State<'_, '_> {
         for bytes in envelopes.iter().take(SYNC_BATCH) {
             let id = EnvelopeId::of(bytes);
             let had = self.db.has_envelope(&id).unwrap_or(true);
-            match self.receive(bytes, Via::Direct, None) {
+            match self.receive(bytes, Via::Direct(Handed::SentBy(peer)), None) {
                 Verdict::Reject(why) => {
                     tracing::debug!(%peer, "catch-up envelope rejected: {why}");
                     self.fx

@@ -441,6 +441,7 @@ impl Engine {
                 verified: HashSet::new(),
                 annotation_hashes: HashMap::new(),
                 account_merged: false,
+                pending_passes: None,
             };
             for input in batch {
                 match input {
