@@ -9,7 +9,10 @@
 //! - [`config`]: the TOML file, environment and flags;
 //! - [`store`]: SQLite mailboxes and mail, on a thread of their own, with
 //!   group commit;
-//! - [`service`]: what each mailbox request gets;
+//! - [`service`]: what each mailbox request gets (deposits must verify as
+//!   signed envelopes, off the store thread);
+//! - [`depositor`]: who deposits (peer id and address), for the
+//!   per-depositor quotas;
 //! - [`net`]: the swarm task;
 //! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
 //! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
@@ -18,6 +21,7 @@
 //! docs/relay.md is the operator's guide.
 
 pub mod config;
+pub mod depositor;
 pub mod limiter;
 pub mod metrics;
 pub mod net;

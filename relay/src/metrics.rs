@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use weft_proto::mailbox::Refusal;
 
-use crate::store::{StoreHandle, StoreObserver, Totals};
+use crate::store::{QuotaKind, StoreHandle, StoreObserver, Totals};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -37,6 +37,7 @@ pub struct RelayMetrics {
     fetched_envelopes: Counter,
     acks: Counter,
     refusals: Family<Labels, Counter>,
+    over_quota: Family<Labels, Counter>,
     wakeups: Family<Labels, Counter>,
     wakeup_failures: Counter,
     mailboxes: Gauge,
@@ -56,6 +57,7 @@ impl Default for RelayMetrics {
             fetched_envelopes: Counter::default(),
             acks: Counter::default(),
             refusals: Family::default(),
+            over_quota: Family::default(),
             wakeups: Family::default(),
             wakeup_failures: Counter::default(),
             mailboxes: Gauge::default(),
@@ -112,6 +114,12 @@ impl RelayMetrics {
         r.register("acks", "Acknowledgements handled", m.acks.clone());
         r.register("refusals", "Refused requests by reason", m.refusals.clone());
         r.register(
+            "depositor_quota_refusals",
+            "Deposits refused by a depositor quota, by quota (peer_per_mailbox, peer, \
+             ip_per_mailbox, ip)",
+            m.over_quota.clone(),
+        );
+        r.register(
             "wakeups",
             "Wakeups sent, by kind (http: UnifiedPush POST, live: libp2p stream)",
             m.wakeups.clone(),
@@ -167,6 +175,19 @@ impl RelayMetrics {
         self.refusals
             .get_or_create(&[("reason", reason_label(reason))])
             .inc();
+    }
+
+    pub fn over_quota(&self, quota: QuotaKind) {
+        self.over_quota
+            .get_or_create(&[("quota", quota.label())])
+            .inc();
+    }
+
+    /// Deposits refused by `quota` so far (tests).
+    pub fn quota_refusals(&self, quota: QuotaKind) -> u64 {
+        self.over_quota
+            .get_or_create(&[("quota", quota.label())])
+            .get()
     }
 
     /// How many refusals of `reason` so far (tests).

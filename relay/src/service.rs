@@ -21,11 +21,12 @@ use weft_proto::mailbox::{
 use weft_proto::net::MAX_DIRECT_RESPONSE;
 
 use crate::config::Access;
+use crate::depositor::{Depositor, Source};
 use crate::limiter::RateLimiter;
 use crate::metrics::RelayMetrics;
 use crate::store::{
-    AckOutcome, DepositOutcome, FetchOutcome, Full, RegisterOutcome, StoreError, StoreHandle,
-    WakeTarget,
+    AckOutcome, DepositOutcome, FetchOutcome, Full, QuotaKind, RegisterOutcome, StoreError,
+    StoreHandle, Unit, WakeTarget,
 };
 use crate::wakeup;
 
@@ -119,10 +120,12 @@ impl Service {
     }
 
     /// Handles one request from `peer` (the connection's authenticated
-    /// peer id) received at `now`; `now_ms` is the wall clock.
+    /// peer id), connected from `source`, received at `now`; `now_ms` is
+    /// the wall clock.
     pub fn handle(
         &mut self,
         peer: PeerId,
+        source: Source,
         request: &[u8],
         now: Instant,
         now_ms: i64,
@@ -145,7 +148,7 @@ impl Service {
         match request {
             MailboxRequest::Register(registration) => self.register(peer, *registration, now_ms),
             MailboxRequest::Deposit { mailbox, envelopes } => {
-                self.deposit(mailbox, envelopes, now_ms)
+                self.deposit(mailbox, Depositor { peer, source }, envelopes, now_ms)
             }
             MailboxRequest::Fetch { after, limit } => self.fetch(peer, after, limit, now_ms),
             MailboxRequest::Ack { up_to } => self.ack(peer, up_to, now_ms),
@@ -234,6 +237,7 @@ impl Service {
     fn deposit(
         &mut self,
         mailbox: MailboxId,
+        depositor: Depositor,
         envelopes: Vec<Vec<u8>>,
         now_ms: i64,
     ) -> BoxFuture<'static, Handled> {
@@ -265,7 +269,8 @@ impl Service {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         async move {
-            let (reason, message) = match store.deposit(mailbox, envelopes, now_ms).await {
+            let (reason, message) = match store.deposit(mailbox, depositor, envelopes, now_ms).await
+            {
                 Ok(DepositOutcome::Stored {
                     accepted,
                     new,
@@ -294,6 +299,15 @@ impl Service {
                         ),
                         Full::Relay => {
                             "the relay's storage is full; nothing was stored".to_string()
+                        }
+                        Full::Depositor {
+                            quota,
+                            unit,
+                            waiting,
+                            max,
+                        } => {
+                            metrics.over_quota(quota);
+                            quota_message(&depositor, mailbox, quota, unit, waiting, max)
                         }
                     },
                 ),
@@ -350,6 +364,41 @@ impl Service {
         }
         .boxed()
     }
+}
+
+/// Says which of a depositor's quotas a deposit would go over, with the
+/// configuration key that sets it.
+fn quota_message(
+    depositor: &Depositor,
+    mailbox: MailboxId,
+    quota: QuotaKind,
+    unit: Unit,
+    waiting: u64,
+    max: u64,
+) -> String {
+    let unit = match unit {
+        Unit::Envelopes => "envelopes",
+        Unit::Bytes => "bytes",
+    };
+    let (who, whose, key) = match quota {
+        QuotaKind::PeerPerMailbox | QuotaKind::Peer => {
+            (format!("peer {}", depositor.peer), "peer", "peer")
+        }
+        QuotaKind::IpPerMailbox | QuotaKind::Ip => {
+            (format!("address {}", depositor.source), "address", "ip")
+        }
+    };
+    let (where_, per_mailbox) = match quota {
+        QuotaKind::PeerPerMailbox | QuotaKind::IpPerMailbox => {
+            (format!("in mailbox {mailbox}"), "_per_mailbox")
+        }
+        QuotaKind::Peer | QuotaKind::Ip => ("at this relay".to_string(), ""),
+    };
+    format!(
+        "depositor quota: {who} has {waiting} {unit} waiting {where_}, and one {whose} may have \
+         at most {max} (storage.max_{unit}_per_{key}{per_mailbox}); nothing was stored, \
+         try again once the recipient has fetched some"
+    )
 }
 
 fn not_registered() -> (Refusal, String) {
