@@ -1,9 +1,10 @@
 //! Durable deposits per second through the service, without the network:
 //! encoded `MailboxRequest::Deposit`s of real signed envelopes handed to
-//! the `Service`, stored by the store thread (WAL, `synchronous=FULL`,
-//! group commit, default depositor quotas) and acknowledged only after
-//! the commit. Then a device's fetch
-//! of a 10,000-envelope backlog.
+//! the `Service`, verified (on the blocking pool), stored by the store
+//! thread (WAL, `synchronous=FULL`, group commit, default depositor
+//! quotas) and acknowledged only after the commit. Then a device's fetch
+//! of a 10,000-envelope backlog. `benches/deposit_e2e.rs` measures
+//! deposits over TCP to the real binary.
 //!
 //! `cargo bench -p weft-relay --bench deposit` (no criterion: it prints
 //! its numbers, and PASS/FAIL against the target of at least 5,000 durable
@@ -104,6 +105,7 @@ async fn run() {
         requests_per_sec: 1e9,
         request_burst: u32::MAX,
         allow_private_wakeup: false,
+        ..ServiceConfig::default()
     };
     let sender = envelopes::device("deposit bench sender");
     let service = Arc::new(Mutex::new(Service::new(

@@ -37,6 +37,7 @@ pub struct RelayMetrics {
     fetched_envelopes: Counter,
     acks: Counter,
     refusals: Family<Labels, Counter>,
+    unverified: Counter,
     over_quota: Family<Labels, Counter>,
     wakeups: Family<Labels, Counter>,
     wakeup_failures: Counter,
@@ -57,6 +58,7 @@ impl Default for RelayMetrics {
             fetched_envelopes: Counter::default(),
             acks: Counter::default(),
             refusals: Family::default(),
+            unverified: Counter::default(),
             over_quota: Family::default(),
             wakeups: Family::default(),
             wakeup_failures: Counter::default(),
@@ -113,6 +115,11 @@ impl RelayMetrics {
         );
         r.register("acks", "Acknowledgements handled", m.acks.clone());
         r.register("refusals", "Refused requests by reason", m.refusals.clone());
+        r.register(
+            "unverified_deposits",
+            "Deposits refused because an envelope did not parse or verify",
+            m.unverified.clone(),
+        );
         r.register(
             "depositor_quota_refusals",
             "Deposits refused by a depositor quota, by quota (peer_per_mailbox, peer, \
@@ -175,6 +182,15 @@ impl RelayMetrics {
         self.refusals
             .get_or_create(&[("reason", reason_label(reason))])
             .inc();
+    }
+
+    pub fn unverified(&self) {
+        self.unverified.inc();
+    }
+
+    /// Deposits refused as unverifiable so far (tests).
+    pub fn unverified_deposits(&self) -> u64 {
+        self.unverified.get()
     }
 
     pub fn over_quota(&self, quota: QuotaKind) {

@@ -87,6 +87,7 @@ impl Relay {
                 requests_per_sec: config.limits.requests_per_sec,
                 request_burst: config.limits.request_burst,
                 allow_private_wakeup: config.wakeup.allow_private_hosts,
+                ..ServiceConfig::default()
             },
             store.clone(),
             metrics.clone(),

@@ -3,17 +3,22 @@
 //!
 //! [`Service::handle`] does the cheap part at once — rate limit, decode,
 //! size limits, registration checks, access rules — and returns a future
-//! for the part that needs the store, which the swarm task polls. A
-//! response is never sent before what it promises is on disk. Every
-//! refusal says why (a [`Refusal`] and a message); nothing is dropped
-//! silently.
+//! for the rest, which the swarm task polls: a deposit's envelopes are
+//! verified as signed Weft envelopes by the [`Verifier`] (on the blocking
+//! pool: neither the swarm task nor the store thread waits for ed25519),
+//! then the store does its part. A response is never sent before what it
+//! promises is on disk. Every refusal says why (a [`Refusal`] and a
+//! message); nothing is dropped silently.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
-use weft_proto::crypto::envelope::MAX_ENVELOPE_BYTES;
+use tokio::sync::Semaphore;
+use weft_proto::crypto::CryptoError;
+use weft_proto::crypto::envelope::{Envelope, MAX_ENVELOPE_BYTES};
 use weft_proto::mailbox::{
     MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse, Refusal, Registration,
     RegistrationError,
@@ -43,6 +48,8 @@ pub struct ServiceConfig {
     pub request_burst: u32,
     /// Accept wakeup URLs on private or loopback addresses.
     pub allow_private_wakeup: bool,
+    /// Deposits verified at once (each on a thread of the blocking pool).
+    pub verify_parallelism: usize,
 }
 
 impl Default for ServiceConfig {
@@ -52,7 +59,66 @@ impl Default for ServiceConfig {
             requests_per_sec: 20.0,
             request_burst: 200,
             allow_private_wakeup: false,
+            verify_parallelism: default_parallelism(),
         }
+    }
+}
+
+/// One verification at a time per CPU.
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// Why a deposit's envelopes were not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("envelope {index} is not a valid signed Weft envelope: {reason}")]
+    Envelope { index: usize, reason: CryptoError },
+    #[error("verification did not finish: {0}")]
+    Failed(String),
+}
+
+/// Checks that each envelope parses as a Weft envelope and carries a
+/// valid signature by the device its header names (the sender's device
+/// id is its ed25519 key). Stops at the first that does not.
+pub fn verify_envelopes(envelopes: &[Vec<u8>]) -> Result<(), VerifyError> {
+    for (index, bytes) in envelopes.iter().enumerate() {
+        Envelope::decode(bytes)
+            .and_then(|envelope| envelope.verify())
+            .map_err(|reason| VerifyError::Envelope { index, reason })?;
+    }
+    Ok(())
+}
+
+/// Verifies deposits on tokio's blocking pool, at most `parallelism` at
+/// once; the others wait their turn (the swarm task bounds how many
+/// requests are in flight).
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    permits: Arc<Semaphore>,
+}
+
+impl Verifier {
+    pub fn new(parallelism: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(parallelism.max(1))),
+        }
+    }
+
+    /// `envelopes` back if every one verifies.
+    pub async fn verify(&self, envelopes: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, VerifyError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| VerifyError::Failed(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_envelopes(&envelopes).map(|()| envelopes)
+        })
+        .await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?
     }
 }
 
@@ -79,6 +145,7 @@ pub struct Service {
     config: ServiceConfig,
     store: StoreHandle,
     limiter: RateLimiter<PeerId>,
+    verifier: Verifier,
     metrics: RelayMetrics,
     draining: bool,
 }
@@ -97,6 +164,7 @@ impl Service {
         );
         Self {
             relay,
+            verifier: Verifier::new(config.verify_parallelism),
             config,
             store,
             limiter,
@@ -268,7 +336,26 @@ impl Service {
         }
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let verifier = self.verifier.clone();
         async move {
+            let envelopes = match verifier.verify(envelopes).await {
+                Ok(envelopes) => envelopes,
+                Err(e) => {
+                    let reason = match e {
+                        VerifyError::Envelope { .. } => {
+                            metrics.unverified();
+                            Refusal::BadRequest
+                        }
+                        VerifyError::Failed(_) => {
+                            tracing::error!("{e}");
+                            Refusal::Unavailable
+                        }
+                    };
+                    metrics.refused(reason);
+                    let message = format!("{e}; nothing was stored");
+                    return Handled::reply(MailboxResponse::refused(reason, message));
+                }
+            };
             let (reason, message) = match store.deposit(mailbox, depositor, envelopes, now_ms).await
             {
                 Ok(DepositOutcome::Stored {
@@ -415,4 +502,57 @@ fn storage_failed(e: &StoreError) -> (Refusal, String) {
         _ => "the relay's storage failed; nothing was stored",
     };
     (Refusal::Unavailable, message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::crypto::chain::MessageKey;
+    use weft_proto::crypto::envelope::seal_chain;
+    use weft_proto::ids::RoutingTag;
+
+    fn sealed(seed: &[u8], counter: u64) -> Vec<u8> {
+        let device = weft_node::identity::Identity::from_seed(seed, 0).unwrap();
+        let key = MessageKey {
+            key: [1; 32],
+            nonce: [2; 24],
+        };
+        seal_chain(
+            device.device_signing_key(),
+            RoutingTag([3; 16]),
+            1,
+            counter,
+            &key,
+            b"hello",
+        )
+        .unwrap()
+        .into_bytes()
+    }
+
+    fn failing_index(envelopes: &[Vec<u8>]) -> Option<usize> {
+        match verify_envelopes(envelopes) {
+            Ok(()) => None,
+            Err(VerifyError::Envelope { index, .. }) => Some(index),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn only_envelopes_signed_by_the_device_their_header_names_verify() {
+        let good = sealed(b"alice", 1);
+        let other = sealed(b"mallory", 2);
+        assert_eq!(failing_index(&[good.clone(), other.clone()]), None);
+        // A flipped bit anywhere: the first bad one is named.
+        for i in [0, 20, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(failing_index(&[other.clone(), bad]), Some(1), "byte {i}");
+        }
+        // Mallory's envelope naming alice's device (the header's sender,
+        // after version and tag) as its sender.
+        let mut claimed = other.clone();
+        claimed[17..49].copy_from_slice(&good[17..49]);
+        assert_eq!(failing_index(&[claimed]), Some(0));
+        assert_eq!(failing_index(&[b"\x02 not an envelope".to_vec()]), Some(0));
+    }
 }

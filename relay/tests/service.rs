@@ -1,7 +1,8 @@
 //! The mailbox service against abuse: forged registrations, reading
-//! someone else's mailbox, oversized and over-quota deposits (by
-//! depositor too), floods, and the access modes. In-process, with a real
-//! store thread on an in-memory database; identities are seeded.
+//! someone else's mailbox, oversized, unverifiable and over-quota
+//! deposits (by depositor too), floods, and the access modes. In-process,
+//! with a real store thread on an in-memory database; identities are
+//! seeded.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ mod envelopes;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use envelopes::{device, sealed};
+use envelopes::{device, forged, sealed};
 use libp2p::PeerId;
 use weft_node::crypto::envelope::MAX_ENVELOPE_BYTES;
 use weft_node::identity::Identity;
@@ -461,6 +462,48 @@ async fn a_draining_relay_refuses_new_requests_as_unavailable() {
     f.service.drain();
     let r = f.fetch(alice.peer_id()).await;
     assert_eq!(refusal(&r).0, Refusal::Unavailable);
+}
+
+#[tokio::test]
+async fn unverifiable_deposits_are_refused_whole_and_nothing_is_stored() {
+    let mut f = fixture();
+    let alice = identity("alice");
+    let mailbox = f.register(&alice).await;
+    let mallory = device("mallory");
+    // A good envelope, then one whose signature was changed.
+    let r = f
+        .deposit(mailbox, vec![env(1), forged(&mallory, 2, 100), env(3)])
+        .await;
+    let (reason, message) = refusal(&r);
+    assert_eq!(reason, Refusal::BadRequest);
+    assert!(message.contains("envelope 1 "), "{message}");
+    assert!(message.contains("signature does not verify"), "{message}");
+    assert!(message.contains("nothing was stored"), "{message}");
+    // Bytes that are no envelope at all.
+    let r = f
+        .deposit(mailbox, vec![env(1), b"\x02 junk".to_vec()])
+        .await;
+    let (reason, message) = refusal(&r);
+    assert_eq!(reason, Refusal::BadRequest);
+    assert!(message.contains("envelope 1 "), "{message}");
+    assert!(message.contains("malformed"), "{message}");
+    // Mallory's envelope claiming to come from alice's device: the header
+    // (version, tag, sender) names alice, the signature is mallory's.
+    let mut claimed = sealed(&mallory, 4, 100);
+    claimed[17..49].copy_from_slice(&alice.device_id().0);
+    let r = f.deposit(mailbox, vec![claimed]).await;
+    let (reason, message) = refusal(&r);
+    assert_eq!(reason, Refusal::BadRequest);
+    assert!(message.contains("envelope 0 "), "{message}");
+    // None of it was stored, not even the good envelopes beside the bad.
+    assert!(mail(f.fetch(alice.peer_id()).await).is_empty());
+    assert_eq!(f.store.totals().await.unwrap().envelopes, 0);
+    assert_eq!(f.service.metrics().unverified_deposits(), 3);
+    // Mallory's own envelopes, signed by her, are fine.
+    let r = f
+        .deposit(mailbox, vec![sealed(&mallory, 5, 100), env(1)])
+        .await;
+    assert_eq!(r, MailboxResponse::Deposited { accepted: 2 });
 }
 
 fn limits_with(depositors: DepositorQuotas) -> StoreLimits {
