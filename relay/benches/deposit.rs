@@ -108,12 +108,9 @@ async fn run() {
         ..ServiceConfig::default()
     };
     let sender = envelopes::device("deposit bench sender");
-    let service = Arc::new(Mutex::new(Service::new(
-        relay,
-        config,
-        store.clone(),
-        metrics.clone(),
-    )));
+    let service = Service::new(relay, config, store.clone(), metrics.clone())
+        .unwrap_or_else(|e| panic!("service: {e}"));
+    let service = Arc::new(Mutex::new(service));
 
     for per_request in [1usize, 16] {
         let requests = total / per_request;

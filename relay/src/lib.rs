@@ -9,10 +9,11 @@
 //! - [`config`]: the TOML file, environment and flags;
 //! - [`store`]: SQLite mailboxes and mail, on a thread of their own, with
 //!   group commit;
-//! - [`service`]: what each mailbox request gets (deposits must verify as
-//!   signed envelopes, off the store thread);
+//! - [`service`]: what each mailbox request gets;
+//! - [`verifier`]: deposited envelopes must verify as signed Weft
+//!   envelopes, checked on threads of their own;
 //! - [`depositor`]: who deposits (peer id and address), for the
-//!   per-depositor quotas;
+//!   per-depositor quotas, and the cool-off of those just refused;
 //! - [`net`]: the swarm task;
 //! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
 //! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
@@ -28,6 +29,7 @@ pub mod net;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod verifier;
 pub mod wakeup;
 
 pub use config::Config;

@@ -39,6 +39,7 @@ pub struct RelayMetrics {
     refusals: Family<Labels, Counter>,
     unverified: Counter,
     over_quota: Family<Labels, Counter>,
+    cooled: Counter,
     wakeups: Family<Labels, Counter>,
     wakeup_failures: Counter,
     mailboxes: Gauge,
@@ -60,6 +61,7 @@ impl Default for RelayMetrics {
             refusals: Family::default(),
             unverified: Counter::default(),
             over_quota: Family::default(),
+            cooled: Counter::default(),
             wakeups: Family::default(),
             wakeup_failures: Counter::default(),
             mailboxes: Gauge::default(),
@@ -125,6 +127,12 @@ impl RelayMetrics {
             "Deposits refused by a depositor quota, by quota (peer_per_mailbox, peer, \
              ip_per_mailbox, ip)",
             m.over_quota.clone(),
+        );
+        r.register(
+            "deposits_cooled_off",
+            "Deposits refused unchecked, from a depositor refused (by a quota of its own, or for \
+             an envelope that did not verify) less than a second before",
+            m.cooled.clone(),
         );
         r.register(
             "wakeups",
@@ -197,6 +205,15 @@ impl RelayMetrics {
         self.over_quota
             .get_or_create(&[("quota", quota.label())])
             .inc();
+    }
+
+    pub fn cooled(&self) {
+        self.cooled.inc();
+    }
+
+    /// Deposits refused unchecked while their depositor cooled off (tests).
+    pub fn cooled_off(&self) -> u64 {
+        self.cooled.get()
     }
 
     /// Deposits refused by `quota` so far (tests).

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::config::{Config, ConfigError, DEFAULT_METRICS};
 use crate::metrics::{Health, MetricsError, MetricsServer, RelayMetrics};
 use crate::net::{self, NetError, NetHandle};
-use crate::service::{Service, ServiceConfig};
+use crate::service::{Service, ServiceConfig, ServiceError};
 use crate::store::{Store, StoreError, StoreHandle};
 use crate::wakeup::{HttpWaker, HttpWakerConfig};
 
@@ -47,6 +47,8 @@ pub enum RelayError {
     Net(#[from] NetError),
     #[error("metrics server: {0}")]
     Metrics(#[from] MetricsError),
+    #[error("mailbox service: {0}")]
+    Service(#[from] ServiceError),
 }
 
 /// A running relay.
@@ -92,6 +94,13 @@ impl Relay {
             store.clone(),
             metrics.clone(),
         );
+        let service = match service {
+            Ok(service) => service,
+            Err(e) => {
+                store.close().await;
+                return Err(e.into());
+            }
+        };
         let waker = config.wakeup.http.then(|| {
             HttpWaker::spawn(
                 HttpWakerConfig {

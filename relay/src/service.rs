@@ -2,23 +2,22 @@
 //! peer whose id the connection authenticated (noise).
 //!
 //! [`Service::handle`] does the cheap part at once — rate limit, decode,
-//! size limits, registration checks, access rules — and returns a future
-//! for the rest, which the swarm task polls: a deposit's envelopes are
-//! verified as signed Weft envelopes by the [`Verifier`] (on the blocking
-//! pool: neither the swarm task nor the store thread waits for ed25519),
-//! then the store does its part. A response is never sent before what it
-//! promises is on disk. Every refusal says why (a [`Refusal`] and a
-//! message); nothing is dropped silently.
+//! size limits, registration checks, access rules, a depositor's cool-off
+//! — and returns a future for the rest, which the swarm task polls: a
+//! deposit's envelopes are verified as signed Weft envelopes by the
+//! [`Verifier`] (on threads of its own: neither the swarm task nor the
+//! store thread waits for ed25519), then the store does its part. A
+//! response is never sent before what it promises is on disk. Every
+//! refusal says why (a [`Refusal`] and a message); nothing is dropped
+//! silently.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
-use tokio::sync::Semaphore;
-use weft_proto::crypto::CryptoError;
-use weft_proto::crypto::envelope::{Envelope, MAX_ENVELOPE_BYTES};
+use weft_proto::crypto::envelope::MAX_ENVELOPE_BYTES;
 use weft_proto::mailbox::{
     MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse, Refusal, Registration,
     RegistrationError,
@@ -26,17 +25,20 @@ use weft_proto::mailbox::{
 use weft_proto::net::MAX_DIRECT_RESPONSE;
 
 use crate::config::Access;
-use crate::depositor::{Depositor, Source};
+use crate::depositor::{CoolOff, Cooling, Depositor, Source};
 use crate::limiter::RateLimiter;
 use crate::metrics::RelayMetrics;
 use crate::store::{
     AckOutcome, DepositOutcome, FetchOutcome, Full, QuotaKind, RegisterOutcome, StoreError,
     StoreHandle, Unit, WakeTarget,
 };
+use crate::verifier::{Verifier, VerifyError};
 use crate::wakeup;
 
 /// Most peers whose request rate is tracked at once.
 const MAX_TRACKED_PEERS: usize = 65_536;
+/// Most depositors cooling off at once.
+const MAX_COOLING: usize = 65_536;
 /// A fetch's envelopes stay this far below the response frame limit.
 pub const FETCH_MAX_BYTES: usize = MAX_DIRECT_RESPONSE - 64 * 1024;
 
@@ -48,8 +50,8 @@ pub struct ServiceConfig {
     pub request_burst: u32,
     /// Accept wakeup URLs on private or loopback addresses.
     pub allow_private_wakeup: bool,
-    /// Deposits verified at once (each on a thread of the blocking pool).
-    pub verify_parallelism: usize,
+    /// Threads verifying deposits.
+    pub verify_threads: usize,
 }
 
 impl Default for ServiceConfig {
@@ -59,67 +61,16 @@ impl Default for ServiceConfig {
             requests_per_sec: 20.0,
             request_burst: 200,
             allow_private_wakeup: false,
-            verify_parallelism: default_parallelism(),
+            // One per CPU.
+            verify_threads: std::thread::available_parallelism().map_or(2, usize::from),
         }
     }
 }
 
-/// One verification at a time per CPU.
-pub fn default_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(2, usize::from)
-}
-
-/// Why a deposit's envelopes were not accepted.
 #[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    #[error("envelope {index} is not a valid signed Weft envelope: {reason}")]
-    Envelope { index: usize, reason: CryptoError },
-    #[error("verification did not finish: {0}")]
-    Failed(String),
-}
-
-/// Checks that each envelope parses as a Weft envelope and carries a
-/// valid signature by the device its header names (the sender's device
-/// id is its ed25519 key). Stops at the first that does not.
-pub fn verify_envelopes(envelopes: &[Vec<u8>]) -> Result<(), VerifyError> {
-    for (index, bytes) in envelopes.iter().enumerate() {
-        Envelope::decode(bytes)
-            .and_then(|envelope| envelope.verify())
-            .map_err(|reason| VerifyError::Envelope { index, reason })?;
-    }
-    Ok(())
-}
-
-/// Verifies deposits on tokio's blocking pool, at most `parallelism` at
-/// once; the others wait their turn (the swarm task bounds how many
-/// requests are in flight).
-#[derive(Clone, Debug)]
-pub struct Verifier {
-    permits: Arc<Semaphore>,
-}
-
-impl Verifier {
-    pub fn new(parallelism: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(parallelism.max(1))),
-        }
-    }
-
-    /// `envelopes` back if every one verifies.
-    pub async fn verify(&self, envelopes: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, VerifyError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| VerifyError::Failed(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            verify_envelopes(&envelopes).map(|()| envelopes)
-        })
-        .await
-        .map_err(|e| VerifyError::Failed(e.to_string()))?
-    }
+pub enum ServiceError {
+    #[error("cannot start the verifier threads: {0}")]
+    Verifier(#[from] std::io::Error),
 }
 
 /// A request's answer, and whom to wake because of it.
@@ -146,6 +97,7 @@ pub struct Service {
     store: StoreHandle,
     limiter: RateLimiter<PeerId>,
     verifier: Verifier,
+    cool_off: Arc<Mutex<CoolOff>>,
     metrics: RelayMetrics,
     draining: bool,
 }
@@ -156,21 +108,22 @@ impl Service {
         config: ServiceConfig,
         store: StoreHandle,
         metrics: RelayMetrics,
-    ) -> Self {
+    ) -> Result<Self, ServiceError> {
         let limiter = RateLimiter::new(
             config.requests_per_sec,
             config.request_burst,
             MAX_TRACKED_PEERS,
         );
-        Self {
+        Ok(Self {
             relay,
-            verifier: Verifier::new(config.verify_parallelism),
+            verifier: Verifier::spawn(config.verify_threads)?,
+            cool_off: Arc::new(Mutex::new(CoolOff::new(MAX_COOLING))),
             config,
             store,
             limiter,
             metrics,
             draining: false,
-        }
+        })
     }
 
     /// From now on every request is refused as `Unavailable`.
@@ -216,7 +169,7 @@ impl Service {
         match request {
             MailboxRequest::Register(registration) => self.register(peer, *registration, now_ms),
             MailboxRequest::Deposit { mailbox, envelopes } => {
-                self.deposit(mailbox, Depositor { peer, source }, envelopes, now_ms)
+                self.deposit(mailbox, Depositor { peer, source }, envelopes, now, now_ms)
             }
             MailboxRequest::Fetch { after, limit } => self.fetch(peer, after, limit, now_ms),
             MailboxRequest::Ack { up_to } => self.ack(peer, up_to, now_ms),
@@ -307,6 +260,7 @@ impl Service {
         mailbox: MailboxId,
         depositor: Depositor,
         envelopes: Vec<Vec<u8>>,
+        now: Instant,
         now_ms: i64,
     ) -> BoxFuture<'static, Handled> {
         if envelopes.is_empty() {
@@ -334,25 +288,45 @@ impl Service {
                 ),
             );
         }
+        let cooling = self
+            .cool_off
+            .lock()
+            .ok()
+            .and_then(|c| c.check(&depositor, mailbox, now));
+        if let Some(why) = cooling {
+            self.metrics.cooled();
+            let (reason, message) = cooling_refusal(&depositor, mailbox, why);
+            return self.refuse(reason, message);
+        }
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let verifier = self.verifier.clone();
+        let cool_off = self.cool_off.clone();
+        let cool = move |why| {
+            if let Ok(mut c) = cool_off.lock() {
+                c.refused(&depositor, mailbox, why, now);
+            }
+        };
         async move {
             let envelopes = match verifier.verify(envelopes).await {
                 Ok(envelopes) => envelopes,
                 Err(e) => {
-                    let reason = match e {
+                    let (reason, message) = match e {
                         VerifyError::Envelope { .. } => {
                             metrics.unverified();
-                            Refusal::BadRequest
+                            cool(Cooling::Unverified);
+                            (Refusal::BadRequest, format!("{e}; nothing was stored"))
                         }
-                        VerifyError::Failed(_) => {
-                            tracing::error!("{e}");
-                            Refusal::Unavailable
-                        }
+                        VerifyError::Busy => (
+                            Refusal::Unavailable,
+                            "the relay is busy; nothing was stored, try again shortly".to_string(),
+                        ),
+                        VerifyError::Stopped => (
+                            Refusal::Unavailable,
+                            "the relay is shutting down; nothing was stored".to_string(),
+                        ),
                     };
                     metrics.refused(reason);
-                    let message = format!("{e}; nothing was stored");
                     return Handled::reply(MailboxResponse::refused(reason, message));
                 }
             };
@@ -394,6 +368,7 @@ impl Service {
                             max,
                         } => {
                             metrics.over_quota(quota);
+                            cool(Cooling::Quota(full));
                             quota_message(&depositor, mailbox, quota, unit, waiting, max)
                         }
                     },
@@ -453,6 +428,33 @@ impl Service {
     }
 }
 
+/// The refusal of a deposit from a depositor that is cooling off.
+fn cooling_refusal(depositor: &Depositor, mailbox: MailboxId, why: Cooling) -> (Refusal, String) {
+    let secs = CoolOff::PERIOD.as_secs_f64();
+    match why {
+        Cooling::Quota(Full::Depositor {
+            quota,
+            unit,
+            waiting,
+            max,
+        }) => (
+            Refusal::MailboxFull,
+            format!(
+                "{} (refused without being checked: this was so less than {secs} s ago)",
+                quota_message(depositor, mailbox, quota, unit, waiting, max)
+            ),
+        ),
+        Cooling::Quota(_) | Cooling::Unverified => (
+            Refusal::RateLimited,
+            format!(
+                "peer {} deposited an envelope that did not verify less than {secs} s ago; \
+                 its deposits are refused until then, nothing was stored",
+                depositor.peer
+            ),
+        ),
+    }
+}
+
 /// Says which of a depositor's quotas a deposit would go over, with the
 /// configuration key that sets it.
 fn quota_message(
@@ -502,57 +504,4 @@ fn storage_failed(e: &StoreError) -> (Refusal, String) {
         _ => "the relay's storage failed; nothing was stored",
     };
     (Refusal::Unavailable, message.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use weft_proto::crypto::chain::MessageKey;
-    use weft_proto::crypto::envelope::seal_chain;
-    use weft_proto::ids::RoutingTag;
-
-    fn sealed(seed: &[u8], counter: u64) -> Vec<u8> {
-        let device = weft_node::identity::Identity::from_seed(seed, 0).unwrap();
-        let key = MessageKey {
-            key: [1; 32],
-            nonce: [2; 24],
-        };
-        seal_chain(
-            device.device_signing_key(),
-            RoutingTag([3; 16]),
-            1,
-            counter,
-            &key,
-            b"hello",
-        )
-        .unwrap()
-        .into_bytes()
-    }
-
-    fn failing_index(envelopes: &[Vec<u8>]) -> Option<usize> {
-        match verify_envelopes(envelopes) {
-            Ok(()) => None,
-            Err(VerifyError::Envelope { index, .. }) => Some(index),
-            Err(e) => panic!("{e}"),
-        }
-    }
-
-    #[test]
-    fn only_envelopes_signed_by_the_device_their_header_names_verify() {
-        let good = sealed(b"alice", 1);
-        let other = sealed(b"mallory", 2);
-        assert_eq!(failing_index(&[good.clone(), other.clone()]), None);
-        // A flipped bit anywhere: the first bad one is named.
-        for i in [0, 20, good.len() / 2, good.len() - 1] {
-            let mut bad = good.clone();
-            bad[i] ^= 0x10;
-            assert_eq!(failing_index(&[other.clone(), bad]), Some(1), "byte {i}");
-        }
-        // Mallory's envelope naming alice's device (the header's sender,
-        // after version and tag) as its sender.
-        let mut claimed = other.clone();
-        claimed[17..49].copy_from_slice(&good[17..49]);
-        assert_eq!(failing_index(&[claimed]), Some(0));
-        assert_eq!(failing_index(&[b"\x02 not an envelope".to_vec()]), Some(0));
-    }
 }

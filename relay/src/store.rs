@@ -406,7 +406,9 @@ impl Store {
         let mut completions = Vec::with_capacity(jobs.len());
         for job in jobs {
             let before = self.totals;
-            if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            // Cached statements: parsed once, not for every job.
+            let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
+            if let Err(e) = run("SAVEPOINT job") {
                 let e = StoreError::from(e);
                 completions.push((job.run)(None));
                 tracing::error!("savepoint failed: {e}");
@@ -418,13 +420,13 @@ impl Store {
                 totals: &mut self.totals,
             };
             let (ok, done) = run_job(job, &mut db);
-            let end = if ok {
-                "RELEASE job"
+            let ended = if ok {
+                run("RELEASE job")
             } else {
                 self.totals = before;
-                "ROLLBACK TO job; RELEASE job"
+                run("ROLLBACK TO job").and_then(|_| run("RELEASE job"))
             };
-            if let Err(e) = tx.execute_batch(end) {
+            if let Err(e) = ended {
                 tracing::error!("ending a savepoint failed: {e}");
             }
             completions.push(done);
@@ -924,6 +926,15 @@ impl Db<'_> {
     }
 }
 
+/// The quotas in the order they are checked (and the usage rows of
+/// `over_quota`: peer per mailbox, peer, address per mailbox, address).
+const QUOTA_ORDER: [QuotaKind; 4] = [
+    QuotaKind::PeerPerMailbox,
+    QuotaKind::Peer,
+    QuotaKind::IpPerMailbox,
+    QuotaKind::Ip,
+];
+
 /// Envelopes waiting: (count, bytes).
 pub type Waiting = (u64, u64);
 
@@ -942,17 +953,6 @@ impl UsageKeys {
         let mut ip = vec![b'i'];
         ip.extend_from_slice(depositor.source.key());
         Self { peer, ip }
-    }
-
-    /// Each quota with its usage row: (kind, depositor key, whether the
-    /// row is per mailbox).
-    fn rows(&self) -> [(QuotaKind, &[u8], bool); 4] {
-        [
-            (QuotaKind::PeerPerMailbox, &self.peer, true),
-            (QuotaKind::Peer, &self.peer, false),
-            (QuotaKind::IpPerMailbox, &self.ip, true),
-            (QuotaKind::Ip, &self.ip, false),
-        ]
     }
 }
 
@@ -977,11 +977,6 @@ impl DepositorQuotas {
     }
 }
 
-/// The `mailbox` column of a usage row: the mailbox, or `x''` for all.
-fn usage_mailbox(mailbox: &[u8], per_mailbox: bool) -> &[u8] {
-    if per_mailbox { mailbox } else { &[] }
-}
-
 impl Db<'_> {
     /// The first of the depositor's quotas that `count` more envelopes of
     /// `bytes` in `mailbox` would go over.
@@ -992,22 +987,30 @@ impl Db<'_> {
         count: u64,
         bytes: u64,
     ) -> Result<Option<Full>, StoreError> {
+        if self.limits.depositors == DepositorQuotas::UNLIMITED {
+            return Ok(None);
+        }
+        // The four rows in one statement: four lookups in the primary
+        // key (no IN lists, which would build a temporary table each time).
         let mut usage = self.conn.prepare_cached(
-            "SELECT envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?2",
+            "SELECT 0, envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?3
+             UNION ALL
+             SELECT 1, envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = x''
+             UNION ALL
+             SELECT 2, envelopes, bytes FROM depositor_usage WHERE depositor = ?2 AND mailbox = ?3
+             UNION ALL
+             SELECT 3, envelopes, bytes FROM depositor_usage WHERE depositor = ?2 AND mailbox = x''",
         )?;
-        for (kind, key, per_mailbox) in keys.rows() {
-            let quota = self.limits.depositors.of(kind);
-            if quota == Quota::UNLIMITED {
-                continue;
+        let mut rows = usage.query(params![keys.peer, keys.ip, &mailbox.0[..]])?;
+        let mut have = [(0u64, 0u64); 4];
+        while let Some(row) = rows.next()? {
+            let slot: i64 = row.get(0)?;
+            if let Some(h) = usize::try_from(slot).ok().and_then(|i| have.get_mut(i)) {
+                *h = (to_u64(row.get(1)?)?, to_u64(row.get(2)?)?);
             }
-            let (have_count, have_bytes): (i64, i64) = usage
-                .query_row(
-                    params![key, usage_mailbox(&mailbox.0, per_mailbox)],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()?
-                .unwrap_or((0, 0));
-            let (have_count, have_bytes) = (to_u64(have_count)?, to_u64(have_bytes)?);
+        }
+        for (kind, (have_count, have_bytes)) in QUOTA_ORDER.into_iter().zip(have) {
+            let quota = self.limits.depositors.of(kind);
             for (unit, have, more, max) in [
                 (Unit::Envelopes, have_count, count, quota.envelopes),
                 (Unit::Bytes, have_bytes, bytes, quota.bytes),
@@ -1034,20 +1037,20 @@ impl Db<'_> {
         count: u64,
         bytes: u64,
     ) -> Result<(), StoreError> {
-        let mut upsert = self.conn.prepare_cached(
-            "INSERT INTO depositor_usage (depositor, mailbox, envelopes, bytes)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (depositor, mailbox) DO UPDATE SET
-                 envelopes = envelopes + excluded.envelopes, bytes = bytes + excluded.bytes",
-        )?;
-        for (_, key, per_mailbox) in keys.rows() {
-            upsert.execute(params![
-                key,
-                usage_mailbox(&mailbox.0, per_mailbox),
+        self.conn
+            .prepare_cached(
+                "INSERT INTO depositor_usage (depositor, mailbox, envelopes, bytes)
+                 VALUES (?1, ?3, ?4, ?5), (?1, x'', ?4, ?5), (?2, ?3, ?4, ?5), (?2, x'', ?4, ?5)
+                 ON CONFLICT (depositor, mailbox) DO UPDATE SET
+                     envelopes = envelopes + excluded.envelopes, bytes = bytes + excluded.bytes",
+            )?
+            .execute(params![
+                keys.peer,
+                keys.ip,
+                &mailbox.0[..],
                 to_i64(count),
                 to_i64(bytes)
             ])?;
-        }
         Ok(())
     }
 
@@ -1073,17 +1076,20 @@ impl Db<'_> {
     /// Uncounts a group of mail leaving `mailbox` (acknowledged, expired,
     /// or the mailbox removed); rows that reach zero go.
     fn release(&self, mailbox: &[u8], group: &DepositorGroup) -> Result<(), StoreError> {
-        let mut keys = Vec::with_capacity(2);
-        if let Some(peer) = &group.depositor {
-            let mut key = vec![b'p'];
-            key.extend_from_slice(peer);
-            keys.push(key);
-        }
-        if let Some(source) = &group.source {
-            let mut key = vec![b'i'];
-            key.extend_from_slice(source);
-            keys.push(key);
-        }
+        let key = |tag: u8, bytes: &Option<Vec<u8>>| {
+            bytes.as_ref().map(|b| {
+                let mut key = vec![tag];
+                key.extend_from_slice(b);
+                key
+            })
+        };
+        // Mail from before depositors were recorded has neither.
+        let keys: Vec<Vec<u8>> = [key(b'p', &group.depositor), key(b'i', &group.source)]
+            .into_iter()
+            .flatten()
+            .collect();
+        // Point statements: IN lists would build a temporary table each
+        // time.
         let mut update = self.conn.prepare_cached(
             "UPDATE depositor_usage SET envelopes = max(envelopes - ?3, 0),
              bytes = max(bytes - ?4, 0) WHERE depositor = ?1 AND mailbox = ?2",
@@ -1092,8 +1098,7 @@ impl Db<'_> {
             "DELETE FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?2 AND envelopes = 0",
         )?;
         for key in &keys {
-            for per_mailbox in [true, false] {
-                let row_mailbox = usage_mailbox(mailbox, per_mailbox);
+            for row_mailbox in [mailbox, &[][..]] {
                 update.execute(params![key, row_mailbox, group.envelopes, group.bytes])?;
                 delete.execute(params![key, row_mailbox])?;
             }

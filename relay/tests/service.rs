@@ -20,7 +20,7 @@ use weft_node::mailbox::{
     MAX_DEPOSIT, MailboxId, MailboxRequest, MailboxResponse, Refusal, Registration,
 };
 use weft_relay::config::Access;
-use weft_relay::depositor::Source;
+use weft_relay::depositor::{CoolOff, Source};
 use weft_relay::metrics::RelayMetrics;
 use weft_relay::service::{Handled, Service, ServiceConfig};
 use weft_relay::store::{DepositorQuotas, Quota, QuotaKind, Store, StoreHandle, StoreLimits};
@@ -43,7 +43,7 @@ fn fixture_with(config: ServiceConfig, limits: StoreLimits) -> Fixture {
     let store = Store::open_in_memory(limits).unwrap();
     let store = StoreHandle::spawn(store, RelayMetrics::default()).unwrap();
     Fixture {
-        service: Service::new(relay, config, store.clone(), RelayMetrics::default()),
+        service: Service::new(relay, config, store.clone(), RelayMetrics::default()).unwrap(),
         relay,
         now: Instant::now(),
         store,
@@ -479,6 +479,13 @@ async fn unverifiable_deposits_are_refused_whole_and_nothing_is_stored() {
     assert!(message.contains("envelope 1 "), "{message}");
     assert!(message.contains("signature does not verify"), "{message}");
     assert!(message.contains("nothing was stored"), "{message}");
+    // For a second the depositor's deposits are refused unchecked.
+    let r = f.deposit(mailbox, vec![env(1)]).await;
+    let (reason, message) = refusal(&r);
+    assert_eq!(reason, Refusal::RateLimited);
+    assert!(message.contains("did not verify"), "{message}");
+    assert_eq!(f.service.metrics().cooled_off(), 1);
+    f.now += CoolOff::PERIOD;
     // Bytes that are no envelope at all.
     let r = f
         .deposit(mailbox, vec![env(1), b"\x02 junk".to_vec()])
@@ -487,6 +494,7 @@ async fn unverifiable_deposits_are_refused_whole_and_nothing_is_stored() {
     assert_eq!(reason, Refusal::BadRequest);
     assert!(message.contains("envelope 1 "), "{message}");
     assert!(message.contains("malformed"), "{message}");
+    f.now += CoolOff::PERIOD;
     // Mallory's envelope claiming to come from alice's device: the header
     // (version, tag, sender) names alice, the signature is mallory's.
     let mut claimed = sealed(&mallory, 4, 100);
@@ -495,6 +503,7 @@ async fn unverifiable_deposits_are_refused_whole_and_nothing_is_stored() {
     let (reason, message) = refusal(&r);
     assert_eq!(reason, Refusal::BadRequest);
     assert!(message.contains("envelope 0 "), "{message}");
+    f.now += CoolOff::PERIOD;
     // None of it was stored, not even the good envelopes beside the bad.
     assert!(mail(f.fetch(alice.peer_id()).await).is_empty());
     assert_eq!(f.store.totals().await.unwrap().envelopes, 0);
@@ -581,6 +590,37 @@ async fn a_stranger_over_its_share_of_a_mailbox_is_refused_and_honest_mail_still
     let got = mail(f.fetch(victim.peer_id()).await);
     assert_eq!(got.len(), 7);
     assert_eq!(got[5].1, env(1));
+    // For a second the stranger is refused unchecked: even an envelope
+    // that does not verify gets the quota's refusal, not a verification.
+    let r = f
+        .deposit_from(
+            stranger.peer_id(),
+            source_of(&stranger.peer_id()),
+            mailbox,
+            vec![forged(&spam, 6, 200)],
+        )
+        .await;
+    let (reason, message) = refusal(&r);
+    assert_eq!(reason, Refusal::MailboxFull);
+    assert!(message.contains("without being checked"), "{message}");
+    assert_eq!(f.service.metrics().unverified_deposits(), 0);
+    // Once the victim has fetched its mail and the second is over, the
+    // stranger may deposit again.
+    let last = got.last().unwrap().0;
+    let r = f
+        .send(victim.peer_id(), &MailboxRequest::Ack { up_to: last })
+        .await;
+    assert_eq!(r, MailboxResponse::Acked { deleted: 7 });
+    f.now += CoolOff::PERIOD;
+    let r = f
+        .deposit_from(
+            stranger.peer_id(),
+            source_of(&stranger.peer_id()),
+            mailbox,
+            vec![sealed(&spam, 7, 200)],
+        )
+        .await;
+    assert_eq!(r, MailboxResponse::Deposited { accepted: 1 });
 }
 
 #[tokio::test]
@@ -633,7 +673,14 @@ async fn a_depositor_is_limited_in_all_mailboxes_and_by_its_address() {
             refused.push(message);
         }
     }
+    // The second is refused unchecked: the address was over its share of
+    // this mailbox a moment before.
     assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[1].contains("without being checked"),
+        "{}",
+        refused[1]
+    );
     assert!(
         refused[0].contains("address 203.0.113.66"),
         "{}",
@@ -657,8 +704,9 @@ async fn a_depositor_is_limited_in_all_mailboxes_and_by_its_address() {
     assert_eq!(f.service.metrics().quota_refusals(QuotaKind::Ip), 1);
     assert_eq!(
         f.service.metrics().quota_refusals(QuotaKind::IpPerMailbox),
-        2
+        1
     );
+    assert_eq!(f.service.metrics().cooled_off(), 1);
     assert_eq!(f.service.metrics().quota_refusals(QuotaKind::Peer), 1);
     // Someone from another address is not affected.
     let friend = identity("friend");
