@@ -1,7 +1,10 @@
-//! Durable deposits per second through the real path: encoded
-//! `MailboxRequest::Deposit`s handed to the `Service`, stored by the store
-//! thread (WAL, `synchronous=FULL`, group commit) and acknowledged only
-//! after the commit. Then a device's fetch of a 10,000-envelope backlog.
+//! Durable deposits per second through the service, without the network:
+//! encoded `MailboxRequest::Deposit`s of real signed envelopes handed to
+//! the `Service`, verified (on the blocking pool), stored by the store
+//! thread (WAL, `synchronous=FULL`, group commit, default depositor
+//! quotas) and acknowledged only after the commit. Then a device's fetch
+//! of a 10,000-envelope backlog. `benches/deposit_e2e.rs` measures
+//! deposits over TCP to the real binary.
 //!
 //! `cargo bench -p weft-relay --bench deposit` (no criterion: it prints
 //! its numbers, and PASS/FAIL against the target of at least 5,000 durable
@@ -11,6 +14,8 @@
 //! the service only; `benches/fetch.rs` measures it over TCP.
 
 mod common;
+#[path = "../tests/support/envelopes.rs"]
+mod envelopes;
 use common::{loadavg, utc_now};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +24,7 @@ use libp2p::PeerId;
 use tokio::sync::Mutex;
 use weft_node::mailbox::{MailboxId, MailboxRequest, MailboxResponse};
 use weft_relay::config::Access;
+use weft_relay::depositor::Source;
 use weft_relay::metrics::RelayMetrics;
 use weft_relay::service::{Service, ServiceConfig};
 use weft_relay::store::{Store, StoreHandle, StoreLimits};
@@ -44,18 +50,14 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn envelope(n: u64) -> Vec<u8> {
-    // Distinct, incompressible-ish bytes (no dedup between them).
-    let mut out = Vec::with_capacity(ENVELOPE_BYTES);
-    let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while out.len() < ENVELOPE_BYTES {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(ENVELOPE_BYTES);
-    out
+/// Signed envelope `n` (distinct: no dedup between them).
+fn envelope(sender: &weft_node::identity::Identity, n: u64) -> Vec<u8> {
+    envelopes::sealed(sender, n, ENVELOPE_BYTES)
+}
+
+/// Depositor `n`'s own address.
+fn source(n: usize) -> Source {
+    Source::V4([10, 1, (n >> 8) as u8, n as u8])
 }
 
 fn mailbox(n: u32) -> MailboxId {
@@ -103,35 +105,44 @@ async fn run() {
         requests_per_sec: 1e9,
         request_burst: u32::MAX,
         allow_private_wakeup: false,
+        ..ServiceConfig::default()
     };
-    let service = Arc::new(Mutex::new(Service::new(
-        relay,
-        config,
-        store.clone(),
-        metrics.clone(),
-    )));
+    let sender = envelopes::device("deposit bench sender");
+    let service = Service::new(relay, config, store.clone(), metrics.clone())
+        .unwrap_or_else(|e| panic!("service: {e}"));
+    let service = Arc::new(Mutex::new(service));
 
     for per_request in [1usize, 16] {
         let requests = total / per_request;
+        // Sealed before the clock starts: the bench times the relay.
+        let encoded: Vec<Vec<Vec<u8>>> = (0..clients)
+            .map(|c| {
+                (c..requests)
+                    .step_by(clients)
+                    .map(|r| {
+                        let base = (per_request * r) as u64 + (per_request as u64) * 1_000_000_000;
+                        MailboxRequest::Deposit {
+                            mailbox: mailbox((r as u32) % MAILBOXES),
+                            envelopes: (0..per_request as u64)
+                                .map(|i| envelope(&sender, base + i))
+                                .collect(),
+                        }
+                        .encode()
+                    })
+                    .collect()
+            })
+            .collect();
         let started = Instant::now();
         let mut tasks = Vec::new();
-        for c in 0..clients {
+        for (c, requests) in encoded.into_iter().enumerate() {
             let service = service.clone();
             tasks.push(tokio::spawn(async move {
                 let depositor = PeerId::random();
                 let mut acked = 0usize;
-                let mut r = c;
-                while r < requests {
-                    let base = (per_request * r) as u64 + (per_request as u64) * 1_000_000_000;
-                    let request = MailboxRequest::Deposit {
-                        mailbox: mailbox((r as u32) % MAILBOXES),
-                        envelopes: (0..per_request as u64)
-                            .map(|i| envelope(base + i))
-                            .collect(),
-                    }
-                    .encode();
+                for request in requests {
                     let pending = within("the service", service.lock()).await.handle(
                         depositor,
+                        source(c),
                         &request,
                         Instant::now(),
                         weft_node::now_ms(),
@@ -140,7 +151,6 @@ async fn run() {
                         MailboxResponse::Deposited { accepted } => acked += accepted as usize,
                         other => panic!("deposit refused: {other:?}"),
                     }
-                    r += clients;
                 }
                 acked
             }));
@@ -175,19 +185,21 @@ async fn run() {
     let backlog = 10_000usize;
     let mut deposited = 0;
     let mut n = 5_000_000_000u64;
-    let other = PeerId::random();
     let mailbox0 = mailbox(0);
     // Empty mailbox 0 first.
     within("ack", store.ack(device, u64::MAX, weft_node::now_ms()))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     while deposited < backlog {
-        let batch: Vec<Vec<u8>> = (0..256.min(backlog - deposited))
+        let batch: Vec<Vec<u8>> = (0..250.min(backlog - deposited))
             .map(|_| {
                 n += 1;
-                envelope(n)
+                envelope(&sender, n)
             })
             .collect();
+        // The backlog's senders: 250 envelopes each, within every quota.
+        let other = PeerId::random();
+        let other_source = source(1000 + deposited / 250);
         deposited += batch.len();
         let request = MailboxRequest::Deposit {
             mailbox: mailbox0,
@@ -196,6 +208,7 @@ async fn run() {
         .encode();
         let pending = within("the service", service.lock()).await.handle(
             other,
+            other_source,
             &request,
             Instant::now(),
             weft_node::now_ms(),
@@ -216,6 +229,7 @@ async fn run() {
         .encode();
         let pending = within("the service", service.lock()).await.handle(
             device,
+            source(0),
             &request,
             Instant::now(),
             weft_node::now_ms(),
@@ -232,6 +246,7 @@ async fn run() {
             let ack = MailboxRequest::Ack { up_to: after }.encode();
             let pending = within("the service", service.lock()).await.handle(
                 device,
+                source(0),
                 &ack,
                 Instant::now(),
                 weft_node::now_ms(),

@@ -2,7 +2,9 @@
 //! real network path (target: 10,000 envelopes in < 1 s).
 //!
 //! The real relay (`weft_relay::Relay::start`, default configuration:
-//! default rate limits and quotas, SQLite on the machine's disk) listens
+//! default rate limits and mailbox quotas, but no per-mailbox depositor
+//! quotas, since one depositor plays the many senders of a backlog;
+//! SQLite on the machine's disk) listens
 //! on loopback TCP, on its own 2-worker runtime as the binary has. The
 //! device and the depositor are libp2p clients on another runtime (TCP,
 //! noise, yamux) speaking `/weft/mailbox/1` with `weft_node::mailbox`
@@ -10,9 +12,9 @@
 //!
 //! 1. The device (`Identity::from_seed`) connects, registers
 //!    (`Registration::new`) and goes away.
-//! 2. A depositor deposits 10,000 distinct envelopes of 300 random bytes
-//!    into its mailbox (40 deposits of 250, pipelined; the relay checks
-//!    only their size), all acknowledged (durably stored).
+//! 2. A depositor deposits 10,000 distinct signed envelopes of 300 bytes
+//!    into its mailbox (40 deposits of 250, pipelined; the relay verifies
+//!    each), all acknowledged (durably stored).
 //! 3. The device comes back with a fresh connection and fetches
 //!    everything, acknowledging every page, until the mailbox is empty.
 //!    Timed from the dial until the last `Ack` is answered (the target's
@@ -40,6 +42,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../tests/support/envelopes.rs"]
+mod envelopes;
 use common::{loadavg, utc_now};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -77,22 +81,12 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "PASS" } else { "FAIL" }
 }
 
-/// `n` distinct envelopes of random-looking bytes (xorshift64*; no two
-/// alike, so none is deduplicated away).
+/// `n` distinct signed envelopes (no two alike, so none is deduplicated
+/// away; the relay verifies each).
 fn envelopes(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    let sender = envelopes::device("fetch bench sender");
     (0..n as u64)
-        .map(|i| {
-            let mut x = (seed << 32 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let mut e = Vec::with_capacity(ENVELOPE_BYTES + 8);
-            while e.len() < ENVELOPE_BYTES {
-                x ^= x >> 12;
-                x ^= x << 25;
-                x ^= x >> 27;
-                e.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-            }
-            e.truncate(ENVELOPE_BYTES);
-            e
-        })
+        .map(|i| envelopes::sealed(&sender, seed << 32 | i, ENVELOPE_BYTES))
         .collect()
 }
 
@@ -560,11 +554,17 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let config = Config {
+    let mut config = Config {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         metrics: "off".into(),
         ..Config::default()
     };
+    // One depositor makes the whole backlog, which in life comes from
+    // many: its per-mailbox shares would stop it at 1,000.
+    config.storage.max_envelopes_per_peer_per_mailbox = 0;
+    config.storage.max_bytes_per_peer_per_mailbox = 0;
+    config.storage.max_envelopes_per_ip_per_mailbox = 0;
+    config.storage.max_bytes_per_ip_per_mailbox = 0;
     let relay = relay_rt
         .block_on(async { tokio::time::timeout(DEADLINE, Relay::start(&config, dir.path())).await })
         .expect("the relay did not start within the deadline")

@@ -12,6 +12,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../tests/support/envelopes.rs"]
+mod envelopes;
 use common::{loadavg, utc_now};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -243,11 +245,13 @@ async fn run() {
         "registered {count} mailboxes over TCP in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // A real signed envelope of about 1 KiB (the relay verifies it).
+    let envelope = envelopes::sealed(&envelopes::device("memory bench sender"), 1, 1024);
     let deposits: Vec<MailboxRequest> = mailboxes
         .iter()
         .map(|m: &MailboxId| MailboxRequest::Deposit {
             mailbox: *m,
-            envelopes: vec![vec![0x42; 1024]],
+            envelopes: vec![envelope.clone()],
         })
         .collect();
     let mut depositor = client(libp2p::identity::Keypair::generate_ed25519());

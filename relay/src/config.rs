@@ -15,7 +15,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use weft_proto::ids::UserId;
 
-use crate::store::StoreLimits;
+use crate::store::{DepositorQuotas, Quota, StoreLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,11 +77,21 @@ pub struct StorageConfig {
     pub max_total_bytes: u64,
     pub mailbox_expiry_days: u64,
     pub sweep_interval_secs: u64,
+    /// Per-depositor quotas (0: no limit), see [`DepositorQuotas`].
+    pub max_envelopes_per_peer_per_mailbox: u64,
+    pub max_bytes_per_peer_per_mailbox: u64,
+    pub max_envelopes_per_peer: u64,
+    pub max_bytes_per_peer: u64,
+    pub max_envelopes_per_ip_per_mailbox: u64,
+    pub max_bytes_per_ip_per_mailbox: u64,
+    pub max_envelopes_per_ip: u64,
+    pub max_bytes_per_ip: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         let l = StoreLimits::default();
+        let d = l.depositors;
         Self {
             mail_ttl_days: l.mail_ttl.as_secs() / 86_400,
             max_envelopes_per_mailbox: l.max_envelopes,
@@ -90,6 +100,14 @@ impl Default for StorageConfig {
             max_total_bytes: l.max_total_bytes,
             mailbox_expiry_days: l.mailbox_expiry.as_secs() / 86_400,
             sweep_interval_secs: 300,
+            max_envelopes_per_peer_per_mailbox: d.peer_per_mailbox.envelopes,
+            max_bytes_per_peer_per_mailbox: d.peer_per_mailbox.bytes,
+            max_envelopes_per_peer: d.peer.envelopes,
+            max_bytes_per_peer: d.peer.bytes,
+            max_envelopes_per_ip_per_mailbox: d.ip_per_mailbox.envelopes,
+            max_bytes_per_ip_per_mailbox: d.ip_per_mailbox.bytes,
+            max_envelopes_per_ip: d.ip.envelopes,
+            max_bytes_per_ip: d.ip.bytes,
         }
     }
 }
@@ -321,6 +339,25 @@ max_total_bytes = 10737418240
 mailbox_expiry_days = 90
 # How often expired mail and mailboxes are swept.
 sweep_interval_secs = 300
+# Per-depositor quotas: what one depositor may have waiting here
+# (deposited, and not yet fetched and acknowledged, or expired), so that
+# one stranger cannot fill someone's mailbox or the relay. A depositor is
+# counted as the peer id of the connection it deposits on and, since
+# fresh peer ids cost nothing, also as the IP address it connects from
+# (IPv6: its /64). A deposit over any of them is refused whole with a
+# MailboxFull error naming the quota. 0: no limit.
+# One peer id, in one mailbox (a tenth of a mailbox) and in all (a device
+# writing to a big group whose members are away deposits for each).
+max_envelopes_per_peer_per_mailbox = 1000
+max_bytes_per_peer_per_mailbox = 8388608
+max_envelopes_per_peer = 50000
+max_bytes_per_peer = 268435456
+# One address, in one mailbox (a quarter of a mailbox: devices behind one
+# NAT share it) and in all (a tenth of max_total_bytes).
+max_envelopes_per_ip_per_mailbox = 2500
+max_bytes_per_ip_per_mailbox = 16777216
+max_envelopes_per_ip = 100000
+max_bytes_per_ip = 1073741824
 
 [limits]
 # Per-peer token bucket for mailbox requests: refill rate and size. A
@@ -625,6 +662,24 @@ impl Config {
             max_total_bytes: s.max_total_bytes,
             mail_ttl: Duration::from_secs(s.mail_ttl_days.saturating_mul(86_400)),
             mailbox_expiry: Duration::from_secs(s.mailbox_expiry_days.saturating_mul(86_400)),
+            depositors: DepositorQuotas {
+                peer_per_mailbox: Quota {
+                    envelopes: s.max_envelopes_per_peer_per_mailbox,
+                    bytes: s.max_bytes_per_peer_per_mailbox,
+                },
+                peer: Quota {
+                    envelopes: s.max_envelopes_per_peer,
+                    bytes: s.max_bytes_per_peer,
+                },
+                ip_per_mailbox: Quota {
+                    envelopes: s.max_envelopes_per_ip_per_mailbox,
+                    bytes: s.max_bytes_per_ip_per_mailbox,
+                },
+                ip: Quota {
+                    envelopes: s.max_envelopes_per_ip,
+                    bytes: s.max_bytes_per_ip,
+                },
+            },
         }
     }
 }

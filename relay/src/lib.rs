@@ -10,6 +10,10 @@
 //! - [`store`]: SQLite mailboxes and mail, on a thread of their own, with
 //!   group commit;
 //! - [`service`]: what each mailbox request gets;
+//! - [`verifier`]: deposited envelopes must verify as signed Weft
+//!   envelopes, checked on threads of their own;
+//! - [`depositor`]: who deposits (peer id and address), for the
+//!   per-depositor quotas, and the cool-off of those just refused;
 //! - [`net`]: the swarm task;
 //! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
 //! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
@@ -18,12 +22,14 @@
 //! docs/relay.md is the operator's guide.
 
 pub mod config;
+pub mod depositor;
 pub mod limiter;
 pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod verifier;
 pub mod wakeup;
 
 pub use config::Config;

@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use weft_proto::mailbox::Refusal;
 
-use crate::store::{StoreHandle, StoreObserver, Totals};
+use crate::store::{QuotaKind, StoreHandle, StoreObserver, Totals};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -37,6 +37,9 @@ pub struct RelayMetrics {
     fetched_envelopes: Counter,
     acks: Counter,
     refusals: Family<Labels, Counter>,
+    unverified: Counter,
+    over_quota: Family<Labels, Counter>,
+    cooled: Counter,
     wakeups: Family<Labels, Counter>,
     wakeup_failures: Counter,
     mailboxes: Gauge,
@@ -56,6 +59,9 @@ impl Default for RelayMetrics {
             fetched_envelopes: Counter::default(),
             acks: Counter::default(),
             refusals: Family::default(),
+            unverified: Counter::default(),
+            over_quota: Family::default(),
+            cooled: Counter::default(),
             wakeups: Family::default(),
             wakeup_failures: Counter::default(),
             mailboxes: Gauge::default(),
@@ -112,6 +118,23 @@ impl RelayMetrics {
         r.register("acks", "Acknowledgements handled", m.acks.clone());
         r.register("refusals", "Refused requests by reason", m.refusals.clone());
         r.register(
+            "unverified_deposits",
+            "Deposits refused because an envelope did not parse or verify",
+            m.unverified.clone(),
+        );
+        r.register(
+            "depositor_quota_refusals",
+            "Deposits refused by a depositor quota, by quota (peer_per_mailbox, peer, \
+             ip_per_mailbox, ip)",
+            m.over_quota.clone(),
+        );
+        r.register(
+            "deposits_cooled_off",
+            "Deposits refused unchecked, from a depositor refused (by a quota of its own, or for \
+             an envelope that did not verify) less than a second before",
+            m.cooled.clone(),
+        );
+        r.register(
             "wakeups",
             "Wakeups sent, by kind (http: UnifiedPush POST, live: libp2p stream)",
             m.wakeups.clone(),
@@ -167,6 +190,37 @@ impl RelayMetrics {
         self.refusals
             .get_or_create(&[("reason", reason_label(reason))])
             .inc();
+    }
+
+    pub fn unverified(&self) {
+        self.unverified.inc();
+    }
+
+    /// Deposits refused as unverifiable so far (tests).
+    pub fn unverified_deposits(&self) -> u64 {
+        self.unverified.get()
+    }
+
+    pub fn over_quota(&self, quota: QuotaKind) {
+        self.over_quota
+            .get_or_create(&[("quota", quota.label())])
+            .inc();
+    }
+
+    pub fn cooled(&self) {
+        self.cooled.inc();
+    }
+
+    /// Deposits refused unchecked while their depositor cooled off (tests).
+    pub fn cooled_off(&self) -> u64 {
+        self.cooled.get()
+    }
+
+    /// Deposits refused by `quota` so far (tests).
+    pub fn quota_refusals(&self, quota: QuotaKind) -> u64 {
+        self.over_quota
+            .get_or_create(&[("quota", quota.label())])
+            .get()
     }
 
     /// How many refusals of `reason` so far (tests).

@@ -7,12 +7,13 @@
 //! nodes find relays without being given one.
 //!
 //! The task owns the swarm and the [`Service`]: it hands each mailbox
-//! request to the service, polls the futures it returns and sends each
+//! request to the service with the peer id and source address of the
+//! connection it came on, polls the futures it returns and sends each
 //! response when it is ready, then routes the wakeups the responses ask
 //! for (live over the device's connection, or UnifiedPush). It is reached
 //! through a bounded command channel ([`NetHandle`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -23,7 +24,7 @@ use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, identify, kad,
     memory_connection_limits, ping, relay,
@@ -35,6 +36,7 @@ use weft_proto::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVID
 use weft_proto::transport::{self, SwarmConfig, TransportKind};
 
 use crate::config::Config;
+use crate::depositor::Source;
 use crate::limiter::TokenBucket;
 use crate::metrics::RelayMetrics;
 use crate::service::{Handled, Service};
@@ -278,6 +280,7 @@ pub async fn start(
         libp2p_metrics,
         in_flight: FuturesUnordered::new(),
         in_flight_bytes: 0,
+        sources: HashMap::new(),
         unflushed: 0,
         listeners: listeners.iter().copied().collect(),
         awaiting: listeners,
@@ -321,6 +324,9 @@ struct NetTask {
     libp2p_metrics: Metrics,
     in_flight: FuturesUnordered<InFlight>,
     in_flight_bytes: usize,
+    /// Where each established connection comes from (as many entries as
+    /// connections: the connection limits bound them).
+    sources: HashMap<ConnectionId, Source>,
     /// Responses handed to the swarm and not yet reported sent or failed.
     unflushed: usize,
     listeners: Vec<ListenerId>,
@@ -517,6 +523,17 @@ impl NetTask {
                     let _ = ready.send(Err((Multiaddr::empty(), error.to_string())));
                 }
             }
+            SwarmEvent::ConnectionEstablished {
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let source = Source::of_addr(endpoint.get_remote_address());
+                self.sources.insert(connection_id, source);
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.sources.remove(&connection_id);
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
@@ -526,12 +543,19 @@ impl NetTask {
         match event {
             BehaviourEvent::Mailbox(request_response::Event::Message {
                 peer,
+                connection_id,
                 message:
                     request_response::Message::Request {
                         request, channel, ..
                     },
-                ..
             }) => {
+                // Always known (a connection is established before it
+                // carries a request); unknown would share one key.
+                let source = self
+                    .sources
+                    .get(&connection_id)
+                    .copied()
+                    .unwrap_or(Source::Unknown);
                 let size = request.len();
                 let handled = if self.in_flight.len() >= MAX_IN_FLIGHT
                     || self.in_flight_bytes + size > MAX_IN_FLIGHT_BYTES
@@ -548,7 +572,7 @@ impl NetTask {
                     futures::future::ready(busy).boxed()
                 } else {
                     self.service
-                        .handle(peer, &request, Instant::now(), crate::now_ms())
+                        .handle(peer, source, &request, Instant::now(), crate::now_ms())
                 };
                 self.in_flight_bytes += size;
                 self.in_flight

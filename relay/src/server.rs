@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::config::{Config, ConfigError, DEFAULT_METRICS};
 use crate::metrics::{Health, MetricsError, MetricsServer, RelayMetrics};
 use crate::net::{self, NetError, NetHandle};
-use crate::service::{Service, ServiceConfig};
+use crate::service::{Service, ServiceConfig, ServiceError};
 use crate::store::{Store, StoreError, StoreHandle};
 use crate::wakeup::{HttpWaker, HttpWakerConfig};
 
@@ -47,6 +47,8 @@ pub enum RelayError {
     Net(#[from] NetError),
     #[error("metrics server: {0}")]
     Metrics(#[from] MetricsError),
+    #[error("mailbox service: {0}")]
+    Service(#[from] ServiceError),
 }
 
 /// A running relay.
@@ -87,10 +89,18 @@ impl Relay {
                 requests_per_sec: config.limits.requests_per_sec,
                 request_burst: config.limits.request_burst,
                 allow_private_wakeup: config.wakeup.allow_private_hosts,
+                ..ServiceConfig::default()
             },
             store.clone(),
             metrics.clone(),
         );
+        let service = match service {
+            Ok(service) => service,
+            Err(e) => {
+                store.close().await;
+                return Err(e.into());
+            }
+        };
         let waker = config.wakeup.http.then(|| {
             HttpWaker::spawn(
                 HttpWakerConfig {

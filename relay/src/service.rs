@@ -2,12 +2,16 @@
 //! peer whose id the connection authenticated (noise).
 //!
 //! [`Service::handle`] does the cheap part at once — rate limit, decode,
-//! size limits, registration checks, access rules — and returns a future
-//! for the part that needs the store, which the swarm task polls. A
+//! size limits, registration checks, access rules, a depositor's cool-off
+//! — and returns a future for the rest, which the swarm task polls: a
+//! deposit's envelopes are verified as signed Weft envelopes by the
+//! [`Verifier`] (on threads of its own: neither the swarm task nor the
+//! store thread waits for ed25519), then the store does its part. A
 //! response is never sent before what it promises is on disk. Every
 //! refusal says why (a [`Refusal`] and a message); nothing is dropped
 //! silently.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::FutureExt;
@@ -21,16 +25,20 @@ use weft_proto::mailbox::{
 use weft_proto::net::MAX_DIRECT_RESPONSE;
 
 use crate::config::Access;
+use crate::depositor::{CoolOff, Cooling, Depositor, Source};
 use crate::limiter::RateLimiter;
 use crate::metrics::RelayMetrics;
 use crate::store::{
-    AckOutcome, DepositOutcome, FetchOutcome, Full, RegisterOutcome, StoreError, StoreHandle,
-    WakeTarget,
+    AckOutcome, DepositOutcome, FetchOutcome, Full, QuotaKind, RegisterOutcome, StoreError,
+    StoreHandle, Unit, WakeTarget,
 };
+use crate::verifier::{Verifier, VerifyError};
 use crate::wakeup;
 
 /// Most peers whose request rate is tracked at once.
 const MAX_TRACKED_PEERS: usize = 65_536;
+/// Most depositors cooling off at once.
+const MAX_COOLING: usize = 65_536;
 /// A fetch's envelopes stay this far below the response frame limit.
 pub const FETCH_MAX_BYTES: usize = MAX_DIRECT_RESPONSE - 64 * 1024;
 
@@ -42,6 +50,8 @@ pub struct ServiceConfig {
     pub request_burst: u32,
     /// Accept wakeup URLs on private or loopback addresses.
     pub allow_private_wakeup: bool,
+    /// Threads verifying deposits.
+    pub verify_threads: usize,
 }
 
 impl Default for ServiceConfig {
@@ -51,8 +61,16 @@ impl Default for ServiceConfig {
             requests_per_sec: 20.0,
             request_burst: 200,
             allow_private_wakeup: false,
+            // One per CPU.
+            verify_threads: std::thread::available_parallelism().map_or(2, usize::from),
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot start the verifier threads: {0}")]
+    Verifier(#[from] std::io::Error),
 }
 
 /// A request's answer, and whom to wake because of it.
@@ -78,6 +96,8 @@ pub struct Service {
     config: ServiceConfig,
     store: StoreHandle,
     limiter: RateLimiter<PeerId>,
+    verifier: Verifier,
+    cool_off: Arc<Mutex<CoolOff>>,
     metrics: RelayMetrics,
     draining: bool,
 }
@@ -88,20 +108,22 @@ impl Service {
         config: ServiceConfig,
         store: StoreHandle,
         metrics: RelayMetrics,
-    ) -> Self {
+    ) -> Result<Self, ServiceError> {
         let limiter = RateLimiter::new(
             config.requests_per_sec,
             config.request_burst,
             MAX_TRACKED_PEERS,
         );
-        Self {
+        Ok(Self {
             relay,
+            verifier: Verifier::spawn(config.verify_threads)?,
+            cool_off: Arc::new(Mutex::new(CoolOff::new(MAX_COOLING))),
             config,
             store,
             limiter,
             metrics,
             draining: false,
-        }
+        })
     }
 
     /// From now on every request is refused as `Unavailable`.
@@ -119,10 +141,12 @@ impl Service {
     }
 
     /// Handles one request from `peer` (the connection's authenticated
-    /// peer id) received at `now`; `now_ms` is the wall clock.
+    /// peer id), connected from `source`, received at `now`; `now_ms` is
+    /// the wall clock.
     pub fn handle(
         &mut self,
         peer: PeerId,
+        source: Source,
         request: &[u8],
         now: Instant,
         now_ms: i64,
@@ -145,7 +169,7 @@ impl Service {
         match request {
             MailboxRequest::Register(registration) => self.register(peer, *registration, now_ms),
             MailboxRequest::Deposit { mailbox, envelopes } => {
-                self.deposit(mailbox, envelopes, now_ms)
+                self.deposit(mailbox, Depositor { peer, source }, envelopes, now, now_ms)
             }
             MailboxRequest::Fetch { after, limit } => self.fetch(peer, after, limit, now_ms),
             MailboxRequest::Ack { up_to } => self.ack(peer, up_to, now_ms),
@@ -234,7 +258,9 @@ impl Service {
     fn deposit(
         &mut self,
         mailbox: MailboxId,
+        depositor: Depositor,
         envelopes: Vec<Vec<u8>>,
+        now: Instant,
         now_ms: i64,
     ) -> BoxFuture<'static, Handled> {
         if envelopes.is_empty() {
@@ -262,10 +288,50 @@ impl Service {
                 ),
             );
         }
+        let cooling = self
+            .cool_off
+            .lock()
+            .ok()
+            .and_then(|c| c.check(&depositor, mailbox, now));
+        if let Some(why) = cooling {
+            self.metrics.cooled();
+            let (reason, message) = cooling_refusal(&depositor, mailbox, why);
+            return self.refuse(reason, message);
+        }
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let verifier = self.verifier.clone();
+        let cool_off = self.cool_off.clone();
+        let cool = move |why| {
+            if let Ok(mut c) = cool_off.lock() {
+                c.refused(&depositor, mailbox, why, now);
+            }
+        };
         async move {
-            let (reason, message) = match store.deposit(mailbox, envelopes, now_ms).await {
+            let envelopes = match verifier.verify(envelopes).await {
+                Ok(envelopes) => envelopes,
+                Err(e) => {
+                    let (reason, message) = match e {
+                        VerifyError::Envelope { .. } => {
+                            metrics.unverified();
+                            cool(Cooling::Unverified);
+                            (Refusal::BadRequest, format!("{e}; nothing was stored"))
+                        }
+                        VerifyError::Busy => (
+                            Refusal::Unavailable,
+                            "the relay is busy; nothing was stored, try again shortly".to_string(),
+                        ),
+                        VerifyError::Stopped => (
+                            Refusal::Unavailable,
+                            "the relay is shutting down; nothing was stored".to_string(),
+                        ),
+                    };
+                    metrics.refused(reason);
+                    return Handled::reply(MailboxResponse::refused(reason, message));
+                }
+            };
+            let (reason, message) = match store.deposit(mailbox, depositor, envelopes, now_ms).await
+            {
                 Ok(DepositOutcome::Stored {
                     accepted,
                     new,
@@ -294,6 +360,16 @@ impl Service {
                         ),
                         Full::Relay => {
                             "the relay's storage is full; nothing was stored".to_string()
+                        }
+                        Full::Depositor {
+                            quota,
+                            unit,
+                            waiting,
+                            max,
+                        } => {
+                            metrics.over_quota(quota);
+                            cool(Cooling::Quota(full));
+                            quota_message(&depositor, mailbox, quota, unit, waiting, max)
                         }
                     },
                 ),
@@ -350,6 +426,68 @@ impl Service {
         }
         .boxed()
     }
+}
+
+/// The refusal of a deposit from a depositor that is cooling off.
+fn cooling_refusal(depositor: &Depositor, mailbox: MailboxId, why: Cooling) -> (Refusal, String) {
+    let secs = CoolOff::PERIOD.as_secs_f64();
+    match why {
+        Cooling::Quota(Full::Depositor {
+            quota,
+            unit,
+            waiting,
+            max,
+        }) => (
+            Refusal::MailboxFull,
+            format!(
+                "{} (refused without being checked: this was so less than {secs} s ago)",
+                quota_message(depositor, mailbox, quota, unit, waiting, max)
+            ),
+        ),
+        Cooling::Quota(_) | Cooling::Unverified => (
+            Refusal::RateLimited,
+            format!(
+                "peer {} deposited an envelope that did not verify less than {secs} s ago; \
+                 its deposits are refused until then, nothing was stored",
+                depositor.peer
+            ),
+        ),
+    }
+}
+
+/// Says which of a depositor's quotas a deposit would go over, with the
+/// configuration key that sets it.
+fn quota_message(
+    depositor: &Depositor,
+    mailbox: MailboxId,
+    quota: QuotaKind,
+    unit: Unit,
+    waiting: u64,
+    max: u64,
+) -> String {
+    let unit = match unit {
+        Unit::Envelopes => "envelopes",
+        Unit::Bytes => "bytes",
+    };
+    let (who, whose, key) = match quota {
+        QuotaKind::PeerPerMailbox | QuotaKind::Peer => {
+            (format!("peer {}", depositor.peer), "peer", "peer")
+        }
+        QuotaKind::IpPerMailbox | QuotaKind::Ip => {
+            (format!("address {}", depositor.source), "address", "ip")
+        }
+    };
+    let (where_, per_mailbox) = match quota {
+        QuotaKind::PeerPerMailbox | QuotaKind::IpPerMailbox => {
+            (format!("in mailbox {mailbox}"), "_per_mailbox")
+        }
+        QuotaKind::Peer | QuotaKind::Ip => ("at this relay".to_string(), ""),
+    };
+    format!(
+        "depositor quota: {who} has {waiting} {unit} waiting {where_}, and one {whose} may have \
+         at most {max} (storage.max_{unit}_per_{key}{per_mailbox}); nothing was stored, \
+         try again once the recipient has fetched some"
+    )
 }
 
 fn not_registered() -> (Refusal, String) {

@@ -1,6 +1,7 @@
 //! The relay's storage: mailboxes and their mail in SQLite (WAL,
-//! `synchronous=FULL`), with per-mailbox quotas, a relay-wide byte limit,
-//! expiry, and group commit.
+//! `synchronous=FULL`), with per-mailbox quotas, per-depositor quotas
+//! (by peer id and by address, per mailbox and in all), a relay-wide byte
+//! limit, expiry, and group commit.
 //!
 //! One thread owns the connection ([`StoreHandle::spawn`]). Requests
 //! reach it over a bounded channel as jobs; it runs every job that is
@@ -12,6 +13,7 @@
 //! The queries themselves live on [`Db`], usable from a job or, in tests,
 //! from [`Store::with_txn`].
 
+use std::collections::HashMap;
 use std::fs::{OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -22,9 +24,14 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::mailbox::MailboxId;
 
+use crate::depositor::Depositor;
+
 /// Schema migrations in order: (the `user_version` they bring the database
 /// to, their SQL). Append only; never edit one that has shipped.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_depositors.sql")),
+];
 
 /// Most jobs committed together.
 pub const MAX_BATCH: usize = 1024;
@@ -57,6 +64,100 @@ pub enum StoreError {
     Closed,
 }
 
+/// A limit on envelopes waiting: their count and their bytes (0 in either:
+/// no limit on it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub envelopes: u64,
+    pub bytes: u64,
+}
+
+impl Quota {
+    pub const UNLIMITED: Quota = Quota {
+        envelopes: 0,
+        bytes: 0,
+    };
+}
+
+/// What one depositor may have waiting (deposited, not yet acknowledged
+/// or expired). A depositor is its peer id and, separately, its address
+/// (`depositor::Source`): fresh peer ids are free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositorQuotas {
+    /// One peer id, in one mailbox.
+    pub peer_per_mailbox: Quota,
+    /// One peer id, in all mailboxes.
+    pub peer: Quota,
+    /// One address, in one mailbox.
+    pub ip_per_mailbox: Quota,
+    /// One address, in all mailboxes.
+    pub ip: Quota,
+}
+
+impl Default for DepositorQuotas {
+    fn default() -> Self {
+        const MIB: u64 = 1024 * 1024;
+        // A tenth of a default mailbox per stranger, a quarter per
+        // address; a peer may have 50,000 waiting in all (a big group
+        // whose members are away), an address a tenth of the relay.
+        Self {
+            peer_per_mailbox: Quota {
+                envelopes: 1_000,
+                bytes: 8 * MIB,
+            },
+            peer: Quota {
+                envelopes: 50_000,
+                bytes: 256 * MIB,
+            },
+            ip_per_mailbox: Quota {
+                envelopes: 2_500,
+                bytes: 16 * MIB,
+            },
+            ip: Quota {
+                envelopes: 100_000,
+                bytes: 1024 * MIB,
+            },
+        }
+    }
+}
+
+impl DepositorQuotas {
+    pub const UNLIMITED: DepositorQuotas = DepositorQuotas {
+        peer_per_mailbox: Quota::UNLIMITED,
+        peer: Quota::UNLIMITED,
+        ip_per_mailbox: Quota::UNLIMITED,
+        ip: Quota::UNLIMITED,
+    };
+}
+
+/// Which per-depositor quota a deposit would go over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaKind {
+    PeerPerMailbox,
+    Peer,
+    IpPerMailbox,
+    Ip,
+}
+
+impl QuotaKind {
+    /// Its name in metrics and in the configuration's terms.
+    pub fn label(self) -> &'static str {
+        match self {
+            QuotaKind::PeerPerMailbox => "peer_per_mailbox",
+            QuotaKind::Peer => "peer",
+            QuotaKind::IpPerMailbox => "ip_per_mailbox",
+            QuotaKind::Ip => "ip",
+        }
+    }
+}
+
+/// What a quota counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Envelopes,
+    Bytes,
+}
+
 /// Storage limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -73,6 +174,8 @@ pub struct StoreLimits {
     /// A mailbox not registered, fetched or acknowledged for this long is
     /// removed with its mail.
     pub mailbox_expiry: Duration,
+    /// What one depositor may have waiting.
+    pub depositors: DepositorQuotas,
 }
 
 impl Default for StoreLimits {
@@ -84,6 +187,7 @@ impl Default for StoreLimits {
             max_total_bytes: 10 * 1024 * 1024 * 1024,
             mail_ttl: Duration::from_secs(14 * 86_400),
             mailbox_expiry: Duration::from_secs(90 * 86_400),
+            depositors: DepositorQuotas::default(),
         }
     }
 }
@@ -130,9 +234,20 @@ pub struct WakeTarget {
 /// Why a deposit did not fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Full {
+    /// The mailbox's count quota.
     Count { max: u64 },
+    /// The mailbox's byte quota.
     Bytes { max: u64 },
+    /// The relay-wide byte limit.
     Relay,
+    /// One of the depositor's quotas: it has `waiting` of `unit` there,
+    /// at most `max`.
+    Depositor {
+        quota: QuotaKind,
+        unit: Unit,
+        waiting: u64,
+        max: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -291,7 +406,9 @@ impl Store {
         let mut completions = Vec::with_capacity(jobs.len());
         for job in jobs {
             let before = self.totals;
-            if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            // Cached statements: parsed once, not for every job.
+            let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
+            if let Err(e) = run("SAVEPOINT job") {
                 let e = StoreError::from(e);
                 completions.push((job.run)(None));
                 tracing::error!("savepoint failed: {e}");
@@ -303,13 +420,13 @@ impl Store {
                 totals: &mut self.totals,
             };
             let (ok, done) = run_job(job, &mut db);
-            let end = if ok {
-                "RELEASE job"
+            let ended = if ok {
+                run("RELEASE job")
             } else {
                 self.totals = before;
-                "ROLLBACK TO job; RELEASE job"
+                run("ROLLBACK TO job").and_then(|_| run("RELEASE job"))
             };
-            if let Err(e) = tx.execute_batch(end) {
+            if let Err(e) = ended {
                 tracing::error!("ending a savepoint failed: {e}");
             }
             completions.push(done);
@@ -460,6 +577,14 @@ impl Db<'_> {
     }
 
     fn remove_mailbox(&mut self, id: &[u8], envelopes: u64, bytes: u64) -> Result<(), StoreError> {
+        let groups = self.depositors_of(
+            "SELECT depositor, source, count(*), coalesce(sum(size), 0) FROM mail
+             WHERE mailbox = ?1 GROUP BY depositor, source",
+            params![id],
+        )?;
+        for group in &groups {
+            self.release(id, group)?;
+        }
         self.conn
             .prepare_cached("DELETE FROM mail WHERE mailbox = ?1")?
             .execute([id])?;
@@ -515,12 +640,13 @@ impl Db<'_> {
         id.map(|id| mailbox_of(&id)).transpose()
     }
 
-    /// Stores `envelopes` in `mailbox`: all of them, or none if they do
-    /// not fit. Envelopes already there count as accepted and are not
-    /// stored twice.
+    /// Stores `envelopes` from `depositor` in `mailbox`: all of them, or
+    /// none if they do not fit. Envelopes already there count as accepted
+    /// and are not stored twice (nor charged to anyone again).
     pub fn deposit(
         &mut self,
         mailbox: MailboxId,
+        depositor: &Depositor,
         envelopes: &[Vec<u8>],
         now_ms: i64,
     ) -> Result<DepositOutcome, StoreError> {
@@ -557,6 +683,14 @@ impl Db<'_> {
         }
         let new_count = fresh.len() as u64;
         let new_bytes: u64 = fresh.iter().map(|(_, e)| e.len() as u64).sum();
+        let keys = UsageKeys::of(depositor);
+        // The depositor's own quotas first: a stranger over its share is
+        // told so, whatever room the mailbox has.
+        if new_count > 0
+            && let Some(full) = self.over_quota(&keys, &mailbox, new_count, new_bytes)?
+        {
+            return Ok(DepositOutcome::Full(full));
+        }
         if count + new_count > self.limits.max_envelopes {
             return Ok(DepositOutcome::Full(Full::Count {
                 max: self.limits.max_envelopes,
@@ -575,8 +709,8 @@ impl Db<'_> {
         }
         if !fresh.is_empty() {
             let mut insert = self.conn.prepare_cached(
-                "INSERT INTO mail (mailbox, envelope_id, envelope, size, stored_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO mail (mailbox, envelope_id, envelope, size, stored_at, depositor, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (id, envelope) in &fresh {
                 insert.execute(params![
@@ -584,9 +718,12 @@ impl Db<'_> {
                     &id[..],
                     envelope,
                     envelope.len() as i64,
-                    now_ms
+                    now_ms,
+                    &keys.peer[1..],
+                    &keys.ip[1..],
                 ])?;
             }
+            self.charge(&keys, &mailbox, new_count, new_bytes)?;
             self.conn
                 .prepare_cached(
                     "UPDATE mailboxes SET envelopes = envelopes + ?2, bytes = bytes + ?3
@@ -678,16 +815,17 @@ impl Db<'_> {
         };
         self.touch(mailbox, now_ms)?;
         let up_to = to_i64(up_to);
-        let (count, bytes): (i64, i64) = self
-            .conn
-            .prepare_cached(
-                "SELECT count(*), coalesce(sum(size), 0) FROM mail
-                 WHERE mailbox = ?1 AND cursor <= ?2",
-            )?
-            .query_row(params![&mailbox.0[..], up_to], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
+        let groups = self.depositors_of(
+            "SELECT depositor, source, count(*), coalesce(sum(size), 0) FROM mail
+             WHERE mailbox = ?1 AND cursor <= ?2 GROUP BY depositor, source",
+            params![&mailbox.0[..], up_to],
+        )?;
+        let count: i64 = groups.iter().map(|g| g.envelopes).sum();
+        let bytes: i64 = groups.iter().map(|g| g.bytes).sum();
         if count > 0 {
+            for group in &groups {
+                self.release(&mailbox.0, group)?;
+            }
             self.conn
                 .prepare_cached("DELETE FROM mail WHERE mailbox = ?1 AND cursor <= ?2")?
                 .execute(params![&mailbox.0[..], up_to])?;
@@ -710,29 +848,52 @@ impl Db<'_> {
     pub fn expire(&mut self, now_ms: i64, max_rows: u32) -> Result<Expired, StoreError> {
         let mut expired = Expired::default();
         let cutoff = now_ms.saturating_sub(duration_ms(self.limits.mail_ttl));
-        let old: Vec<(i64, Vec<u8>, i64)> = {
+        type Old = (i64, Vec<u8>, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+        let old: Vec<Old> = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT cursor, mailbox, size FROM mail WHERE stored_at < ?1
+                "SELECT cursor, mailbox, size, depositor, source FROM mail WHERE stored_at < ?1
                  ORDER BY stored_at LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![cutoff, i64::from(max_rows)], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })?;
             rows.collect::<Result<_, _>>()?
         };
         expired.more = old.len() as u64 >= u64::from(max_rows);
-        let mut per_mailbox: std::collections::HashMap<Vec<u8>, (i64, i64)> =
-            std::collections::HashMap::new();
+        let mut per_mailbox: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
+        // (mailbox, depositor, source) -> (count, bytes)
+        type Key = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let mut per_depositor: HashMap<Key, (i64, i64)> = HashMap::new();
         {
             let mut delete = self
                 .conn
                 .prepare_cached("DELETE FROM mail WHERE cursor = ?1")?;
-            for (cursor, mailbox, size) in old {
+            for (cursor, mailbox, size, depositor, source) in old {
                 delete.execute([cursor])?;
+                let entry = per_depositor
+                    .entry((mailbox.clone(), depositor, source))
+                    .or_default();
+                entry.0 += 1;
+                entry.1 += size;
                 let entry = per_mailbox.entry(mailbox).or_default();
                 entry.0 += 1;
                 entry.1 += size;
             }
+        }
+        for ((mailbox, depositor, source), (envelopes, bytes)) in per_depositor {
+            let group = DepositorGroup {
+                depositor,
+                source,
+                envelopes,
+                bytes,
+            };
+            self.release(&mailbox, &group)?;
         }
         for (mailbox, (count, bytes)) in per_mailbox {
             self.conn
@@ -762,6 +923,212 @@ impl Db<'_> {
             expired.mailboxes += 1;
         }
         Ok(expired)
+    }
+}
+
+/// The quotas in the order they are checked (and the usage rows of
+/// `over_quota`: peer per mailbox, peer, address per mailbox, address).
+const QUOTA_ORDER: [QuotaKind; 4] = [
+    QuotaKind::PeerPerMailbox,
+    QuotaKind::Peer,
+    QuotaKind::IpPerMailbox,
+    QuotaKind::Ip,
+];
+
+/// Envelopes waiting: (count, bytes).
+pub type Waiting = (u64, u64);
+
+/// The `depositor_usage` keys a depositor is counted under.
+struct UsageKeys {
+    /// `'p'` | peer id bytes.
+    peer: Vec<u8>,
+    /// `'i'` | address key.
+    ip: Vec<u8>,
+}
+
+impl UsageKeys {
+    fn of(depositor: &Depositor) -> Self {
+        let mut peer = vec![b'p'];
+        peer.extend_from_slice(&depositor.peer.to_bytes());
+        let mut ip = vec![b'i'];
+        ip.extend_from_slice(depositor.source.key());
+        Self { peer, ip }
+    }
+}
+
+/// Mail of one depositor (peer id and address as stored; `None` for mail
+/// from before depositors were recorded) in one mailbox.
+#[derive(Debug)]
+struct DepositorGroup {
+    depositor: Option<Vec<u8>>,
+    source: Option<Vec<u8>>,
+    envelopes: i64,
+    bytes: i64,
+}
+
+impl DepositorQuotas {
+    fn of(&self, kind: QuotaKind) -> Quota {
+        match kind {
+            QuotaKind::PeerPerMailbox => self.peer_per_mailbox,
+            QuotaKind::Peer => self.peer,
+            QuotaKind::IpPerMailbox => self.ip_per_mailbox,
+            QuotaKind::Ip => self.ip,
+        }
+    }
+}
+
+impl Db<'_> {
+    /// The first of the depositor's quotas that `count` more envelopes of
+    /// `bytes` in `mailbox` would go over.
+    fn over_quota(
+        &self,
+        keys: &UsageKeys,
+        mailbox: &MailboxId,
+        count: u64,
+        bytes: u64,
+    ) -> Result<Option<Full>, StoreError> {
+        if self.limits.depositors == DepositorQuotas::UNLIMITED {
+            return Ok(None);
+        }
+        // The four rows in one statement: four lookups in the primary
+        // key (no IN lists, which would build a temporary table each time).
+        let mut usage = self.conn.prepare_cached(
+            "SELECT 0, envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?3
+             UNION ALL
+             SELECT 1, envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = x''
+             UNION ALL
+             SELECT 2, envelopes, bytes FROM depositor_usage WHERE depositor = ?2 AND mailbox = ?3
+             UNION ALL
+             SELECT 3, envelopes, bytes FROM depositor_usage WHERE depositor = ?2 AND mailbox = x''",
+        )?;
+        let mut rows = usage.query(params![keys.peer, keys.ip, &mailbox.0[..]])?;
+        let mut have = [(0u64, 0u64); 4];
+        while let Some(row) = rows.next()? {
+            let slot: i64 = row.get(0)?;
+            if let Some(h) = usize::try_from(slot).ok().and_then(|i| have.get_mut(i)) {
+                *h = (to_u64(row.get(1)?)?, to_u64(row.get(2)?)?);
+            }
+        }
+        for (kind, (have_count, have_bytes)) in QUOTA_ORDER.into_iter().zip(have) {
+            let quota = self.limits.depositors.of(kind);
+            for (unit, have, more, max) in [
+                (Unit::Envelopes, have_count, count, quota.envelopes),
+                (Unit::Bytes, have_bytes, bytes, quota.bytes),
+            ] {
+                if max > 0 && have.saturating_add(more) > max {
+                    return Ok(Some(Full::Depositor {
+                        quota: kind,
+                        unit,
+                        waiting: have,
+                        max,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Counts `count` envelopes of `bytes` more in `mailbox` against every
+    /// key of the depositor.
+    fn charge(
+        &self,
+        keys: &UsageKeys,
+        mailbox: &MailboxId,
+        count: u64,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO depositor_usage (depositor, mailbox, envelopes, bytes)
+                 VALUES (?1, ?3, ?4, ?5), (?1, x'', ?4, ?5), (?2, ?3, ?4, ?5), (?2, x'', ?4, ?5)
+                 ON CONFLICT (depositor, mailbox) DO UPDATE SET
+                     envelopes = envelopes + excluded.envelopes, bytes = bytes + excluded.bytes",
+            )?
+            .execute(params![
+                keys.peer,
+                keys.ip,
+                &mailbox.0[..],
+                to_i64(count),
+                to_i64(bytes)
+            ])?;
+        Ok(())
+    }
+
+    /// The mail a query selects, grouped by depositor: the query returns
+    /// (depositor, source, count, bytes).
+    fn depositors_of(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<DepositorGroup>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params, |row| {
+            Ok(DepositorGroup {
+                depositor: row.get(0)?,
+                source: row.get(1)?,
+                envelopes: row.get(2)?,
+                bytes: row.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Uncounts a group of mail leaving `mailbox` (acknowledged, expired,
+    /// or the mailbox removed); rows that reach zero go.
+    fn release(&self, mailbox: &[u8], group: &DepositorGroup) -> Result<(), StoreError> {
+        let key = |tag: u8, bytes: &Option<Vec<u8>>| {
+            bytes.as_ref().map(|b| {
+                let mut key = vec![tag];
+                key.extend_from_slice(b);
+                key
+            })
+        };
+        // Mail from before depositors were recorded has neither.
+        let keys: Vec<Vec<u8>> = [key(b'p', &group.depositor), key(b'i', &group.source)]
+            .into_iter()
+            .flatten()
+            .collect();
+        // Point statements: IN lists would build a temporary table each
+        // time.
+        let mut update = self.conn.prepare_cached(
+            "UPDATE depositor_usage SET envelopes = max(envelopes - ?3, 0),
+             bytes = max(bytes - ?4, 0) WHERE depositor = ?1 AND mailbox = ?2",
+        )?;
+        let mut delete = self.conn.prepare_cached(
+            "DELETE FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?2 AND envelopes = 0",
+        )?;
+        for key in &keys {
+            for row_mailbox in [mailbox, &[][..]] {
+                update.execute(params![key, row_mailbox, group.envelopes, group.bytes])?;
+                delete.execute(params![key, row_mailbox])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What `depositor` has waiting in `mailbox` (`None`: in all
+    /// mailboxes) under its peer id and its address: ((count, bytes),
+    /// (count, bytes)).
+    pub fn depositor_usage(
+        &self,
+        depositor: &Depositor,
+        mailbox: Option<MailboxId>,
+    ) -> Result<(Waiting, Waiting), StoreError> {
+        let keys = UsageKeys::of(depositor);
+        let mut usage = self.conn.prepare_cached(
+            "SELECT envelopes, bytes FROM depositor_usage WHERE depositor = ?1 AND mailbox = ?2",
+        )?;
+        let row_mailbox: &[u8] = mailbox.as_ref().map_or(&[], |m| &m.0);
+        let mut get = |key: &[u8]| -> Result<Waiting, StoreError> {
+            let (c, b): (i64, i64) = usage
+                .query_row(params![key, row_mailbox], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()?
+                .unwrap_or((0, 0));
+            Ok((to_u64(c)?, to_u64(b)?))
+        };
+        Ok((get(&keys.peer)?, get(&keys.ip)?))
     }
 }
 
@@ -879,12 +1246,15 @@ impl StoreHandle {
     pub async fn deposit(
         &self,
         mailbox: MailboxId,
+        depositor: Depositor,
         envelopes: Vec<Vec<u8>>,
         now_ms: i64,
     ) -> Result<DepositOutcome, StoreError> {
         let weight = envelopes.iter().map(Vec::len).sum();
-        self.call(weight, move |db| db.deposit(mailbox, &envelopes, now_ms))
-            .await
+        self.call(weight, move |db| {
+            db.deposit(mailbox, &depositor, &envelopes, now_ms)
+        })
+        .await
     }
 
     pub async fn fetch(
@@ -973,6 +1343,7 @@ fn run_thread(mut store: Store, mut rx: mpsc::Receiver<Msg>, metrics: impl Store
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::depositor::Source;
 
     fn peer(n: u8) -> PeerId {
         let key = libp2p::identity::Keypair::ed25519_from_bytes([n; 32]).unwrap();
@@ -983,6 +1354,18 @@ mod tests {
         MailboxId([n; 16])
     }
 
+    fn depositor(n: u8, ip: [u8; 4]) -> Depositor {
+        Depositor {
+            peer: peer(n),
+            source: Source::V4(ip),
+        }
+    }
+
+    /// The depositor of tests that are not about depositors.
+    fn stranger() -> Depositor {
+        depositor(200, [192, 0, 2, 200])
+    }
+
     fn limits() -> StoreLimits {
         StoreLimits {
             max_envelopes: 5,
@@ -991,6 +1374,7 @@ mod tests {
             max_total_bytes: 0,
             mail_ttl: Duration::from_secs(100),
             mailbox_expiry: Duration::from_secs(1000),
+            depositors: DepositorQuotas::UNLIMITED,
         }
     }
 
@@ -1023,7 +1407,7 @@ mod tests {
         let mut store = registered(limits());
         let envelopes: Vec<_> = (0..4).map(|n| env(n, 10)).collect();
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &envelopes, 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &envelopes, 1))
             .unwrap();
         assert!(matches!(
             out,
@@ -1073,7 +1457,7 @@ mod tests {
         let e = env(7, 10);
         for _ in 0..3 {
             let out = store
-                .with_txn(|db| db.deposit(mailbox(1), &[e.clone(), e.clone()], 1))
+                .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[e.clone(), e.clone()], 1))
                 .unwrap();
             assert!(matches!(out, DepositOutcome::Stored { accepted: 2, .. }));
         }
@@ -1086,32 +1470,32 @@ mod tests {
         let mut store = registered(limits());
         let four: Vec<_> = (0..4).map(|n| env(n, 10)).collect();
         store
-            .with_txn(|db| db.deposit(mailbox(1), &four, 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &four, 1))
             .unwrap();
         // Two more would make 6 > 5: neither is stored.
         let two = vec![env(10, 10), env(11, 10)];
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &two, 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &two, 1))
             .unwrap();
         assert_eq!(out, DepositOutcome::Full(Full::Count { max: 5 }));
         assert_eq!(fetch_all(&mut store, 1).len(), 4);
         // A duplicate still fits: it takes no room.
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &four[..1], 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &four[..1], 1))
             .unwrap();
         assert!(matches!(out, DepositOutcome::Stored { new: 0, .. }));
         // Bytes: 40 stored, 961 more is over 1000.
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(20, 961)], 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(20, 961)], 1))
             .unwrap();
         assert_eq!(out, DepositOutcome::Full(Full::Bytes { max: 1000 }));
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(20, 960)], 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(20, 960)], 1))
             .unwrap();
         assert!(matches!(out, DepositOutcome::Stored { new: 1, .. }));
         // Unknown mailbox.
         let out = store
-            .with_txn(|db| db.deposit(mailbox(9), &[env(1, 1)], 1))
+            .with_txn(|db| db.deposit(mailbox(9), &stranger(), &[env(1, 1)], 1))
             .unwrap();
         assert_eq!(out, DepositOutcome::NotRegistered);
         // Relay-wide byte limit.
@@ -1119,10 +1503,10 @@ mod tests {
         tight.max_total_bytes = 15;
         let mut store = registered(tight);
         store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(1, 10)], 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(1, 10)], 1))
             .unwrap();
         let out = store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(2, 10)], 1))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(2, 10)], 1))
             .unwrap();
         assert_eq!(out, DepositOutcome::Full(Full::Relay));
     }
@@ -1164,10 +1548,10 @@ mod tests {
             .with_txn(|db| db.register(mailbox(2), &peer(2), None, 0))
             .unwrap();
         store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(1, 10)], 0))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(1, 10)], 0))
             .unwrap();
         store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(2, 10)], 50_000))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(2, 10)], 50_000))
             .unwrap();
         // ttl is 100 s: at 120 s the first is due, the second is not.
         let ex = store.with_txn(|db| db.expire(120_000, 100)).unwrap();
@@ -1200,7 +1584,7 @@ mod tests {
     fn unregistered_peers_fetch_and_ack_nothing() {
         let mut store = registered(limits());
         store
-            .with_txn(|db| db.deposit(mailbox(1), &[env(1, 10)], 0))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(1, 10)], 0))
             .unwrap();
         let out = store
             .with_txn(|db| db.fetch(&peer(3), 0, 10, usize::MAX, 0))
@@ -1216,7 +1600,7 @@ mod tests {
         let mut store = registered(limits());
         let envelopes: Vec<_> = (0..3).map(|n| env(n, 100)).collect();
         store
-            .with_txn(|db| db.deposit(mailbox(1), &envelopes, 0))
+            .with_txn(|db| db.deposit(mailbox(1), &stranger(), &envelopes, 0))
             .unwrap();
         let out = store
             .with_txn(|db| db.fetch(&peer(1), 0, 10, 50, 0))
@@ -1247,7 +1631,7 @@ mod tests {
                 .with_txn(|db| db.register(mailbox(1), &peer(1), None, 0))
                 .unwrap();
             store
-                .with_txn(|db| db.deposit(mailbox(1), &[env(1, 10), env(2, 10)], 0))
+                .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(1, 10), env(2, 10)], 0))
                 .unwrap();
             let items = fetch_all(&mut store, 1);
             first_cursor = items[1].0;
@@ -1255,7 +1639,7 @@ mod tests {
                 .with_txn(|db| db.ack(&peer(1), first_cursor, 0))
                 .unwrap();
             store
-                .with_txn(|db| db.deposit(mailbox(1), &[env(3, 10)], 0))
+                .with_txn(|db| db.deposit(mailbox(1), &stranger(), &[env(3, 10)], 0))
                 .unwrap();
         }
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -1289,7 +1673,7 @@ mod tests {
         for n in 0..200u32 {
             let h = handle.clone();
             tasks.push(tokio::spawn(async move {
-                h.deposit(mailbox(1), vec![env(n, 50)], 0).await
+                h.deposit(mailbox(1), stranger(), vec![env(n, 50)], 0).await
             }));
         }
         for t in tasks {
@@ -1301,5 +1685,362 @@ mod tests {
         // Everything acknowledged is on disk.
         let mut store = Store::open(&path, l).unwrap();
         assert_eq!(fetch_all(&mut store, 1).len(), 200);
+    }
+
+    fn quotas(
+        peer_per_mailbox: Quota,
+        peer: Quota,
+        ip_per_mailbox: Quota,
+        ip: Quota,
+    ) -> StoreLimits {
+        StoreLimits {
+            max_envelopes: 100,
+            max_bytes: 100_000,
+            depositors: DepositorQuotas {
+                peer_per_mailbox,
+                peer,
+                ip_per_mailbox,
+                ip,
+            },
+            ..limits()
+        }
+    }
+
+    fn envelopes(n: u32) -> Quota {
+        Quota {
+            envelopes: u64::from(n),
+            bytes: 0,
+        }
+    }
+
+    fn deposit(
+        store: &mut Store,
+        mb: u8,
+        who: &Depositor,
+        envelopes: &[Vec<u8>],
+    ) -> DepositOutcome {
+        store
+            .with_txn(|db| db.deposit(mailbox(mb), who, envelopes, 1))
+            .unwrap()
+    }
+
+    fn stored(out: &DepositOutcome) -> bool {
+        matches!(out, DepositOutcome::Stored { .. })
+    }
+
+    const STRANGER_IP: [u8; 4] = [203, 0, 113, 66];
+    const FRIEND_IP: [u8; 4] = [198, 51, 100, 7];
+
+    #[test]
+    fn a_depositor_over_its_share_of_a_mailbox_is_refused_and_others_are_not() {
+        let mut store = registered(quotas(
+            envelopes(3),
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+        ));
+        let stranger = depositor(66, STRANGER_IP);
+        let friend = depositor(7, FRIEND_IP);
+        let three: Vec<_> = (0..3).map(|n| env(n, 10)).collect();
+        assert!(stored(&deposit(&mut store, 1, &stranger, &three)));
+        // A fourth is over the stranger's share: refused, nothing stored.
+        let out = deposit(&mut store, 1, &stranger, &[env(3, 10), env(4, 10)]);
+        assert_eq!(
+            out,
+            DepositOutcome::Full(Full::Depositor {
+                quota: QuotaKind::PeerPerMailbox,
+                unit: Unit::Envelopes,
+                waiting: 3,
+                max: 3
+            })
+        );
+        assert_eq!(fetch_all(&mut store, 1).len(), 3);
+        // Repeating what it already deposited takes no room: accepted.
+        assert!(stored(&deposit(&mut store, 1, &stranger, &three[..1])));
+        // The friend's honest mail to the same mailbox still goes in.
+        let out = deposit(&mut store, 1, &friend, &[env(100, 10), env(101, 10)]);
+        assert!(
+            matches!(out, DepositOutcome::Stored { new: 2, .. }),
+            "{out:?}"
+        );
+        assert_eq!(fetch_all(&mut store, 1).len(), 5);
+        // Another mailbox is another share.
+        store
+            .with_txn(|db| db.register(mailbox(2), &peer(2), None, 0))
+            .unwrap();
+        assert!(stored(&deposit(&mut store, 2, &stranger, &[env(5, 10)])));
+        // Once the device has fetched and acknowledged, there is room again.
+        let last = fetch_all(&mut store, 1).last().unwrap().0;
+        store.with_txn(|db| db.ack(&peer(1), last, 2)).unwrap();
+        assert!(stored(&deposit(
+            &mut store,
+            1,
+            &stranger,
+            &[env(3, 10), env(4, 10)]
+        )));
+        let usage = store
+            .with_txn(|db| db.depositor_usage(&stranger, Some(mailbox(1))))
+            .unwrap();
+        assert_eq!(usage, ((2, 20), (2, 20)));
+    }
+
+    #[test]
+    fn byte_shares_count_bytes() {
+        let share = Quota {
+            envelopes: 0,
+            bytes: 100,
+        };
+        let mut store = registered(quotas(
+            share,
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+        ));
+        let stranger = depositor(66, STRANGER_IP);
+        assert!(stored(&deposit(&mut store, 1, &stranger, &[env(1, 60)])));
+        let out = deposit(&mut store, 1, &stranger, &[env(2, 41)]);
+        assert_eq!(
+            out,
+            DepositOutcome::Full(Full::Depositor {
+                quota: QuotaKind::PeerPerMailbox,
+                unit: Unit::Bytes,
+                waiting: 60,
+                max: 100
+            })
+        );
+        assert!(stored(&deposit(&mut store, 1, &stranger, &[env(2, 40)])));
+    }
+
+    #[test]
+    fn a_depositor_is_limited_in_all_mailboxes_together() {
+        let mut store = registered(quotas(
+            Quota::UNLIMITED,
+            envelopes(4),
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+        ));
+        for n in 2..=3 {
+            store
+                .with_txn(|db| db.register(mailbox(n), &peer(n), None, 0))
+                .unwrap();
+        }
+        let stranger = depositor(66, STRANGER_IP);
+        assert!(stored(&deposit(
+            &mut store,
+            1,
+            &stranger,
+            &[env(1, 10), env(2, 10)]
+        )));
+        assert!(stored(&deposit(
+            &mut store,
+            2,
+            &stranger,
+            &[env(3, 10), env(4, 10)]
+        )));
+        let out = deposit(&mut store, 3, &stranger, &[env(5, 10)]);
+        assert!(
+            matches!(
+                out,
+                DepositOutcome::Full(Full::Depositor {
+                    quota: QuotaKind::Peer,
+                    waiting: 4,
+                    max: 4,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
+        assert!(stored(&deposit(
+            &mut store,
+            3,
+            &stranger_friend(),
+            &[env(5, 10)]
+        )));
+    }
+
+    /// Someone else than the stranger, elsewhere.
+    fn stranger_friend() -> Depositor {
+        depositor(7, FRIEND_IP)
+    }
+
+    #[test]
+    fn fresh_peer_ids_from_one_address_share_its_quotas() {
+        // Per mailbox: 5 from one address, whatever its peer ids.
+        let mut store = registered(quotas(
+            envelopes(2),
+            Quota::UNLIMITED,
+            envelopes(5),
+            Quota::UNLIMITED,
+        ));
+        let mut accepted = 0;
+        let mut refused = None;
+        for n in 0..20u8 {
+            let sybil = depositor(100 + n, STRANGER_IP);
+            match deposit(&mut store, 1, &sybil, &[env(u32::from(n), 10)]) {
+                DepositOutcome::Stored { .. } => accepted += 1,
+                DepositOutcome::Full(full) => refused = refused.or(Some(full)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, 5);
+        assert!(
+            matches!(
+                refused,
+                Some(Full::Depositor {
+                    quota: QuotaKind::IpPerMailbox,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(stored(&deposit(
+            &mut store,
+            1,
+            &stranger_friend(),
+            &[env(99, 10)]
+        )));
+
+        // In all mailboxes: 6 from one address.
+        let mut store = Store::open_in_memory(quotas(
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+            Quota::UNLIMITED,
+            envelopes(6),
+        ))
+        .unwrap();
+        for n in 1..=3 {
+            store
+                .with_txn(|db| db.register(mailbox(n), &peer(n), None, 0))
+                .unwrap();
+        }
+        let mut accepted = 0;
+        for n in 0..12u8 {
+            let sybil = depositor(100 + n, STRANGER_IP);
+            let out = deposit(&mut store, 1 + n % 3, &sybil, &[env(u32::from(n), 10)]);
+            match out {
+                DepositOutcome::Stored { .. } => accepted += 1,
+                DepositOutcome::Full(Full::Depositor {
+                    quota: QuotaKind::Ip,
+                    ..
+                }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, 6);
+        assert!(stored(&deposit(
+            &mut store,
+            1,
+            &stranger_friend(),
+            &[env(99, 10)]
+        )));
+    }
+
+    #[test]
+    fn shares_are_released_by_acks_expiry_and_removed_mailboxes() {
+        let mut store = registered(quotas(
+            envelopes(100),
+            envelopes(100),
+            envelopes(100),
+            envelopes(100),
+        ));
+        store
+            .with_txn(|db| db.register(mailbox(2), &peer(2), None, 0))
+            .unwrap();
+        let a = depositor(66, STRANGER_IP);
+        let b = depositor(67, STRANGER_IP);
+        let usage = |store: &mut Store, who: &Depositor, mb: Option<u8>| {
+            store
+                .with_txn(|db| db.depositor_usage(who, mb.map(mailbox)))
+                .unwrap()
+        };
+        store
+            .with_txn(|db| db.deposit(mailbox(1), &a, &[env(1, 10), env(2, 10)], 0))
+            .unwrap();
+        store
+            .with_txn(|db| db.deposit(mailbox(1), &b, &[env(3, 10)], 50_000))
+            .unwrap();
+        store
+            .with_txn(|db| db.deposit(mailbox(2), &a, &[env(4, 10)], 0))
+            .unwrap();
+        assert_eq!(usage(&mut store, &a, None), ((3, 30), (4, 40)));
+        assert_eq!(usage(&mut store, &a, Some(1)), ((2, 20), (3, 30)));
+        // Ack of the first envelope of mailbox 1.
+        let first = fetch_all(&mut store, 1)[0].0;
+        store.with_txn(|db| db.ack(&peer(1), first, 1)).unwrap();
+        assert_eq!(usage(&mut store, &a, None), ((2, 20), (3, 30)));
+        assert_eq!(usage(&mut store, &a, Some(1)), ((1, 10), (2, 20)));
+        // Expiry (ttl 100 s) takes a's remaining mail, not b's (later).
+        store.with_txn(|db| db.expire(120_000, 100)).unwrap();
+        assert_eq!(usage(&mut store, &a, None), ((0, 0), (1, 10)));
+        assert_eq!(usage(&mut store, &b, None), ((1, 10), (1, 10)));
+        // Mailbox 1 re-registered under another id by its peer: removed.
+        store
+            .with_txn(|db| db.register(mailbox(9), &peer(1), None, 130_000))
+            .unwrap();
+        assert_eq!(usage(&mut store, &b, None), ((0, 0), (0, 0)));
+        assert_eq!(usage(&mut store, &a, Some(1)), ((0, 0), (0, 0)));
+        // Nothing is left counted but what is waiting.
+        let rows: i64 = store
+            .with_txn(|db| {
+                Ok(db
+                    .conn
+                    .query_row("SELECT count(*) FROM depositor_usage", [], |r| r.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(rows, 0, "rows at zero are deleted");
+    }
+
+    #[test]
+    fn a_version_1_database_keeps_its_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO mailboxes (id, peer, registered_at, last_seen, envelopes, bytes)
+                 VALUES (?1, ?2, 0, 0, 2, 20)",
+                params![&mailbox(1).0[..], peer(1).to_bytes()],
+            )
+            .unwrap();
+            for n in 0..2 {
+                let e = env(n, 10);
+                conn.execute(
+                    "INSERT INTO mail (mailbox, envelope_id, envelope, size, stored_at)
+                     VALUES (?1, ?2, ?3, 10, 0)",
+                    params![&mailbox(1).0[..], &envelope_id(&e)[..], e],
+                )
+                .unwrap();
+            }
+        }
+        let mut store = Store::open(
+            &path,
+            quotas(
+                envelopes(1),
+                Quota::UNLIMITED,
+                Quota::UNLIMITED,
+                Quota::UNLIMITED,
+            ),
+        )
+        .unwrap();
+        let items = fetch_all(&mut store, 1);
+        assert_eq!(
+            items.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            vec![env(0, 10), env(1, 10)]
+        );
+        // Old mail counts against no depositor; new mail does.
+        let stranger = depositor(66, STRANGER_IP);
+        assert!(stored(&deposit(&mut store, 1, &stranger, &[env(5, 10)])));
+        assert!(!stored(&deposit(&mut store, 1, &stranger, &[env(6, 10)])));
+        let out = store.with_txn(|db| db.ack(&peer(1), u64::MAX, 1)).unwrap();
+        assert_eq!(out, AckOutcome::Acked { deleted: 3 });
+        assert_eq!(
+            store
+                .with_txn(|db| db.depositor_usage(&stranger, None))
+                .unwrap(),
+            ((0, 0), (0, 0))
+        );
+        assert_eq!(store.totals().envelopes, 0);
     }
 }

@@ -5,9 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/envelopes.rs"]
+mod envelopes;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use envelopes::{device, sealed};
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -266,7 +270,8 @@ async fn mail_is_deposited_woken_fetched_and_acknowledged_over_libp2p() {
 
     let mailbox = a.register(&alice, None).await;
     assert_eq!(mailbox, MailboxId::of(&alice.device_id(), &relay.peer_id()));
-    let envelopes = vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()];
+    let sender = device("sender");
+    let envelopes: Vec<Vec<u8>> = (1..=3).map(|n| sealed(&sender, n, 100)).collect();
     let r = b
         .call(&MailboxRequest::Deposit {
             mailbox,
@@ -360,13 +365,14 @@ async fn an_away_device_is_woken_by_a_content_free_unifiedpush_post() {
     // Until the relay has seen Carol's connection close, it wakes her
     // over it; keep depositing until the POST comes.
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut n = 0u32;
+    let sender = device("sender");
+    let mut n = 0;
     let post = loop {
         n += 1;
         let r = b
             .call(&MailboxRequest::Deposit {
                 mailbox,
-                envelopes: vec![n.to_be_bytes().to_vec()],
+                envelopes: vec![sealed(&sender, n, 100)],
             })
             .await;
         assert_eq!(r, MailboxResponse::Deposited { accepted: 1 });
@@ -402,12 +408,13 @@ async fn mail_and_identity_survive_a_restart() {
         let mut a = Client::connect(&alice, peer_id, &addr).await;
         a.register(&alice, None).await
     };
+    let kept = sealed(&device("sender"), 1, 100);
     {
         let mut b = Client::connect(&bob, peer_id, &addr).await;
         let r = b
             .call(&MailboxRequest::Deposit {
                 mailbox,
-                envelopes: vec![b"kept".to_vec()],
+                envelopes: vec![kept.clone()],
             })
             .await;
         assert_eq!(r, MailboxResponse::Deposited { accepted: 1 });
@@ -421,7 +428,7 @@ async fn mail_and_identity_survive_a_restart() {
     let mut a = Client::connect(&alice, peer_id, &addr).await;
     let mail = a.fetch_all().await;
     assert_eq!(mail.len(), 1);
-    assert_eq!(mail[0].1, b"kept");
+    assert_eq!(mail[0].1, kept);
     relay.shutdown().await;
 }
 
@@ -429,7 +436,18 @@ async fn mail_and_identity_survive_a_restart() {
 async fn a_backlog_of_10000_envelopes_is_fetched_in_pages() {
     let dir = tempfile::tempdir().unwrap();
     let port = memory_port();
-    let relay = Relay::start(&relay_config(port), dir.path()).await.unwrap();
+    // One depositor fills the mailbox: no depositor quotas here.
+    let mut config = relay_config(port);
+    let s = &mut config.storage;
+    for quota in [
+        &mut s.max_envelopes_per_peer_per_mailbox,
+        &mut s.max_bytes_per_peer_per_mailbox,
+        &mut s.max_envelopes_per_ip_per_mailbox,
+        &mut s.max_bytes_per_ip_per_mailbox,
+    ] {
+        *quota = 0;
+    }
+    let relay = Relay::start(&config, dir.path()).await.unwrap();
     let addr = relay.listen()[0].clone();
     let (alice, bob) = (identity("alice"), identity("bob"));
     let mailbox = {
@@ -437,14 +455,11 @@ async fn a_backlog_of_10000_envelopes_is_fetched_in_pages() {
         a.register(&alice, None).await
     };
     let mut b = Client::connect(&bob, relay.peer_id(), &addr).await;
+    let sender = device("sender");
     let mut pending = Vec::new();
-    for chunk in 0..40u32 {
-        let envelopes = (0..250u32)
-            .map(|i| {
-                let mut e = (chunk * 250 + i).to_be_bytes().to_vec();
-                e.resize(512, 7);
-                e
-            })
+    for chunk in 0..40u64 {
+        let envelopes = (0..250u64)
+            .map(|i| sealed(&sender, chunk * 250 + i, 400))
             .collect();
         pending.push(b.send(&MailboxRequest::Deposit { mailbox, envelopes }));
     }
