@@ -6,7 +6,7 @@
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use weft_node::api::{MAX_REQUEST_BYTES, Reply, Request};
-use weft_node::control::{ControlClient, serve};
+use weft_node::control::{ControlClient, ControlServer, serve};
 use weft_node::home::Home;
 use weft_node::{Node, NodeConfig};
 
@@ -17,8 +17,8 @@ async fn ask(stream: &mut BufReader<UnixStream>, line: &[u8]) -> Reply {
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_requests_get_clear_errors() {
+/// Alice's node, offline, serving its control socket (keep the directory).
+async fn offline_alice() -> (tempfile::TempDir, Home, Node, ControlServer) {
     let dir = tempfile::Builder::new()
         .prefix("weft-control-")
         .tempdir()
@@ -29,6 +29,12 @@ async fn malformed_requests_get_clear_errors() {
         .await
         .unwrap();
     let server = serve(node.handle(), &home.socket_path()).await.unwrap();
+    (dir, home, node, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_clear_errors() {
+    let (_dir, home, node, server) = offline_alice().await;
 
     let mut raw = BufReader::new(UnixStream::connect(home.socket_path()).await.unwrap());
     for bad in [
@@ -82,16 +88,7 @@ async fn malformed_requests_get_clear_errors() {
 /// large").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_longer_than_any_request_comes_whole() {
-    let dir = tempfile::Builder::new()
-        .prefix("weft-control-")
-        .tempdir()
-        .unwrap();
-    let home = Home::new(dir.path().join("home"));
-    home.init("Alice").unwrap();
-    let node = Node::start(NodeConfig::new(dir.path().join("home"), None))
-        .await
-        .unwrap();
-    let server = serve(node.handle(), &home.socket_path()).await.unwrap();
+    let (_dir, home, node, server) = offline_alice().await;
     let mut client = ControlClient::connect(&home.socket_path()).await.unwrap();
     // Bob only hands out an invite; alice writes to him while offline.
     let bob = weft_node::identity::Identity::from_seed(b"bob/control", 0).unwrap();
