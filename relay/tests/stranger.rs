@@ -40,7 +40,7 @@ use libp2p::Multiaddr;
 use libp2p::request_response::OutboundRequestId;
 use process::RelayProcess;
 use weft_node::identity::Identity;
-use weft_node::mailbox::{MailboxId, MailboxRequest, MailboxResponse, Refusal};
+use weft_node::mailbox::{MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse, Refusal};
 
 const STRANGER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const FRIEND_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
@@ -72,7 +72,7 @@ advertise = false
 
 [wakeup]
 http = false
-live_min_interval_ms = 100
+live_min_interval_ms = 250
 "#;
 
 /// Fresh peer ids the stranger uses at once, each on its connection.
@@ -85,8 +85,12 @@ const JUNK_BYTES: usize = 1024;
 /// Envelopes each sybil signs before the flood.
 const JUNK_POOL: usize = 1024;
 /// One honest envelope every this long.
-const HONEST_EVERY: Duration = Duration::from_millis(40);
+/// (10 a second: a chatty sender, within the default 20 requests a
+/// second the relay allows a peer.)
+const HONEST_EVERY: Duration = Duration::from_millis(100);
 const HONEST_BYTES: usize = 600;
+/// The victim fetches at least this often (and when woken).
+const VICTIM_POLL: Duration = Duration::from_millis(250);
 /// How long the end may take once the flood has stopped.
 const DRAIN: Duration = Duration::from_secs(60);
 
@@ -218,7 +222,7 @@ async fn sybil(
 }
 
 /// The honest sender: one envelope per deposit, every
-/// [`HONEST_EVERY`], until `end`. Returns what it sent.
+/// [`HONEST_EVERY`], until `end`. Returns what the relay accepted.
 async fn friend(relay: Multiaddr, mailbox: MailboxId, end: Instant) -> (Tally, Vec<Vec<u8>>) {
     let me = device("friend");
     let mut client = MailboxClient::connect(me.libp2p_keypair().unwrap(), &relay, Some(FRIEND_IP))
@@ -243,23 +247,30 @@ async fn friend(relay: Multiaddr, mailbox: MailboxId, end: Instant) -> (Tally, V
             .await
             .unwrap();
         tally.note(&response, 1, started.elapsed());
-        sent.push(envelope);
+        if matches!(response, MailboxResponse::Deposited { .. }) {
+            sent.push(envelope);
+        }
     }
     (tally, sent)
 }
 
 /// The victim: fetches and acknowledges whatever arrives until it holds
 /// every envelope of `honest` (told once the honest sender is done) and
-/// the flood is over. Returns what it fetched.
+/// the flood is over. Like a node, it fetches when woken (or every
+/// [`VICTIM_POLL`]) and, when the relay's rate limit refuses it, tries
+/// again at the next turn. Returns what it fetched, and how often it was
+/// rate limited.
 async fn victim(
     mut client: MailboxClient,
     honest: tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>,
     end: Instant,
-) -> HashSet<Vec<u8>> {
+) -> (HashSet<Vec<u8>>, u64) {
     let mut honest = honest;
     let mut want: Option<HashSet<Vec<u8>>> = None;
     let mut got = HashSet::new();
     let mut after = 0;
+    let mut unacked = None;
+    let mut rate_limited = 0;
     let deadline = tokio::time::Instant::from_std(end + DRAIN);
     loop {
         if want.is_none()
@@ -269,30 +280,53 @@ async fn victim(
         }
         if let Some(want) = &want
             && Instant::now() >= end
+            && unacked.is_none()
             && want.is_subset(&got)
         {
-            return got;
+            return (got, rate_limited);
         }
-        let response = client
-            .call(&MailboxRequest::Fetch { after, limit: 512 })
-            .await
-            .unwrap();
-        let MailboxResponse::Mail { items, more } = response else {
-            panic!("fetch refused: {response:?}");
-        };
-        if let Some((last, _)) = items.last() {
-            after = *last;
-            let r = client
-                .call(&MailboxRequest::Ack { up_to: after })
-                .await
-                .unwrap();
-            assert!(matches!(r, MailboxResponse::Acked { .. }), "{r:?}");
+        let mut idle = false;
+        if let Some(up_to) = unacked {
+            match client.call(&MailboxRequest::Ack { up_to }).await.unwrap() {
+                MailboxResponse::Acked { .. } => unacked = None,
+                MailboxResponse::Refused {
+                    reason: Refusal::RateLimited,
+                    ..
+                } => {
+                    rate_limited += 1;
+                    idle = true;
+                }
+                other => panic!("ack refused: {other:?}"),
+            }
         }
-        got.extend(items.into_iter().map(|(_, e)| e));
-        if !more {
-            // Nothing more now: until a wakeup, or 100 ms.
+        if !idle {
+            let fetch = MailboxRequest::Fetch {
+                after,
+                limit: MAX_FETCH,
+            };
+            match client.call(&fetch).await.unwrap() {
+                MailboxResponse::Mail { items, more } => {
+                    if let Some((last, _)) = items.last() {
+                        after = *last;
+                        unacked = Some(after);
+                    }
+                    idle = !more && unacked.is_none();
+                    got.extend(items.into_iter().map(|(_, e)| e));
+                }
+                MailboxResponse::Refused {
+                    reason: Refusal::RateLimited,
+                    ..
+                } => {
+                    rate_limited += 1;
+                    idle = true;
+                }
+                other => panic!("fetch refused: {other:?}"),
+            }
+        }
+        if idle {
+            // Until a wakeup, or the next poll.
             let wakeups = client.wakeups + 1;
-            let until = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+            let until = (tokio::time::Instant::now() + VICTIM_POLL).min(deadline);
             let _ = client.wait_for_wakeups(wakeups, until).await;
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -392,7 +426,7 @@ async fn a_stranger_flooding_a_mailbox_does_not_keep_out_honest_mail_or_exhaust_
     let (mut honest, sent) = friend(relay.addr.clone(), mailbox, end).await;
     let _ = honest_tx.send(sent.clone());
     let stranger = stranger_thread.join().unwrap();
-    let got = victim_task.await.unwrap();
+    let (got, victim_rate_limited) = victim_task.await.unwrap();
     let delivered_at = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let peaks = monitor.join().unwrap();
@@ -430,7 +464,8 @@ async fn a_stranger_flooding_a_mailbox_does_not_keep_out_honest_mail_or_exhaust_
     );
     println!(
         "  honest: {} sent (one every {} ms), {} accepted, {} refused {:?}, ack p50 {:.1} ms, \
-         p99 {:.1} ms, max {:.1} ms; {} of {} delivered to the victim, all by {:.1} s",
+         p99 {:.1} ms, max {:.1} ms; {} of {} delivered to the victim, all by {:.1} s \
+         (its fetches and acks were rate limited {} times)",
         honest.deposits,
         HONEST_EVERY.as_millis(),
         honest.accepted_envelopes,
@@ -441,7 +476,8 @@ async fn a_stranger_flooding_a_mailbox_does_not_keep_out_honest_mail_or_exhaust_
         ms(honest.percentile(1.0)),
         sent.iter().filter(|e| got.contains(*e)).count(),
         sent.len(),
-        delivered_at.as_secs_f64()
+        delivered_at.as_secs_f64(),
+        victim_rate_limited
     );
     println!(
         "  relay: RSS peak {:.1} MiB (VmHWM {:.1} MiB; idle {:.1}; at the end {:.1}), limit {MAX_MEMORY_MB} MiB; \
