@@ -317,7 +317,8 @@ log_level = "info"
 # Who may register a mailbox: "open" (anyone), "allow-list" (devices
 # certified by one of allow_users), "invite" (devices presenting one of
 # invite_tokens when their mailbox is created). Depositing mail for a
-# registered mailbox is always open. (env WEFT_RELAY_ACCESS for the mode)
+# registered mailbox is always open; every envelope deposited must verify
+# as a signed Weft envelope. (env WEFT_RELAY_ACCESS for the mode)
 mode = "open"
 # User ids (base58, as `weft id` prints them).
 allow_users = []
@@ -345,7 +346,9 @@ sweep_interval_secs = 300
 # counted as the peer id of the connection it deposits on and, since
 # fresh peer ids cost nothing, also as the IP address it connects from
 # (IPv6: its /64). A deposit over any of them is refused whole with a
-# MailboxFull error naming the quota. 0: no limit.
+# MailboxFull error naming the quota, and for the next second that
+# depositor's deposits there are refused the same way without being
+# verified. 0: no limit.
 # One peer id, in one mailbox (a tenth of a mailbox) and in all (a device
 # writing to a big group whose members are away deposits for each).
 max_envelopes_per_peer_per_mailbox = 1000
