@@ -114,6 +114,11 @@ impl Daemon {
         Ok(format!("{addr}/p2p/{}", self.peer_id))
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The daemon's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -621,6 +626,58 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
 
 /// Two network namespaces joined by a veth pair, for tests that need real,
 /// isolated interfaces (mDNS, links going down). Needs root and iproute2.
+/// What `/proc` says of a process: its memory and CPU time.
+pub mod procfs {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …); `None`
+    /// once the process is gone.
+    pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|line| {
+            let value = line.strip_prefix(field)?.strip_prefix(':')?;
+            value.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+    }
+
+    /// CPU time (user + system) of process `pid`, from `/proc/PID/stat`.
+    pub fn cpu_of(pid: u32) -> Duration {
+        cpu_in(&format!("/proc/{pid}/stat"))
+    }
+
+    /// CPU time of each thread of process `pid`, summed by thread name.
+    pub fn threads_cpu(pid: u32) -> BTreeMap<String, Duration> {
+        let mut by_name = BTreeMap::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return by_name;
+        };
+        for task in tasks.flatten() {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let cpu = cpu_in(&task.path().join("stat").to_string_lossy());
+            *by_name.entry(name.trim().to_string()).or_default() += cpu;
+        }
+        by_name
+    }
+
+    fn cpu_in(stat_path: &str) -> Duration {
+        let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+        // Fields after the command (which may hold spaces), from field 3.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15: 11 and 12 after the command.
+        let total = ticks(11) + ticks(12);
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(total * 10)
+    }
+}
+
 pub mod netns {
     use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
