@@ -53,6 +53,7 @@ const P99_TARGET: f64 = 3.0;
 const RSS_TARGET_MB: f64 = 100.0;
 const DROP_TARGET: Duration = Duration::from_secs(10);
 
+#[derive(Clone, Copy)]
 struct Settings {
     quiet: Duration,
     flood: Duration,
@@ -187,7 +188,7 @@ async fn exchange(
     while Instant::now() < end {
         tick.tick().await;
         let text = format!("{prefix} {n}");
-        let (from, to, sent) = if n % 2 == 0 {
+        let (from, to, sent) = if n.is_multiple_of(2) {
             (&mut *alice, &mut *bob, &mut by_alice)
         } else {
             (&mut *bob, &mut *alice, &mut by_bob)
@@ -379,20 +380,18 @@ async fn run(
 ) -> Result<()> {
     let mut alice = Side::connect("alice", alice_node).await?;
     let mut bob = Side::connect("bob", bob_node).await?;
-    // The first message waits for bob to have connected and subscribed.
+    // The first message is queued until bob has connected and subscribed.
     let first = tokio::time::timeout(DEADLINE * 2, async {
-        loop {
-            let send = Request::Send {
-                target: "bob".into(),
-                text: "before".into(),
-                reply_to: None,
-            };
-            let Response::Sent(sent) = alice.calls.call(&send).await? else {
-                bail!("send answered with something else");
-            };
-            bob.receive("before").await?;
-            return Ok::<_, anyhow::Error>(sent.id);
-        }
+        let send = Request::Send {
+            target: "bob".into(),
+            text: "before".into(),
+            reply_to: None,
+        };
+        let Response::Sent(sent) = alice.calls.call(&send).await? else {
+            bail!("send answered with something else");
+        };
+        bob.receive("before").await?;
+        Ok::<_, anyhow::Error>(sent.id)
     })
     .await
     .context("the first message")??;
@@ -429,11 +428,17 @@ async fn run(
     let cpu_before = procfs::cpu_of(alice_pid);
     let started = Instant::now();
     let flooding = {
-        let settings = Settings { ..*settings };
+        let settings = *settings;
         tokio::spawn(async move { flood(&settings, alice_addr, alice_peer, genuine).await })
     };
-    let (flooded, flood_by_alice, flood_by_bob) =
-        exchange(&mut alice, &mut bob, "flooded", settings.flood, settings.pace).await?;
+    let (flooded, flood_by_alice, flood_by_bob) = exchange(
+        &mut alice,
+        &mut bob,
+        "flooded",
+        settings.flood,
+        settings.pace,
+    )
+    .await?;
     let mallory = flooding.await??;
     let took = started.elapsed();
     let cpu = procfs::cpu_of(alice_pid) - cpu_before;
