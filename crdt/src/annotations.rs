@@ -19,7 +19,9 @@
 //!
 //! Concurrent edits of one message all stay in the document; every
 //! replica shows the one with the greatest (HLC, edit id), so they agree.
-//! A deletion beats any edit, and its reactions and pin stop showing.
+//! A deletion beats any edit, and its reactions and pin stop showing
+//! ([`Annotations::message`]); the node shows a deletion only if its
+//! author may make it ([`Annotations::message_unless_deleted`]).
 //!
 //! Documents are sharded ([`ShardKey`]): a message's annotations live in
 //! the shard of the period its HLC falls in, group metadata in the
@@ -344,16 +346,28 @@ impl Annotations {
 
     /// One message's annotations.
     pub fn message(&self, message: &[u8]) -> MessageAnnotations {
+        let out = self.message_unless_deleted(message);
+        if out.deleted {
+            return MessageAnnotations {
+                deleted: true,
+                ..MessageAnnotations::default()
+            };
+        }
+        out
+    }
+
+    /// One message's annotations as they show unless it is deleted: its
+    /// edit, reactions and pin, whatever `x/` says. The node decides
+    /// whether a deletion stands: one by an author who may not delete the
+    /// message (taken in while the message was missing) must hide nothing.
+    pub fn message_unless_deleted(&self, message: &[u8]) -> MessageAnnotations {
         let id = hex(message);
         let mut out = MessageAnnotations {
             deleted: self.doc.get(&format!("x/{id}")).is_some(),
+            edit: self.winning_edit(&id),
+            pinned: self.doc.get(&format!("p/{id}")).is_some(),
             ..MessageAnnotations::default()
         };
-        if out.deleted {
-            return out;
-        }
-        out.edit = self.winning_edit(&id);
-        out.pinned = self.doc.get(&format!("p/{id}")).is_some();
         let prefix = format!("r/{id}/");
         for key in self.doc.keys_with_prefix(&prefix) {
             if let Some((user, emoji)) = key[prefix.len()..].split_once('/') {

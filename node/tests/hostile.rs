@@ -642,6 +642,85 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
     assert_eq!(m["text"], "alice's second thoughts");
 }
 
+/// A deletion about a message not here yet goes into its shard at once,
+/// like the edit above, so carol's forged deletion of alice's message sits
+/// in bob's shard. Only a deletion its author may make erases a message;
+/// carol's must not either freeze it: when the message comes, bob shows
+/// alice's edit and reaction, and the reactions after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_deletion_taken_in_before_its_message_freezes_nothing() {
+    const SEED: u64 = 31;
+    let (alice, bob, conversation) = trio_offline(SEED).await;
+    let mut id = String::new();
+    let from_alice = made_by(&alice, async {
+        id = alice.send("trio", "alice's words").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        alice
+            .call(Request::Edit {
+                id: id.clone(),
+                text: "alice's second thoughts".into(),
+            })
+            .await;
+        alice
+            .call(Request::React {
+                id: id.clone(),
+                emoji: "👍".into(),
+                remove: false,
+            })
+            .await;
+    })
+    .await;
+
+    let (mut carol_forges, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("bob", SEED),
+    );
+    bob.handle.deliver(vec![key]).await.unwrap();
+    let message: weft_node::ids::MessageId = id.parse().unwrap();
+    let period = shard_of(&alice, "trio", &id, 1).await;
+    let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
+    let forged = carol_forges.chain(&Payload::Annotate(Annotate {
+        message,
+        period,
+        change: shard.delete(&message.0).unwrap(),
+        edit: None,
+    }));
+    bob.handle.deliver(vec![forged]).await.unwrap();
+    bob.handle.deliver(from_alice).await.unwrap();
+    let shown = |ms: &[serde_json::Value]| {
+        ms.iter().any(|m| {
+            m["id"] == id.as_str() && m["edited"] == true && m["reactions"]["👍"].is_array()
+        })
+    };
+    let ms = bob
+        .wait_messages("trio", "alice's edit and reaction", |ms| shown(ms))
+        .await;
+    let m = ms.iter().find(|m| m["id"] == id.as_str()).unwrap();
+    assert_eq!(m["text"], "alice's second thoughts");
+    assert_eq!(m["deleted"], false);
+
+    // And what comes after shows too.
+    let later = made_by(&alice, async {
+        alice
+            .call(Request::React {
+                id: id.clone(),
+                emoji: "🎉".into(),
+                remove: false,
+            })
+            .await;
+    })
+    .await;
+    bob.handle.deliver(later).await.unwrap();
+    bob.wait_messages("trio", "alice's later reaction", |ms| {
+        ms.iter()
+            .any(|m| m["id"] == id.as_str() && m["reactions"]["🎉"].is_array())
+    })
+    .await;
+}
+
 /// Carol, a member of the trio but not of alice and bob's one-to-one
 /// conversation, learns the id of a message alice sends bob there (an
 /// envelope's id is in the clear for whoever forwards it) and, in the

@@ -144,12 +144,16 @@ impl Db<'_> {
         })
     }
 
-    /// Replaces the message's reactions; returns whether they changed.
+    /// Replaces the message's reactions; returns whether they changed. A
+    /// deleted message keeps none.
     pub fn set_reactions(
         &self,
         message: &MessageId,
         reactions: &[(UserId, String)],
     ) -> Result<bool, StoreError> {
+        if self.is_erased(message)? {
+            return Ok(false);
+        }
         let before = self.reactions(message)?;
         let mut after = reactions.to_vec();
         after.sort();
@@ -175,6 +179,17 @@ impl Db<'_> {
         })
     }
 
+    /// Whether the message was deleted here (by someone allowed to).
+    pub fn is_erased(&self, message: &MessageId) -> Result<bool, StoreError> {
+        Ok(self
+            .query_opt(
+                "SELECT deleted FROM messages WHERE id = ?1",
+                [message.0],
+                |row| Ok(row.get::<_, bool>(0)?),
+            )?
+            .unwrap_or(false))
+    }
+
     /// Shows or hides one reaction; whether that changed anything.
     pub fn put_reaction(
         &self,
@@ -184,8 +199,11 @@ impl Db<'_> {
         on: bool,
     ) -> Result<bool, StoreError> {
         let changed = if on {
+            // A deleted message keeps none.
             self.execute(
-                "INSERT INTO reactions (message, user_id, emoji) VALUES (?1, ?2, ?3)
+                "INSERT INTO reactions (message, user_id, emoji)
+                 SELECT ?1, ?2, ?3 WHERE NOT EXISTS
+                   (SELECT 1 FROM messages WHERE id = ?1 AND deleted = 1)
                  ON CONFLICT DO NOTHING",
                 params![message.0, user.0, emoji],
             )?
@@ -402,7 +420,15 @@ mod tests {
             "the edit's text is gone too"
         );
         assert!(db.reactions(&message)?.is_empty());
+        assert!(db.is_erased(&message)?);
         assert!(!db.show_edit(&message, "again")?, "a tombstone stays one");
+        let late = (UserId([5; 32]), "👀".to_string());
+        assert!(!db.put_reaction(&message, &late.0, &late.1, true)?);
+        assert!(!db.set_reactions(&message, std::slice::from_ref(&late))?);
+        assert!(
+            db.reactions(&message)?.is_empty(),
+            "a tombstone keeps no reactions"
+        );
         let original: Option<Option<String>> = db.query_opt(
             "SELECT original_text FROM messages WHERE id = ?1",
             [message.0],

@@ -543,7 +543,8 @@ impl State<'_, '_> {
     }
 
     /// Shows or hides each touched reaction as the merged shard says (a
-    /// deleted message shows none).
+    /// message deleted here shows none: the store keeps it so; a deletion
+    /// in the shard that was not allowed hides nothing).
     fn show_reactions(
         &mut self,
         shard_id: ShardId,
@@ -553,11 +554,7 @@ impl State<'_, '_> {
         touched.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         let mut changed: Vec<MessageId> = Vec::new();
         for (message, key, user, emoji) in touched {
-            let shard = self.shard(shard_id)?;
-            if shard.is_deleted(&message.0) {
-                continue;
-            }
-            let on = shard.holds(&key);
+            let on = self.shard(shard_id)?.holds(&key);
             if self.db.put_reaction(&message, &user, &emoji, on)?
                 && changed.last() != Some(&message)
             {
@@ -623,22 +620,20 @@ impl State<'_, '_> {
     /// tells `watch` if it changed. `deleting`: a deletion of it allowed
     /// here is being applied. Only that erases it: a deletion in the shard
     /// by someone who may not delete it (taken in while the message was
-    /// missing) leaves it as shown.
+    /// missing) neither erases it nor hides its edits and reactions.
     fn materialize(
         &mut self,
         shard_id: ShardId,
         message: &MessageId,
         deleting: bool,
     ) -> Result<(), EngineError> {
-        let shard = self.shard(shard_id)?;
-        let ann: MessageAnnotations = shard.message(&message.0);
-        let edits = shard.edits(&message.0);
         let mut changed = false;
-        if ann.deleted {
-            if deleting {
-                changed |= self.db.erase_message(message)?;
-            }
-        } else {
+        if deleting {
+            changed |= self.db.erase_message(message)?;
+        } else if !self.db.is_erased(message)? {
+            let shard = self.shard(shard_id)?;
+            let ann: MessageAnnotations = shard.message_unless_deleted(&message.0);
+            let edits = shard.edits(&message.0);
             // The greatest edit whose text is stored: the text of one its
             // author may not make is never stored (see the opening).
             for edit in edits {
