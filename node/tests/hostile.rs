@@ -19,7 +19,9 @@ use weft_node::identity::Revocation;
 use weft_node::ids::ConversationId;
 use weft_node::net::{self, NetCommand, NetConfig, NetEvent, NetHandle};
 use weft_node::node::{DirectRequest, DirectResponse};
-use weft_node::payload::{AccountChange, Annotate, EditText, MAX_TEXT_BYTES, Payload, SenderKey};
+use weft_node::payload::{
+    AccountChange, Annotate, EditText, MAX_TEXT_BYTES, Payload, Receipt, ReceiptKind, SenderKey,
+};
 
 /// A bare libp2p node (not a Weft node) on the memory transport, connected
 /// to `peers` and subscribed to the one-to-one topic of `a` and `b`. She can
@@ -773,6 +775,37 @@ async fn a_change_sent_in_one_conversation_never_lands_in_another() {
         m["reactions"],
         serde_json::json!({}),
         "carol's reaction shows"
+    );
+}
+
+/// Carol, in the trio with alice, gives alice a read receipt there for a
+/// message alice sent bob in their one-to-one conversation (its id is in
+/// the clear for whoever forwards it). It is not carol's to give: alice
+/// keeps nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_about_a_message_of_another_conversation_is_not_kept() {
+    const SEED: u64 = 32;
+    let (alice, _bob, conversation) = trio_offline(SEED).await;
+    let id = alice.send("bob", "between us").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut carol_forges, key) = Forger::new(
+        identity("carol", SEED),
+        conversation,
+        &identity("alice", SEED),
+    );
+    alice.handle.deliver(vec![key]).await.unwrap();
+    let message: weft_node::ids::MessageId = id.parse().unwrap();
+    let receipt = carol_forges.chain(&Payload::Receipt(Receipt {
+        kind: ReceiptKind::Read,
+        messages: vec![message],
+    }));
+    assert_eq!(alice.handle.deliver(vec![receipt]).await.unwrap(), 1);
+    assert_eq!(
+        alice.store().db().receipts(&message).unwrap(),
+        Vec::new(),
+        "alice keeps carol's receipt"
     );
 }
 

@@ -93,12 +93,15 @@ impl TestNode {
         }
     }
 
+    /// A second connection to this node's store, to look at what it holds.
+    pub fn store(&self) -> weft_node::store::Store {
+        weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path()).unwrap()
+    }
+
     /// The bytes of an envelope this node holds (a message id is its
     /// envelope's id), read through a second connection to its store.
     pub fn envelope_bytes(&self, id: &str) -> Vec<u8> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         let id = id.parse().unwrap();
         store
             .db()
@@ -152,9 +155,7 @@ impl TestNode {
         wanted: impl Fn(&weft_node::store::ConversationRecord) -> bool,
         rows: impl Fn(&weft_node::store::Db<'_>, &weft_node::ids::ConversationId) -> Vec<i64>,
     ) -> Vec<Vec<u8>> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         let db = store.db();
         let mut out = Vec::new();
         for conv in db.conversations().unwrap().iter().filter(|c| wanted(c)) {
@@ -454,9 +455,7 @@ impl TestNode {
     /// Every routing tag this node knows (read through a second
     /// connection to its store).
     pub fn known_tags(&self) -> Vec<weft_node::ids::RoutingTag> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         store
             .db()
             .routing_tags()
@@ -469,26 +468,20 @@ impl TestNode {
     /// The secrets of this node's handout keys still held (read through a
     /// second connection to its store).
     pub fn own_handout_secrets(&self) -> Vec<[u8; 32]> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         let keys = store.db().own_handout_keys().unwrap();
         keys.iter().map(|k| *k.secret).collect()
     }
 
     /// The handout key this node knows for `device`, if any.
     pub fn handout_key_of(&self, device: &weft_node::ids::DeviceId) -> Option<[u8; 32]> {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         store.db().handout_key(device).unwrap().map(|(dh, _)| dh)
     }
 
     /// How many one-time keys of `issuer` this node holds.
     pub fn one_time_keys_of(&self, issuer: &weft_node::ids::DeviceId) -> u64 {
-        let store =
-            weft_node::store::Store::open(&Home::new(self.dir.path().join("home")).db_path())
-                .unwrap();
+        let store = self.store();
         store.db().one_time_key_count(issuer).unwrap()
     }
 

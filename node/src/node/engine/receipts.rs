@@ -95,17 +95,21 @@ impl State<'_, '_> {
         let now = now_ms();
         let mut read_elsewhere = false;
         for id in receipt.messages.iter().take(MAX_RECEIPT_IDS) {
+            // A receipt may come before its message (kept for when it
+            // comes), but one about a message of another conversation is
+            // not the sender's to give here.
+            let message = self.db.message(id)?;
+            if message.as_ref().is_some_and(|m| m.conversation != conv.id) {
+                continue;
+            }
             if !self.db.add_receipt(id, &device, &user, status, now)? {
                 continue;
             }
             // That device has the envelope: no need to offer it again.
             self.reached(id, &peer);
-            let Some(m) = self.db.message(id)? else {
+            let Some(m) = message else {
                 continue;
             };
-            if m.conversation != conv.id {
-                continue;
-            }
             match receipt_tally::effect_of(&user, status, &self.e.my_user, &m.sender_user, m.status)
             {
                 ReceiptEffect::ReadHere => {
