@@ -79,11 +79,29 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            let report = report(&e);
+            tracing::error!("{report}");
+            eprintln!("error: {report}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. The relay's errors name their
+/// source in their own message too, so a cause already said is skipped.
+fn report(error: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || said.contains(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
 }
 
 fn init_logging(config: &Config) {

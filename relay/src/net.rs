@@ -67,6 +67,22 @@ pub enum NetError {
     Stopped,
 }
 
+/// An error with its sources, as one line: libp2p's transport errors
+/// keep the OS's reason ("Address already in use") in their source, and
+/// some display nothing themselves.
+fn reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
@@ -251,7 +267,7 @@ pub async fn start(
     for addr in &listen {
         let id = swarm
             .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+            .map_err(|e| NetError::Listen(addr.clone(), reason(&e)))?;
         listeners.insert(id);
     }
     for addr in &external {
@@ -510,7 +526,7 @@ impl NetTask {
                     let addr = addresses.first().cloned().unwrap_or_else(Multiaddr::empty);
                     let why = match reason {
                         Ok(()) => "closed".to_string(),
-                        Err(e) => e.to_string(),
+                        Err(e) => self::reason(&e),
                     };
                     let _ = ready.send(Err((addr, why)));
                 }
@@ -520,7 +536,7 @@ impl NetTask {
                 if self.awaiting.contains(&listener_id)
                     && let Some(ready) = self.ready.take()
                 {
-                    let _ = ready.send(Err((Multiaddr::empty(), error.to_string())));
+                    let _ = ready.send(Err((Multiaddr::empty(), reason(&error))));
                 }
             }
             SwarmEvent::ConnectionEstablished {

@@ -191,3 +191,33 @@ fn init_config_prints_a_config_that_loads_and_unknown_keys_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("metrics"));
 }
+
+/// A listen address already taken: the relay exits with the OS's reason,
+/// said once.
+#[test]
+fn a_port_in_use_is_refused_with_the_reason() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = relay_command()
+        .arg("--listen")
+        .arg(format!("/ip4/127.0.0.1/tcp/{port}"))
+        .arg("--data")
+        .arg(dir.path())
+        .arg("--metrics")
+        .arg("off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait(&mut child);
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(error.contains("Address already in use"), "{error}");
+    assert_eq!(error.matches("cannot listen").count(), 1, "{error}");
+}
