@@ -805,6 +805,64 @@ pub mod netns {
         }
     }
 
+    /// A veth pair between namespace `side` of a [`Netns`] and the test
+    /// process's own namespace: an in-process peer (a bare libp2p swarm)
+    /// reaches the daemon in that namespace from an address of its own,
+    /// `host_addr`, with no other traffic. The subnet (10.215.N.0/24) is
+    /// one the host does not use yet. Deleting the host end on drop
+    /// deletes the pair (as does deleting the namespace).
+    #[derive(Debug)]
+    pub struct HostLink {
+        /// The host end, in the test process's namespace.
+        pub host_dev: String,
+        /// The address of the host end (no prefix length).
+        pub host_addr: String,
+        /// The address of the namespace end (no prefix length).
+        pub ns_addr: String,
+    }
+
+    impl Netns {
+        /// Links namespace `side` to the test process's namespace (see
+        /// [`HostLink`]).
+        pub fn link_to_host(&self, side: usize) -> anyhow::Result<HostLink> {
+            let tag = self.veths[side]
+                .get(2..)
+                .context("veth names start with two letters")?;
+            let (host_dev, ns_dev) = (format!("wh{tag}"), format!("wn{tag}"));
+            let used =
+                ip_stdout(&["-4", "-o", "addr", "show"])? + &ip_stdout(&["-4", "route", "show"])?;
+            let start = std::process::id() % 250;
+            let subnet = (0..250)
+                .map(|i| 1 + (start + i) % 250)
+                .find(|n| !used.contains(&format!("10.215.{n}.")))
+                .context("no free 10.215.N.0/24 subnet on the host")?;
+            let link = HostLink {
+                host_dev: host_dev.clone(),
+                host_addr: format!("10.215.{subnet}.2"),
+                ns_addr: format!("10.215.{subnet}.1"),
+            };
+            ip(&[
+                "link", "add", &host_dev, "type", "veth", "peer", "name", &ns_dev,
+            ])?;
+            ip(&["link", "set", &ns_dev, "netns", &self.names[side]])?;
+            let ns_cidr = format!("{}/24", link.ns_addr);
+            self.ip(side, &["addr", "add", &ns_cidr, "dev", &ns_dev])?;
+            self.ip(side, &["link", "set", &ns_dev, "up"])?;
+            let host_cidr = format!("{}/24", link.host_addr);
+            ip(&["addr", "add", &host_cidr, "dev", &host_dev])?;
+            ip(&["link", "set", &host_dev, "up"])?;
+            Ok(link)
+        }
+    }
+
+    impl Drop for HostLink {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.host_dev])
+                .output();
+        }
+    }
+
     fn rand_byte() -> u8 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
