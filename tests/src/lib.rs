@@ -829,9 +829,17 @@ pub mod netns {
                 .get(2..)
                 .context("veth names start with two letters")?;
             let (host_dev, ns_dev) = (format!("wh{tag}"), format!("wn{tag}"));
+            // One link at a time in this process, so that two tests do not
+            // pick the same free subnet; other processes start elsewhere
+            // (at this one's namespaces' subnet number).
+            let _one_at_a_time = HOST_LINKS.lock().unwrap_or_else(|e| e.into_inner());
             let used =
                 ip_stdout(&["-4", "-o", "addr", "show"])? + &ip_stdout(&["-4", "route", "show"])?;
-            let start = std::process::id() % 250;
+            let start: u32 = self.addrs[side]
+                .split('.')
+                .nth(2)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(std::process::id);
             let subnet = (0..250)
                 .map(|i| 1 + (start + i) % 250)
                 .find(|n| !used.contains(&format!("10.215.{n}.")))
@@ -854,6 +862,9 @@ pub mod netns {
             Ok(link)
         }
     }
+
+    /// Held while a [`HostLink`] is being made.
+    static HOST_LINKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     impl Drop for HostLink {
         fn drop(&mut self) {
@@ -945,7 +956,7 @@ pub mod relay {
                 .tempdir()
                 .context("creating the relay's data directory")?;
             let path = data.path().to_path_buf();
-            Self::launch("/ip4/127.0.0.1/tcp/0", &path, Some(data))
+            Self::launch(Launch::default(), "/ip4/127.0.0.1/tcp/0", &path, Some(data))
         }
 
         /// A relay on a free port with the data directory `data_dir`,
@@ -953,13 +964,18 @@ pub mod relay {
         /// [`Relay::start_at`] on [`Relay::tcp_port`]) is a restart (same
         /// `relay.key`, same database).
         pub fn start_in(data_dir: &Path) -> anyhow::Result<Self> {
-            Self::launch("/ip4/127.0.0.1/tcp/0", data_dir, None)
+            Self::launch(Launch::default(), "/ip4/127.0.0.1/tcp/0", data_dir, None)
         }
 
         /// A relay on TCP `port` of 127.0.0.1 with the data directory
         /// `data_dir`, which outlives it, as [`Relay::start_in`].
         pub fn start_at(port: u16, data_dir: &Path) -> anyhow::Result<Self> {
-            Self::launch(&format!("/ip4/127.0.0.1/tcp/{port}"), data_dir, None)
+            Self::launch(
+                Launch::default(),
+                &format!("/ip4/127.0.0.1/tcp/{port}"),
+                data_dir,
+                None,
+            )
         }
 
         /// The TCP port the relay listens on, from its ready line.
@@ -974,7 +990,32 @@ pub mod relay {
                 .with_context(|| format!("tcp port {port:?} in {}", self.addr))
         }
 
+        /// A relay with a fresh, temporary data directory, run inside the
+        /// network namespace `netns` (`ip netns exec`, which execs: the
+        /// child is the relay itself) listening on `listen`, with the
+        /// config file `config_toml`. Its metrics server is off: it would
+        /// listen inside the namespace, out of the test's reach.
+        pub fn start_in_netns(
+            netns: &str,
+            listen: &str,
+            config_toml: &str,
+        ) -> anyhow::Result<Self> {
+            let data = tempfile::Builder::new()
+                .prefix("weft-relay-")
+                .tempdir()
+                .context("creating the relay's data directory")?;
+            let config = data.path().join("relay.toml");
+            std::fs::write(&config, config_toml).context("writing the relay's config")?;
+            let path = data.path().join("data");
+            let launch = Launch {
+                netns: Some(netns),
+                config: Some(&config),
+            };
+            Self::launch(launch, listen, &path, Some(data))
+        }
+
         fn launch(
+            how: Launch<'_>,
             listen: &str,
             data_dir: &Path,
             owned: Option<tempfile::TempDir>,
@@ -985,8 +1026,24 @@ pub mod relay {
                 .context("creating a directory for the relay's log")?;
             let log = root.path().join("relay.log");
             let log_file = std::fs::File::create(&log)?;
-            let mut child = Command::new(relay_bin()?)
-                .args(["--json", "--listen", listen, "--metrics", "127.0.0.1:0"])
+            let mut command = match how.netns {
+                None => Command::new(relay_bin()?),
+                Some(netns) => {
+                    let mut command = Command::new("ip");
+                    command.args(["netns", "exec", netns]).arg(relay_bin()?);
+                    command
+                }
+            };
+            let metrics = if how.netns.is_some() {
+                "off"
+            } else {
+                "127.0.0.1:0"
+            };
+            command.args(["--json", "--listen", listen, "--metrics", metrics]);
+            if let Some(config) = how.config {
+                command.arg("--config").arg(config);
+            }
+            let mut child = command
                 .arg("--data")
                 .arg(data_dir)
                 .stdin(Stdio::null())
@@ -1109,6 +1166,13 @@ pub mod relay {
             }
             Ok(None)
         }
+    }
+
+    /// Where and how [`Relay::launch`] runs the relay.
+    #[derive(Debug, Default)]
+    struct Launch<'a> {
+        netns: Option<&'a str>,
+        config: Option<&'a Path>,
     }
 
     impl Drop for Relay {

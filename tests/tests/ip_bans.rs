@@ -1,13 +1,19 @@
-//! Address bans over real addresses (issue 15, "Offenders"): a victim
-//! `weft daemon` runs in a network namespace and listens on its
-//! non-loopback addresses. An attacker in the test process, a bare libp2p
-//! swarm on the host end of a veth pair into the victim's namespace
-//! (address 10.215.N.2), comes with fresh peer ids one after another and
-//! sends each one's junk over the direct protocol (`/weft/direct/1`) until
-//! the victim bans it. After `IP_BANS` banned ids the address is banned:
-//! a fresh id from there is cut off as it connects, before it sends
-//! anything, while an honest daemon in the other namespace (another
-//! address) still connects to the victim.
+//! Limits by IP address, over real addresses: an attacker in the test
+//! process, a bare libp2p swarm on the host end of a veth pair into a
+//! network namespace (address 10.215.N.2), comes with fresh peer ids one
+//! after another; an honest `weft daemon` in the other namespace (another
+//! address) is not affected.
+//!
+//! - Address bans (issue 15, "Offenders"): a victim `weft daemon` in the
+//!   namespace listens on its non-loopback addresses. Each attacker id
+//!   sends junk over the direct protocol (`/weft/direct/1`) until the
+//!   victim bans it. After `IP_BANS` banned ids the address is banned: a
+//!   fresh id from there is cut off as it connects, before it sends
+//!   anything, while the honest daemon still connects to the victim.
+//! - A relay's cap on connections per address
+//!   (`limits.max_connections_per_ip`): `weft-relay` in the namespace
+//!   takes the attacker's first ids up to the cap and refuses the next,
+//!   while the honest daemon still connects to it as its relay.
 //!
 //! Needs root and `ip` (iproute2). Where namespaces cannot be created the
 //! test says so and skips, except under CI (`CI` set), where it fails.
@@ -22,7 +28,9 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use weft_e2e::netns::Netns;
+use weft_e2e::relay::Relay;
 use weft_e2e::{DEADLINE, Weft, wait_until};
+use weft_node::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
 use weft_node::net::{DIRECT_PROTOCOL, DirectCodec, IP_BANS, MAX_STRIKES};
 use weft_proto::transport::{SwarmConfig, TransportKind, build_swarm};
 
@@ -32,10 +40,11 @@ type Attacker = Swarm<request_response::Behaviour<DirectCodec>>;
 /// index 127, so the victim cannot decode it and strikes the sender.
 const JUNK: [u8; 1] = [0x7f];
 
-/// A bare libp2p swarm with a fresh peer id that speaks only the direct
-/// protocol. Its own idle timeout is long: any connection that closes
-/// within the test's deadlines was closed by the victim.
-fn attacker() -> anyhow::Result<Attacker> {
+/// A bare libp2p swarm with a fresh peer id that speaks only `protocol`
+/// (the direct or the mailbox protocol: the same framing). Its own idle
+/// timeout is long: any connection that closes within the test's
+/// deadlines was closed by the other side.
+fn attacker(protocol: &'static str) -> anyhow::Result<Attacker> {
     let key = libp2p::identity::Keypair::generate_ed25519();
     let config = SwarmConfig {
         transport: TransportKind::Network,
@@ -45,7 +54,7 @@ fn attacker() -> anyhow::Result<Attacker> {
     Ok(build_swarm(key, config, |_| {
         request_response::Behaviour::with_codec(
             DirectCodec,
-            [(StreamProtocol::new(DIRECT_PROTOCOL), ProtocolSupport::Full)],
+            [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(DEADLINE),
         )
     })?)
@@ -56,8 +65,8 @@ fn attacker() -> anyhow::Result<Attacker> {
 enum Dialed {
     /// The connection is up (and stays up, as far as we know yet).
     Connected,
-    /// It came up and the victim closed it before we sent anything, or
-    /// it failed while being set up.
+    /// It failed while being set up: refused before or during its
+    /// handshake.
     CutOff,
 }
 
@@ -149,6 +158,32 @@ async fn closed_unprompted(swarm: &mut Attacker, victim: PeerId) -> bool {
     closed.await.is_ok()
 }
 
+/// Whether `peer` answers `request` before the connection closes (or
+/// `DEADLINE` passes).
+async fn answered(swarm: &mut Attacker, peer: PeerId, request: Vec<u8>) -> bool {
+    swarm.behaviour_mut().send_request(&peer, request);
+    let answer = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { .. },
+                    ..
+                }) => return true,
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { .. }) => {
+                    return false;
+                }
+                SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    num_established: 0,
+                    ..
+                } if peer_id == peer => return false,
+                _ => {}
+            }
+        }
+    });
+    answer.await.unwrap_or(false)
+}
+
 /// The peer ids in `node`'s `weft status`.
 fn peers_of(node: &Weft) -> anyhow::Result<Vec<String>> {
     let status = node.json(&["status"])?;
@@ -209,7 +244,7 @@ fn fresh_peer_ids_from_a_banned_address_are_refused_and_others_are_not() -> anyh
         // IP_BANS fresh ids from the attacker's address, each accepted,
         // each banned for its junk.
         for n in 1..=IP_BANS {
-            let mut swarm = attacker()?;
+            let mut swarm = attacker(DIRECT_PROTOCOL)?;
             let dialed = dial(&mut swarm, victim_id, &at).await?;
             if dialed != Dialed::Connected {
                 bail!(
@@ -234,7 +269,7 @@ fn fresh_peer_ids_from_a_banned_address_are_refused_and_others_are_not() -> anyh
     }
     // A fresh id from the banned address: cut off as it connects.
     runtime.block_on(async {
-        let mut swarm = attacker()?;
+        let mut swarm = attacker(DIRECT_PROTOCOL)?;
         let fresh = *swarm.local_peer_id();
         let refused = match dial(&mut swarm, victim_id, &at).await? {
             Dialed::CutOff => true,
@@ -275,5 +310,91 @@ fn fresh_peer_ids_from_a_banned_address_are_refused_and_others_are_not() -> anyh
             .contains(&victim_id.to_string())
             .then_some(()))
     })?;
+    Ok(())
+}
+
+#[test]
+fn a_relay_takes_no_more_than_its_cap_of_connections_from_one_address() -> anyhow::Result<()> {
+    const CAP: u32 = 3;
+    let Some(ns) = Netns::create_or_skip(
+        "a_relay_takes_no_more_than_its_cap_of_connections_from_one_address",
+        "the relay's per-IP connection cap test",
+        false,
+    )?
+    else {
+        return Ok(());
+    };
+    let (relay_ns, honest_ns) = (0, 1);
+    let link = ns.link_to_host(relay_ns)?;
+    let relay = Relay::start_in_netns(
+        &ns.names[relay_ns],
+        "/ip4/0.0.0.0/tcp/0",
+        &format!("[limits]\nmax_connections_per_ip = {CAP}\n[dht]\nadvertise = false\n"),
+    )?;
+    let relay_id: PeerId = relay.peer_id.parse()?;
+    let port = relay.tcp_port()?;
+    let at: Multiaddr = format!("/ip4/{}/tcp/{port}", link.ns_addr).parse()?;
+    // A stranger has no mailbox: the relay answers `NotRegistered`, which
+    // shows the connection was taken in.
+    let fetch = || MailboxRequest::Fetch { after: 0, limit: 1 }.encode();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Held open (not polled, but up) until the end of the test.
+    let _held = runtime.block_on(async {
+        let mut held = Vec::new();
+        for n in 1..=CAP {
+            let mut swarm = attacker(MAILBOX_PROTOCOL)?;
+            let dialed = dial(&mut swarm, relay_id, &at).await?;
+            if dialed != Dialed::Connected || !answered(&mut swarm, relay_id, fetch()).await {
+                bail!(
+                    "connection {n} of {CAP} from one address was refused; the relay's log:\n{}",
+                    relay.log()
+                );
+            }
+            held.push(swarm);
+        }
+        // One more, under yet another fresh id: refused.
+        let mut swarm = attacker(MAILBOX_PROTOCOL)?;
+        let refused = match dial(&mut swarm, relay_id, &at).await? {
+            Dialed::CutOff => true,
+            Dialed::Connected => !answered(&mut swarm, relay_id, fetch()).await,
+        };
+        if !refused {
+            bail!(
+                "a connection past the cap of {CAP} from {} was taken in",
+                link.host_addr
+            );
+        }
+        anyhow::Ok(held)
+    })?;
+    wait_until("the relay to warn of the refusal", DEADLINE, || {
+        Ok(relay
+            .log()
+            .contains("refusing new connections from an address")
+            .then_some(()))
+    })?;
+    // An honest node on another address takes the relay as its relay.
+    let relay_addr = format!("/ip4/{}/tcp/{port}/p2p/{relay_id}", ns.addrs[relay_ns]);
+    let mut honest = Weft::new("honest")?;
+    honest.init()?;
+    let honest_listen = format!("/ip4/{}/tcp/0", ns.addrs[honest_ns]);
+    honest.start_daemon_in(
+        &ns.names[honest_ns],
+        &[
+            "--listen",
+            &honest_listen,
+            "--no-mdns",
+            "--relay",
+            &relay_addr,
+        ],
+    )?;
+    wait_until("the honest node to connect to the relay", DEADLINE, || {
+        Ok(peers_of(&honest)?
+            .contains(&relay_id.to_string())
+            .then_some(()))
+    })
+    .with_context(|| format!("the relay's log:\n{}", relay.log()))?;
     Ok(())
 }
