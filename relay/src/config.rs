@@ -121,6 +121,12 @@ pub struct LimitsConfig {
     pub request_burst: u32,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
+    /// Established incoming connections one IP address (IPv6: its /64)
+    /// may hold (0: no limit), see [`crate::ip_limits`].
+    pub max_connections_per_ip: u32,
+    /// Apply `max_connections_per_ip` to loopback too (off: local
+    /// proxies, tools and tests share 127.0.0.1).
+    pub limit_loopback_per_ip: bool,
     pub max_pending_incoming: u32,
     /// New connections are refused while the process uses more than this
     /// (MiB; 0: no limit).
@@ -135,6 +141,8 @@ impl Default for LimitsConfig {
             request_burst: 200,
             max_connections: 10_000,
             max_connections_per_peer: 4,
+            max_connections_per_ip: 64,
+            limit_loopback_per_ip: false,
             max_pending_incoming: 256,
             max_memory_mb: 1024,
             idle_timeout_secs: 600,
@@ -371,6 +379,16 @@ request_burst = 200
 max_connections = 10000
 max_connections_per_peer = 4
 max_pending_incoming = 256
+# Established incoming connections one IP address may hold (IPv6: one
+# /64), so that one machine cannot take every slot with fresh peer ids;
+# past it a connection is refused as it arrives (a warning in the log,
+# weft_relay_connections_refused_per_ip_total in the metrics). 64 leaves
+# room for the devices of a household or an office behind one NAT.
+# 0: no limit.
+max_connections_per_ip = 64
+# Loopback (127.0.0.0/8, ::1) is exempt unless this is true: a reverse
+# proxy or tunnel on this host makes every device come from 127.0.0.1.
+limit_loopback_per_ip = false
 # New connections are refused while the relay's resident memory is over
 # this many MiB (0: no limit).
 max_memory_mb = 1024

@@ -15,6 +15,7 @@
 //! - [`depositor`]: who deposits (peer id and address), for the
 //!   per-depositor quotas, and the cool-off of those just refused;
 //! - [`net`]: the swarm task;
+//! - [`ip_limits`]: the cap on connections from one IP address;
 //! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
 //! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
 //! - [`server`]: starting and draining all of it.
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod depositor;
+pub mod ip_limits;
 pub mod limiter;
 pub mod metrics;
 pub mod net;

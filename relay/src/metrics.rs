@@ -40,6 +40,7 @@ pub struct RelayMetrics {
     unverified: Counter,
     over_quota: Family<Labels, Counter>,
     cooled: Counter,
+    refused_per_ip: Counter,
     wakeups: Family<Labels, Counter>,
     wakeup_failures: Counter,
     mailboxes: Gauge,
@@ -62,6 +63,7 @@ impl Default for RelayMetrics {
             unverified: Counter::default(),
             over_quota: Family::default(),
             cooled: Counter::default(),
+            refused_per_ip: Counter::default(),
             wakeups: Family::default(),
             wakeup_failures: Counter::default(),
             mailboxes: Gauge::default(),
@@ -133,6 +135,12 @@ impl RelayMetrics {
             "Deposits refused unchecked, from a depositor refused (by a quota of its own, or for \
              an envelope that did not verify) less than a second before",
             m.cooled.clone(),
+        );
+        r.register(
+            "connections_refused_per_ip",
+            "Incoming connections refused because their IP address (IPv6: its /64) already held \
+             limits.max_connections_per_ip connections",
+            m.refused_per_ip.clone(),
         );
         r.register(
             "wakeups",
@@ -228,6 +236,15 @@ impl RelayMetrics {
         self.refusals
             .get_or_create(&[("reason", reason_label(reason))])
             .get()
+    }
+
+    pub fn refused_per_ip(&self) {
+        self.refused_per_ip.inc();
+    }
+
+    /// Incoming connections refused by the per-IP cap so far (tests).
+    pub fn connections_refused_per_ip(&self) -> u64 {
+        self.refused_per_ip.get()
     }
 
     pub fn wakeup_sent(&self, kind: &'static str) {

@@ -2,7 +2,8 @@
 //! transport in tests) with noise and yamux; identify (`/weft/1.0.0`),
 //! ping, Kademlia (`/weft/kad/1.0.0`, server mode: the relay doubles as a
 //! bootstrap node), circuit relay v2, AutoNAT (v1 and v2 servers), the
-//! mailbox protocol (`/weft/mailbox/1`) and connection limits. It
+//! mailbox protocol (`/weft/mailbox/1`) and connection limits (in all,
+//! per peer, per IP address: `ip_limits`, and by memory). It
 //! announces itself in the DHT as a provider of the relay key, so that
 //! nodes find relays without being given one.
 //!
@@ -24,7 +25,7 @@ use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, identify, kad,
     memory_connection_limits, ping, relay,
@@ -37,6 +38,7 @@ use weft_proto::transport::{self, SwarmConfig, TransportKind};
 
 use crate::config::Config;
 use crate::depositor::Source;
+use crate::ip_limits::{IpConnectionLimits, TooManyFromIp};
 use crate::limiter::TokenBucket;
 use crate::metrics::RelayMetrics;
 use crate::service::{Handled, Service};
@@ -86,6 +88,7 @@ fn reason(error: &(dyn std::error::Error + 'static)) -> String {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
+    per_ip: IpConnectionLimits,
     memory: Toggle<memory_connection_limits::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -163,6 +166,7 @@ fn build_behaviour(key: &libp2p::identity::Keypair, config: &Config) -> Behaviou
     });
     Behaviour {
         limits,
+        per_ip: IpConnectionLimits::new(l.max_connections_per_ip, l.limit_loopback_per_ip),
         memory: memory.into(),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
@@ -550,6 +554,12 @@ impl NetTask {
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.sources.remove(&connection_id);
             }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                ..
+            } if cause.downcast_ref::<TooManyFromIp>().is_some() => {
+                self.relay_metrics.refused_per_ip();
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
@@ -621,6 +631,7 @@ impl NetTask {
             BehaviourEvent::Autonat(event) => tracing::debug!(?event, "autonat"),
             BehaviourEvent::AutonatV2(event) => tracing::debug!(?event, "autonat v2"),
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::PerIp(never) => match never {},
             BehaviourEvent::Memory(never) => match never {},
         }
     }

@@ -862,6 +862,75 @@ pub mod netns {
         }
     }
 
+    /// A veth pair between namespace `side` of a [`Netns`] and the test
+    /// process's own namespace: an in-process peer (a bare libp2p swarm)
+    /// reaches the daemon in that namespace from an address of its own,
+    /// `host_addr`, with no other traffic. The subnet (10.215.N.0/24) is
+    /// one the host does not use yet. Deleting the host end on drop
+    /// deletes the pair (as does deleting the namespace).
+    #[derive(Debug)]
+    pub struct HostLink {
+        /// The host end, in the test process's namespace.
+        pub host_dev: String,
+        /// The address of the host end (no prefix length).
+        pub host_addr: String,
+        /// The address of the namespace end (no prefix length).
+        pub ns_addr: String,
+    }
+
+    impl Netns {
+        /// Links namespace `side` to the test process's namespace (see
+        /// [`HostLink`]).
+        pub fn link_to_host(&self, side: usize) -> anyhow::Result<HostLink> {
+            let tag = self.veths[side]
+                .get(2..)
+                .context("veth names start with two letters")?;
+            let (host_dev, ns_dev) = (format!("wh{tag}"), format!("wn{tag}"));
+            // One link at a time in this process, so that two tests do not
+            // pick the same free subnet; other processes start elsewhere
+            // (at this one's namespaces' subnet number).
+            let _one_at_a_time = HOST_LINKS.lock().unwrap_or_else(|e| e.into_inner());
+            let used =
+                ip_stdout(&["-4", "-o", "addr", "show"])? + &ip_stdout(&["-4", "route", "show"])?;
+            let start: u32 = self.addrs[side]
+                .split('.')
+                .nth(2)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(std::process::id);
+            let subnet = (0..250)
+                .map(|i| 1 + (start + i) % 250)
+                .find(|n| !used.contains(&format!("10.215.{n}.")))
+                .context("no free 10.215.N.0/24 subnet on the host")?;
+            let link = HostLink {
+                host_dev: host_dev.clone(),
+                host_addr: format!("10.215.{subnet}.2"),
+                ns_addr: format!("10.215.{subnet}.1"),
+            };
+            ip(&[
+                "link", "add", &host_dev, "type", "veth", "peer", "name", &ns_dev,
+            ])?;
+            ip(&["link", "set", &ns_dev, "netns", &self.names[side]])?;
+            let ns_cidr = format!("{}/24", link.ns_addr);
+            self.ip(side, &["addr", "add", &ns_cidr, "dev", &ns_dev])?;
+            self.ip(side, &["link", "set", &ns_dev, "up"])?;
+            let host_cidr = format!("{}/24", link.host_addr);
+            ip(&["addr", "add", &host_cidr, "dev", &host_dev])?;
+            ip(&["link", "set", &host_dev, "up"])?;
+            Ok(link)
+        }
+    }
+
+    /// Held while a [`HostLink`] is being made.
+    static HOST_LINKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    impl Drop for HostLink {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.host_dev])
+                .output();
+        }
+    }
+
     fn rand_byte() -> u8 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -944,7 +1013,7 @@ pub mod relay {
                 .tempdir()
                 .context("creating the relay's data directory")?;
             let path = data.path().to_path_buf();
-            Self::launch("/ip4/127.0.0.1/tcp/0", &path, Some(data))
+            Self::launch(Launch::default(), "/ip4/127.0.0.1/tcp/0", &path, Some(data))
         }
 
         /// A relay on a free port with the data directory `data_dir`,
@@ -952,13 +1021,18 @@ pub mod relay {
         /// [`Relay::start_at`] on [`Relay::tcp_port`]) is a restart (same
         /// `relay.key`, same database).
         pub fn start_in(data_dir: &Path) -> anyhow::Result<Self> {
-            Self::launch("/ip4/127.0.0.1/tcp/0", data_dir, None)
+            Self::launch(Launch::default(), "/ip4/127.0.0.1/tcp/0", data_dir, None)
         }
 
         /// A relay on TCP `port` of 127.0.0.1 with the data directory
         /// `data_dir`, which outlives it, as [`Relay::start_in`].
         pub fn start_at(port: u16, data_dir: &Path) -> anyhow::Result<Self> {
-            Self::launch(&format!("/ip4/127.0.0.1/tcp/{port}"), data_dir, None)
+            Self::launch(
+                Launch::default(),
+                &format!("/ip4/127.0.0.1/tcp/{port}"),
+                data_dir,
+                None,
+            )
         }
 
         /// The TCP port the relay listens on, from its ready line.
@@ -973,7 +1047,32 @@ pub mod relay {
                 .with_context(|| format!("tcp port {port:?} in {}", self.addr))
         }
 
+        /// A relay with a fresh, temporary data directory, run inside the
+        /// network namespace `netns` (`ip netns exec`, which execs: the
+        /// child is the relay itself) listening on `listen`, with the
+        /// config file `config_toml`. Its metrics server is off: it would
+        /// listen inside the namespace, out of the test's reach.
+        pub fn start_in_netns(
+            netns: &str,
+            listen: &str,
+            config_toml: &str,
+        ) -> anyhow::Result<Self> {
+            let data = tempfile::Builder::new()
+                .prefix("weft-relay-")
+                .tempdir()
+                .context("creating the relay's data directory")?;
+            let config = data.path().join("relay.toml");
+            std::fs::write(&config, config_toml).context("writing the relay's config")?;
+            let path = data.path().join("data");
+            let launch = Launch {
+                netns: Some(netns),
+                config: Some(&config),
+            };
+            Self::launch(launch, listen, &path, Some(data))
+        }
+
         fn launch(
+            how: Launch<'_>,
             listen: &str,
             data_dir: &Path,
             owned: Option<tempfile::TempDir>,
@@ -984,8 +1083,24 @@ pub mod relay {
                 .context("creating a directory for the relay's log")?;
             let log = root.path().join("relay.log");
             let log_file = std::fs::File::create(&log)?;
-            let mut child = Command::new(relay_bin()?)
-                .args(["--json", "--listen", listen, "--metrics", "127.0.0.1:0"])
+            let mut command = match how.netns {
+                None => Command::new(relay_bin()?),
+                Some(netns) => {
+                    let mut command = Command::new("ip");
+                    command.args(["netns", "exec", netns]).arg(relay_bin()?);
+                    command
+                }
+            };
+            let metrics = if how.netns.is_some() {
+                "off"
+            } else {
+                "127.0.0.1:0"
+            };
+            command.args(["--json", "--listen", listen, "--metrics", metrics]);
+            if let Some(config) = how.config {
+                command.arg("--config").arg(config);
+            }
+            let mut child = command
                 .arg("--data")
                 .arg(data_dir)
                 .stdin(Stdio::null())
@@ -1108,6 +1223,13 @@ pub mod relay {
             }
             Ok(None)
         }
+    }
+
+    /// Where and how [`Relay::launch`] runs the relay.
+    #[derive(Debug, Default)]
+    struct Launch<'a> {
+        netns: Option<&'a str>,
+        config: Option<&'a Path>,
     }
 
     impl Drop for Relay {

@@ -33,9 +33,15 @@ pub const IP_BANS: u32 = 3;
 /// Most entries in each table.
 const MAX_TRACKED: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
-/// The IP address a connection's remote address starts with, if any
-/// (none for the memory transport and relayed circuits' inner part).
+/// The IP address a connection's remote address starts with, if any:
+/// none for the memory transport, nor for a connection through a circuit
+/// relay (inbound its address is `/p2p/<peer>`; dialed it starts with the
+/// relay's address, and the peer's offences must not count against the
+/// relay's address: three would ban the relay and every peer behind it).
 pub(super) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
+    }
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
@@ -227,5 +233,13 @@ mod tests {
         assert_eq!(ip_of(&tcp), Some(FAR));
         let memory: Multiaddr = "/memory/7".parse().unwrap();
         assert_eq!(ip_of(&memory), None);
+        let relay = PeerId::random();
+        let through_a_relay: Multiaddr = format!(
+            "/ip4/203.0.113.7/tcp/4040/p2p/{relay}/p2p-circuit/p2p/{}",
+            PeerId::random()
+        )
+        .parse()
+        .unwrap();
+        assert_eq!(ip_of(&through_a_relay), None, "not the relay's address");
     }
 }
