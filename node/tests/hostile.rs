@@ -581,15 +581,18 @@ async fn shard_of(node: &TestNode, target: &str, id: &str, epoch: u64) -> u64 {
     weft_node::payload::shard_of(epoch, weft_node::hlc::Hlc(m["hlc"].as_u64().unwrap()))
 }
 
-/// A change about a message not here yet goes into its shard at once
-/// (the message may never come), so carol's forged edit of a message bob
-/// has not received sits in his shard, the greatest edit there. When the
-/// message and alice's own edit come, bob shows alice's edit: an edit's
-/// text is stored, and shown, only once its author may make it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_edit_taken_in_before_its_message_never_shows() {
-    const SEED: u64 = 27;
-    let (alice, bob, conversation) = trio_offline(SEED).await;
+/// Alice writes in the trio and edits it (and reacts to it, if `react`)
+/// while bob is away; carol, a member, forges a change about that message
+/// (what `forge` writes into a shard of hers, with the edit text `edit`)
+/// and bob takes it in before alice's envelopes. Returns alice, bob and the
+/// message's id.
+async fn carol_forges_before_the_message(
+    seed: u64,
+    react: bool,
+    forge: impl FnOnce(&mut weft_crdt::Annotations, &weft_node::ids::MessageId) -> Vec<u8>,
+    edit: Option<EditText>,
+) -> (TestNode, TestNode, String) {
+    let (alice, bob, conversation) = trio_offline(seed).await;
     let mut id = String::new();
     let from_alice = made_by(&alice, async {
         id = alice.send("trio", "alice's words").await["id"]
@@ -602,13 +605,22 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
                 text: "alice's second thoughts".into(),
             })
             .await;
+        if react {
+            alice
+                .call(Request::React {
+                    id: id.clone(),
+                    emoji: "👍".into(),
+                    remove: false,
+                })
+                .await;
+        }
     })
     .await;
 
     let (mut carol_forges, key) = Forger::new(
-        identity("carol", SEED),
+        identity("carol", seed),
         conversation,
-        &identity("bob", SEED),
+        &identity("bob", seed),
     );
     bob.handle.deliver(vec![key]).await.unwrap();
     let message: weft_node::ids::MessageId = id.parse().unwrap();
@@ -618,22 +630,34 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
     let forged = carol_forges.chain(&Payload::Annotate(Annotate {
         message,
         period,
-        change: shard
-            .edit(
-                &message.0,
-                weft_crdt::EditRef {
-                    hlc: u64::MAX,
-                    edit: vec![7; 16],
-                },
-            )
-            .unwrap(),
-        edit: Some(EditText {
-            id: [7; 16],
-            text: "carol's words in alice's mouth".into(),
-        }),
+        change: forge(&mut shard, &message),
+        edit,
     }));
     bob.handle.deliver(vec![forged]).await.unwrap();
     bob.handle.deliver(from_alice).await.unwrap();
+    (alice, bob, id)
+}
+
+/// A change about a message not here yet goes into its shard at once
+/// (the message may never come), so carol's forged edit of a message bob
+/// has not received sits in his shard, the greatest edit there. When the
+/// message and alice's own edit come, bob shows alice's edit: an edit's
+/// text is stored, and shown, only once its author may make it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_edit_taken_in_before_its_message_never_shows() {
+    let forged_edit = |shard: &mut weft_crdt::Annotations, message: &weft_node::ids::MessageId| {
+        let greatest = weft_crdt::EditRef {
+            hlc: u64::MAX,
+            edit: vec![7; 16],
+        };
+        shard.edit(&message.0, greatest).unwrap()
+    };
+    let words = EditText {
+        id: [7; 16],
+        text: "carol's words in alice's mouth".into(),
+    };
+    let (_alice, bob, id) =
+        carol_forges_before_the_message(27, false, forged_edit, Some(words)).await;
     let ms = bob
         .wait_messages("trio", "alice's edit", |ms| {
             ms.iter()
@@ -651,47 +675,11 @@ async fn a_forged_edit_taken_in_before_its_message_never_shows() {
 /// alice's edit and reaction, and the reactions after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_deletion_taken_in_before_its_message_freezes_nothing() {
-    const SEED: u64 = 31;
-    let (alice, bob, conversation) = trio_offline(SEED).await;
-    let mut id = String::new();
-    let from_alice = made_by(&alice, async {
-        id = alice.send("trio", "alice's words").await["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        alice
-            .call(Request::Edit {
-                id: id.clone(),
-                text: "alice's second thoughts".into(),
-            })
-            .await;
-        alice
-            .call(Request::React {
-                id: id.clone(),
-                emoji: "👍".into(),
-                remove: false,
-            })
-            .await;
-    })
-    .await;
-
-    let (mut carol_forges, key) = Forger::new(
-        identity("carol", SEED),
-        conversation,
-        &identity("bob", SEED),
-    );
-    bob.handle.deliver(vec![key]).await.unwrap();
-    let message: weft_node::ids::MessageId = id.parse().unwrap();
-    let period = shard_of(&alice, "trio", &id, 1).await;
-    let mut shard = weft_crdt::Annotations::new(&carol_forges.me.device_id().0);
-    let forged = carol_forges.chain(&Payload::Annotate(Annotate {
-        message,
-        period,
-        change: shard.delete(&message.0).unwrap(),
-        edit: None,
-    }));
-    bob.handle.deliver(vec![forged]).await.unwrap();
-    bob.handle.deliver(from_alice).await.unwrap();
+    let forged_deletion = |shard: &mut weft_crdt::Annotations,
+                           message: &weft_node::ids::MessageId| {
+        shard.delete(&message.0).unwrap()
+    };
+    let (alice, bob, id) = carol_forges_before_the_message(31, true, forged_deletion, None).await;
     let shown = |ms: &[serde_json::Value]| {
         ms.iter().any(|m| {
             m["id"] == id.as_str() && m["edited"] == true && m["reactions"]["👍"].is_array()

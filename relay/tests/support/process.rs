@@ -156,38 +156,6 @@ impl Drop for RelayProcess {
     }
 }
 
-/// CPU time (user + system) of process `pid`, from `/proc/PID/stat`.
-pub fn cpu_of(pid: u32) -> Duration {
-    cpu_in(&format!("/proc/{pid}/stat"))
-}
-
-/// CPU time of each thread of process `pid`, summed by thread name.
-pub fn threads_cpu(pid: u32) -> std::collections::BTreeMap<String, Duration> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
-    };
-    for task in tasks.flatten() {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let cpu = cpu_in(&task.path().join("stat").to_string_lossy());
-        *by_name.entry(name.trim().to_string()).or_default() += cpu;
-    }
-    by_name
-}
-
-fn cpu_in(stat_path: &str) -> Duration {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    // Fields after the command (which may hold spaces), from field 3.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15: 11 and 12 after the command.
-    let total = ticks(11) + ticks(12);
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(total * 10)
-}
+// Not every test that includes this file uses both.
+#[allow(unused_imports)]
+pub use weft_e2e::procfs::{cpu_of, threads_cpu};
