@@ -6,10 +6,15 @@
 //! Alice, bob and carol share the group "trio". Carol's node is stopped
 //! and a bare libp2p peer with her device key takes her place: it joins
 //! the group's topic (alice lets her device on it), receives one message,
-//! and then is never polled again. Alice then sends the group
-//! `SLOW_MESSAGES` messages (CI: 2,000) in three rounds, and the test
-//! samples the process's RSS after each round (docs/performance.md
-//! reports a larger run).
+//! and then is never polled again. Alice sends the group `SLOW_MESSAGES`
+//! messages of about 1 KiB (CI: 2,000) in two rounds, as many with carol
+//! simply away before, and the test samples the process's RSS after each
+//! round. Gossipsub's send queue for the stalled peer fills (it is bounded,
+//! `GOSSIP_QUEUE` in `net::behaviour`), and once as many messages again are
+//! dropped for it alice closes its connection: the peer is dropped (not
+//! banned: it comes back and is heard), and a round with it stalled costs
+//! no more memory than one with it away, give or take allocator noise.
+//! docs/performance.md reports a larger run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -187,7 +192,10 @@ async fn rounds(
         let now = rss_bytes();
         growth.push(now as i64 - rss as i64);
         let held = match stalled {
-            Some(peer) => format!("; alice holds the stalled peer: {}", holds(alice, peer).await),
+            Some(peer) => format!(
+                "; alice holds the stalled peer: {}",
+                holds(alice, peer).await
+            ),
             None => String::new(),
         };
         eprintln!(
@@ -233,12 +241,16 @@ async fn a_member_that_stops_reading_is_dropped_and_costs_bounded_memory() {
     .await;
     let away = rounds("away", &alice, &bob, shape, &mut sent, None).await;
 
-    let stalled = join_then_stall(carol_key, &topic, &alice, &mut sent).await;
+    let stalled = join_then_stall(carol_key.clone(), &topic, &alice, &mut sent).await;
     assert!(holds(&alice, carol_peer).await);
     // From here the stalled peer's swarm is never polled.
     let started = Instant::now();
     let stall = rounds("stalled", &alice, &bob, shape, &mut sent, Some(carol_peer)).await;
-    let fmt = |g: &[i64]| g.iter().map(|g| format!("{:+.1}", mib(*g))).collect::<Vec<_>>();
+    let fmt = |g: &[i64]| {
+        g.iter()
+            .map(|g| format!("{:+.1}", mib(*g)))
+            .collect::<Vec<_>>()
+    };
     eprintln!(
         "{} messages sent with a peer stalled, in {:.2?}; RSS growth per round (MiB): \
          carol away {:?}, stalled {:?}",
@@ -253,6 +265,8 @@ async fn a_member_that_stops_reading_is_dropped_and_costs_bounded_memory() {
         (!holds(&alice, carol_peer).await).then_some(())
     })
     .await;
+    // Dropped, not banned: carol's device comes back and is heard.
+    let back = join_then_stall(carol_key, &topic, &alice, &mut sent).await;
     let reference = away.iter().copied().max().unwrap();
     assert!(
         stall[ROUNDS - 1] <= reference + RSS_SLACK,
@@ -263,5 +277,5 @@ async fn a_member_that_stops_reading_is_dropped_and_costs_bounded_memory() {
     let texts = all_texts(&bob, "trio").await;
     assert_eq!(texts.len(), sent.len(), "bob has every message once");
     assert!(texts == sent, "bob has every message in order");
-    drop(stalled);
+    drop((stalled, back));
 }
