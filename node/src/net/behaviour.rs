@@ -29,6 +29,15 @@ use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 const DIRECT_STREAMS: usize = 32;
 const MAILBOX_STREAMS: usize = 16;
 
+/// Gossip messages waiting to be sent to one peer (gossipsub's per-peer
+/// send queue, shared by its connections; 5,000 by default). A peer that
+/// stops reading has this many queued for it and no more: each up to
+/// `max_transmit_size` (about 1 MiB), a text's envelope about 1 KiB.
+/// Past it, what we publish or forward is dropped for that peer (the
+/// outbox offers it again directly), and after as many drops again the
+/// network task closes its connections (`events`, a slow peer).
+pub(super) const GOSSIP_QUEUE: usize = 512;
+
 /// Everything the swarm speaks, composed.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
@@ -60,6 +69,7 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
         .validate_messages()
         .max_transmit_size(MAX_ENVELOPE_BYTES + 16 * 1024)
         .heartbeat_interval(Duration::from_millis(700))
+        .connection_handler_queue_len(GOSSIP_QUEUE)
         .build()
         .map_err(NetError::GossipsubConfig)
 }

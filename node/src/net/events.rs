@@ -1,15 +1,15 @@
 //! What the swarm reports, handled by the network task: listeners
 //! opening and closing, connections established and lost, and the
 //! behaviours' events (gossip, identify, direct and mailbox requests,
-//! ping failures, DHT lookups, relay reservations, hole punching), turned
-//! into [`NetEvent`]s for the node and into dials, redials and relay
-//! listeners.
+//! ping failures, peers too slow to take their gossip, DHT lookups, relay
+//! reservations, hole punching), turned into [`NetEvent`]s for the node
+//! and into dials, redials, closed connections and relay listeners.
 
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, dcutr, gossipsub, identify, kad, ping, relay, request_response};
 use tokio::sync::oneshot;
 
-use super::behaviour::BehaviourEvent;
+use super::behaviour::{BehaviourEvent, GOSSIP_QUEUE};
 use super::peers::with_peer;
 use super::task::NetworkTask;
 use super::{ConnectedPeer, KAD_PROTOCOL, NetError, NetEvent, PeerSource, relay_client};
@@ -112,6 +112,7 @@ impl NetworkTask {
                 ..
             } => {
                 self.peers.remove(&peer_id);
+                self.slow_peers.remove(&peer_id);
                 self.relay_discovery.gone(&peer_id);
                 self.back_off(peer_id);
                 self.emit(NetEvent::Disconnected { peer: peer_id }).await?;
@@ -129,6 +130,27 @@ impl NetworkTask {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A peer that does not take its gossip: its send queue was full (or
+    /// messages waited there too long) and `failed` were dropped for it.
+    /// Once a whole queue's worth has been dropped, its connections are
+    /// closed, and the queue with them: a peer that stopped reading costs
+    /// at most one full queue, for as long as that takes. Not a ban:
+    /// slowness is no offence, and it catches up through the outbox once
+    /// reconnected, as a peer that went away does.
+    fn on_slow_peer(&mut self, peer: libp2p::PeerId, failed: gossipsub::FailedMessages) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let dropped = self.slow_peers.entry(peer).or_default();
+        *dropped = dropped.saturating_add(failed.priority + failed.non_priority);
+        tracing::debug!(%peer, dropped = *dropped, "gossip dropped for a slow peer");
+        if *dropped >= GOSSIP_QUEUE {
+            tracing::info!(%peer, "closing the connections of a peer that does not take its gossip");
+            self.slow_peers.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
     }
 
     async fn on_behaviour_event(&mut self, event: BehaviourEvent) -> Result<(), ()> {
@@ -160,6 +182,10 @@ impl NetworkTask {
                 })
                 .await?;
             }
+            BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            }) => self.on_slow_peer(peer_id, failed_messages),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let listen: Vec<Multiaddr> = info.listen_addrs.into_iter().take(16).collect();
                 if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {

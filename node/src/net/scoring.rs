@@ -26,6 +26,11 @@
 //!   attacker has easier ways in.
 //! - **P7, behaviour** (−10 × excess², past 6, decaying by 0.9): broken
 //!   GRAFT backoffs and unanswered IWANTs.
+//! - **Slow peers: off** (gossipsub's default is −0.2 per message
+//!   dropped because the peer's send queue was full). A burst to an
+//!   honest peer on a slow link could sink it past the graylist and get
+//!   it banned for an hour; the network task closes a slow peer's
+//!   connections instead (`events`), which frees what waits for it.
 //! - Thresholds: gossip −10, publish −50, graylist −80 (gossipsub's
 //!   defaults); no peer exchange is used, and opportunistic grafting
 //!   needs +5.
@@ -68,6 +73,7 @@ pub(super) fn params() -> PeerScoreParams {
         behaviour_penalty_weight: -10.0,
         behaviour_penalty_threshold: 6.0,
         behaviour_penalty_decay: 0.9,
+        slow_peer_weight: 0.0,
         decay_interval: Duration::from_secs(1),
         decay_to_zero: 0.01,
         // A peer that reconnects finds its score where it left it.

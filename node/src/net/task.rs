@@ -80,6 +80,7 @@ pub fn spawn(
         offenders: Offenders::default(),
         kad_ready: false,
         dht_lookups: HashMap::new(),
+        slow_peers: HashMap::new(),
     };
     let join = tokio::spawn(task.run());
     Ok((handle, event_rx, join))
@@ -115,6 +116,10 @@ pub(super) struct NetworkTask {
     pub(super) kad_ready: bool,
     /// Peers being looked up in the DHT (bounded).
     pub(super) dht_lookups: HashMap<kad::QueryId, PeerId>,
+    /// Gossip messages dropped for each connected peer whose send queue
+    /// was full (gossipsub's slow peers), until its connections are
+    /// closed; bounded by the connections held.
+    pub(super) slow_peers: HashMap<PeerId, usize>,
     /// The circuit listeners at the relays in use.
     pub(super) relay_listeners: relay_client::RelayListeners,
     /// Relays looked for in the DHT.
