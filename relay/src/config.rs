@@ -122,7 +122,7 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     /// Established incoming connections one IP address (IPv6: its /64)
-    /// may hold (0: no limit), see [`crate::ip_limits`].
+    /// may hold (0: no limit), see `weft_proto::ip_limits`.
     pub max_connections_per_ip: u32,
     /// Apply `max_connections_per_ip` to loopback too (off: local
     /// proxies, tools and tests share 127.0.0.1).

@@ -15,7 +15,8 @@
 //! - [`depositor`]: who deposits (peer id and address), for the
 //!   per-depositor quotas, and the cool-off of those just refused;
 //! - [`net`]: the swarm task;
-//! - [`ip_limits`]: the cap on connections from one IP address;
+//! - the cap on connections from one IP address is
+//!   `weft_proto::ip_limits` (shared with the node);
 //! - [`wakeup`]: coalesced live and UnifiedPush wakeups;
 //! - [`metrics`]: Prometheus metrics, `/metrics` and `/healthz`;
 //! - [`server`]: starting and draining all of it.
@@ -24,7 +25,6 @@
 
 pub mod config;
 pub mod depositor;
-pub mod ip_limits;
 pub mod limiter;
 pub mod metrics;
 pub mod net;

@@ -3,7 +3,7 @@
 //! ping, Kademlia (`/weft/kad/1.0.0`, server mode: the relay doubles as a
 //! bootstrap node), circuit relay v2, AutoNAT (v1 and v2 servers), the
 //! mailbox protocol (`/weft/mailbox/1`) and connection limits (in all,
-//! per peer, per IP address: `ip_limits`, and by memory). It
+//! per peer, per IP address: `weft_proto::ip_limits`, and by memory). It
 //! announces itself in the DHT as a provider of the relay key, so that
 //! nodes find relays without being given one.
 //!
@@ -32,13 +32,13 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
+use weft_proto::ip_limits::{IpConnectionLimits, TooManyFromIp};
 use weft_proto::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
 use weft_proto::net::{DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_PROVIDER_KEY};
 use weft_proto::transport::{self, SwarmConfig, TransportKind};
 
 use crate::config::Config;
 use crate::depositor::Source;
-use crate::ip_limits::{IpConnectionLimits, TooManyFromIp};
 use crate::limiter::TokenBucket;
 use crate::metrics::RelayMetrics;
 use crate::service::{Handled, Service};
@@ -166,7 +166,8 @@ fn build_behaviour(key: &libp2p::identity::Keypair, config: &Config) -> Behaviou
     });
     Behaviour {
         limits,
-        per_ip: IpConnectionLimits::new(l.max_connections_per_ip, l.limit_loopback_per_ip),
+        per_ip: IpConnectionLimits::new(l.max_connections_per_ip, l.limit_loopback_per_ip)
+            .with_setting("limits.max_connections_per_ip"),
         memory: memory.into(),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),

@@ -876,6 +876,8 @@ pub mod netns {
         pub host_addr: String,
         /// The address of the namespace end (no prefix length).
         pub ns_addr: String,
+        /// The namespace end's device.
+        pub ns_dev: String,
     }
 
     impl Netns {
@@ -905,6 +907,7 @@ pub mod netns {
                 host_dev: host_dev.clone(),
                 host_addr: format!("10.215.{subnet}.2"),
                 ns_addr: format!("10.215.{subnet}.1"),
+                ns_dev: ns_dev.clone(),
             };
             ip(&[
                 "link", "add", &host_dev, "type", "veth", "peer", "name", &ns_dev,
@@ -917,6 +920,72 @@ pub mod netns {
             ip(&["addr", "add", &host_cidr, "dev", &host_dev])?;
             ip(&["link", "set", &host_dev, "up"])?;
             Ok(link)
+        }
+    }
+
+    /// IPv6 on a [`HostLink`]: one /64 (`fd57:eef7:215:N::/64`, N being
+    /// the link's own IPv4 subnet number, so unique like it) with pairs of
+    /// addresses: the host dials `ns_addrs[i]` from `host_addrs[i]` (a
+    /// route per pair says so), so that a process of the host can come
+    /// from many addresses of one /64 (libp2p's TCP transport lets the
+    /// kernel pick the source).
+    #[derive(Debug)]
+    pub struct HostLinkV6 {
+        /// The /64's first four groups (`fd57:eef7:215:N`).
+        pub prefix: String,
+        /// The namespace end's addresses (`PREFIX::d:1`, `PREFIX::d:2`...).
+        pub ns_addrs: Vec<String>,
+        /// The host end's addresses (`PREFIX::a:1`, `PREFIX::a:2`...).
+        pub host_addrs: Vec<String>,
+    }
+
+    impl Netns {
+        /// Adds `pairs` pairs of IPv6 addresses to `link` (made by
+        /// [`Netns::link_to_host`] for namespace `side`), without duplicate
+        /// address detection (usable at once), and a route for each (see
+        /// [`HostLinkV6`]). They go with the link.
+        pub fn add_ipv6(
+            &self,
+            side: usize,
+            link: &HostLink,
+            pairs: u16,
+        ) -> anyhow::Result<HostLinkV6> {
+            let subnet = link
+                .host_addr
+                .split('.')
+                .nth(2)
+                .context("an IPv4 host address")?;
+            let prefix = format!("fd57:eef7:215:{subnet}");
+            let mut v6 = HostLinkV6 {
+                prefix: prefix.clone(),
+                ns_addrs: Vec::new(),
+                host_addrs: Vec::new(),
+            };
+            for n in 1..=pairs {
+                let (ns_addr, host_addr) =
+                    (format!("{prefix}::d:{n:x}"), format!("{prefix}::a:{n:x}"));
+                let ns_cidr = format!("{ns_addr}/64");
+                self.ip(
+                    side,
+                    &["addr", "add", &ns_cidr, "dev", &link.ns_dev, "nodad"],
+                )?;
+                let host_cidr = format!("{host_addr}/64");
+                ip(&["addr", "add", &host_cidr, "dev", &link.host_dev, "nodad"])?;
+                let to = format!("{ns_addr}/128");
+                ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &to,
+                    "dev",
+                    &link.host_dev,
+                    "src",
+                    &host_addr,
+                ])?;
+                v6.ns_addrs.push(ns_addr);
+                v6.host_addrs.push(host_addr);
+            }
+            Ok(v6)
         }
     }
 

@@ -8,8 +8,13 @@
 //!   namespace listens on its non-loopback addresses. Each attacker id
 //!   sends junk over the direct protocol (`/weft/direct/1`) until the
 //!   victim bans it. After `IP_BANS` banned ids the address is banned: a
-//!   fresh id from there is cut off as it connects, before it sends
-//!   anything, while the honest daemon still connects to the victim.
+//!   fresh id from there is refused as it connects, before its handshake
+//!   completes, while the honest daemon still connects to the victim.
+//! - A node's cap on incoming connections per address
+//!   (`ConnectionLimits::max_established_per_ip`): as many fresh ids as
+//!   would fill the victim's incoming slots dial it from addresses of one
+//!   IPv6 /64 (the host end of the veth has several); it holds the cap of
+//!   them and refuses the rest, and the honest daemon still dials in.
 //! - A relay's cap on connections per address
 //!   (`limits.max_connections_per_ip`): `weft-relay` in the namespace
 //!   takes the attacker's first ids up to the cap and refuses the next,
@@ -30,6 +35,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use weft_e2e::netns::Netns;
 use weft_e2e::relay::Relay;
 use weft_e2e::{DEADLINE, Weft, wait_until};
+use weft_node::ConnectionLimits;
 use weft_node::mailbox::{MAILBOX_PROTOCOL, MailboxRequest};
 use weft_node::net::{DIRECT_PROTOCOL, DirectCodec, IP_BANS, MAX_STRIKES};
 use weft_proto::transport::{SwarmConfig, TransportKind, build_swarm};
@@ -267,19 +273,23 @@ fn fresh_peer_ids_from_a_banned_address_are_refused_and_others_are_not() -> anyh
     if !log.contains("address banned") {
         bail!("the victim never banned the attacker's address; its log:\n{log}");
     }
-    // A fresh id from the banned address: cut off as it connects.
+    // A fresh id from the banned address: refused as it arrives, so its
+    // handshake never completes (the victim does not wait for a peer id
+    // to refuse the address).
     runtime.block_on(async {
         let mut swarm = attacker(DIRECT_PROTOCOL)?;
         let fresh = *swarm.local_peer_id();
-        let refused = match dial(&mut swarm, victim_id, &at).await? {
-            Dialed::CutOff => true,
-            Dialed::Connected => closed_unprompted(&mut swarm, victim_id).await,
-        };
-        if !refused {
-            bail!(
-                "a fresh peer id ({fresh}) from the banned address {} stayed connected",
-                link.host_addr
-            );
+        match dial(&mut swarm, victim_id, &at).await? {
+            Dialed::CutOff => {}
+            Dialed::Connected => {
+                let dropped = closed_unprompted(&mut swarm, victim_id).await;
+                bail!(
+                    "a fresh peer id ({fresh}) from the banned address {} completed its handshake \
+                     (and was {}dropped after)",
+                    link.host_addr,
+                    if dropped { "" } else { "not " }
+                );
+            }
         }
         anyhow::Ok(())
     })?;
@@ -396,5 +406,204 @@ fn a_relay_takes_no_more_than_its_cap_of_connections_from_one_address() -> anyho
             .then_some(()))
     })
     .with_context(|| format!("the relay's log:\n{}", relay.log()))?;
+    Ok(())
+}
+
+/// How many of `node`'s `weft status` peers have an address starting with
+/// `prefix` (a multiaddr's start, say `/ip6/fd57:eef7:215:3:`).
+fn peers_from(node: &Weft, prefix: &str) -> anyhow::Result<usize> {
+    let status = node.json(&["status"])?;
+    Ok(status["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter(|p| {
+                    p["addrs"].as_array().is_some_and(|addrs| {
+                        addrs
+                            .iter()
+                            .any(|a| a.as_str().is_some_and(|a| a.starts_with(prefix)))
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0))
+}
+
+/// How many distinct addresses starting with `prefix` `node`'s `weft
+/// status` peers have.
+fn sources_in(node: &Weft, prefix: &str) -> anyhow::Result<usize> {
+    let status = node.json(&["status"])?;
+    let mut ips = std::collections::HashSet::new();
+    for peer in status["peers"].as_array().into_iter().flatten() {
+        for addr in peer["addrs"].as_array().into_iter().flatten() {
+            if let Some(addr) = addr.as_str().filter(|a| a.starts_with(prefix))
+                && let Some(ip) = addr.split('/').nth(2)
+            {
+                ips.insert(ip.to_string());
+            }
+        }
+    }
+    Ok(ips.len())
+}
+
+/// The TCP port `node` listens on at an address starting with `start`
+/// (`/ip6/`, say), once its `weft status` lists one (listen addresses are
+/// reported one by one).
+fn port_of(node: &Weft, start: &str) -> anyhow::Result<u16> {
+    let addr = wait_until(&format!("a {start} listen address"), DEADLINE, || {
+        let status = node.json(&["status"])?;
+        Ok(status["listen"].as_array().and_then(|listen| {
+            listen
+                .iter()
+                .filter_map(|a| a.as_str())
+                .find(|a| a.starts_with(start))
+                .map(str::to_string)
+        }))
+    })?;
+    tcp_port(&addr)
+}
+
+/// The attacker comes from one IPv6 /64, from `SOURCES` addresses of it in
+/// turn: IPv6 is where the cap is all there is, since gossipsub's IP
+/// colocation penalty (which, with the graylist ban, sinks more than 14
+/// peer ids from one exact address) counts addresses, not /64s; and no
+/// address here holds more peers than that penalty tolerates.
+#[test]
+fn one_ipv6_64_holds_no_more_than_the_cap_and_another_address_still_dials_in() -> anyhow::Result<()>
+{
+    const SOURCES: u16 = 32;
+    let limits = ConnectionLimits::default();
+    let cap = limits.max_established_per_ip;
+    // As many as would take every incoming slot, and one more.
+    let flood = limits.max_established_incoming + 1;
+    let Some(ns) = Netns::create_or_skip(
+        "one_ipv6_64_holds_no_more_than_the_cap_and_another_address_still_dials_in",
+        "the node's per-IP connection cap test",
+        false,
+    )?
+    else {
+        return Ok(());
+    };
+    let (victim_ns, honest_ns) = (0, 1);
+    let link = ns.link_to_host(victim_ns)?;
+    let v6 = ns.add_ipv6(victim_ns, &link, SOURCES)?;
+    let mut victim = Weft::new("capped")?;
+    victim.init()?;
+    let daemon = victim.start_daemon_in(
+        &ns.names[victim_ns],
+        &[
+            "--listen",
+            "/ip4/0.0.0.0/tcp/0",
+            "--listen",
+            "/ip6/::/tcp/0",
+            "--no-mdns",
+        ],
+    )?;
+    let victim_id: PeerId = daemon.peer_id.parse()?;
+    let port4 = port_of(&victim, "/ip4/")?;
+    let port6 = port_of(&victim, "/ip6/")?;
+    let from_attacker = format!("/ip6/{}:", v6.prefix);
+
+    // Worker threads keep the held connections served (pings answered)
+    // while the test waits on the daemons.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Held open until the end of the test.
+    let _held = runtime.block_on(async {
+        let mut held = Vec::new();
+        let pairs = v6.ns_addrs.iter().zip(&v6.host_addrs).cycle();
+        for (n, (to, source)) in (1..=flood).zip(pairs) {
+            let mut swarm = attacker(DIRECT_PROTOCOL)?;
+            let fresh = *swarm.local_peer_id();
+            let at: Multiaddr = format!("/ip6/{to}/tcp/{port6}").parse()?;
+            let dialed = dial(&mut swarm, victim_id, &at).await?;
+            if n <= cap {
+                if dialed != Dialed::Connected {
+                    bail!(
+                        "connection {n} of the cap of {cap} from one /64 was refused; the victim's log:\n{}",
+                        victim.daemon_logs()
+                    );
+                }
+                held.push(swarm);
+            } else if dialed == Dialed::Connected
+                // Let in before the ones before it were counted: it must
+                // be dropped as it is established.
+                && !closed_unprompted(&mut swarm, victim_id).await
+            {
+                bail!(
+                    "connection {n} from {source} (peer id {fresh}) was taken in past the cap of {cap} for {}::/64",
+                    v6.prefix
+                );
+            }
+        }
+        anyhow::Ok(held)
+    })?;
+    wait_until(
+        "the victim to list the cap of peers from the attacker's /64",
+        DEADLINE,
+        || {
+            let from = peers_from(&victim, &from_attacker)?;
+            if from > cap as usize {
+                bail!("the victim holds {from} peers from one /64, past the cap of {cap}");
+            }
+            Ok((from == cap as usize).then_some(()))
+        },
+    )
+    .with_context(|| format!("the victim's log:\n{}", victim.daemon_logs()))?;
+    // From as many addresses: one each, as the test means.
+    let sources = sources_in(&victim, &from_attacker)?;
+    if sources != cap as usize {
+        bail!("the victim's {cap} peers from the /64 came from {sources} addresses, not {cap}");
+    }
+    wait_until("the victim to warn of the refusals", DEADLINE, || {
+        Ok(victim
+            .daemon_logs()
+            .contains("refusing new connections from an address")
+            .then_some(()))
+    })?;
+    // An honest node on another address dials in, and the victim takes it
+    // as an inbound peer (it does not dial the honest node itself).
+    let victim_addr = format!("/ip4/{}/tcp/{port4}/p2p/{victim_id}", ns.addrs[victim_ns]);
+    let mut honest = Weft::new("dialing-in")?;
+    honest.init()?;
+    let honest_listen = format!("/ip4/{}/tcp/0", ns.addrs[honest_ns]);
+    let honest_id = honest
+        .start_daemon_in(
+            &ns.names[honest_ns],
+            &[
+                "--listen",
+                &honest_listen,
+                "--no-mdns",
+                "--bootstrap",
+                &victim_addr,
+            ],
+        )?
+        .peer_id
+        .clone();
+    wait_until(
+        "the victim to list the honest node as inbound",
+        DEADLINE,
+        || {
+            let status = victim.json(&["status"])?;
+            let inbound = status["peers"].as_array().is_some_and(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p["peer_id"] == honest_id.as_str() && p["source"] == "inbound")
+            });
+            Ok(inbound.then_some(()))
+        },
+    )
+    .with_context(|| format!("the victim's log:\n{}", victim.daemon_logs()))?;
+    // The attacker's connections were held all along.
+    let from = peers_from(&victim, &from_attacker)?;
+    if from != cap as usize {
+        bail!(
+            "the victim holds {from} peers from the attacker's /64, not the cap of {cap}; its log:\n{}",
+            victim.daemon_logs()
+        );
+    }
     Ok(())
 }

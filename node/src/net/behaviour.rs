@@ -17,10 +17,11 @@ use libp2p::{
 use weft_proto::transport::{SwarmConfig, build_swarm_with_relay_client};
 
 use super::config::NetConfig;
+use super::offenders::BannedAddresses;
 use super::{
     DIRECT_PROTOCOL, DirectCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_TOPICS_PER_PEER, NetError,
 };
-use super::{gate, scoring};
+use super::{address_gate, gate, scoring};
 use crate::crypto::envelope::MAX_ENVELOPE_BYTES;
 
 /// Concurrent inbound requests per connection and protocol: each may
@@ -44,6 +45,9 @@ pub(super) struct Behaviour {
     /// First, so that a connection past a limit is refused before the
     /// other behaviours hear of it.
     pub(super) limits: connection_limits::Behaviour,
+    /// Incoming connections from banned addresses and past the
+    /// per-address cap, refused before their handshake.
+    pub(super) addresses: address_gate::AddressGate,
     pub(super) memory: Toggle<memory_connection_limits::Behaviour>,
     /// Gossipsub behind the per-topic membership gate.
     pub(super) gossipsub: gate::Gossip,
@@ -95,6 +99,7 @@ fn build_behaviour(
     gossipsub: gate::Gossip,
     relay_client: relay::client::Behaviour,
     config: &NetConfig,
+    banned: BannedAddresses,
 ) -> Behaviour {
     let peer_id = key.public().to_peer_id();
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
@@ -142,6 +147,7 @@ fn build_behaviour(
         .then(|| memory_connection_limits::Behaviour::with_max_bytes(l.max_memory_bytes));
     Behaviour {
         limits,
+        addresses: address_gate::AddressGate::new(l, banned),
         memory: memory.into(),
         gossipsub,
         kad,
@@ -162,10 +168,12 @@ fn build_behaviour(
 }
 
 /// The swarm of `key` on the transport `config` names, with the relay
-/// client (the builder is shared with the relay: `weft_proto::transport`).
+/// client (the builder is shared with the relay: `weft_proto::transport`);
+/// it refuses connections from the addresses `banned` holds.
 pub(super) fn build_swarm(
     key: libp2p::identity::Keypair,
     config: &NetConfig,
+    banned: BannedAddresses,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let gossipsub = gossipsub()?;
     let swarm_config = SwarmConfig {
@@ -174,7 +182,7 @@ pub(super) fn build_swarm(
         bandwidth_metrics: None,
     };
     build_swarm_with_relay_client(key, swarm_config, |key, relay_client| {
-        build_behaviour(key, gossipsub, relay_client, config)
+        build_behaviour(key, gossipsub, relay_client, config, banned)
     })
     .map_err(NetError::from)
 }

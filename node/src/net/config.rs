@@ -55,6 +55,15 @@ pub struct ConnectionLimits {
     /// Established connections to one peer: a direct and a relayed one,
     /// and the crossing dials of two peers that dial each other at once.
     pub max_established_per_peer: u32,
+    /// Established incoming connections from one address (IPv4 whole,
+    /// IPv6 by its /64; `weft_proto::ip_limits`); more are refused before
+    /// their handshake. 0: no cap. Fresh peer ids are free, so without it
+    /// one machine takes every incoming slot and honest contacts dialing
+    /// in are refused.
+    pub max_established_per_ip: u32,
+    /// Apply `max_established_per_ip` to loopback too (off: local tools,
+    /// tests and a proxy on this host all come from 127.0.0.1).
+    pub limit_loopback_per_ip: bool,
     /// No new connection while the process holds more than this many
     /// bytes; 0: no limit.
     pub max_memory_bytes: usize,
@@ -70,6 +79,14 @@ impl Default for ConnectionLimits {
             max_established_incoming: 256,
             max_established_outgoing: 256,
             max_established_per_peer: 4,
+            // A household or office behind one NAT has fewer devices than
+            // this, and 256 / 32 = 8: no fewer than 8 addresses (IPv6: 8
+            // /64s) can fill `max_established_incoming`. (For IPv4,
+            // gossipsub's IP colocation penalty in `scoring` bans more
+            // than 14 ids from one exact address first; it counts exact
+            // addresses, so for an IPv6 /64 the cap is what holds.)
+            max_established_per_ip: 32,
+            limit_loopback_per_ip: false,
             max_memory_bytes: 1024 * 1024 * 1024,
         }
     }

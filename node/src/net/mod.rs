@@ -25,10 +25,12 @@
 //! the swarm built around it (`behaviour`); the task, its run loop and
 //! the node's commands (`task`); what the swarm reports (`events`); the
 //! peers the task keeps and redials (`peers`), strikes and bans by peer
-//! id and address (`offenders`); the topic
+//! id and address (`offenders`), refusing incoming connections by address
+//! (`address_gate`); the topic
 //! gate (`gate`), LAN discovery (`mdns`), listening through relays
 //! (`relay_client`) and finding relays in the DHT (`relay_discovery`).
 
+mod address_gate;
 mod behaviour;
 mod config;
 mod events;

@@ -4,9 +4,15 @@
 //! coming back under a fresh one. Each ban therefore also counts against
 //! the address the peer came from: [`IP_BANS`] peer ids banned from one
 //! address within [`BAN_DURATION`] ban the address, and a connection from
-//! a banned address is refused whatever its peer id. Loopback is never
-//! banned (local processes share it, and a local attacker has easier
-//! ways in).
+//! a banned address is refused whatever its peer id. An address counts
+//! as its [`AddressKey`]: IPv4 whole, IPv6 by its /64 (a subscriber's
+//! usual allocation: stepping through it escapes nothing), IPv4-mapped
+//! IPv6 as the IPv4 address. Loopback is never banned (local processes
+//! share it, and a local attacker has easier ways in).
+//!
+//! The banned addresses are a [`BannedAddresses`] the swarm's
+//! `address_gate` shares, so that a connection from one is refused as it
+//! arrives, before its handshake.
 //!
 //! Every table is an LRU of at most [`MAX_TRACKED`] entries: a new
 //! offender always finds room (the one heard from longest ago goes), so
@@ -15,12 +21,14 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::multiaddr::{Multiaddr, Protocol};
 use lru::LruCache;
 use tokio::time::Instant;
+use weft_proto::address::{AddressKey, is_loopback};
 
 /// Strikes within [`STRIKE_WINDOW`] that get a peer banned.
 pub const MAX_STRIKES: u32 = 16;
@@ -58,12 +66,61 @@ pub(super) enum Struck {
     Banned { address: bool },
 }
 
+/// The key an address is banned under; `None` for loopback, never banned.
+fn ban_key(ip: IpAddr) -> Option<AddressKey> {
+    (!is_loopback(ip)).then(|| AddressKey::of_ip(ip))
+}
+
+/// The banned addresses and until when: written by [`Offenders`] (in the
+/// network task), read by the swarm's `address_gate` as connections
+/// arrive. Cloning shares the table.
+#[derive(Clone, Debug)]
+pub(super) struct BannedAddresses(Arc<Mutex<LruCache<AddressKey, Instant>>>);
+
+impl Default for BannedAddresses {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(LruCache::new(MAX_TRACKED))))
+    }
+}
+
+impl BannedAddresses {
+    fn lock(&self) -> MutexGuard<'_, LruCache<AddressKey, Instant>> {
+        // A panic while holding it leaves the table usable.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The key `ip` is banned under at `now`, if it is.
+    pub(super) fn banned(&self, ip: IpAddr, now: Instant) -> Option<AddressKey> {
+        let key = ban_key(ip)?;
+        self.lock()
+            .peek(&key)
+            .is_some_and(|u| *u > now)
+            .then_some(key)
+    }
+
+    fn put(&self, key: AddressKey, until: Instant) {
+        self.lock().put(key, until);
+    }
+
+    fn expire(&self, now: Instant) {
+        let mut table = self.lock();
+        let ended: Vec<AddressKey> = table
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in ended {
+            table.pop(&key);
+        }
+    }
+}
+
 pub(super) struct Offenders {
     strikes: LruCache<PeerId, (u32, Instant)>,
     banned: LruCache<PeerId, Instant>,
     /// Peer ids banned from an address, and since when.
-    address_bans: LruCache<IpAddr, (u32, Instant)>,
-    banned_addresses: LruCache<IpAddr, Instant>,
+    address_bans: LruCache<AddressKey, (u32, Instant)>,
+    banned_addresses: BannedAddresses,
 }
 
 impl Default for Offenders {
@@ -72,12 +129,17 @@ impl Default for Offenders {
             strikes: LruCache::new(MAX_TRACKED),
             banned: LruCache::new(MAX_TRACKED),
             address_bans: LruCache::new(MAX_TRACKED),
-            banned_addresses: LruCache::new(MAX_TRACKED),
+            banned_addresses: BannedAddresses::default(),
         }
     }
 }
 
 impl Offenders {
+    /// The banned addresses, shared (for the swarm's `address_gate`).
+    pub(super) fn banned_addresses(&self) -> BannedAddresses {
+        self.banned_addresses.clone()
+    }
+
     /// A strike against `peer`, connected from `ip` (if known).
     pub(super) fn strike(&mut self, peer: PeerId, ip: Option<IpAddr>, now: Instant) -> Struck {
         let entry = self.strikes.get_or_insert_mut(peer, || (0, now));
@@ -97,10 +159,10 @@ impl Offenders {
     /// banned now too.
     pub(super) fn ban(&mut self, peer: PeerId, ip: Option<IpAddr>, now: Instant) -> bool {
         self.banned.put(peer, now + BAN_DURATION);
-        let Some(ip) = ip.filter(|ip| !ip.is_loopback()) else {
+        let Some(key) = ip.and_then(ban_key) else {
             return false;
         };
-        let count = self.address_bans.get_or_insert_mut(ip, || (0, now));
+        let count = self.address_bans.get_or_insert_mut(key, || (0, now));
         if now.duration_since(count.1) >= BAN_DURATION {
             *count = (0, now);
         }
@@ -108,15 +170,16 @@ impl Offenders {
         if count.0 < IP_BANS {
             return false;
         }
-        self.address_bans.pop(&ip);
-        self.banned_addresses.put(ip, now + BAN_DURATION);
+        self.address_bans.pop(&key);
+        self.banned_addresses.put(key, now + BAN_DURATION);
         true
     }
 
     /// Whether a connection of `peer` from `ip` is to be refused.
     pub(super) fn is_banned(&self, peer: &PeerId, ip: Option<IpAddr>, now: Instant) -> bool {
         let live = |until: Option<&Instant>| until.is_some_and(|u| *u > now);
-        live(self.banned.peek(peer)) || ip.is_some_and(|ip| live(self.banned_addresses.peek(&ip)))
+        live(self.banned.peek(peer))
+            || ip.is_some_and(|ip| self.banned_addresses.banned(ip, now).is_some())
     }
 
     /// Ends the bans that ran out; the peers whose ban ended.
@@ -130,22 +193,14 @@ impl Offenders {
         for peer in &ended {
             self.banned.pop(peer);
         }
-        let ended_addresses: Vec<IpAddr> = self
-            .banned_addresses
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(ip, _)| *ip)
-            .collect();
-        for ip in ended_addresses {
-            self.banned_addresses.pop(&ip);
-        }
+        self.banned_addresses.expire(now);
         ended
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 
@@ -201,14 +256,63 @@ mod tests {
     }
 
     #[test]
+    fn fresh_addresses_within_one_ipv6_64_do_not_escape_its_ban() {
+        let mut o = Offenders::default();
+        let now = Instant::now();
+        // Each offender from another address of the attacker's /64.
+        let in_64 = |n: u16| Some(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 7, 7, n, 0, 0, n)));
+        for n in 1..=IP_BANS {
+            let struck = strike_out(&mut o, PeerId::random(), in_64(n as u16), now);
+            assert_eq!(
+                struck,
+                Struck::Banned {
+                    address: n == IP_BANS
+                },
+                "offender {n}"
+            );
+        }
+        let fresh = PeerId::random();
+        assert!(
+            o.is_banned(&fresh, in_64(0xbeef), now),
+            "a fresh id from a fresh address of the banned /64"
+        );
+        let shared = o.banned_addresses();
+        assert!(shared.banned(in_64(0xf00d).unwrap(), now).is_some());
+        let next_64 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 7, 8, 0, 0, 0, 1));
+        assert!(!o.is_banned(&fresh, Some(next_64), now), "another /64");
+        // IPv4 stays whole: a neighbour's address is not banned.
+        for _ in 0..IP_BANS {
+            strike_out(&mut o, PeerId::random(), Some(FAR), now);
+        }
+        let mapped = IpAddr::V6(Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped());
+        assert!(o.is_banned(&fresh, Some(mapped), now), "IPv4-mapped");
+        let neighbour = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 8));
+        assert!(!o.is_banned(&fresh, Some(neighbour), now));
+        // Bans end for the shared table too.
+        o.expire(now + BAN_DURATION);
+        assert!(
+            shared
+                .banned(in_64(1).unwrap(), now + BAN_DURATION)
+                .is_none()
+        );
+        assert_eq!(shared.lock().len(), 0);
+    }
+
+    #[test]
     fn loopback_is_never_banned() {
         let mut o = Offenders::default();
         let now = Instant::now();
-        let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        for _ in 0..IP_BANS {
-            strike_out(&mut o, PeerId::random(), local, now);
+        for local in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        ] {
+            for _ in 0..IP_BANS {
+                strike_out(&mut o, PeerId::random(), Some(local), now);
+            }
+            assert!(!o.is_banned(&PeerId::random(), Some(local), now));
         }
-        assert!(!o.is_banned(&PeerId::random(), local, now));
+        assert_eq!(o.banned_addresses().lock().len(), 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use weft_proto::address::AddressKey;
 
 use super::PeerSource;
 use super::offenders::{self, BAN_DURATION, IP_BANS, Struck};
@@ -177,11 +178,18 @@ impl NetworkTask {
         tracing::warn!(%peer, "banned for {BAN_DURATION:?}: {reason}");
         let mut gone = vec![peer];
         if address && let Some(ip) = ip {
-            tracing::warn!(%ip, "address banned for {BAN_DURATION:?}: {IP_BANS} peers from it were");
+            // Everyone from the banned address's key (IPv6: its /64).
+            let key = AddressKey::of_ip(ip);
+            tracing::warn!(address = %key, "address banned for {BAN_DURATION:?}: {IP_BANS} peers from it were");
             gone.extend(
                 self.peers
                     .values()
-                    .filter(|p| p.addrs.iter().any(|a| offenders::ip_of(a) == Some(ip)))
+                    .filter(|p| {
+                        p.addrs
+                            .iter()
+                            .filter_map(offenders::ip_of)
+                            .any(|a| AddressKey::of_ip(a) == key)
+                    })
                     .map(|p| p.peer_id),
             );
         }

@@ -43,7 +43,8 @@ pub fn spawn(
     NetError,
 > {
     let peer_id = key.public().to_peer_id();
-    let mut swarm = build_swarm(key, &config)?;
+    let offenders = Offenders::default();
+    let mut swarm = build_swarm(key, &config, offenders.banned_addresses())?;
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let id = swarm
@@ -77,7 +78,7 @@ pub fn spawn(
         pending_mailbox: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         mdns: None,
-        offenders: Offenders::default(),
+        offenders,
         kad_ready: false,
         dht_lookups: HashMap::new(),
         slow_peers: HashMap::new(),

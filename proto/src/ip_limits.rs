@@ -1,35 +1,35 @@
-//! A cap on the established incoming connections one IP address may hold
-//! (`limits.max_connections_per_ip`). A peer id costs nothing, so the
-//! per-peer limit alone lets one machine take every connection slot of
-//! the relay with fresh ids; an address costs something. Addresses are
-//! keyed as the depositor quotas key them ([`Source`]): IPv4 whole, IPv6
-//! by its /64, IPv4-mapped IPv6 as the IPv4 address.
+//! A cap on the established incoming connections one IP address may hold,
+//! as a `NetworkBehaviour` both the relay (`limits.max_connections_per_ip`)
+//! and the node (`ConnectionLimits::max_established_per_ip`) compose into
+//! their swarms. A peer id costs nothing, so a per-peer limit alone lets
+//! one machine take every connection slot with fresh ids; an address
+//! costs something. Addresses are keyed by [`AddressKey`]: IPv4 whole,
+//! IPv6 by its /64, IPv4-mapped IPv6 as the IPv4 address.
 //!
 //! A connection from an address at the cap is refused as it arrives,
 //! before its handshake (`handle_pending_inbound_connection`), and again
 //! once secured if others from there got in meanwhile
-//! (`handle_established_inbound_connection`): the refusal costs the relay
-//! an accepted socket, not a noise handshake and a connection.
+//! (`handle_established_inbound_connection`): the refusal costs an
+//! accepted socket, not a noise handshake and a connection.
 //!
 //! Not limited: connections without an IP address (the memory transport
-//! of tests), outgoing ones (the relay dials only DHT peers), and, unless
-//! `limits.limit_loopback_per_ip`, loopback: a reverse proxy or tunnel on
-//! the relay's own host, and local tools and tests, all come from
-//! 127.0.0.1, and someone on the host has easier ways to hurt the relay.
+//! of tests, incoming relayed connections), outgoing ones (what we dial
+//! we chose), and, unless asked (`limit_loopback`), loopback: a reverse
+//! proxy or tunnel on the same host, and local tools and tests, all come
+//! from 127.0.0.1, and someone on the host has easier ways to do harm.
 //!
 //! The first refusal after an address reaches the cap is logged as a
-//! warning (once until it drops below the cap again); each refusal counts
-//! in `weft_relay_connections_refused_per_ip_total` (counted by the swarm
-//! task, which sees the refusal as [`TooManyFromIp`]).
+//! warning naming the setting (once until it drops below the cap again);
+//! the swarm's owner sees each refusal as a [`TooManyFromIp`] cause of a
+//! denied incoming connection (the relay counts them in
+//! `weft_relay_connections_refused_per_ip_total`).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::{ConnectedPoint, Endpoint};
-use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
@@ -37,13 +37,13 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use crate::depositor::Source;
+use crate::address::{AddressKey, is_loopback, leading_ip};
 
 /// Why a connection was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{address} already holds {held} connections, the most one address may hold")]
 pub struct TooManyFromIp {
-    pub address: Source,
+    pub address: AddressKey,
     pub held: u32,
 }
 
@@ -53,14 +53,16 @@ pub struct IpConnectionLimits {
     /// Most established incoming connections per address; 0: no cap.
     max: u32,
     limit_loopback: bool,
+    /// The setting that sets `max`, named in the warning.
+    setting: &'static str,
     /// Established incoming connections by address (only addresses that
     /// hold some).
-    held: HashMap<Source, u32>,
+    held: HashMap<AddressKey, u32>,
     /// The address of each counted connection.
-    connections: HashMap<ConnectionId, Source>,
+    connections: HashMap<ConnectionId, AddressKey>,
     /// Addresses at the cap already warned about (bounded: each holds
     /// `max` connections).
-    warned: HashSet<Source>,
+    warned: HashSet<AddressKey>,
 }
 
 impl IpConnectionLimits {
@@ -70,27 +72,37 @@ impl IpConnectionLimits {
         Self {
             max,
             limit_loopback,
+            setting: "the per-address connection cap",
             held: HashMap::new(),
             connections: HashMap::new(),
             warned: HashSet::new(),
         }
     }
 
+    /// Names the setting that sets the cap (`limits.max_connections_per_ip`,
+    /// say) in the warning logged when an address reaches it.
+    pub fn with_setting(mut self, setting: &'static str) -> Self {
+        self.setting = setting;
+        self
+    }
+
+    /// The most established incoming connections one address may hold
+    /// (0: no cap).
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
     /// The address a connection from `remote` counts under, if it is
     /// limited at all.
-    fn key(&self, remote: &Multiaddr) -> Option<Source> {
+    fn key(&self, remote: &Multiaddr) -> Option<AddressKey> {
         if self.max == 0 {
             return None;
         }
-        let ip = match remote.iter().next()? {
-            Protocol::Ip4(ip) => IpAddr::V4(ip),
-            Protocol::Ip6(ip) => IpAddr::V6(ip).to_canonical(),
-            _ => return None,
-        };
-        if ip.is_loopback() && !self.limit_loopback {
+        let ip = leading_ip(remote)?;
+        if is_loopback(ip) && !self.limit_loopback {
             return None;
         }
-        Some(Source::of_ip(ip))
+        Some(AddressKey::of_ip(ip))
     }
 
     /// Established incoming connections counted for the address of
@@ -114,8 +126,9 @@ impl IpConnectionLimits {
             tracing::warn!(
                 %address,
                 held,
-                "refusing new connections from an address that holds the most allowed \
-                 (limits.max_connections_per_ip); further refusals are logged at debug level"
+                "refusing new connections from an address that holds the most allowed ({}); \
+                 further refusals are logged at debug level",
+                self.setting
             );
         } else {
             tracing::debug!(%address, held, "connection refused: too many from its address");
@@ -237,7 +250,7 @@ mod tests {
             .expect("second, another port and transport");
         limits.opened(ConnectionId::new_unchecked(2), &far_again);
         let refused = limits.check(&far).expect_err("third");
-        assert_eq!(refused.address, Source::V4([203, 0, 113, 7]));
+        assert_eq!(refused.address, AddressKey::V4([203, 0, 113, 7]));
         assert_eq!(refused.held, 2);
         assert!(limits.check(&far_again).is_err(), "refused again");
         limits.check(&other).expect("another address");
