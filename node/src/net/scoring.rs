@@ -20,10 +20,15 @@
 //!   hour): a little credit for staying.
 //! - **P3, mesh delivery deficit: off.** A conversation may be silent for
 //!   hours; a deficit penalty would punish every honest peer in it.
-//! - **P6, IP colocation** (−5 × (peers − 10)² past 10 peers from one
+//! - **P6, IP colocation** (−0.19 × (peers − 16)² past 16 peers from one
 //!   address, loopback exempt): many peer ids from one address sink
-//!   together. Loopback is exempt: local processes share it, and a local
-//!   attacker has easier ways in.
+//!   together, below the gossip threshold past 23 and near the publish
+//!   threshold at 32, the most one address may hold
+//!   (`ConnectionLimits::max_established_per_ip`), but never to the
+//!   graylist: that bans, and the devices of a household or office behind
+//!   one NAT are no offence. The per-address cap is what stops a crowd;
+//!   P6 only keeps it out of our meshes. Loopback is exempt: local
+//!   processes share it, and a local attacker has easier ways in.
 //! - **P7, behaviour** (−10 × excess², past 6, decaying by 0.9): broken
 //!   GRAFT backoffs and unanswered IWANTs.
 //! - **Slow peers: off** (gossipsub's default is −0.2 per message
@@ -48,6 +53,9 @@ use libp2p::gossipsub::{PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
 /// Below this score a peer's RPCs are ignored by gossipsub, and the
 /// network task bans it.
 pub(crate) const GRAYLIST: f64 = -80.0;
+/// P6: peers from one address past which each costs them all.
+const COLOCATION_THRESHOLD: f64 = 16.0;
+const COLOCATION_WEIGHT: f64 = -0.19;
 
 pub(super) fn thresholds() -> PeerScoreThresholds {
     PeerScoreThresholds {
@@ -64,8 +72,8 @@ pub(super) fn params() -> PeerScoreParams {
         topic_score_cap: 100.0,
         // The engine's strikes are its own (bans); no application score.
         app_specific_weight: 0.0,
-        ip_colocation_factor_weight: -5.0,
-        ip_colocation_factor_threshold: 10.0,
+        ip_colocation_factor_weight: COLOCATION_WEIGHT,
+        ip_colocation_factor_threshold: COLOCATION_THRESHOLD,
         ip_colocation_factor_whitelist: HashSet::from([
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -109,6 +117,24 @@ mod tests {
         assert_eq!(params().validate(), Ok(()));
         assert_eq!(thresholds().validate(), Ok(()));
         assert_eq!(topic_params().validate(), Ok(()));
+    }
+
+    /// Before: −5 × (n − 10)² graylisted (and so banned, address and all)
+    /// every peer of an address holding 15 or more, such as the devices
+    /// of an office behind one NAT.
+    #[test]
+    fn a_crowd_behind_one_address_is_never_graylisted_for_that_alone() {
+        let cap = f64::from(crate::net::ConnectionLimits::default().max_established_per_ip);
+        let p6 = |peers: f64| COLOCATION_WEIGHT * (peers - COLOCATION_THRESHOLD).max(0.0).powi(2);
+        assert_eq!(p6(16.0), 0.0, "a household costs nothing");
+        assert!(
+            p6(cap) > GRAYLIST,
+            "the most one address may hold is not banned"
+        );
+        assert!(
+            p6(cap) < thresholds().gossip_threshold,
+            "but kept out of gossip"
+        );
     }
 
     #[test]
