@@ -191,6 +191,29 @@ async fn answered(swarm: &mut Attacker, peer: PeerId, request: Vec<u8>) -> bool 
 }
 
 /// The peer ids in `node`'s `weft status`.
+/// An honest daemon named `name` in namespace `side` of `ns`, listening
+/// on its address there, reaching out with `how` (`--bootstrap` or
+/// `--relay`) to `to`. Returns it and its peer id.
+fn honest_daemon(
+    ns: &Netns,
+    side: usize,
+    name: &str,
+    how: &str,
+    to: &str,
+) -> anyhow::Result<(Weft, String)> {
+    let mut honest = Weft::new(name)?;
+    honest.init()?;
+    let listen = format!("/ip4/{}/tcp/0", ns.addrs[side]);
+    let id = honest
+        .start_daemon_in(
+            &ns.names[side],
+            &["--listen", &listen, "--no-mdns", how, to],
+        )?
+        .peer_id
+        .clone();
+    Ok((honest, id))
+}
+
 fn peers_of(node: &Weft) -> anyhow::Result<Vec<String>> {
     let status = node.json(&["status"])?;
     Ok(status["peers"]
@@ -295,22 +318,7 @@ fn fresh_peer_ids_from_a_banned_address_are_refused_and_others_are_not() -> anyh
     })?;
     // An honest node from another address connects, and stays listed.
     let victim_addr = format!("/ip4/{}/tcp/{port}/p2p/{victim_id}", ns.addrs[victim_ns]);
-    let mut honest = Weft::new("honest")?;
-    honest.init()?;
-    let honest_listen = format!("/ip4/{}/tcp/0", ns.addrs[honest_ns]);
-    let honest_id = honest
-        .start_daemon_in(
-            &ns.names[honest_ns],
-            &[
-                "--listen",
-                &honest_listen,
-                "--no-mdns",
-                "--bootstrap",
-                &victim_addr,
-            ],
-        )?
-        .peer_id
-        .clone();
+    let (honest, honest_id) = honest_daemon(&ns, honest_ns, "honest", "--bootstrap", &victim_addr)?;
     wait_until("the victim to list the honest node", DEADLINE, || {
         Ok(peers_of(&victim)?.contains(&honest_id).then_some(()))
     })
@@ -387,19 +395,7 @@ fn a_relay_takes_no_more_than_its_cap_of_connections_from_one_address() -> anyho
     })?;
     // An honest node on another address takes the relay as its relay.
     let relay_addr = format!("/ip4/{}/tcp/{port}/p2p/{relay_id}", ns.addrs[relay_ns]);
-    let mut honest = Weft::new("honest")?;
-    honest.init()?;
-    let honest_listen = format!("/ip4/{}/tcp/0", ns.addrs[honest_ns]);
-    honest.start_daemon_in(
-        &ns.names[honest_ns],
-        &[
-            "--listen",
-            &honest_listen,
-            "--no-mdns",
-            "--relay",
-            &relay_addr,
-        ],
-    )?;
+    let (honest, _) = honest_daemon(&ns, honest_ns, "honest", "--relay", &relay_addr)?;
     wait_until("the honest node to connect to the relay", DEADLINE, || {
         Ok(peers_of(&honest)?
             .contains(&relay_id.to_string())
@@ -567,22 +563,9 @@ fn one_ipv6_64_holds_no_more_than_the_cap_and_another_address_still_dials_in() -
     // An honest node on another address dials in, and the victim takes it
     // as an inbound peer (it does not dial the honest node itself).
     let victim_addr = format!("/ip4/{}/tcp/{port4}/p2p/{victim_id}", ns.addrs[victim_ns]);
-    let mut honest = Weft::new("dialing-in")?;
-    honest.init()?;
-    let honest_listen = format!("/ip4/{}/tcp/0", ns.addrs[honest_ns]);
-    let honest_id = honest
-        .start_daemon_in(
-            &ns.names[honest_ns],
-            &[
-                "--listen",
-                &honest_listen,
-                "--no-mdns",
-                "--bootstrap",
-                &victim_addr,
-            ],
-        )?
-        .peer_id
-        .clone();
+    // Kept to the end: dropping it stops its daemon.
+    let (_honest, honest_id) =
+        honest_daemon(&ns, honest_ns, "dialing-in", "--bootstrap", &victim_addr)?;
     wait_until(
         "the victim to list the honest node as inbound",
         DEADLINE,
