@@ -440,7 +440,9 @@ pub async fn run(
     for r in recorders {
         r.abort();
     }
-    let sent = std::mem::take(&mut *lock(&sent));
+    let mut sent = std::mem::take(&mut *lock(&sent));
+    // In the order the sends were issued (they answer in any order).
+    sent.sort_by(|a, b| a.sent_ms.total_cmp(&b.sent_ms));
     let recorder = std::mem::take(&mut *lock(&recorder));
     let facts = RunFacts {
         scenario: label.to_string(),
