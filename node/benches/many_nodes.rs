@@ -11,6 +11,12 @@
 //! probe timer ticking every 10 ms on its own thread ran (p50/p99/max):
 //! the scheduling lag a simulation on this machine would suffer.
 //!
+//! Measured 2026-12-08 on 2 cores, 20 s windows (idle / one message per
+//! node per 10 s): N=50 413 MB, 35/38 % CPU; N=100 1.07 GB, 62/60 %;
+//! N=200 1.40 GB, 64/64 %; N=400 2.06 GB, 75/84 %; N=1000 4.0 GB,
+//! 105/106 % (of one core), 2 threads per node, probe lag p50 1.1 ms,
+//! p99 2.2-3.2 ms, max 4-12 ms throughout.
+//!
 //! `cargo bench -p weft-node --bench many_nodes`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
