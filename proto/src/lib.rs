@@ -20,4 +20,5 @@ pub mod mailbox;
 pub mod net;
 pub mod payload;
 pub mod routing;
+pub mod sim_transport;
 pub mod transport;

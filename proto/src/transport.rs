@@ -2,6 +2,8 @@
 //! delay) and QUIC over the network, or libp2p's memory transport in
 //! tests, each connection secured with noise and multiplexed with yamux;
 //! the node adds the circuit relay client, the relay counts bandwidth.
+//! The simulator's kind carries memory-like connections through its link
+//! model (`sim_transport`).
 //!
 //! Building a swarm does no I/O: the swarm returned listens and dials
 //! only when its owner asks and polls it.
@@ -23,14 +25,19 @@ use libp2p::metrics::{BandwidthTransport, Registry};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{PeerId, Swarm, noise, quic, relay, tcp, yamux};
 
+use crate::sim_transport::SimNetwork;
+
 /// How a swarm reaches its peers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransportKind {
     /// TCP and QUIC over the OS network stack.
     Network,
     /// libp2p's in-process memory transport: many nodes in one process
     /// (tests, simulations). Listen on `/memory/N`.
     Memory,
+    /// The simulator's network: like [`TransportKind::Memory`]
+    /// (`/memory/N`), with each link's delay, bandwidth and failures.
+    Simulated(SimNetwork),
 }
 
 /// What the node's and the relay's swarms may differ in, besides their
@@ -64,7 +71,7 @@ pub fn build_swarm<B: NetworkBehaviour>(
     config: SwarmConfig<'_>,
     behaviour: impl FnOnce(&Keypair) -> B,
 ) -> Result<Swarm<B>, SwarmBuildError> {
-    let transport = base_transport(&key, config.transport)?;
+    let transport = base_transport(&key, &config.transport)?;
     let behaviour = behaviour(&key);
     Ok(finish(key, transport, config, behaviour))
 }
@@ -84,7 +91,7 @@ pub fn build_swarm_with_relay_client<B: NetworkBehaviour>(
         .multiplex(yamux::Config::default())
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
     let transport = relayed
-        .or_transport(base_transport(&key, config.transport)?)
+        .or_transport(base_transport(&key, &config.transport)?)
         .map(|either, _| either.into_inner())
         .boxed();
     let behaviour = behaviour(&key, relay_client);
@@ -92,7 +99,7 @@ pub fn build_swarm_with_relay_client<B: NetworkBehaviour>(
 }
 
 /// The transports of `kind`, secured and multiplexed.
-fn base_transport(key: &Keypair, kind: TransportKind) -> Result<BoxedTransport, noise::Error> {
+fn base_transport(key: &Keypair, kind: &TransportKind) -> Result<BoxedTransport, noise::Error> {
     Ok(match kind {
         TransportKind::Network => {
             let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
@@ -108,6 +115,13 @@ fn base_transport(key: &Keypair, kind: TransportKind) -> Result<BoxedTransport, 
                 .boxed()
         }
         TransportKind::Memory => MemoryTransport::default()
+            .upgrade(Version::V1)
+            .authenticate(noise::Config::new(key)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        TransportKind::Simulated(net) => net
+            .transport()
             .upgrade(Version::V1)
             .authenticate(noise::Config::new(key)?)
             .multiplex(yamux::Config::default())

@@ -177,7 +177,7 @@ pub(super) fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetError> {
     let gossipsub = gossipsub()?;
     let swarm_config = SwarmConfig {
-        transport: config.transport,
+        transport: config.transport.clone(),
         idle_connection_timeout: config.idle_timeout,
         bandwidth_metrics: None,
     };
