@@ -331,25 +331,19 @@ pub async fn run(
         .iter()
         .map(|p| convs[p.conversation].members.len() - 1)
         .sum();
-    let mut ticker = Instant::now();
-    let duration_ms = scenario.duration_secs as f64 * 1000.0;
+    let mut ticker = Progress {
+        options,
+        start,
+        duration_ms: scenario.duration_secs as f64 * 1000.0,
+        expected_total,
+        last: start,
+    };
     let text_len = scenario.workload.message_bytes;
     for (k, p) in plan.iter().enumerate() {
         let due = start + Duration::from_secs_f64(p.at_ms / 1000.0);
         loop {
-            let wake = due.min(ticker + Duration::from_secs(1));
-            tokio::time::sleep_until(wake).await;
-            if Instant::now() >= ticker + Duration::from_secs(1) {
-                ticker = Instant::now();
-                report_progress(
-                    options,
-                    start,
-                    duration_ms,
-                    &sent,
-                    &recorder,
-                    expected_total,
-                );
-            }
+            tokio::time::sleep_until(due.min(ticker.next())).await;
+            ticker.report_if_due(&sent, &recorder);
             if Instant::now() >= due {
                 break;
             }
@@ -406,27 +400,10 @@ pub async fn run(
         if delivered >= expected || Instant::now() >= drain_deadline {
             break;
         }
-        if Instant::now() >= ticker + Duration::from_secs(1) {
-            ticker = Instant::now();
-            report_progress(
-                options,
-                start,
-                duration_ms,
-                &sent,
-                &recorder,
-                expected_total,
-            );
-        }
+        ticker.report_if_due(&sent, &recorder);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    report_progress(
-        options,
-        start,
-        duration_ms,
-        &sent,
-        &recorder,
-        expected_total,
-    );
+    ticker.report(&sent, &recorder);
     stop.notify_one();
     let lag_ms = probe.await.unwrap_or_default();
 
@@ -479,24 +456,42 @@ fn progress(options: &RunOptions, line: String) {
     }
 }
 
-fn report_progress(
-    options: &RunOptions,
+/// The progress line on stderr, once a second.
+struct Progress<'a> {
+    options: &'a RunOptions,
     start: Instant,
     duration_ms: f64,
-    sent: &Mutex<Vec<SentMessage>>,
-    recorder: &Mutex<Recorder>,
     expected_total: usize,
-) {
-    if !options.progress {
-        return;
+    last: Instant,
+}
+
+impl Progress<'_> {
+    /// When the next line is due.
+    fn next(&self) -> Instant {
+        self.last + Duration::from_secs(1)
     }
-    let (delivered, expected) = counts(sent, recorder);
-    let messages = lock(sent).len();
-    eprintln!(
-        "weft-sim: t={:.1}s/{:.0}s sent {messages} delivered {delivered}/{expected} (planned {expected_total})",
-        start.elapsed().as_secs_f64(),
-        duration_ms / 1000.0
-    );
+
+    fn report_if_due(&mut self, sent: &Mutex<Vec<SentMessage>>, recorder: &Mutex<Recorder>) {
+        if Instant::now() < self.next() {
+            return;
+        }
+        self.last = Instant::now();
+        self.report(sent, recorder);
+    }
+
+    fn report(&self, sent: &Mutex<Vec<SentMessage>>, recorder: &Mutex<Recorder>) {
+        if !self.options.progress {
+            return;
+        }
+        let (delivered, expected) = counts(sent, recorder);
+        let messages = lock(sent).len();
+        eprintln!(
+            "weft-sim: t={:.1}s/{:.0}s sent {messages} delivered {delivered}/{expected} (planned {})",
+            self.start.elapsed().as_secs_f64(),
+            self.duration_ms / 1000.0,
+            self.expected_total,
+        );
+    }
 }
 
 /// Contacts (both ways) for every direct pair and every group creator

@@ -70,35 +70,33 @@ fn lan_10_delivers_everything() -> anyhow::Result<()> {
 fn a_bad_scenario_file_exits_2_naming_the_key() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("scenario.toml");
-    std::fs::write(
-        &file,
+    // Runs the scenario `text`; its exit code and stderr.
+    let run = |text: &str| -> anyhow::Result<(Option<i32>, String)> {
+        std::fs::write(&file, text)?;
+        let run = weft_sim()
+            .arg("run")
+            .arg(&file)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .output()?;
+        Ok((
+            run.status.code(),
+            String::from_utf8_lossy(&run.stderr).into_owned(),
+        ))
+    };
+    let (code, stderr) = run(
         "duration_secs = 5\n[nodes]\naccounts = 3\n[workload]\nmessages_per_sec = 1\nrate_per_sec = 2\n",
     )?;
-    let run = weft_sim()
-        .arg("run")
-        .arg(&file)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .output()?;
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("scenario.toml: unknown key \"workload.rate_per_sec\""),
         "{stderr}"
     );
 
-    std::fs::write(
-        &file,
+    let (code, stderr) = run(
         "duration_secs = 5\n[nodes]\naccounts = 3\n[workload]\nmessages_per_sec = 1\n[churn]\noffline = 0.2\n",
     )?;
-    let run = weft_sim()
-        .arg("run")
-        .arg(&file)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .output()?;
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("\"churn\" is not supported yet"),
         "{stderr}"
