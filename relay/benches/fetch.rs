@@ -41,24 +41,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/support/client.rs"]
+mod client;
 mod common;
 #[path = "../tests/support/envelopes.rs"]
 mod envelopes;
+use client::MailboxClient;
 use common::{loadavg, utc_now};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use weft_node::identity::Identity;
-use weft_node::mailbox::{
-    MAILBOX_PROTOCOL, MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse,
-    Registration,
-};
-use weft_node::net::DirectCodec;
+use weft_node::mailbox::{MAX_DEPOSIT, MAX_FETCH, MailboxId, MailboxRequest, MailboxResponse};
 use weft_relay::store::StoreHandle;
 use weft_relay::{Config, Relay};
 
@@ -88,136 +84,6 @@ fn envelopes(seed: u64, n: usize) -> Vec<Vec<u8>> {
     (0..n as u64)
         .map(|i| envelopes::sealed(&sender, seed << 32 | i, ENVELOPE_BYTES))
         .collect()
-}
-
-/// A device or depositor on one connection to the relay.
-struct Client {
-    swarm: Swarm<request_response::Behaviour<DirectCodec>>,
-    relay: PeerId,
-    wakeups: u32,
-}
-
-impl Client {
-    /// Dials the relay and returns once the connection is up.
-    async fn connect(
-        key: libp2p::identity::Keypair,
-        relay: PeerId,
-        addr: &Multiaddr,
-    ) -> Result<Self> {
-        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    DirectCodec,
-                    [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(DEADLINE),
-                )
-            })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(DEADLINE))
-            .build();
-        let mut client = Client {
-            swarm,
-            relay,
-            wakeups: 0,
-        };
-        client.swarm.dial(addr.clone())?;
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !client.swarm.is_connected(&relay) {
-            client.next(deadline).await?;
-        }
-        Ok(client)
-    }
-
-    /// Handles one swarm event: answers the relay's wakeups, fails on a
-    /// failed request or dial, returns a response.
-    async fn next(
-        &mut self,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<(OutboundRequestId, MailboxResponse)>> {
-        let event = tokio::time::timeout_at(deadline, self.swarm.select_next_some())
-            .await
-            .map_err(|_| anyhow!("deadline ({} s) passed", DEADLINE.as_secs()))?;
-        match event {
-            SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) => {
-                match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        ensure!(
-                            MailboxRequest::decode(&request) == Some(MailboxRequest::Wakeup),
-                            "the relay sent something other than a wakeup"
-                        );
-                        self.wakeups += 1;
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .send_response(channel, MailboxResponse::Ok.encode());
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        let response =
-                            MailboxResponse::decode(&response).context("malformed response")?;
-                        return Ok(Some((request_id, response)));
-                    }
-                }
-            }
-            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
-                bail!("request failed: {error}")
-            }
-            SwarmEvent::OutgoingConnectionError { error, .. } => bail!("dial failed: {error}"),
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == self.relay => {
-                bail!("the relay closed the connection: {cause:?}")
-            }
-            _ => {}
-        }
-        Ok(None)
-    }
-
-    fn send(&mut self, request: &MailboxRequest) -> OutboundRequestId {
-        let relay = self.relay;
-        self.swarm
-            .behaviour_mut()
-            .send_request(&relay, request.encode())
-    }
-
-    async fn call(&mut self, request: &MailboxRequest) -> Result<MailboxResponse> {
-        let id = self.send(request);
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match self.next(deadline).await? {
-                Some((r, response)) if r == id => return Ok(response),
-                Some((_, response)) => bail!("an answer to nothing asked: {response:?}"),
-                None => {}
-            }
-        }
-    }
-
-    /// Sends all `requests` at once; returns their answers in order.
-    async fn call_all(&mut self, requests: &[MailboxRequest]) -> Result<Vec<MailboxResponse>> {
-        let ids: Vec<OutboundRequestId> = requests.iter().map(|r| self.send(r)).collect();
-        let mut answers: Vec<Option<MailboxResponse>> = vec![None; ids.len()];
-        let mut left = ids.len();
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while left > 0 {
-            if let Some((id, response)) = self.next(deadline).await? {
-                let i = ids
-                    .iter()
-                    .position(|r| *r == id)
-                    .ok_or_else(|| anyhow!("an answer to nothing asked: {response:?}"))?;
-                ensure!(answers[i].is_none(), "two answers to one request");
-                answers[i] = Some(response);
-                left -= 1;
-            }
-        }
-        Ok(answers.into_iter().flatten().collect())
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -251,7 +117,7 @@ struct Measured {
     deleted: u64,
     /// Live wakeups the device got meanwhile (none expected: the mail
     /// was deposited while it was away).
-    wakeups: u32,
+    wakeups: u64,
 }
 
 /// What one fetch pass collected.
@@ -282,7 +148,7 @@ fn take_ack(pass: &mut Pass, response: MailboxResponse) -> Result<()> {
 
 /// weft-node's way: when a page arrives, its ack and the next fetch go
 /// out together.
-async fn fetch_like_node(device: &mut Client) -> Result<Pass> {
+async fn fetch_like_node(device: &mut MailboxClient) -> Result<Pass> {
     let mut pass = Pass::default();
     let mut fetch = Some(device.send(&MailboxRequest::Fetch {
         after: 0,
@@ -315,7 +181,7 @@ async fn fetch_like_node(device: &mut Client) -> Result<Pass> {
     Ok(pass)
 }
 
-async fn fetch_one_at_a_time(device: &mut Client) -> Result<Pass> {
+async fn fetch_one_at_a_time(device: &mut MailboxClient) -> Result<Pass> {
     let mut pass = Pass::default();
     let mut after = 0;
     loop {
@@ -347,7 +213,6 @@ async fn mailbox_count(store: &StoreHandle, mailbox: MailboxId) -> Result<u64> {
 
 /// The relay, the device and its mailbox there.
 struct Setup {
-    relay: PeerId,
     addr: Multiaddr,
     store: StoreHandle,
     device: Identity,
@@ -357,7 +222,6 @@ struct Setup {
 
 async fn measure(setup: &Setup, pattern: Pattern, seed: u64) -> Result<Measured> {
     let Setup {
-        relay,
         ref addr,
         ref store,
         ref device,
@@ -368,7 +232,7 @@ async fn measure(setup: &Setup, pattern: Pattern, seed: u64) -> Result<Measured>
     let sent = envelopes(seed, backlog);
     let started = Instant::now();
     let mut depositor =
-        Client::connect(libp2p::identity::Keypair::generate_ed25519(), relay, addr).await?;
+        MailboxClient::connect(libp2p::identity::Keypair::generate_ed25519(), addr, None).await?;
     let deposits: Vec<MailboxRequest> = sent
         .chunks(DEPOSIT_BATCH)
         .map(|chunk| MailboxRequest::Deposit {
@@ -401,7 +265,7 @@ async fn measure(setup: &Setup, pattern: Pattern, seed: u64) -> Result<Measured>
     let load = loadavg();
     let key = device.libp2p_keypair()?;
     let started = Instant::now();
-    let mut client = Client::connect(key, relay, addr).await?;
+    let mut client = MailboxClient::connect(key, addr, None).await?;
     let connect = started.elapsed();
     let pass = match pattern {
         Pattern::LikeNode => fetch_like_node(&mut client).await?,
@@ -468,20 +332,12 @@ async fn measure(setup: &Setup, pattern: Pattern, seed: u64) -> Result<Measured>
 async fn run(relay: PeerId, addr: Multiaddr, store: StoreHandle, backlog: usize) -> Result<()> {
     let device = Identity::from_seed(b"weft-relay fetch bench device", weft_node::now_ms())?;
     let mailbox = {
-        let mut client = Client::connect(device.libp2p_keypair()?, relay, &addr).await?;
-        let registration = Registration::new(&device, &relay, weft_node::now_ms(), None, None);
-        match client
-            .call(&MailboxRequest::Register(Box::new(registration)))
-            .await?
-        {
-            MailboxResponse::Registered { mailbox, .. } => mailbox,
-            other => bail!("registration refused: {other:?}"),
-        }
+        let mut client = MailboxClient::connect(device.libp2p_keypair()?, &addr, None).await?;
+        client.register(&device).await?
         // The device goes away.
     };
     ensure!(mailbox == MailboxId::of(&device.device_id(), &relay));
     let setup = Setup {
-        relay,
         addr,
         store,
         device,

@@ -229,6 +229,26 @@ impl MailboxClient {
         }
     }
 
+    /// Sends all `requests` at once; returns their answers in order.
+    pub async fn call_all(&mut self, requests: &[MailboxRequest]) -> Result<Vec<MailboxResponse>> {
+        let ids: Vec<OutboundRequestId> = requests.iter().map(|r| self.send(r)).collect();
+        let mut answers: Vec<Option<MailboxResponse>> = vec![None; ids.len()];
+        let mut left = ids.len();
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        while left > 0 {
+            if let Some((id, response)) = self.next(deadline).await? {
+                let i = ids
+                    .iter()
+                    .position(|r| *r == id)
+                    .ok_or_else(|| anyhow!("an answer to nothing asked: {response:?}"))?;
+                ensure!(answers[i].is_none(), "two answers to one request");
+                answers[i] = Some(response);
+                left -= 1;
+            }
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+
     /// Registers `device` (whose key this connection must be) for a
     /// mailbox.
     pub async fn register(&mut self, device: &Identity) -> Result<MailboxId> {
